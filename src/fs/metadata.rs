@@ -1,0 +1,253 @@
+//! What regfs knows of the registry's names: repositories, tags, manifests and the
+//! objects reachable from them, fetched on demand and cached (tags for `--tag-ttl`,
+//! content-addressed answers for as long as the LRU keeps them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use tracing::{info, warn};
+
+use crate::cache::Memo;
+use crate::registry::{
+    Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result,
+    Tag,
+};
+
+/// Requests in flight at once when walking a repository's manifests.
+const WALK_CONCURRENCY: usize = 8;
+/// A repository that reaches more manifests than this is not walked further.
+const MAX_REACHABLE_MANIFESTS: usize = 100_000;
+
+#[derive(Clone, Debug)]
+pub enum Catalog {
+    Listed(Arc<BTreeSet<RepoName>>),
+    /// The registry refuses `/v2/_catalog` (401/403/404): only names given with `--repo`
+    /// or found by lookup are known, and lookups of other names must ask the registry.
+    Refused,
+}
+
+/// Manifests and blobs reachable from a repository's tags, with their exact sizes.
+#[derive(Debug, Default)]
+pub struct Reachable {
+    pub manifests: BTreeMap<Digest, u64>,
+    pub blobs: BTreeMap<Digest, u64>,
+}
+
+pub struct RegistryView {
+    client: RegistryClient,
+    /// Repositories named with `--repo`, plus those found by lookups.
+    extra_repos: Mutex<BTreeSet<RepoName>>,
+    catalog: Memo<(), Catalog>,
+    tags: Memo<RepoName, Arc<Vec<Tag>>>,
+    tag_manifests: Memo<(RepoName, Tag), Arc<FetchedManifest>>,
+    manifests: Memo<(RepoName, Digest), Arc<FetchedManifest>>,
+    blob_sizes: Memo<(RepoName, Digest), u64>,
+    reachable: Memo<RepoName, Arc<Reachable>>,
+}
+
+impl RegistryView {
+    pub fn new(client: RegistryClient, repos: Vec<RepoName>, tag_ttl: Duration) -> RegistryView {
+        let ttl = Some(tag_ttl);
+        RegistryView {
+            client,
+            extra_repos: Mutex::new(repos.into_iter().collect()),
+            catalog: Memo::new(1, ttl),
+            tags: Memo::new(4096, ttl),
+            tag_manifests: Memo::new(65_536, ttl),
+            manifests: Memo::new(4096, None),
+            blob_sizes: Memo::new(65_536, None),
+            reachable: Memo::new(1024, ttl),
+        }
+    }
+
+    pub fn client(&self) -> &RegistryClient {
+        &self.client
+    }
+
+    pub async fn catalog(&self) -> Result<Catalog> {
+        self.catalog
+            .get_or_fetch(&(), || async {
+                match self.client.catalog().await {
+                    Ok(names) => Ok(Catalog::Listed(Arc::new(names.into_iter().collect()))),
+                    Err(e @ (Error::Denied(_) | Error::NotFound(_))) => {
+                        info!("the registry refuses its catalog ({e}); listing only --repo names and names looked up");
+                        Ok(Catalog::Refused)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await
+    }
+
+    /// Every repository name regfs knows of, and whether that list is the registry's
+    /// whole catalog (so a name missing from it does not exist).
+    pub async fn known_repos(&self) -> Result<(BTreeSet<RepoName>, bool)> {
+        let catalog = self.catalog().await?;
+        let mut names = self
+            .extra_repos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let complete = match catalog {
+            Catalog::Listed(listed) => {
+                names.extend(listed.iter().cloned());
+                true
+            }
+            Catalog::Refused => false,
+        };
+        Ok((names, complete))
+    }
+
+    /// Asks the registry whether `repo` exists (its tag list answers), and remembers it.
+    pub async fn probe_repo(&self, repo: &RepoName) -> Result<bool> {
+        match self.tags(repo).await {
+            Ok(_) => {
+                self.extra_repos
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(repo.clone());
+                Ok(true)
+            }
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn tags(&self, repo: &RepoName) -> Result<Arc<Vec<Tag>>> {
+        self.tags
+            .get_or_fetch(repo, || async { self.client.tags(repo).await.map(Arc::new) })
+            .await
+    }
+
+    /// The manifest a tag points at now (as of at most `--tag-ttl` ago).
+    pub async fn tag_manifest(&self, repo: &RepoName, tag: &Tag) -> Result<Arc<FetchedManifest>> {
+        let key = (repo.clone(), tag.clone());
+        self.tag_manifests
+            .get_or_fetch(&key, || async {
+                let reference = Reference::Tag(tag.clone());
+                let fetched = Arc::new(self.client.get_manifest(repo, &reference).await?);
+                // Fetched by tag, it is also the manifest for its digest.
+                self.manifests
+                    .insert((repo.clone(), fetched.digest.clone()), fetched.clone());
+                Ok(fetched)
+            })
+            .await
+    }
+
+    pub async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Arc<FetchedManifest>> {
+        let key = (repo.clone(), digest.clone());
+        self.manifests
+            .get_or_fetch(&key, || async {
+                let reference = Reference::Digest(digest.clone());
+                self.client.get_manifest(repo, &reference).await.map(Arc::new)
+            })
+            .await
+    }
+
+    /// The exact size of a manifest by digest: from the walk if it has been done,
+    /// else by fetching it (manifests are small, and reading it is what comes next).
+    pub async fn manifest_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        if let Some(size) = self.reachable.peek(repo).and_then(|r| r.manifests.get(digest).copied()) {
+            return Ok(size);
+        }
+        Ok(self.manifest(repo, digest).await?.bytes.len() as u64)
+    }
+
+    /// The exact size of a blob: from a descriptor if the walk has seen it, else HEAD.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        if let Some(size) = self.reachable.peek(repo).and_then(|r| r.blobs.get(digest).copied()) {
+            return Ok(size);
+        }
+        let key = (repo.clone(), digest.clone());
+        self.blob_sizes
+            .get_or_fetch(&key, || self.client.head_blob(repo, digest))
+            .await
+    }
+
+    pub async fn reachable(&self, repo: &RepoName) -> Result<Arc<Reachable>> {
+        self.reachable
+            .get_or_fetch(repo, || async { self.walk(repo).await.map(Arc::new) })
+            .await
+    }
+
+    /// Walks tags → manifests → index children, collecting every manifest and blob.
+    /// A manifest that vanished or is malformed is skipped with a warning; a registry
+    /// that fails is an error (a silently partial listing would mislead a backup).
+    async fn walk(&self, repo: &RepoName) -> Result<Reachable> {
+        let tags = match self.tags(repo).await {
+            Ok(tags) => tags,
+            Err(Error::NotFound(_)) => Arc::new(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let top = bounded(tags.iter().map(|tag| self.tag_manifest(repo, tag))).await;
+        let mut reach = Reachable::default();
+        let mut pending = usable(repo, top)?;
+        while !pending.is_empty() {
+            let mut children = BTreeSet::new();
+            for manifest in pending.drain(..) {
+                let size = manifest.bytes.len() as u64;
+                if reach.manifests.insert(manifest.digest.clone(), size).is_some() {
+                    continue;
+                }
+                match ManifestLinks::parse(&manifest.bytes, &manifest.media_type) {
+                    Ok(ManifestLinks::Image { blobs }) => {
+                        for blob in blobs {
+                            reach.blobs.entry(blob.digest).or_insert(blob.size);
+                        }
+                    }
+                    Ok(ManifestLinks::Index { manifests }) => {
+                        children.extend(manifests.into_iter().map(|d| d.digest));
+                    }
+                    Err(e) => warn!(%repo, digest = %manifest.digest, "skipping manifest: {e}"),
+                }
+            }
+            children.retain(|d| !reach.manifests.contains_key(d));
+            if reach.manifests.len() + children.len() > MAX_REACHABLE_MANIFESTS {
+                warn!(%repo, "more than {MAX_REACHABLE_MANIFESTS} manifests reachable; listing stops there");
+                break;
+            }
+            let fetched = bounded(children.iter().map(|digest| self.manifest(repo, digest))).await;
+            pending = usable(repo, fetched)?;
+        }
+        Ok(reach)
+    }
+}
+
+type ManifestFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<FetchedManifest>>> + Send + 'a>>;
+
+/// Runs the fetches, at most WALK_CONCURRENCY at once. The futures are boxed so the
+/// compiler can see they are Send (a known limit of its inference for closures in
+/// stream adapters).
+async fn bounded<'a, F>(fetches: impl Iterator<Item = F>) -> Vec<Result<Arc<FetchedManifest>>>
+where
+    F: Future<Output = Result<Arc<FetchedManifest>>> + Send + 'a,
+{
+    let boxed: Vec<ManifestFuture<'a>> = fetches.map(|f| Box::pin(f) as ManifestFuture<'a>).collect();
+    stream::iter(boxed)
+        .buffer_unordered(WALK_CONCURRENCY)
+        .collect()
+        .await
+}
+
+/// Keeps the manifests that were fetched; skips the ones that are gone or broken,
+/// and fails on the first error that says the registry itself is in trouble.
+fn usable(
+    repo: &RepoName,
+    results: Vec<Result<Arc<FetchedManifest>>>,
+) -> Result<Vec<Arc<FetchedManifest>>> {
+    let mut ok = Vec::with_capacity(results.len());
+    for result in results {
+        match result {
+            Ok(m) => ok.push(m),
+            Err(e @ (Error::NotFound(_) | Error::BadAnswer(_))) => {
+                warn!(%repo, "skipping unreadable manifest: {e}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ok)
+}

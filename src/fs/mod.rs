@@ -1,0 +1,411 @@
+//! Filesystem semantics in plain Rust: lookup, getattr, readdir, open and read over the
+//! registry tree of DESIGN §1. Every operation returns `Result<_, Errno>`; nothing here
+//! knows of FUSE, so it can be driven by tests or another front end.
+
+mod handles;
+pub mod metadata;
+pub mod node;
+
+use std::ffi::OsStr;
+use std::fmt::Display;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use crate::registry::types::is_path_component;
+use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
+use handles::Handles;
+use metadata::RegistryView;
+use node::{InodeTable, Kind, Node, BLOBS, MANIFESTS, MANIFEST_JSON, TAGS, UPLOADS};
+
+pub use node::ROOT_INO;
+
+/// How long the kernel may keep entries and attributes of content-addressed files,
+/// which never change.
+const IMMUTABLE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const EROFS: Errno = Errno(libc::EROFS);
+}
+
+/// Logs a registry error against the path it happened on, and gives its errno.
+fn fail(path: &dyn Display, e: Error) -> Errno {
+    match e {
+        Error::NotFound(_) => debug!(%path, "{e}"),
+        _ => warn!(%path, "{e}"),
+    }
+    Errno(e.errno())
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Permission bits.
+    pub perm: u16,
+    /// How long the kernel may trust this answer.
+    pub ttl: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// An open file: its bytes, fixed at open (a tag that moves does not change an open
+/// file), or the blob it reads from.
+#[derive(Clone)]
+enum OpenFile {
+    Bytes(Bytes),
+    Blob {
+        repo: RepoName,
+        digest: Digest,
+        size: u64,
+    },
+}
+
+pub struct Opened {
+    pub fh: u64,
+    /// Whether the kernel may keep cached pages from an earlier open (immutable content).
+    pub keep_cache: bool,
+}
+
+pub struct Fs {
+    view: RegistryView,
+    inodes: Mutex<InodeTable>,
+    dirs: Handles<Arc<Vec<DirEntry>>>,
+    files: Handles<OpenFile>,
+    tag_ttl: Duration,
+}
+
+impl Fs {
+    pub fn new(client: RegistryClient, repos: Vec<RepoName>, tag_ttl: Duration) -> Fs {
+        Fs {
+            view: RegistryView::new(client, repos, tag_ttl),
+            inodes: Mutex::new(InodeTable::default()),
+            dirs: Handles::new(),
+            files: Handles::new(),
+            tag_ttl,
+        }
+    }
+
+    fn inodes(&self) -> std::sync::MutexGuard<'_, InodeTable> {
+        self.inodes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn node(&self, ino: u64) -> Result<Node, Errno> {
+        // An inode the kernel holds but we do not know would be a bug; ENOENT is the
+        // honest answer for "that object is not here".
+        self.inodes().node(ino).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn ino(&self, node: &Node) -> u64 {
+        self.inodes().ino_of(node)
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
+        let parent = self.node(parent)?;
+        // Names that are not UTF-8 can name nothing in a registry.
+        let name = name.to_str().ok_or(Errno::ENOENT)?;
+        let child = self.child(&parent, name).await?;
+        self.attr(&child).await
+    }
+
+    /// The node called `name` inside `parent`, if it exists.
+    async fn child(&self, parent: &Node, name: &str) -> Result<Node, Errno> {
+        let node = match parent {
+            Node::Dir(path) => return self.dir_child(path, name).await,
+            Node::Tags(repo) => {
+                let tag = Tag::parse(name).ok_or(Errno::ENOENT)?;
+                let listed = self
+                    .view
+                    .tags(repo)
+                    .await
+                    .is_ok_and(|tags| tags.contains(&tag));
+                if !listed {
+                    // Maybe pushed since the list was fetched: ask for it directly.
+                    let path = Node::TagDir(repo.clone(), tag.clone());
+                    self.view
+                        .tag_manifest(repo, &tag)
+                        .await
+                        .map_err(|e| fail(&path, e))?;
+                }
+                Node::TagDir(repo.clone(), tag)
+            }
+            Node::TagDir(repo, tag) if name == MANIFEST_JSON => {
+                Node::TagManifest(repo.clone(), tag.clone())
+            }
+            Node::Manifests(repo) => {
+                Node::Manifest(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?)
+            }
+            Node::Blobs(repo) => Node::Blob(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?),
+            Node::TagDir(..) | Node::Uploads(_) => return Err(Errno::ENOENT),
+            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) => {
+                return Err(Errno::ENOTDIR)
+            }
+        };
+        Ok(node)
+    }
+
+    async fn dir_child(&self, path: &str, name: &str) -> Result<Node, Errno> {
+        if matches!(name, TAGS | MANIFESTS | BLOBS | UPLOADS) {
+            if let Some(repo) = self.repo_at(path).await? {
+                return Ok(match name {
+                    TAGS => Node::Tags(repo),
+                    MANIFESTS => Node::Manifests(repo),
+                    BLOBS => Node::Blobs(repo),
+                    _ => Node::Uploads(repo),
+                });
+            }
+        }
+        if !is_path_component(name) {
+            return Err(Errno::ENOENT);
+        }
+        let full = if path.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{path}/{name}")
+        };
+        let repo = RepoName::parse(&full).ok_or(Errno::ENOENT)?;
+        let (known, complete) = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
+        let prefix = format!("{full}/");
+        let is_known = known.contains(&repo) || known.iter().any(|r| r.as_str().starts_with(&prefix));
+        if is_known {
+            return Ok(Node::Dir(full));
+        }
+        // Not in our list: the catalog may be older than the repository, so ask.
+        let exists = self
+            .view
+            .probe_repo(&repo)
+            .await
+            .map_err(|e| fail(&Node::Dir(full.clone()), e))?;
+        if exists || !complete {
+            // Without a catalog, any valid name may be a namespace of repositories we
+            // cannot list (`library` of `library/alpine`), so it is a directory.
+            Ok(Node::Dir(full))
+        } else {
+            Err(Errno::ENOENT)
+        }
+    }
+
+    /// The repository at `path`, if there is one there (a path can be a namespace only).
+    async fn repo_at(&self, path: &str) -> Result<Option<RepoName>, Errno> {
+        let Some(repo) = RepoName::parse(path) else {
+            return Ok(None);
+        };
+        let (known, _) = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
+        if known.contains(&repo) {
+            return Ok(Some(repo));
+        }
+        let exists = self
+            .view
+            .probe_repo(&repo)
+            .await
+            .map_err(|e| fail(&Node::Dir(path.to_owned()), e))?;
+        Ok(exists.then_some(repo))
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Attr, Errno> {
+        let node = self.node(ino)?;
+        self.attr(&node).await
+    }
+
+    async fn attr(&self, node: &Node) -> Result<Attr, Errno> {
+        let ino = self.ino(node);
+        let dir = Attr {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            mtime: node::epoch(),
+            perm: 0o755,
+            ttl: self.tag_ttl,
+        };
+        let file = |size, digest: &Digest, ttl| Attr {
+            ino,
+            kind: Kind::File,
+            size,
+            mtime: node::content_mtime(digest),
+            perm: 0o444,
+            ttl,
+        };
+        let attr = match node {
+            Node::TagManifest(repo, tag) => {
+                let m = self.view.tag_manifest(repo, tag).await.map_err(|e| fail(node, e))?;
+                file(m.bytes.len() as u64, &m.digest, self.tag_ttl)
+            }
+            Node::Manifest(repo, digest) => {
+                let size = self.view.manifest_size(repo, digest).await.map_err(|e| fail(node, e))?;
+                file(size, digest, IMMUTABLE_TTL)
+            }
+            Node::Blob(repo, digest) => {
+                let size = self.view.blob_size(repo, digest).await.map_err(|e| fail(node, e))?;
+                file(size, digest, IMMUTABLE_TTL)
+            }
+            _ => dir,
+        };
+        Ok(attr)
+    }
+
+    /// Lists a directory once, at open; later reads of the handle page through that list.
+    pub async fn opendir(&self, ino: u64) -> Result<u64, Errno> {
+        let node = self.node(ino)?;
+        if node.kind() != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let mut children = self.children(&node).await?;
+        children.sort_by(|a, b| a.0.cmp(&b.0));
+        children.dedup_by(|a, b| a.0 == b.0);
+        let mut entries = vec![
+            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
+            DirEntry { ino: self.ino(&node.parent()), kind: Kind::Dir, name: "..".into() },
+        ];
+        entries.extend(children.into_iter().map(|(name, child)| DirEntry {
+            ino: self.ino(&child),
+            kind: child.kind(),
+            name,
+        }));
+        Ok(self.dirs.insert(Arc::new(entries)))
+    }
+
+    /// The entries of a directory handle from position `offset` on.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>, Errno> {
+        let entries = self.dirs.get(fh).ok_or(Errno::EBADF)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(entries.len());
+        Ok(entries[start..].to_vec())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(fh);
+    }
+
+    async fn children(&self, node: &Node) -> Result<Vec<(String, Node)>, Errno> {
+        let out = match node {
+            Node::Dir(path) => {
+                let (known, _) = self.view.known_repos().await.map_err(|e| fail(node, e))?;
+                let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+                let mut out: Vec<(String, Node)> = known
+                    .iter()
+                    .filter_map(|r| r.as_str().strip_prefix(&prefix))
+                    .filter(|rest| !rest.is_empty())
+                    .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
+                    .filter(|name| !matches!(name.as_str(), TAGS | MANIFESTS | BLOBS | UPLOADS))
+                    .map(|name| {
+                        let full = format!("{prefix}{name}");
+                        (name, Node::Dir(full))
+                    })
+                    .collect();
+                if let Some(repo) = self.repo_at(path).await? {
+                    out.extend([
+                        (TAGS.to_owned(), Node::Tags(repo.clone())),
+                        (MANIFESTS.to_owned(), Node::Manifests(repo.clone())),
+                        (BLOBS.to_owned(), Node::Blobs(repo.clone())),
+                        (UPLOADS.to_owned(), Node::Uploads(repo)),
+                    ]);
+                }
+                out
+            }
+            Node::Tags(repo) => {
+                let tags = match self.view.tags(repo).await {
+                    Ok(tags) => tags,
+                    // A repository whose tags were all deleted answers 404 here.
+                    Err(Error::NotFound(_)) => Arc::new(Vec::new()),
+                    Err(e) => return Err(fail(node, e)),
+                };
+                tags.iter()
+                    .map(|t| (t.to_string(), Node::TagDir(repo.clone(), t.clone())))
+                    .collect()
+            }
+            Node::TagDir(repo, tag) => {
+                vec![(MANIFEST_JSON.to_owned(), Node::TagManifest(repo.clone(), tag.clone()))]
+            }
+            Node::Manifests(repo) => {
+                let reach = self.view.reachable(repo).await.map_err(|e| fail(node, e))?;
+                reach
+                    .manifests
+                    .keys()
+                    .map(|d| (d.to_string(), Node::Manifest(repo.clone(), d.clone())))
+                    .collect()
+            }
+            Node::Blobs(repo) => {
+                let reach = self.view.reachable(repo).await.map_err(|e| fail(node, e))?;
+                reach
+                    .blobs
+                    .keys()
+                    .map(|d| (d.to_string(), Node::Blob(repo.clone(), d.clone())))
+                    .collect()
+            }
+            Node::Uploads(_) => Vec::new(),
+            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) => {
+                return Err(Errno::ENOTDIR)
+            }
+        };
+        Ok(out)
+    }
+
+    pub async fn open(&self, ino: u64, write: bool) -> Result<Opened, Errno> {
+        let node = self.node(ino)?;
+        if node.kind() == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        if write {
+            return Err(Errno::EROFS);
+        }
+        let (file, keep_cache) = match &node {
+            Node::TagManifest(repo, tag) => {
+                let m = self.view.tag_manifest(repo, tag).await.map_err(|e| fail(&node, e))?;
+                // A tag can move, so the kernel must not serve pages cached from an older open.
+                (OpenFile::Bytes(m.bytes.clone()), false)
+            }
+            Node::Manifest(repo, digest) => {
+                let m = self.view.manifest(repo, digest).await.map_err(|e| fail(&node, e))?;
+                (OpenFile::Bytes(m.bytes.clone()), true)
+            }
+            Node::Blob(repo, digest) => {
+                let size = self.view.blob_size(repo, digest).await.map_err(|e| fail(&node, e))?;
+                let blob = OpenFile::Blob { repo: repo.clone(), digest: digest.clone(), size };
+                (blob, true)
+            }
+            _ => return Err(Errno::EISDIR),
+        };
+        Ok(Opened { fh: self.files.insert(file), keep_cache })
+    }
+
+    /// Reads up to `size` bytes at `offset`; short only at the end of the file.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, Errno> {
+        match self.files.get(fh).ok_or(Errno::EBADF)? {
+            OpenFile::Bytes(bytes) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+                let end = start.saturating_add(size as usize).min(bytes.len());
+                Ok(bytes.slice(start..end))
+            }
+            OpenFile::Blob { repo, digest, size: blob_size } => {
+                if offset >= blob_size {
+                    return Ok(Bytes::new());
+                }
+                let len = u64::from(size).min(blob_size - offset);
+                self.view
+                    .client()
+                    .get_blob_range(&repo, &digest, offset, len)
+                    .await
+                    .map_err(|e| fail(&Node::Blob(repo.clone(), digest.clone()), e))
+            }
+        }
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.files.remove(fh);
+    }
+}

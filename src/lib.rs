@@ -1,0 +1,10 @@
+//! regfs: a container registry as a folder.
+//!
+//! Dependencies point one way: `mount → fuse → fs → {cache, registry}` (see ARCHITECTURE.md).
+
+pub mod cache;
+pub mod daemon;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
+pub mod registry;

@@ -1,0 +1,132 @@
+//! The command line and logging set-up; everything else lives in the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use regfs::daemon::{self, Readiness};
+use regfs::mount::{self, MountConfig};
+use regfs::registry::{parse_registry_url, RepoName};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "regfs",
+    version,
+    about = "Mount a container registry as a folder",
+    long_about = "regfs mounts an OCI / Docker registry (Distribution API v2) as a read-only \
+folder: ls, grep, cat and rsync see repositories, tags, manifests and blobs as files. \
+Blob reads are lazy: a read fetches only the byte range it touches.",
+    after_help = "\
+TREE:
+  MOUNTPOINT/<namespace>/.../<repo>/
+      tags/<tag>/manifest.json   the manifest the tag points at, byte for byte
+      manifests/<digest>         every manifest reachable from the tags (index children too)
+      blobs/<digest>             configs and layers of those manifests; others by lookup
+      uploads/                   write area (not yet writable)
+
+EXAMPLES:
+  regfs mount http://127.0.0.1:5000 /mnt/reg
+  grep -rl linux/arm64 /mnt/reg/*/*/tags/*/manifest.json
+  regfs mount --repo library/alpine --daemon registry.example.com /mnt/reg
+  fusermount3 -u /mnt/reg        (or Ctrl-C / SIGTERM on the regfs process)
+
+EXIT STATUS:
+  0 after a clean unmount; 1 when the mount could not be made (the message says why).
+
+ENVIRONMENT:
+  RUST_LOG   log filter, e.g. RUST_LOG=regfs=debug (overrides -v)"
+)]
+struct Cli {
+    /// More log output on stderr: -v for debug, -vv for trace
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount REGISTRY at MOUNTPOINT and serve it until unmounted or sent SIGINT/SIGTERM
+    Mount(MountArgs),
+}
+
+#[derive(Args)]
+struct MountArgs {
+    /// The registry: http://host:port, https://host[:port], or host[:port] (means https)
+    registry: String,
+    /// An existing, empty directory to mount on
+    mountpoint: PathBuf,
+    /// A repository to show even when the registry refuses to list its catalog
+    /// (repeatable); other names can still be opened by path
+    #[arg(long = "repo", value_name = "NAME")]
+    repos: Vec<String>,
+    /// How long tag lists and tag→manifest answers are trusted before asking again
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    tag_ttl: Duration,
+    /// Entries per page when listing the catalog and tags (the n= parameter)
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    page_size: u32,
+    /// Mount read-only: every write fails with EROFS
+    #[arg(long)]
+    read_only: bool,
+    /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf unless root)
+    #[arg(long)]
+    allow_other: bool,
+    /// Detach into the background once the mount is ready; the exit status tells
+    /// whether it worked
+    #[arg(long)]
+    daemon: bool,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "regfs=info",
+        1 => "regfs=debug",
+        _ => "regfs=trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
+    let registry = parse_registry_url(&args.registry)?;
+    let repos = args
+        .repos
+        .iter()
+        .map(|r| RepoName::parse(r).ok_or_else(|| format!("--repo {r:?} is not a valid repository name")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MountConfig {
+        registry,
+        mountpoint: args.mountpoint,
+        repos,
+        tag_ttl: args.tag_ttl,
+        page_size: args.page_size,
+        read_only: args.read_only,
+        allow_other: args.allow_other,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let Command::Mount(args) = cli.command;
+    let daemonize = args.daemon;
+    let result = mount_config(args).and_then(|config| {
+        let readiness = if daemonize { daemon::detach()? } else { Readiness::foreground() };
+        mount::run(config, readiness)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("regfs: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The life of one mount: check the mountpoint and the registry, mount, serve until
+//! unmounted or signalled, unmount cleanly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+use url::Url;
+
+use crate::daemon::Readiness;
+use crate::fs::Fs;
+use crate::fuse::FuseAdapter;
+use crate::registry::{ClientOptions, RegistryClient, RepoName};
+
+/// How long the registry gets to answer `/v2/` before the mount is refused.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct MountConfig {
+    pub registry: Url,
+    pub mountpoint: PathBuf,
+    pub repos: Vec<RepoName>,
+    pub tag_ttl: Duration,
+    pub page_size: u32,
+    pub read_only: bool,
+    pub allow_other: bool,
+}
+
+/// Mounts and serves until the filesystem is unmounted. `readiness` is told once the
+/// mount is usable, or why it failed. Errors are one-line messages for the user.
+pub fn run(config: MountConfig, readiness: Readiness) -> Result<(), String> {
+    match prepare(&config) {
+        Ok((runtime, session)) => {
+            readiness.ready();
+            serve(config, runtime, session)
+        }
+        Err(msg) => {
+            readiness.failed(&msg);
+            Err(msg)
+        }
+    }
+}
+
+fn prepare(config: &MountConfig) -> Result<(tokio::runtime::Runtime, Session<FuseAdapter>), String> {
+    check_mountpoint(&config.mountpoint)?;
+    // One TLS provider for the process; an error only means one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(4, |n| n.get().max(4)))
+        .thread_name("regfs-io")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the I/O runtime: {e}"))?;
+
+    let options = ClientOptions {
+        page_size: config.page_size,
+        ..ClientOptions::default()
+    };
+    let client = RegistryClient::new(config.registry.clone(), options).map_err(|e| e.to_string())?;
+    let registry = config.registry.as_str().trim_end_matches('/');
+    runtime.block_on(async {
+        match tokio::time::timeout(PROBE_TIMEOUT, client.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("registry {registry} does not answer /v2/: {e}")),
+            Err(_) => Err(format!(
+                "registry {registry} does not answer /v2/ within {}s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    })?;
+
+    let fs = Arc::new(Fs::new(client, config.repos.clone(), config.tag_ttl));
+    let adapter = FuseAdapter::new(fs, runtime.handle().clone());
+    let mut fuse_config = Config::default();
+    fuse_config.mount_options = vec![
+        MountOption::FSName(format!("regfs:{}", config.registry.host_str().unwrap_or("registry"))),
+        MountOption::Subtype("regfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if config.read_only {
+        fuse_config.mount_options.push(MountOption::RO);
+    }
+    if config.allow_other {
+        fuse_config.acl = SessionACL::All;
+    }
+    let session = Session::new(adapter, &config.mountpoint, &fuse_config)
+        .map_err(|e| format!("cannot mount at {}: {e}", config.mountpoint.display()))?;
+    Ok((runtime, session))
+}
+
+fn serve(config: MountConfig, runtime: tokio::runtime::Runtime, mut session: Session<FuseAdapter>) -> Result<(), String> {
+    info!(
+        registry = %config.registry,
+        mountpoint = %config.mountpoint.display(),
+        "mounted"
+    );
+    let mut unmounter = session.unmount_callable();
+    let mountpoint = config.mountpoint.clone();
+    runtime.spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            warn!("cannot listen for SIGTERM/SIGINT; unmount with `fusermount3 -u`");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: unmounting"),
+            _ = int.recv() => info!("SIGINT: unmounting"),
+        }
+        let result = tokio::task::spawn_blocking(move || unmounter.unmount()).await;
+        if !matches!(result, Ok(Ok(()))) {
+            // Busy (a program holds a file open): detach now, so the name is free at
+            // once; the kernel ends the mount when the last file is closed.
+            warn!("{} is busy; detaching it lazily", mountpoint.display());
+            if let Err(e) = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+                warn!("lazy unmount of {} failed: {e}", mountpoint.display());
+            }
+            std::process::exit(0);
+        }
+    });
+    let result = session.run();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(()) => {
+            info!(mountpoint = %config.mountpoint.display(), "unmounted");
+            Ok(())
+        }
+        Err(e) => Err(format!("FUSE session ended with an error: {e}")),
+    }
+}
+
+/// Refuses, with a clear message, a mountpoint that is missing, not a directory,
+/// already mounted on, or a dead FUSE mount.
+fn check_mountpoint(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_dir() => return Err(format!("mountpoint {shown} is not a directory")),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("mountpoint {shown} does not exist (create it with mkdir)"))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(format!(
+                "mountpoint {shown} is a dead FUSE mount; clear it with `fusermount3 -u {shown}`"
+            ))
+        }
+        Err(e) => return Err(format!("mountpoint {shown}: {e}")),
+    }
+    let canonical = std::fs::canonicalize(path).map_err(|e| format!("mountpoint {shown}: {e}"))?;
+    if is_mount_point(&canonical) {
+        return Err(format!(
+            "mountpoint {shown} is busy: something is already mounted there"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `path` (canonical) is listed as a mount point in /proc/self/mountinfo.
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|field| unescape_mountinfo(field) == wanted)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|o| std::str::from_utf8(o).ok());
+        if bytes[i] == b'\\' {
+            if let Some(Ok(code)) = octal.map(|o| u8::from_str_radix(o, 8)) {
+                out.push(code);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/odd\04"), r"/odd\04");
+    }
+
+    #[test]
+    fn missing_mountpoint_is_a_clear_error() {
+        let err = check_mountpoint(Path::new("/nonexistent/regfs-test")).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,455 @@
+//! The Distribution API client: catalog and tag lists (paginated), manifests, blob HEAD
+//! and ranged blob GET. It knows nothing of FUSE; every answer is checked before use.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{self, HeaderMap};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use tracing::{debug, warn};
+use url::Url;
+
+use super::error::{Error, Result};
+use super::types::{media_type, Digest, Reference, RepoName, Tag};
+
+/// Manifests larger than this are refused: the distribution spec lets registries cap
+/// them at 4 MiB, and nothing legitimate comes close.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// A list that needs more pages than this is treated as a broken `Link` loop.
+const MAX_PAGES: usize = 100_000;
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// `n=` for catalog and tag-list pages.
+    pub page_size: u32,
+    pub connect_timeout: Duration,
+    /// Longest silence while waiting for any part of an answer.
+    pub read_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            page_size: 1000,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A manifest as served, with the digest it was verified against.
+#[derive(Clone, Debug)]
+pub struct FetchedManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+#[derive(Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: Url,
+    options: ClientOptions,
+}
+
+/// Parses `http://host:port`, `https://host[:port]` or a bare `host[:port]` (https).
+pub fn parse_registry_url(s: &str) -> std::result::Result<Url, String> {
+    let with_scheme = if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("https://{s}")
+    };
+    let url = Url::parse(&with_scheme).map_err(|e| format!("invalid registry {s:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("registry {s:?}: only http:// and https:// are supported"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("registry {s:?} has no host"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() {
+        return Err(format!(
+            "registry {s:?}: give only scheme, host and port (no path)"
+        ));
+    }
+    Ok(url)
+}
+
+/// The `rel="next"` target of a `Link` header, e.g.
+/// `</v2/_catalog?last=b&n=2>; rel="next"`. Returns None when there is no next page.
+pub fn next_link(header: &str) -> Option<&str> {
+    let mut rest = header;
+    loop {
+        let start = rest.find('<')?;
+        let end = start + rest[start..].find('>')?;
+        let target = &rest[start + 1..end];
+        // Parameters run up to the next link (the next '<'), or the end.
+        let after = &rest[end + 1..];
+        let params_end = after.find('<').unwrap_or(after.len());
+        let is_next = after[..params_end].split(';').any(|p| {
+            let p = p.trim().trim_end_matches(',').trim();
+            p.strip_prefix("rel=")
+                .map(|v| v.trim_matches('"').split_whitespace().any(|r| r == "next"))
+                .unwrap_or(false)
+        });
+        if is_next {
+            return Some(target);
+        }
+        rest = &after[params_end..];
+    }
+}
+
+/// Describes a transport error with its causes, because reqwest's own message
+/// ("error sending request") hides the useful part (connection refused, reset, TLS...).
+fn describe(e: &reqwest::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+fn transport(what: &str, e: &reqwest::Error) -> Error {
+    Error::Unavailable(format!("{what}: {}", describe(e)))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header_str(headers, header::CONTENT_LENGTH.as_str()).and_then(|v| v.trim().parse().ok())
+}
+
+#[derive(Deserialize)]
+struct ListPage {
+    #[serde(default)]
+    repositories: Option<Vec<String>>,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+}
+
+impl RegistryClient {
+    pub fn new(base: Url, options: ClientOptions) -> Result<RegistryClient> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("regfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(options.connect_timeout)
+            .read_timeout(options.read_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| Error::Unavailable(format!("HTTP client set-up: {}", describe(&e))))?;
+        Ok(RegistryClient {
+            http,
+            base,
+            options,
+        })
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> Result<Url> {
+        self.base
+            .join(path)
+            .map_err(|e| Error::BadAnswer(format!("cannot build URL for {path}: {e}")))
+    }
+
+    async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|e| transport(what, &e))?;
+        debug!(request = what, status = resp.status().as_u16(), "registry answered");
+        Ok(resp)
+    }
+
+    /// Reads a whole answer body, refusing more than `limit` bytes.
+    async fn body(what: &str, mut resp: reqwest::Response, limit: usize) -> Result<Bytes> {
+        if content_length(resp.headers()).is_some_and(|n| n > limit as u64) {
+            return Err(Error::BadAnswer(format!("{what}: answer larger than {limit} bytes")));
+        }
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? {
+            if buf.len() + chunk.len() > limit {
+                return Err(Error::BadAnswer(format!("{what}: answer larger than {limit} bytes")));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Turns a non-success answer into an error, reading (a bounded part of) its body.
+    async fn fail(what: &str, resp: reqwest::Response) -> Error {
+        let status = resp.status().as_u16();
+        let body = Self::body(what, resp, 64 << 10).await.unwrap_or_default();
+        Error::from_status(what, status, &body)
+    }
+
+    /// `GET /v2/`: does this look like a registry? 401 counts: it answers, and wants auth.
+    pub async fn ping(&self) -> Result<()> {
+        let what = "GET /v2/";
+        let resp = self.send(what, self.http.get(self.url("/v2/")?)).await?;
+        match resp.status() {
+            s if s.is_success() || s == StatusCode::UNAUTHORIZED => Ok(()),
+            _ => Err(Self::fail(what, resp).await),
+        }
+    }
+
+    /// All repositories in the catalog, in the registry's order.
+    pub async fn catalog(&self) -> Result<Vec<RepoName>> {
+        let names = self.paginated("GET /v2/_catalog", "/v2/_catalog").await?;
+        Ok(names
+            .into_iter()
+            .filter_map(|n| {
+                let parsed = RepoName::parse(&n);
+                if parsed.is_none() {
+                    warn!(name = %n.escape_debug(), "catalog lists an invalid repository name; skipped");
+                }
+                parsed
+            })
+            .collect())
+    }
+
+    /// All tags of a repository.
+    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<Tag>> {
+        let what = format!("GET /v2/{repo}/tags/list");
+        let names = self
+            .paginated(&what, &format!("/v2/{repo}/tags/list"))
+            .await?;
+        Ok(names
+            .into_iter()
+            .filter_map(|n| {
+                let parsed = Tag::parse(&n);
+                if parsed.is_none() {
+                    warn!(%repo, tag = %n.escape_debug(), "tag list has an invalid tag; skipped");
+                }
+                parsed
+            })
+            .collect())
+    }
+
+    /// Follows `Link: <…>; rel="next"` until the last page. Links must stay on the
+    /// registry's own origin: credentials are never sent elsewhere.
+    async fn paginated(&self, what: &str, path: &str) -> Result<Vec<String>> {
+        let mut url = self.url(path)?;
+        url.query_pairs_mut()
+            .append_pair("n", &self.options.page_size.to_string());
+        let mut seen = HashSet::new();
+        let mut items = Vec::new();
+        for _ in 0..MAX_PAGES {
+            if !seen.insert(url.clone()) {
+                return Err(Error::BadAnswer(format!("{what}: Link header loops to {url}")));
+            }
+            let resp = self.send(what, self.http.get(url.clone())).await?;
+            if !resp.status().is_success() {
+                return Err(Self::fail(what, resp).await);
+            }
+            let next = header_str(resp.headers(), "link").and_then(next_link).map(str::to_owned);
+            let body = Self::body(what, resp, 64 << 20).await?;
+            let page: ListPage = serde_json::from_slice(&body)
+                .map_err(|e| Error::BadAnswer(format!("{what}: invalid JSON: {e}")))?;
+            items.extend(page.repositories.or(page.tags).unwrap_or_default());
+            match next {
+                None => return Ok(items),
+                Some(link) => {
+                    let next_url = url.join(&link).map_err(|e| {
+                        Error::BadAnswer(format!("{what}: invalid Link {link:?}: {e}"))
+                    })?;
+                    if next_url.origin() != self.base.origin() {
+                        return Err(Error::BadAnswer(format!(
+                            "{what}: Link points to another host: {next_url}"
+                        )));
+                    }
+                    url = next_url;
+                }
+            }
+        }
+        Err(Error::BadAnswer(format!("{what}: more than {MAX_PAGES} pages")))
+    }
+
+    fn manifest_request(&self, method: Method, repo: &RepoName, reference: &Reference) -> Result<reqwest::RequestBuilder> {
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
+        Ok(self
+            .http
+            .request(method, url)
+            .header(header::ACCEPT, media_type::ACCEPT_MANIFESTS))
+    }
+
+    /// GET a manifest by tag or digest. The bytes are checked: against the digest asked
+    /// for, and against `Docker-Content-Digest` when the registry sends one.
+    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<FetchedManifest> {
+        let what = format!("GET /v2/{repo}/manifests/{reference}");
+        let req = self.manifest_request(Method::GET, repo, reference)?;
+        let resp = self.send(&what, req).await?;
+        if !resp.status().is_success() {
+            return Err(Self::fail(&what, resp).await);
+        }
+        let media_type = header_str(resp.headers(), "content-type")
+            .unwrap_or_default()
+            .to_owned();
+        let header_digest = self.digest_header(&what, resp.headers())?;
+        let bytes = Self::body(&what, resp, MAX_MANIFEST_BYTES).await?;
+        let digest = match (reference, header_digest) {
+            (Reference::Digest(d), _) => d.clone(),
+            (Reference::Tag(_), Some(d)) => d,
+            // Without the header, the canonical digest is the sha256 of what was served.
+            (Reference::Tag(_), None) => Digest::sha256_of(&bytes),
+        };
+        if !digest.matches(&bytes) {
+            return Err(Error::BadAnswer(format!(
+                "{what}: body does not hash to {digest}"
+            )));
+        }
+        Ok(FetchedManifest {
+            digest,
+            media_type,
+            bytes,
+        })
+    }
+
+    /// HEAD a manifest: its digest and size without the body.
+    pub async fn head_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, u64)> {
+        let what = format!("HEAD /v2/{repo}/manifests/{reference}");
+        let req = self.manifest_request(Method::HEAD, repo, reference)?;
+        let resp = self.send(&what, req).await?;
+        if !resp.status().is_success() {
+            return Err(Error::from_status(&what, resp.status().as_u16(), b""));
+        }
+        let size = content_length(resp.headers())
+            .ok_or_else(|| Error::BadAnswer(format!("{what}: no Content-Length")))?;
+        let digest = match (self.digest_header(&what, resp.headers())?, reference) {
+            (Some(d), Reference::Digest(asked)) if d != *asked => {
+                return Err(Error::BadAnswer(format!("{what}: registry answered for {d}")))
+            }
+            (Some(d), _) => d,
+            (None, Reference::Digest(asked)) => asked.clone(),
+            (None, Reference::Tag(_)) => {
+                return Err(Error::BadAnswer(format!("{what}: no Docker-Content-Digest")))
+            }
+        };
+        Ok((digest, size))
+    }
+
+    fn digest_header(&self, what: &str, headers: &HeaderMap) -> Result<Option<Digest>> {
+        match header_str(headers, "docker-content-digest") {
+            None => Ok(None),
+            Some(v) => Digest::parse(v.trim()).map(Some).ok_or_else(|| {
+                Error::BadAnswer(format!("{what}: invalid Docker-Content-Digest {v:?}"))
+            }),
+        }
+    }
+
+    /// HEAD a blob: its exact size.
+    pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        let what = format!("HEAD /v2/{repo}/blobs/{digest}");
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        let resp = self.send(&what, self.http.head(url)).await?;
+        if !resp.status().is_success() {
+            return Err(Error::from_status(&what, resp.status().as_u16(), b""));
+        }
+        content_length(resp.headers())
+            .ok_or_else(|| Error::BadAnswer(format!("{what}: no Content-Length")))
+    }
+
+    /// Reads `len` bytes of a blob from `offset` with one range request. Redirects (to
+    /// object storage or a CDN) are followed by the HTTP client, which drops the
+    /// Authorization header when the host changes. Returns exactly `len` bytes or an error.
+    pub async fn get_blob_range(&self, repo: &RepoName, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let last = offset + len - 1;
+        let what = format!("GET /v2/{repo}/blobs/{digest} bytes={offset}-{last}");
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        let req = self.http.get(url).header(header::RANGE, format!("bytes={offset}-{last}"));
+        let mut resp = self.send(&what, req).await?;
+        let skip = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let range = header_str(resp.headers(), "content-range").unwrap_or_default();
+                if content_range_start(range) != Some(offset) {
+                    return Err(Error::BadAnswer(format!(
+                        "{what}: answered Content-Range {range:?}"
+                    )));
+                }
+                0
+            }
+            // The server ignored Range: skip to the offset in the full body.
+            StatusCode::OK => offset,
+            _ => return Err(Self::fail(&what, resp).await),
+        };
+        let want = usize::try_from(len)
+            .map_err(|_| Error::BadAnswer(format!("{what}: range too large")))?;
+        let mut to_skip = skip;
+        let mut buf = BytesMut::with_capacity(want);
+        while buf.len() < want {
+            let Some(mut chunk) = resp.chunk().await.map_err(|e| transport(&what, &e))? else {
+                break;
+            };
+            if to_skip > 0 {
+                let n = to_skip.min(chunk.len() as u64);
+                to_skip -= n;
+                let _ = chunk.split_to(n as usize);
+            }
+            let take = chunk.len().min(want - buf.len());
+            buf.extend_from_slice(&chunk[..take]);
+        }
+        if buf.len() < want {
+            return Err(Error::BadAnswer(format!(
+                "{what}: answer ended after {} of {want} bytes",
+                buf.len()
+            )));
+        }
+        Ok(buf.freeze())
+    }
+}
+
+/// The first byte position of `Content-Range: bytes 100-199/1000`.
+fn content_range_start(v: &str) -> Option<u64> {
+    let range = v.trim().strip_prefix("bytes ")?;
+    let (start, _) = range.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_header_next() {
+        assert_eq!(
+            next_link(r#"</v2/_catalog?last=b&n=2>; rel="next""#),
+            Some("/v2/_catalog?last=b&n=2")
+        );
+        assert_eq!(
+            next_link(r#"<https://r.example/v2/x/tags/list?n=1&last=a>; rel=next"#),
+            Some("https://r.example/v2/x/tags/list?n=1&last=a")
+        );
+        // Several links; only the one with rel="next" counts.
+        assert_eq!(
+            next_link(r#"</prev>; rel="prev", </next?a=1>; title="x"; rel="next""#),
+            Some("/next?a=1")
+        );
+        assert_eq!(next_link(r#"</first>; rel="first""#), None);
+        assert_eq!(next_link(""), None);
+        assert_eq!(next_link("garbage <unclosed"), None);
+    }
+
+    #[test]
+    fn registry_urls() {
+        assert_eq!(parse_registry_url("localhost:5000").unwrap().as_str(), "https://localhost:5000/");
+        assert_eq!(parse_registry_url("http://127.0.0.1:5000").unwrap().scheme(), "http");
+        assert_eq!(parse_registry_url("ghcr.io").unwrap().as_str(), "https://ghcr.io/");
+        assert!(parse_registry_url("ftp://x").is_err());
+        assert!(parse_registry_url("http://x/some/path").is_err());
+        assert!(parse_registry_url("http://").is_err());
+    }
+
+    #[test]
+    fn content_range() {
+        assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
+        assert_eq!(content_range_start("bytes 0-0/*"), Some(0));
+        assert_eq!(content_range_start("items 1-2/3"), None);
+    }
+}

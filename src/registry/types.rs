@@ -1,0 +1,337 @@
+//! Validated names (Digest, RepoName, Tag) and the parts of manifests regfs reads.
+//!
+//! Every name here comes from outside (a path a program asked for, or a registry answer),
+//! so each newtype can only be built by a parser that checks the grammar of the
+//! distribution spec. Code that holds a `Digest` never has to re-check it.
+
+use std::fmt;
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+/// A content digest `algorithm:encoded`. Only sha256 and sha512 are accepted: those are
+/// the algorithms registries serve, and the only ones regfs can verify.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    pub fn parse(s: &str) -> Option<Digest> {
+        let (algorithm, hex) = s.split_once(':')?;
+        let expected_len = match algorithm {
+            "sha256" => 64,
+            "sha512" => 128,
+            _ => return None,
+        };
+        let lower_hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        (hex.len() == expected_len && hex.chars().all(lower_hex)).then(|| Digest(s.to_owned()))
+    }
+
+    /// The sha256 digest of `bytes`.
+    pub fn sha256_of(bytes: &[u8]) -> Digest {
+        Digest(format!("sha256:{}", hex(&Sha256::digest(bytes))))
+    }
+
+    /// Whether `bytes` hash to this digest.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        match self.algorithm() {
+            "sha256" => *self == Digest::sha256_of(bytes),
+            _ => {
+                let hash = sha2::Sha512::digest(bytes);
+                self.encoded() == hex(&hash)
+            }
+        }
+    }
+
+    pub fn algorithm(&self) -> &str {
+        self.0.split_once(':').map_or("", |(a, _)| a)
+    }
+
+    pub fn encoded(&self) -> &str {
+        self.0.split_once(':').map_or("", |(_, e)| e)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A repository name: `/`-separated components of lowercase alphanumerics joined by
+/// `.`, `_`, `__` or runs of `-` (distribution spec). At most 255 bytes.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RepoName(String);
+
+impl RepoName {
+    pub const MAX_LEN: usize = 255;
+
+    pub fn parse(s: &str) -> Option<RepoName> {
+        (s.len() <= Self::MAX_LEN && s.split('/').all(is_path_component))
+            .then(|| RepoName(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Whether `s` can be one `/`-separated component of a repository name.
+pub fn is_path_component(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    // Separators between alphanumeric runs: a single '.', '_' or "__", or any run of '-'.
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &s[start..i];
+        let valid = matches!(sep, "." | "_" | "__") || sep.bytes().all(|b| b == b'-');
+        if !valid {
+            return false;
+        }
+    }
+    true
+}
+
+/// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag(String);
+
+impl Tag {
+    pub fn parse(s: &str) -> Option<Tag> {
+        let mut chars = s.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        (first_ok && rest_ok && s.len() <= 128).then(|| Tag(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", self.0)
+            }
+        }
+    )*};
+}
+display_as_str!(Digest, RepoName, Tag);
+
+/// What a manifest is fetched by: a tag or a digest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Reference {
+    Tag(Tag),
+    Digest(Digest),
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Tag(t) => t.fmt(f),
+            Reference::Digest(d) => d.fmt(f),
+        }
+    }
+}
+
+pub mod media_type {
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_MANIFEST_LIST: &str =
+        "application/vnd.docker.distribution.manifest.list.v2+json";
+    /// Every manifest type regfs asks for, as one Accept header value.
+    pub const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, \
+        application/vnd.oci.image.index.v1+json, \
+        application/vnd.docker.distribution.manifest.v2+json, \
+        application/vnd.docker.distribution.manifest.list.v2+json";
+}
+
+/// A content descriptor that has passed validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// What regfs needs to know of a manifest: the objects it points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestLinks {
+    /// An image manifest: config and layers are blobs.
+    Image { blobs: Vec<Descriptor> },
+    /// An index or manifest list: children are manifests.
+    Index { manifests: Vec<Descriptor> },
+}
+
+/// The JSON shape shared by OCI and Docker manifests, read leniently: unknown fields
+/// are ignored, missing lists are empty. Descriptors are validated after parsing.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawManifest {
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    config: Option<RawDescriptor>,
+    #[serde(default)]
+    layers: Vec<RawDescriptor>,
+    #[serde(default)]
+    manifests: Option<Vec<RawDescriptor>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDescriptor {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+impl ManifestLinks {
+    /// Parses a manifest body. An index is recognised by its media type, or by a
+    /// `manifests` list when the body does not say (the OCI spec makes it optional).
+    pub fn parse(body: &[u8], content_type: &str) -> Result<ManifestLinks, String> {
+        let raw: RawManifest =
+            serde_json::from_slice(body).map_err(|e| format!("manifest is not valid JSON: {e}"))?;
+        let media_type = raw.media_type.as_deref().unwrap_or(content_type);
+        let is_index = media_type == media_type::OCI_INDEX
+            || media_type == media_type::DOCKER_MANIFEST_LIST
+            || (raw.config.is_none() && raw.manifests.is_some());
+        if is_index {
+            let manifests = raw.manifests.unwrap_or_default();
+            Ok(ManifestLinks::Index {
+                manifests: validate(manifests)?,
+            })
+        } else {
+            let blobs = raw.config.into_iter().chain(raw.layers).collect();
+            Ok(ManifestLinks::Image {
+                blobs: validate(blobs)?,
+            })
+        }
+    }
+}
+
+fn validate(raw: Vec<RawDescriptor>) -> Result<Vec<Descriptor>, String> {
+    raw.into_iter()
+        .map(|d| {
+            let digest = Digest::parse(&d.digest)
+                .ok_or_else(|| format!("descriptor has an invalid digest {:?}", d.digest))?;
+            Ok(Descriptor {
+                media_type: d.media_type,
+                digest,
+                size: d.size,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX64: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn digest_grammar() {
+        assert!(Digest::parse(&format!("sha256:{HEX64}")).is_some());
+        assert!(Digest::parse(&format!("sha512:{HEX64}{HEX64}")).is_some());
+        assert!(Digest::parse(&format!("sha256:{}", HEX64.to_uppercase())).is_none());
+        assert!(Digest::parse(&format!("sha256:{}", &HEX64[1..])).is_none());
+        assert!(Digest::parse(&format!("md5:{HEX64}")).is_none());
+        assert!(Digest::parse(HEX64).is_none());
+        assert!(Digest::parse("sha256:").is_none());
+        assert!(Digest::parse(&format!("sha256:{}g", &HEX64[1..])).is_none());
+    }
+
+    #[test]
+    fn digest_of_bytes_matches() {
+        let d = Digest::sha256_of(b"");
+        assert_eq!(
+            d.as_str(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert!(d.matches(b""));
+        assert!(!d.matches(b"x"));
+        assert_eq!(d.algorithm(), "sha256");
+    }
+
+    #[test]
+    fn repo_name_grammar() {
+        for ok in ["a", "team/app", "a.b_c__d--e/f-g", "library/alpine", "x9/0y"] {
+            assert!(RepoName::parse(ok).is_some(), "{ok}");
+        }
+        for bad in [
+            "", "A", "a/", "/a", "a//b", "-a", "a-", "a..b", "a___b", "a/.hidden", "a b", "..",
+            "a/../b", "ä",
+        ] {
+            assert!(RepoName::parse(bad).is_none(), "{bad}");
+        }
+        assert!(RepoName::parse(&"a".repeat(256)).is_none());
+    }
+
+    #[test]
+    fn tag_grammar() {
+        for ok in ["latest", "v1.0", "_x", "A-b_c.d", &"t".repeat(128)] {
+            assert!(Tag::parse(ok).is_some(), "{ok}");
+        }
+        for bad in ["", ".x", "-x", "a/b", "a:b", "a b", &"t".repeat(129)] {
+            assert!(Tag::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_image_and_index() {
+        let image = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"c","digest":"sha256:{HEX64}","size":7}},
+               "layers":[{{"mediaType":"l","digest":"sha256:{HEX64}","size":9}}]}}"#,
+            media_type::OCI_MANIFEST
+        );
+        match ManifestLinks::parse(image.as_bytes(), "").unwrap() {
+            ManifestLinks::Image { blobs } => {
+                assert_eq!(blobs.iter().map(|b| b.size).collect::<Vec<_>>(), [7, 9])
+            }
+            other => panic!("{other:?}"),
+        }
+        // An index without mediaType is still an index.
+        let index = format!(r#"{{"manifests":[{{"digest":"sha256:{HEX64}","size":3}}]}}"#);
+        assert!(matches!(
+            ManifestLinks::parse(index.as_bytes(), "").unwrap(),
+            ManifestLinks::Index { manifests } if manifests.len() == 1
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_manifests() {
+        assert!(ManifestLinks::parse(b"not json", "").is_err());
+        let bad_digest = r#"{"layers":[{"digest":"sha256:zz","size":1}]}"#;
+        assert!(ManifestLinks::parse(bad_digest.as_bytes(), "").is_err());
+        let negative = format!(r#"{{"layers":[{{"digest":"sha256:{HEX64}","size":-1}}]}}"#);
+        assert!(ManifestLinks::parse(negative.as_bytes(), "").is_err());
+    }
+}
