@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 
-use nix::unistd::{fork, pipe, setsid, ForkResult};
+use nix::unistd::{ForkResult, fork, pipe, setsid};
 
 /// Tells whoever waits for the mount how it went: the parent of a daemon through a
 /// pipe, or nobody when running in the foreground.

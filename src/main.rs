@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use regfs::daemon::{self, Readiness};
 use regfs::mount::{self, MountConfig};
-use regfs::registry::{parse_registry_url, RepoName};
+use regfs::registry::{RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -100,7 +100,9 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
     let repos = args
         .repos
         .iter()
-        .map(|r| RepoName::parse(r).ok_or_else(|| format!("--repo {r:?} is not a valid repository name")))
+        .map(|r| {
+            RepoName::parse(r).ok_or_else(|| format!("--repo {r:?} is not a valid repository name"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(MountConfig {
         registry,
@@ -119,7 +121,11 @@ fn main() -> ExitCode {
     let Command::Mount(args) = cli.command;
     let daemonize = args.daemon;
     let result = mount_config(args).and_then(|config| {
-        let readiness = if daemonize { daemon::detach()? } else { Readiness::foreground() };
+        let readiness = if daemonize {
+            daemon::detach()?
+        } else {
+            Readiness::foreground()
+        };
         mount::run(config, readiness)
     });
     match result {

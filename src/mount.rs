@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 use url::Url;
 
@@ -43,7 +43,9 @@ pub fn run(config: MountConfig, readiness: Readiness) -> Result<(), String> {
     }
 }
 
-fn prepare(config: &MountConfig) -> Result<(tokio::runtime::Runtime, Session<FuseAdapter>), String> {
+fn prepare(
+    config: &MountConfig,
+) -> Result<(tokio::runtime::Runtime, Session<FuseAdapter>), String> {
     check_mountpoint(&config.mountpoint)?;
     // One TLS provider for the process; an error only means one is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -58,7 +60,8 @@ fn prepare(config: &MountConfig) -> Result<(tokio::runtime::Runtime, Session<Fus
         page_size: config.page_size,
         ..ClientOptions::default()
     };
-    let client = RegistryClient::new(config.registry.clone(), options).map_err(|e| e.to_string())?;
+    let client =
+        RegistryClient::new(config.registry.clone(), options).map_err(|e| e.to_string())?;
     let registry = config.registry.as_str().trim_end_matches('/');
     runtime.block_on(async {
         match tokio::time::timeout(PROBE_TIMEOUT, client.ping()).await {
@@ -75,7 +78,10 @@ fn prepare(config: &MountConfig) -> Result<(tokio::runtime::Runtime, Session<Fus
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
     let mut fuse_config = Config::default();
     fuse_config.mount_options = vec![
-        MountOption::FSName(format!("regfs:{}", config.registry.host_str().unwrap_or("registry"))),
+        MountOption::FSName(format!(
+            "regfs:{}",
+            config.registry.host_str().unwrap_or("registry")
+        )),
         MountOption::Subtype("regfs".into()),
         MountOption::NoDev,
         MountOption::NoSuid,
@@ -92,7 +98,11 @@ fn prepare(config: &MountConfig) -> Result<(tokio::runtime::Runtime, Session<Fus
     Ok((runtime, session))
 }
 
-fn serve(config: MountConfig, runtime: tokio::runtime::Runtime, mut session: Session<FuseAdapter>) -> Result<(), String> {
+fn serve(
+    config: MountConfig,
+    runtime: tokio::runtime::Runtime,
+    mut session: Session<FuseAdapter>,
+) -> Result<(), String> {
     info!(
         registry = %config.registry,
         mountpoint = %config.mountpoint.display(),
@@ -101,7 +111,10 @@ fn serve(config: MountConfig, runtime: tokio::runtime::Runtime, mut session: Ses
     let mut unmounter = session.unmount_callable();
     let mountpoint = config.mountpoint.clone();
     runtime.spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             warn!("cannot listen for SIGTERM/SIGINT; unmount with `fusermount3 -u`");
             return;
         };
@@ -139,12 +152,14 @@ fn check_mountpoint(path: &Path) -> Result<(), String> {
         Ok(meta) if !meta.is_dir() => return Err(format!("mountpoint {shown} is not a directory")),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("mountpoint {shown} does not exist (create it with mkdir)"))
+            return Err(format!(
+                "mountpoint {shown} does not exist (create it with mkdir)"
+            ));
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             return Err(format!(
                 "mountpoint {shown} is a dead FUSE mount; clear it with `fusermount3 -u {shown}`"
-            ))
+            ));
         }
         Err(e) => return Err(format!("mountpoint {shown}: {e}")),
     }
@@ -174,7 +189,9 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|o| std::str::from_utf8(o).ok());
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|o| std::str::from_utf8(o).ok());
         if bytes[i] == b'\\' {
             if let Some(Ok(code)) = octal.map(|o| u8::from_str_radix(o, 8)) {
                 out.push(code);

@@ -110,7 +110,7 @@ mod tests {
             }));
         }
         for t in tasks {
-            assert_eq!(t.await.unwrap(), Ok(42));
+            assert_eq!(t.await.expect("task"), Ok(42));
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
     }
@@ -118,12 +118,21 @@ mod tests {
     #[tokio::test]
     async fn failure_is_not_stored_and_ttl_expires() {
         let memo: Memo<u32, u32> = Memo::new(8, Some(Duration::from_millis(30)));
-        assert_eq!(memo.get_or_fetch(&1, || async { Err("down") }).await, Err("down"));
-        assert_eq!(memo.get_or_fetch(&1, || async { Ok::<_, &str>(1) }).await, Ok(1));
+        assert_eq!(
+            memo.get_or_fetch(&1, || async { Err("down") }).await,
+            Err("down")
+        );
+        assert_eq!(
+            memo.get_or_fetch(&1, || async { Ok::<_, &str>(1) }).await,
+            Ok(1)
+        );
         assert_eq!(memo.peek(&1), Some(1));
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert_eq!(memo.peek(&1), None);
-        assert_eq!(memo.get_or_fetch(&1, || async { Ok::<_, &str>(2) }).await, Ok(2));
+        assert_eq!(
+            memo.get_or_fetch(&1, || async { Ok::<_, &str>(2) }).await,
+            Ok(2)
+        );
     }
 
     #[tokio::test]

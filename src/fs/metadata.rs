@@ -13,8 +13,7 @@ use tracing::{info, warn};
 
 use crate::cache::Memo;
 use crate::registry::{
-    Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result,
-    Tag,
+    Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result, Tag,
 };
 
 /// Requests in flight at once when walking a repository's manifests.
@@ -119,7 +118,9 @@ impl RegistryView {
 
     pub async fn tags(&self, repo: &RepoName) -> Result<Arc<Vec<Tag>>> {
         self.tags
-            .get_or_fetch(repo, || async { self.client.tags(repo).await.map(Arc::new) })
+            .get_or_fetch(repo, || async {
+                self.client.tags(repo).await.map(Arc::new)
+            })
             .await
     }
 
@@ -143,7 +144,10 @@ impl RegistryView {
         self.manifests
             .get_or_fetch(&key, || async {
                 let reference = Reference::Digest(digest.clone());
-                self.client.get_manifest(repo, &reference).await.map(Arc::new)
+                self.client
+                    .get_manifest(repo, &reference)
+                    .await
+                    .map(Arc::new)
             })
             .await
     }
@@ -151,7 +155,11 @@ impl RegistryView {
     /// The exact size of a manifest by digest: from the walk if it has been done,
     /// else by fetching it (manifests are small, and reading it is what comes next).
     pub async fn manifest_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
-        if let Some(size) = self.reachable.peek(repo).and_then(|r| r.manifests.get(digest).copied()) {
+        if let Some(size) = self
+            .reachable
+            .peek(repo)
+            .and_then(|r| r.manifests.get(digest).copied())
+        {
             return Ok(size);
         }
         Ok(self.manifest(repo, digest).await?.bytes.len() as u64)
@@ -159,7 +167,11 @@ impl RegistryView {
 
     /// The exact size of a blob: from a descriptor if the walk has seen it, else HEAD.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
-        if let Some(size) = self.reachable.peek(repo).and_then(|r| r.blobs.get(digest).copied()) {
+        if let Some(size) = self
+            .reachable
+            .peek(repo)
+            .and_then(|r| r.blobs.get(digest).copied())
+        {
             return Ok(size);
         }
         let key = (repo.clone(), digest.clone());
@@ -190,7 +202,11 @@ impl RegistryView {
             let mut children = BTreeSet::new();
             for manifest in pending.drain(..) {
                 let size = manifest.bytes.len() as u64;
-                if reach.manifests.insert(manifest.digest.clone(), size).is_some() {
+                if reach
+                    .manifests
+                    .insert(manifest.digest.clone(), size)
+                    .is_some()
+                {
                     continue;
                 }
                 match ManifestLinks::parse(&manifest.bytes, &manifest.media_type) {
@@ -226,7 +242,8 @@ async fn bounded<'a, F>(fetches: impl Iterator<Item = F>) -> Vec<Result<Arc<Fetc
 where
     F: Future<Output = Result<Arc<FetchedManifest>>> + Send + 'a,
 {
-    let boxed: Vec<ManifestFuture<'a>> = fetches.map(|f| Box::pin(f) as ManifestFuture<'a>).collect();
+    let boxed: Vec<ManifestFuture<'a>> =
+        fetches.map(|f| Box::pin(f) as ManifestFuture<'a>).collect();
     stream::iter(boxed)
         .buffer_unordered(WALK_CONCURRENCY)
         .collect()

@@ -18,7 +18,7 @@ use crate::registry::types::is_path_component;
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
 use handles::Handles;
 use metadata::RegistryView;
-use node::{InodeTable, Kind, Node, BLOBS, MANIFESTS, MANIFEST_JSON, TAGS, UPLOADS};
+use node::{BLOBS, InodeTable, Kind, MANIFEST_JSON, MANIFESTS, Node, TAGS, UPLOADS};
 
 pub use node::ROOT_INO;
 
@@ -151,10 +151,12 @@ impl Fs {
             Node::Manifests(repo) => {
                 Node::Manifest(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?)
             }
-            Node::Blobs(repo) => Node::Blob(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?),
+            Node::Blobs(repo) => {
+                Node::Blob(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?)
+            }
             Node::TagDir(..) | Node::Uploads(_) => return Err(Errno::ENOENT),
             Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) => {
-                return Err(Errno::ENOTDIR)
+                return Err(Errno::ENOTDIR);
             }
         };
         Ok(node)
@@ -182,7 +184,8 @@ impl Fs {
         let repo = RepoName::parse(&full).ok_or(Errno::ENOENT)?;
         let (known, complete) = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
         let prefix = format!("{full}/");
-        let is_known = known.contains(&repo) || known.iter().any(|r| r.as_str().starts_with(&prefix));
+        let is_known =
+            known.contains(&repo) || known.iter().any(|r| r.as_str().starts_with(&prefix));
         if is_known {
             return Ok(Node::Dir(full));
         }
@@ -243,15 +246,27 @@ impl Fs {
         };
         let attr = match node {
             Node::TagManifest(repo, tag) => {
-                let m = self.view.tag_manifest(repo, tag).await.map_err(|e| fail(node, e))?;
+                let m = self
+                    .view
+                    .tag_manifest(repo, tag)
+                    .await
+                    .map_err(|e| fail(node, e))?;
                 file(m.bytes.len() as u64, &m.digest, self.tag_ttl)
             }
             Node::Manifest(repo, digest) => {
-                let size = self.view.manifest_size(repo, digest).await.map_err(|e| fail(node, e))?;
+                let size = self
+                    .view
+                    .manifest_size(repo, digest)
+                    .await
+                    .map_err(|e| fail(node, e))?;
                 file(size, digest, IMMUTABLE_TTL)
             }
             Node::Blob(repo, digest) => {
-                let size = self.view.blob_size(repo, digest).await.map_err(|e| fail(node, e))?;
+                let size = self
+                    .view
+                    .blob_size(repo, digest)
+                    .await
+                    .map_err(|e| fail(node, e))?;
                 file(size, digest, IMMUTABLE_TTL)
             }
             _ => dir,
@@ -269,8 +284,16 @@ impl Fs {
         children.sort_by(|a, b| a.0.cmp(&b.0));
         children.dedup_by(|a, b| a.0 == b.0);
         let mut entries = vec![
-            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
-            DirEntry { ino: self.ino(&node.parent()), kind: Kind::Dir, name: "..".into() },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: self.ino(&node.parent()),
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
         ];
         entries.extend(children.into_iter().map(|(name, child)| DirEntry {
             ino: self.ino(&child),
@@ -283,7 +306,9 @@ impl Fs {
     /// The entries of a directory handle from position `offset` on.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>, Errno> {
         let entries = self.dirs.get(fh).ok_or(Errno::EBADF)?;
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(entries.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(entries.len());
         Ok(entries[start..].to_vec())
     }
 
@@ -295,7 +320,11 @@ impl Fs {
         let out = match node {
             Node::Dir(path) => {
                 let (known, _) = self.view.known_repos().await.map_err(|e| fail(node, e))?;
-                let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+                let prefix = if path.is_empty() {
+                    String::new()
+                } else {
+                    format!("{path}/")
+                };
                 let mut out: Vec<(String, Node)> = known
                     .iter()
                     .filter_map(|r| r.as_str().strip_prefix(&prefix))
@@ -329,7 +358,10 @@ impl Fs {
                     .collect()
             }
             Node::TagDir(repo, tag) => {
-                vec![(MANIFEST_JSON.to_owned(), Node::TagManifest(repo.clone(), tag.clone()))]
+                vec![(
+                    MANIFEST_JSON.to_owned(),
+                    Node::TagManifest(repo.clone(), tag.clone()),
+                )]
             }
             Node::Manifests(repo) => {
                 let reach = self.view.reachable(repo).await.map_err(|e| fail(node, e))?;
@@ -349,7 +381,7 @@ impl Fs {
             }
             Node::Uploads(_) => Vec::new(),
             Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) => {
-                return Err(Errno::ENOTDIR)
+                return Err(Errno::ENOTDIR);
             }
         };
         Ok(out)
@@ -365,33 +397,58 @@ impl Fs {
         }
         let (file, keep_cache) = match &node {
             Node::TagManifest(repo, tag) => {
-                let m = self.view.tag_manifest(repo, tag).await.map_err(|e| fail(&node, e))?;
+                let m = self
+                    .view
+                    .tag_manifest(repo, tag)
+                    .await
+                    .map_err(|e| fail(&node, e))?;
                 // A tag can move, so the kernel must not serve pages cached from an older open.
                 (OpenFile::Bytes(m.bytes.clone()), false)
             }
             Node::Manifest(repo, digest) => {
-                let m = self.view.manifest(repo, digest).await.map_err(|e| fail(&node, e))?;
+                let m = self
+                    .view
+                    .manifest(repo, digest)
+                    .await
+                    .map_err(|e| fail(&node, e))?;
                 (OpenFile::Bytes(m.bytes.clone()), true)
             }
             Node::Blob(repo, digest) => {
-                let size = self.view.blob_size(repo, digest).await.map_err(|e| fail(&node, e))?;
-                let blob = OpenFile::Blob { repo: repo.clone(), digest: digest.clone(), size };
+                let size = self
+                    .view
+                    .blob_size(repo, digest)
+                    .await
+                    .map_err(|e| fail(&node, e))?;
+                let blob = OpenFile::Blob {
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    size,
+                };
                 (blob, true)
             }
             _ => return Err(Errno::EISDIR),
         };
-        Ok(Opened { fh: self.files.insert(file), keep_cache })
+        Ok(Opened {
+            fh: self.files.insert(file),
+            keep_cache,
+        })
     }
 
     /// Reads up to `size` bytes at `offset`; short only at the end of the file.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, Errno> {
         match self.files.get(fh).ok_or(Errno::EBADF)? {
             OpenFile::Bytes(bytes) => {
-                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
                 let end = start.saturating_add(size as usize).min(bytes.len());
                 Ok(bytes.slice(start..end))
             }
-            OpenFile::Blob { repo, digest, size: blob_size } => {
+            OpenFile::Blob {
+                repo,
+                digest,
+                size: blob_size,
+            } => {
                 if offset >= blob_size {
                     return Ok(Bytes::new());
                 }

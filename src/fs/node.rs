@@ -145,9 +145,12 @@ mod tests {
 
     #[test]
     fn parents() {
-        let repo = RepoName::parse("team/app").unwrap();
-        let tag = Tag::parse("v1").unwrap();
-        assert_eq!(Node::Dir("team/app".into()).parent(), Node::Dir("team".into()));
+        let repo = RepoName::parse("team/app").expect("valid");
+        let tag = Tag::parse("v1").expect("valid");
+        assert_eq!(
+            Node::Dir("team/app".into()).parent(),
+            Node::Dir("team".into())
+        );
         assert_eq!(Node::Dir("team".into()).parent(), Node::root());
         assert_eq!(Node::root().parent(), Node::root());
         assert_eq!(

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use url::Url;
 
 use super::error::{Error, Result};
-use super::types::{media_type, Digest, Reference, RepoName, Tag};
+use super::types::{Digest, Reference, RepoName, Tag, media_type};
 
 /// Manifests larger than this are refused: the distribution spec lets registries cap
 /// them at 4 MiB, and nothing legitimate comes close.
@@ -63,7 +63,9 @@ pub fn parse_registry_url(s: &str) -> std::result::Result<Url, String> {
     };
     let url = Url::parse(&with_scheme).map_err(|e| format!("invalid registry {s:?}: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("registry {s:?}: only http:// and https:// are supported"));
+        return Err(format!(
+            "registry {s:?}: only http:// and https:// are supported"
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("registry {s:?} has no host"));
@@ -161,19 +163,27 @@ impl RegistryClient {
 
     async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let resp = req.send().await.map_err(|e| transport(what, &e))?;
-        debug!(request = what, status = resp.status().as_u16(), "registry answered");
+        debug!(
+            request = what,
+            status = resp.status().as_u16(),
+            "registry answered"
+        );
         Ok(resp)
     }
 
     /// Reads a whole answer body, refusing more than `limit` bytes.
     async fn body(what: &str, mut resp: reqwest::Response, limit: usize) -> Result<Bytes> {
         if content_length(resp.headers()).is_some_and(|n| n > limit as u64) {
-            return Err(Error::BadAnswer(format!("{what}: answer larger than {limit} bytes")));
+            return Err(Error::BadAnswer(format!(
+                "{what}: answer larger than {limit} bytes"
+            )));
         }
         let mut buf = BytesMut::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? {
             if buf.len() + chunk.len() > limit {
-                return Err(Error::BadAnswer(format!("{what}: answer larger than {limit} bytes")));
+                return Err(Error::BadAnswer(format!(
+                    "{what}: answer larger than {limit} bytes"
+                )));
             }
             buf.extend_from_slice(&chunk);
         }
@@ -240,13 +250,17 @@ impl RegistryClient {
         let mut items = Vec::new();
         for _ in 0..MAX_PAGES {
             if !seen.insert(url.clone()) {
-                return Err(Error::BadAnswer(format!("{what}: Link header loops to {url}")));
+                return Err(Error::BadAnswer(format!(
+                    "{what}: Link header loops to {url}"
+                )));
             }
             let resp = self.send(what, self.http.get(url.clone())).await?;
             if !resp.status().is_success() {
                 return Err(Self::fail(what, resp).await);
             }
-            let next = header_str(resp.headers(), "link").and_then(next_link).map(str::to_owned);
+            let next = header_str(resp.headers(), "link")
+                .and_then(next_link)
+                .map(str::to_owned);
             let body = Self::body(what, resp, 64 << 20).await?;
             let page: ListPage = serde_json::from_slice(&body)
                 .map_err(|e| Error::BadAnswer(format!("{what}: invalid JSON: {e}")))?;
@@ -266,10 +280,17 @@ impl RegistryClient {
                 }
             }
         }
-        Err(Error::BadAnswer(format!("{what}: more than {MAX_PAGES} pages")))
+        Err(Error::BadAnswer(format!(
+            "{what}: more than {MAX_PAGES} pages"
+        )))
     }
 
-    fn manifest_request(&self, method: Method, repo: &RepoName, reference: &Reference) -> Result<reqwest::RequestBuilder> {
+    fn manifest_request(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<reqwest::RequestBuilder> {
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
         Ok(self
             .http
@@ -279,7 +300,11 @@ impl RegistryClient {
 
     /// GET a manifest by tag or digest. The bytes are checked: against the digest asked
     /// for, and against `Docker-Content-Digest` when the registry sends one.
-    pub async fn get_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<FetchedManifest> {
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<FetchedManifest> {
         let what = format!("GET /v2/{repo}/manifests/{reference}");
         let req = self.manifest_request(Method::GET, repo, reference)?;
         let resp = self.send(&what, req).await?;
@@ -310,7 +335,11 @@ impl RegistryClient {
     }
 
     /// HEAD a manifest: its digest and size without the body.
-    pub async fn head_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<(Digest, u64)> {
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Digest, u64)> {
         let what = format!("HEAD /v2/{repo}/manifests/{reference}");
         let req = self.manifest_request(Method::HEAD, repo, reference)?;
         let resp = self.send(&what, req).await?;
@@ -321,12 +350,16 @@ impl RegistryClient {
             .ok_or_else(|| Error::BadAnswer(format!("{what}: no Content-Length")))?;
         let digest = match (self.digest_header(&what, resp.headers())?, reference) {
             (Some(d), Reference::Digest(asked)) if d != *asked => {
-                return Err(Error::BadAnswer(format!("{what}: registry answered for {d}")))
+                return Err(Error::BadAnswer(format!(
+                    "{what}: registry answered for {d}"
+                )));
             }
             (Some(d), _) => d,
             (None, Reference::Digest(asked)) => asked.clone(),
             (None, Reference::Tag(_)) => {
-                return Err(Error::BadAnswer(format!("{what}: no Docker-Content-Digest")))
+                return Err(Error::BadAnswer(format!(
+                    "{what}: no Docker-Content-Digest"
+                )));
             }
         };
         Ok((digest, size))
@@ -356,14 +389,23 @@ impl RegistryClient {
     /// Reads `len` bytes of a blob from `offset` with one range request. Redirects (to
     /// object storage or a CDN) are followed by the HTTP client, which drops the
     /// Authorization header when the host changes. Returns exactly `len` bytes or an error.
-    pub async fn get_blob_range(&self, repo: &RepoName, digest: &Digest, offset: u64, len: u64) -> Result<Bytes> {
+    pub async fn get_blob_range(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
         }
         let last = offset + len - 1;
         let what = format!("GET /v2/{repo}/blobs/{digest} bytes={offset}-{last}");
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
-        let req = self.http.get(url).header(header::RANGE, format!("bytes={offset}-{last}"));
+        let req = self
+            .http
+            .get(url)
+            .header(header::RANGE, format!("bytes={offset}-{last}"));
         let mut resp = self.send(&what, req).await?;
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -438,9 +480,22 @@ mod tests {
 
     #[test]
     fn registry_urls() {
-        assert_eq!(parse_registry_url("localhost:5000").unwrap().as_str(), "https://localhost:5000/");
-        assert_eq!(parse_registry_url("http://127.0.0.1:5000").unwrap().scheme(), "http");
-        assert_eq!(parse_registry_url("ghcr.io").unwrap().as_str(), "https://ghcr.io/");
+        assert_eq!(
+            parse_registry_url("localhost:5000")
+                .expect("valid")
+                .as_str(),
+            "https://localhost:5000/"
+        );
+        assert_eq!(
+            parse_registry_url("http://127.0.0.1:5000")
+                .unwrap()
+                .scheme(),
+            "http"
+        );
+        assert_eq!(
+            parse_registry_url("ghcr.io").expect("valid").as_str(),
+            "https://ghcr.io/"
+        );
         assert!(parse_registry_url("ftp://x").is_err());
         assert!(parse_registry_url("http://x/some/path").is_err());
         assert!(parse_registry_url("http://").is_err());

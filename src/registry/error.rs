@@ -76,7 +76,12 @@ fn oci_error_summary(body: &[u8]) -> Option<String> {
         .iter()
         .map(|e| {
             // The message is untrusted text bound for a log line: keep it short and on one line.
-            let msg: String = e.message.chars().filter(|c| !c.is_control()).take(200).collect();
+            let msg: String = e
+                .message
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
             format!("{}: {}", e.code, msg)
         })
         .collect();

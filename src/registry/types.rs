@@ -57,10 +57,12 @@ impl Digest {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// A repository name: `/`-separated components of lowercase alphanumerics joined by
@@ -283,12 +285,30 @@ mod tests {
 
     #[test]
     fn repo_name_grammar() {
-        for ok in ["a", "team/app", "a.b_c__d--e/f-g", "library/alpine", "x9/0y"] {
+        for ok in [
+            "a",
+            "team/app",
+            "a.b_c__d--e/f-g",
+            "library/alpine",
+            "x9/0y",
+        ] {
             assert!(RepoName::parse(ok).is_some(), "{ok}");
         }
         for bad in [
-            "", "A", "a/", "/a", "a//b", "-a", "a-", "a..b", "a___b", "a/.hidden", "a b", "..",
-            "a/../b", "ä",
+            "",
+            "A",
+            "a/",
+            "/a",
+            "a//b",
+            "-a",
+            "a-",
+            "a..b",
+            "a___b",
+            "a/.hidden",
+            "a b",
+            "..",
+            "a/../b",
+            "ä",
         ] {
             assert!(RepoName::parse(bad).is_none(), "{bad}");
         }
@@ -312,7 +332,7 @@ mod tests {
                "layers":[{{"mediaType":"l","digest":"sha256:{HEX64}","size":9}}]}}"#,
             media_type::OCI_MANIFEST
         );
-        match ManifestLinks::parse(image.as_bytes(), "").unwrap() {
+        match ManifestLinks::parse(image.as_bytes(), "").expect("parses") {
             ManifestLinks::Image { blobs } => {
                 assert_eq!(blobs.iter().map(|b| b.size).collect::<Vec<_>>(), [7, 9])
             }
@@ -321,7 +341,7 @@ mod tests {
         // An index without mediaType is still an index.
         let index = format!(r#"{{"manifests":[{{"digest":"sha256:{HEX64}","size":3}}]}}"#);
         assert!(matches!(
-            ManifestLinks::parse(index.as_bytes(), "").unwrap(),
+            ManifestLinks::parse(index.as_bytes(), "").expect("parses"),
             ManifestLinks::Index { manifests } if manifests.len() == 1
         ));
     }
