@@ -488,7 +488,7 @@ mod tests {
         );
         assert_eq!(
             parse_registry_url("http://127.0.0.1:5000")
-                .unwrap()
+                .expect("valid")
                 .scheme(),
             "http"
         );
