@@ -17,12 +17,26 @@ impl Readiness {
         Readiness { pipe: None }
     }
 
+    /// The mount works. A daemon also lets go of the caller's stdout and stderr here:
+    /// `out=$(regfs mount --daemon ...)` or a supervisor reading the pipes would otherwise
+    /// wait for as long as the mount lives. Logs meant to outlive this go to `--log-file`.
     pub fn ready(self) {
+        let daemon = self.pipe.is_some();
         self.send(b"ok");
+        if daemon && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
     }
 
+    /// The mount could not be made. A daemon hands `msg` to its waiting parent, which
+    /// prints it, and exits quietly so the message appears once; in the foreground this
+    /// returns and the caller reports the error itself.
     pub fn failed(self, msg: &str) {
-        self.send(msg.as_bytes());
+        if self.pipe.is_some() {
+            self.send(msg.as_bytes());
+            std::process::exit(1);
+        }
     }
 
     fn send(self, msg: &[u8]) {
@@ -61,7 +75,7 @@ pub fn detach() -> Result<Readiness, String> {
             drop(read_end);
             // A session of its own: closing the terminal does not hang up the mount.
             let _ = setsid();
-            // Nothing reads stdin; stdout/stderr stay where the caller sent them (logs).
+            // Nothing reads stdin; stdout/stderr are let go once the mount is ready.
             if let Ok(null) = std::fs::File::open("/dev/null") {
                 let _ = nix::unistd::dup2_stdin(null);
             }

@@ -1,7 +1,7 @@
 //! The command line and logging set-up; everything else lives in the library.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -76,23 +76,40 @@ struct MountArgs {
     #[arg(long)]
     allow_other: bool,
     /// Detach into the background once the mount is ready; the exit status tells
-    /// whether it worked
+    /// whether it worked. The daemon's log is discarded unless --log-file is given
     #[arg(long)]
     daemon: bool,
+    /// Append the log to FILE instead of writing it to stderr
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
     let default = match verbose {
         0 => "regfs=info",
         1 => "regfs=debug",
         _ => "regfs=trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let logger = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?;
+            logger
+                .with_writer(std::sync::Arc::new(file))
+                .with_ansi(false)
+                .init();
+        }
+        None => logger
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+    }
+    Ok(())
 }
 
 fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
@@ -117,17 +134,18 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
     let Command::Mount(args) = cli.command;
     let daemonize = args.daemon;
-    let result = mount_config(args).and_then(|config| {
-        let readiness = if daemonize {
-            daemon::detach()?
-        } else {
-            Readiness::foreground()
-        };
-        mount::run(config, readiness)
-    });
+    let result = init_logging(cli.verbose, args.log_file.as_deref())
+        .and_then(|()| mount_config(args))
+        .and_then(|config| {
+            let readiness = if daemonize {
+                daemon::detach()?
+            } else {
+                Readiness::foreground()
+            };
+            mount::run(config, readiness)
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {

@@ -184,7 +184,7 @@ pub fn is_mount_point(path: &Path) -> bool {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mountinfo(field: &str) -> String {
+pub fn unescape_mountinfo(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -214,6 +214,11 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
         assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
         assert_eq!(unescape_mountinfo(r"/odd\04"), r"/odd\04");
+        assert_eq!(
+            unescape_mountinfo(r"/tmp/a\040b\011c\134d"),
+            "/tmp/a b\tc\\d"
+        );
+        assert_eq!(unescape_mountinfo(r"/plain\x"), r"/plain\x");
     }
 
     #[test]

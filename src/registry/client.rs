@@ -104,15 +104,27 @@ pub fn next_link(header: &str) -> Option<&str> {
 
 /// Describes a transport error with its causes, because reqwest's own message
 /// ("error sending request") hides the useful part (connection refused, reset, TLS...).
+/// A transport error in a few words: what failed and its root cause ("cannot connect:
+/// Connection refused (os error 111)"), not reqwest's whole chain with the URL repeated.
 fn describe(e: &reqwest::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
+    let mut root: &dyn std::error::Error = e;
+    while let Some(inner) = root.source() {
+        root = inner;
     }
-    msg
+    let stage = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else if e.is_body() || e.is_decode() {
+        "reading the body"
+    } else {
+        "request failed"
+    };
+    if std::ptr::addr_eq(root, e) {
+        format!("{stage}: {e}")
+    } else {
+        format!("{stage}: {root}")
+    }
 }
 
 fn transport(what: &str, e: &reqwest::Error) -> Error {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the system packages regfs needs to build, test and demo.
+# Idempotent: does nothing when every tool is already present.
+# Used by scripts/test.sh (CI), scripts/demo.sh and the Vagrant box.
+set -euo pipefail
+
+tools=(docker-registry skopeo umoci fusermount3 rsync jq curl)
+packages=(fuse3 docker-registry skopeo umoci rsync jq curl)
+
+missing=()
+for t in "${tools[@]}"; do
+    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+
+if ((${#missing[@]} > 0)); then
+    echo "setup.sh: missing ${missing[*]}; installing ${packages[*]}" >&2
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        sudo=(sudo)
+    fi
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
+fi
+
+# FUSE needs the kernel device; packages cannot create it (containers must pass it in).
+if [[ ! -c /dev/fuse ]]; then
+    echo "setup.sh: ERROR: /dev/fuse does not exist." >&2
+    echo "  Load the module (modprobe fuse) or, in a container, run it with --device /dev/fuse" >&2
+    echo "  (and --cap-add SYS_ADMIN)." >&2
+    exit 1
+fi

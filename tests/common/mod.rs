@@ -1,0 +1,1404 @@
+//! Harness shared by the end-to-end tests (each `tests/*.rs` does `mod common;`).
+//!
+//! Real parts only, all on loopback and bounded in time:
+//! - [`Registry`]: `docker-registry` (CNCF distribution 2.8) with temp storage;
+//! - [`Layout`]: images built with `umoci` and pushed with `skopeo`, plus hand-made indexes;
+//! - [`Proxy`]: a small HTTP/1.1 proxy in front of a registry that injects faults and counts;
+//! - [`Mount`]: the regfs binary mounted on a temp directory through the kernel.
+//!
+//! Every test binary uses a different subset, hence `dead_code` is allowed for the module.
+//!
+//! Children (registry, regfs) get a parent-death signal so that a crashed test leaves nothing
+//! behind. Linux delivers it when the *thread* that spawned the child ends, so create and drop
+//! these objects in the same test thread (do not share them through statics).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use tempfile::TempDir;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Accept header for manifest GETs: every kind we may push, so the registry never converts.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
+     application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, \
+     application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// How long we wait for a server (registry, regfs) to come up or go away.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(50);
+/// Socket timeouts of the HTTP helpers and the proxy: nothing in a test may hang forever.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+// ---------------------------------------------------------------------------------------------
+
+/// Panics with a helpful message unless the system tools the end-to-end tests need are present.
+pub fn require_tools() {
+    let missing: Vec<&str> = ["docker-registry", "skopeo", "umoci", "fusermount3"]
+        .into_iter()
+        .filter(|tool| find_in_path(tool).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing tools {missing:?}: run scripts/setup.sh (installs them with apt-get)"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: FUSE tests need it (see scripts/setup.sh; in a container pass \
+         --device /dev/fuse --cap-add SYS_ADMIN)"
+    );
+}
+
+fn find_in_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Runs a command to completion and returns its stdout; panics with its stderr on failure.
+fn run(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (run scripts/setup.sh?)"));
+    assert!(
+        out.status.success(),
+        "{shown} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes the child receive `signal` when the spawning thread dies, so a crashed or killed test
+/// does not leave registries or mounts behind.
+fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    let parent = std::process::id();
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nobody would signal us.
+            if libc::getppid() as u32 != parent {
+                return Err(io::Error::other("parent exited before exec"));
+            }
+            Ok(())
+        });
+    }
+}
+
+fn send_signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// Waits up to `timeout` for the child to exit.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(POLL),
+            Ok(None) => return None,
+            Err(e) => panic!("waiting for child {}: {e}", child.id()),
+        }
+    }
+}
+
+/// `sha256:<hex>` of some bytes, as the registry API writes digests.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    let hash = Sha256::digest(bytes);
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny HTTP/1.1 client and parser (std only)
+// ---------------------------------------------------------------------------------------------
+
+pub type Headers = Vec<(String, String)>;
+
+/// First value of a header, by case-insensitive name.
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub reason: String,
+    pub headers: Headers,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One line without its CRLF. `Ok(None)` on a clean end of stream before any byte.
+fn read_line(r: &mut impl BufRead) -> io::Result<Option<String>> {
+    let mut line = Vec::new();
+    if r.read_until(b'\n', &mut line)? == 0 {
+        return Ok(None);
+    }
+    if !line.ends_with(b"\n") {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "truncated line",
+        ));
+    }
+    while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "non-UTF-8 header line"))
+}
+
+fn must_line(r: &mut impl BufRead) -> io::Result<String> {
+    read_line(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"))
+}
+
+/// Start line and headers of a message; `Ok(None)` if the peer closed before sending anything.
+fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Headers)>> {
+    let Some(start) = read_line(r)? else {
+        return Ok(None);
+    };
+    let mut headers = Vec::new();
+    loop {
+        let line = must_line(r)?;
+        if line.is_empty() {
+            return Ok(Some((start, headers)));
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "header without colon"))?;
+        headers.push((name.trim().to_string(), value.trim().to_string()));
+    }
+}
+
+/// Decodes a `Transfer-Encoding: chunked` body (chunk extensions and trailers are skipped).
+pub fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = must_line(r)?;
+        let size_hex = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_hex, 16).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad chunk size {line:?}"),
+            )
+        })?;
+        if size == 0 {
+            // Trailer section: header lines up to an empty line.
+            while !must_line(r)?.is_empty() {}
+            return Ok(body);
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        r.read_exact(&mut body[start..])?;
+        if !must_line(r)?.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "chunk without CRLF",
+            ));
+        }
+    }
+}
+
+/// Reads a body framed by the headers. `to_eof` says what an unframed body means: the rest of
+/// the stream (responses) or nothing (requests).
+fn read_body(
+    r: &mut impl BufRead,
+    headers: &[(String, String)],
+    to_eof: bool,
+) -> io::Result<Vec<u8>> {
+    let chunked = header(headers, "transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        return read_chunked(r);
+    }
+    if let Some(len) = header(headers, "content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad Content-Length"))?;
+        let mut body = vec![0; len];
+        r.read_exact(&mut body)?;
+        return Ok(body);
+    }
+    let mut body = Vec::new();
+    if to_eof {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(body)
+}
+
+/// Reads one response. `head_request`: the request was HEAD, so there is no body whatever the
+/// headers say (Content-Length is kept in `headers`).
+pub fn read_response(r: &mut impl BufRead, head_request: bool) -> io::Result<Response> {
+    let (start, headers) =
+        read_head(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no response"))?;
+    // "HTTP/1.1 200 OK"
+    let mut parts = start.splitn(3, ' ');
+    let _version = parts.next();
+    let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad status line {start:?}"),
+        )
+    })?;
+    let reason = parts.next().unwrap_or("").to_string();
+    let no_body = head_request || status < 200 || status == 204 || status == 304;
+    let body = if no_body {
+        Vec::new()
+    } else {
+        read_body(r, &headers, true)?
+    };
+    Ok(Response {
+        status,
+        reason,
+        headers,
+        body,
+    })
+}
+
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+fn method_has_body(method: &str) -> bool {
+    matches!(method, "POST" | "PUT" | "PATCH")
+}
+
+/// One request on a fresh connection (`Connection: close`), the whole response read.
+pub fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
+    let mut stream = connect(addr)?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || method_has_body(method) {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    read_response(&mut BufReader::new(stream), method == "HEAD")
+}
+
+/// Like [`try_http`], panicking with a clear message on a network error.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    try_http(addr, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path} failed: {e}"))
+}
+
+/// GET → (status, headers, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, Headers, Vec<u8>) {
+    let r = http(addr, "GET", path, &[], &[]);
+    (r.status, r.headers, r.body)
+}
+
+/// Splits "team/app:v1" (or "team/app@sha256:…") into repository and reference.
+pub fn split_reference(dest: &str) -> (&str, &str) {
+    if let Some((repo, digest)) = dest.split_once('@') {
+        return (repo, digest);
+    }
+    match dest.rfind(':') {
+        Some(i) if !dest[i..].contains('/') => (&dest[..i], &dest[i + 1..]),
+        _ => (dest, "latest"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry
+// ---------------------------------------------------------------------------------------------
+
+/// A `docker-registry` on a free loopback port with storage in a temp dir. Killed on drop.
+pub struct Registry {
+    pub addr: SocketAddr,
+    dir: TempDir,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        // The port is free when we pick it but may be taken before the registry binds it:
+        // retry a few times on that (rare) race.
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Registry::try_start() {
+                Ok(registry) => return registry,
+                Err(log) if log.contains("address already in use") => last_error = log,
+                Err(log) => panic!("docker-registry did not start:\n{log}"),
+            }
+        }
+        panic!("docker-registry did not start (port races):\n{last_error}");
+    }
+
+    fn try_start() -> Result<Registry, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("regfs-registry-")
+            .tempdir()
+            .expect("create temp dir for the registry");
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: error\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
+             http:\n  addr: {addr}\n",
+            storage = dir.path().join("storage").display(),
+        );
+        let config_path = dir.path().join("config.yml");
+        fs::write(&config_path, config).expect("write registry config.yml");
+        let log_path = dir.path().join("registry.log");
+        let log = File::create(&log_path).expect("create registry log file");
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log file handle"))
+            .stderr(log);
+        die_with_parent(&mut cmd, libc::SIGKILL);
+        let child = cmd
+            .spawn()
+            .expect("spawn docker-registry (missing? run scripts/setup.sh)");
+        let mut registry = Registry { addr, dir, child };
+
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                return Err(format!("exited with {status}:\n{}", registry.log()));
+            }
+            if matches!(try_http(addr, "GET", "/v2/", &[], &[]), Ok(r) if r.status == 200) {
+                return Ok(registry);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no answer on {addr} after {STARTUP_TIMEOUT:?}:\n{}",
+                    registry.log()
+                ));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// "http://127.0.0.1:PORT"
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What the registry logged (errors only).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Where the registry keeps its data (to corrupt or inspect it).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            // Only the end: skopeo's existence checks log many harmless 404s at level error.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            if !tail.trim().is_empty() {
+                eprintln!("--- docker-registry log (last 20 lines) ---\n{tail}");
+            }
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
+    listener
+        .local_addr()
+        .expect("local addr of probe listener")
+        .port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registry API helpers
+// ---------------------------------------------------------------------------------------------
+
+/// GET a manifest → (digest from Docker-Content-Digest, media type, bytes). Panics unless 200.
+pub fn get_manifest(registry: &Registry, repo: &str, reference: &str) -> (String, String, Vec<u8>) {
+    get_manifest_at(registry.addr, repo, reference)
+}
+
+/// [`get_manifest`] against any address (a registry or a [`Proxy`]).
+pub fn get_manifest_at(addr: SocketAddr, repo: &str, reference: &str) -> (String, String, Vec<u8>) {
+    let path = format!("/v2/{repo}/manifests/{reference}");
+    let r = http(addr, "GET", &path, &[("Accept", MANIFEST_ACCEPT)], &[]);
+    assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    let digest = r
+        .header("docker-content-digest")
+        .unwrap_or_else(|| panic!("GET {path}: no Docker-Content-Digest"))
+        .to_string();
+    let media_type = r.header("content-type").unwrap_or("").to_string();
+    (digest, media_type, r.body)
+}
+
+/// PUT a manifest under a tag or digest; returns the digest the registry computed.
+pub fn put_manifest(
+    registry: &Registry,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> String {
+    let path = format!("/v2/{repo}/manifests/{reference}");
+    let r = http(
+        registry.addr,
+        "PUT",
+        &path,
+        &[("Content-Type", media_type)],
+        body,
+    );
+    assert_eq!(r.status, 201, "PUT {path}: {}", r.text());
+    r.header("docker-content-digest")
+        .unwrap_or_else(|| panic!("PUT {path}: no Docker-Content-Digest"))
+        .to_string()
+}
+
+/// GET a whole blob; panics unless 200.
+pub fn get_blob(registry: &Registry, repo: &str, digest: &str) -> Vec<u8> {
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let r = http(registry.addr, "GET", &path, &[], &[]);
+    assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+    r.body
+}
+
+/// Every repository in the catalog, following the `Link: <…>; rel="next"` pages
+/// (distribution 2.8 refuses `n` > 1000 with 400 PAGINATION_NUMBER_INVALID).
+pub fn catalog(registry: &Registry) -> Vec<String> {
+    let mut repositories = Vec::new();
+    let mut next = Some("/v2/_catalog?n=1000".to_string());
+    while let Some(path) = next {
+        let (status, headers, body) = http_get(registry.addr, &path);
+        assert_eq!(
+            status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        repositories.extend(json_strings(&body, "repositories"));
+        next = header(&headers, "link").and_then(next_link);
+    }
+    repositories
+}
+
+/// The URL of a `Link: <URL>; rel="next"` header.
+pub fn next_link(link: &str) -> Option<String> {
+    let (url, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+    params.contains("rel=\"next\"").then(|| url.to_string())
+}
+
+/// The tags of a repository (distribution 2.8 returns them all, in no particular order).
+pub fn tags(registry: &Registry, repo: &str) -> Vec<String> {
+    let path = format!("/v2/{repo}/tags/list");
+    let (status, _, body) = http_get(registry.addr, &path);
+    assert_eq!(
+        status,
+        200,
+        "GET {path}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    json_strings(&body, "tags")
+}
+
+/// The strings in array `key` of a JSON object (a null or missing array is empty).
+fn json_strings(body: &[u8], key: &str) -> Vec<String> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    value[key]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images: umoci builds, skopeo pushes
+// ---------------------------------------------------------------------------------------------
+
+/// An OCI image layout in a temp dir, where tests build images by tag.
+pub struct Layout {
+    dir: TempDir,
+}
+
+impl Layout {
+    pub fn new() -> Layout {
+        let dir = tempfile::Builder::new()
+            .prefix("regfs-layout-")
+            .tempdir()
+            .expect("create temp dir for an OCI layout");
+        let layout = Layout { dir };
+        run(Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(layout.oci_dir()));
+        layout
+    }
+
+    /// The layout directory (index.json, blobs/).
+    pub fn oci_dir(&self) -> PathBuf {
+        self.dir.path().join("oci")
+    }
+
+    fn image(&self, tag: &str) -> String {
+        format!("{}:{tag}", self.oci_dir().display())
+    }
+
+    /// Builds a linux/`arch` image with one layer holding `files` (path in the rootfs, content),
+    /// tagged `tag` in the layout.
+    pub fn new_image(&self, tag: &str, arch: &str, files: &[(&str, &[u8])]) {
+        let image = self.image(tag);
+        let bundle = self.dir.path().join(format!("bundle-{tag}"));
+        run(Command::new("umoci").args(["new", "--image", &image]));
+        run(Command::new("umoci")
+            .args(["unpack", "--rootless", "--image", &image])
+            .arg(&bundle));
+        let rootfs = bundle.join("rootfs");
+        for (path, content) in files {
+            let target = rootfs.join(path.trim_start_matches('/'));
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)
+                    .unwrap_or_else(|e| panic!("create {}: {e}", parent.display()));
+            }
+            fs::write(&target, content)
+                .unwrap_or_else(|e| panic!("write {}: {e}", target.display()));
+        }
+        run(Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle));
+        // Without --tag, umoci config writes a new manifest and moves `tag` onto it.
+        run(Command::new("umoci").args([
+            "config",
+            "--image",
+            &image,
+            "--os",
+            "linux",
+            "--architecture",
+            arch,
+        ]));
+        fs::remove_dir_all(&bundle).unwrap_or_else(|e| panic!("remove {}: {e}", bundle.display()));
+    }
+
+    /// The descriptor (JSON) of the manifest that `tag` names in index.json.
+    pub fn descriptor(&self, tag: &str) -> serde_json::Value {
+        let index = self.index_json();
+        index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .cloned()
+            .unwrap_or_else(|| {
+                panic!(
+                    "tag {tag} not in {}",
+                    self.oci_dir().join("index.json").display()
+                )
+            })
+    }
+
+    /// Digest of the manifest (or index) that `tag` names.
+    pub fn manifest_digest(&self, tag: &str) -> String {
+        self.descriptor(tag)["digest"]
+            .as_str()
+            .expect("descriptor digest is a string")
+            .to_string()
+    }
+
+    /// Bytes of a blob in the layout.
+    pub fn blob(&self, digest: &str) -> Vec<u8> {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        let path = self.oci_dir().join("blobs/sha256").join(hex);
+        fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    fn index_json(&self) -> serde_json::Value {
+        let path = self.oci_dir().join("index.json");
+        let bytes = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+    }
+
+    /// Pushes `tag` of the layout to `registry` as `dest` ("team/app:v1"), digests unchanged.
+    pub fn push(&self, tag: &str, registry: &Registry, dest: &str) {
+        run(Command::new("skopeo").args([
+            // The policy is irrelevant here; this also works without /etc/containers/policy.json.
+            "--insecure-policy",
+            "--command-timeout",
+            "120s",
+            "copy",
+            "--quiet",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            &format!("oci:{}", self.image(tag)),
+            &format!("docker://{}/{dest}", registry.addr),
+        ]));
+    }
+
+    /// Writes an OCI image index over the images tagged `tags` (platforms read from their
+    /// configs) into the layout as `index_tag`; returns its digest.
+    pub fn add_index(&self, index_tag: &str, tags: &[&str]) -> String {
+        let manifests: Vec<serde_json::Value> = tags
+            .iter()
+            .map(|tag| {
+                let desc = self.descriptor(tag);
+                let digest = desc["digest"].as_str().expect("descriptor digest");
+                let manifest: serde_json::Value =
+                    serde_json::from_slice(&self.blob(digest)).expect("manifest blob is JSON");
+                let config_digest = manifest["config"]["digest"]
+                    .as_str()
+                    .expect("config digest");
+                let config: serde_json::Value =
+                    serde_json::from_slice(&self.blob(config_digest)).expect("config blob is JSON");
+                serde_json::json!({
+                    "mediaType": desc["mediaType"],
+                    "digest": desc["digest"],
+                    "size": desc["size"],
+                    "platform": { "architecture": config["architecture"], "os": config["os"] },
+                })
+            })
+            .collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": manifests,
+        });
+        let bytes = serde_json::to_vec(&index).expect("serialize index");
+        let digest = self.write_blob(&bytes);
+        self.set_ref(index_tag, OCI_INDEX, &digest, bytes.len());
+        digest
+    }
+
+    /// Stores bytes as a blob of the layout; returns the digest.
+    pub fn write_blob(&self, bytes: &[u8]) -> String {
+        let digest = sha256_digest(bytes);
+        let path = self
+            .oci_dir()
+            .join("blobs/sha256")
+            .join(&digest["sha256:".len()..]);
+        fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        digest
+    }
+
+    /// Points ref name `tag` of index.json at a descriptor (replacing an older one).
+    pub fn set_ref(&self, tag: &str, media_type: &str, digest: &str, size: usize) {
+        let mut index = self.index_json();
+        let manifests = index["manifests"]
+            .as_array_mut()
+            .expect("index.json has manifests");
+        manifests.retain(|d| d["annotations"]["org.opencontainers.image.ref.name"] != tag);
+        manifests.push(serde_json::json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": size,
+            "annotations": { "org.opencontainers.image.ref.name": tag },
+        }));
+        let path = self.oci_dir().join("index.json");
+        let bytes = serde_json::to_vec(&index).expect("serialize index.json");
+        fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// Pushes a multi-arch index over the images tagged `tags` as `dest` ("team/app:multi").
+    /// The children are pushed by digest only (untagged). Returns the index digest.
+    pub fn push_index(&self, tags: &[&str], registry: &Registry, dest: &str) -> String {
+        let index_tag = format!(
+            "index-{}",
+            dest.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "-")
+        );
+        let digest = self.add_index(&index_tag, tags);
+        self.push(&index_tag, registry, dest);
+        // skopeo must not have converted it: the registry serves our exact bytes as an index.
+        let (repo, reference) = split_reference(dest);
+        let (served, media_type, _) = get_manifest(registry, repo, reference);
+        assert_eq!(media_type, OCI_INDEX, "{dest} did not land as an OCI index");
+        assert_eq!(served, digest, "{dest} was pushed with another digest");
+        digest
+    }
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault-injecting proxy
+// ---------------------------------------------------------------------------------------------
+
+/// Initial rules of a [`Proxy`]; each can be flipped later through the proxy's setters.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyRules {
+    /// `GET /v2/_catalog…` answers 401 UNAUTHORIZED, like most public registries.
+    pub refuse_catalog: bool,
+    /// Blob downloads (`GET …/blobs/<digest>`) are held until [`Proxy::release_stalls`]
+    /// (or 60 s). Upload URLs (`/blobs/uploads/`) are never held.
+    pub stall_blob_gets: bool,
+    /// Emulates tag-list pagination (`?n=&last=` with a `Link: <…>; rel="next"` header),
+    /// which distribution 2.8 ignores: it always returns every tag.
+    pub paginate_tags: bool,
+}
+
+/// A request the proxy saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// "GET /v2/team/app/blobs/sha256:…"
+    line: String,
+    range: Option<String>,
+}
+
+#[derive(Default)]
+struct StallState {
+    /// Bumped by each `release_stalls`; a held request waits for it to change.
+    generation: u64,
+    held: usize,
+}
+
+struct ProxyShared {
+    upstream: SocketAddr,
+    refuse_catalog: AtomicBool,
+    stall_blob_gets: AtomicBool,
+    paginate_tags: AtomicBool,
+    stopping: AtomicBool,
+    stall: Mutex<StallState>,
+    stall_changed: Condvar,
+    seen: Mutex<Vec<Seen>>,
+    /// Open client connections, to shut them down when the proxy is dropped.
+    clients: Mutex<HashMap<u64, TcpStream>>,
+    next_client: AtomicU64,
+}
+
+/// An HTTP/1.1 proxy on loopback in front of `upstream` (std threads, one per connection).
+/// Requests are forwarded one at a time over a fresh upstream connection each; responses are
+/// buffered and re-framed with Content-Length, and client connections are kept alive.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shared: Arc<ProxyShared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr, rules: ProxyRules) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy on loopback");
+        let addr = listener.local_addr().expect("proxy local addr");
+        let shared = Arc::new(ProxyShared {
+            upstream,
+            refuse_catalog: AtomicBool::new(rules.refuse_catalog),
+            stall_blob_gets: AtomicBool::new(rules.stall_blob_gets),
+            paginate_tags: AtomicBool::new(rules.paginate_tags),
+            stopping: AtomicBool::new(false),
+            stall: Mutex::new(StallState::default()),
+            stall_changed: Condvar::new(),
+            seen: Mutex::new(Vec::new()),
+            clients: Mutex::new(HashMap::new()),
+            next_client: AtomicU64::new(0),
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("test-proxy-accept".into())
+                .spawn(move || accept_loop(listener, shared))
+                .expect("spawn proxy accept thread")
+        };
+        Proxy {
+            addr,
+            shared,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// "http://127.0.0.1:PORT" of the proxy.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_refuse_catalog(&self, on: bool) {
+        self.shared.refuse_catalog.store(on, Ordering::SeqCst);
+    }
+
+    pub fn set_paginate_tags(&self, on: bool) {
+        self.shared.paginate_tags.store(on, Ordering::SeqCst);
+    }
+
+    /// Turning stalls off also lets the held requests go.
+    pub fn set_stall_blob_gets(&self, on: bool) {
+        self.shared.stall_blob_gets.store(on, Ordering::SeqCst);
+        let _guard = self.shared.stall.lock().expect("proxy stall lock");
+        self.shared.stall_changed.notify_all();
+    }
+
+    /// Lets every request held so far go on (new blob GETs are still held if the rule is on).
+    pub fn release_stalls(&self) {
+        let mut stall = self.shared.stall.lock().expect("proxy stall lock");
+        stall.generation += 1;
+        self.shared.stall_changed.notify_all();
+    }
+
+    /// How many requests are held right now.
+    pub fn stalled_count(&self) -> usize {
+        self.shared.stall.lock().expect("proxy stall lock").held
+    }
+
+    /// Waits (bounded) until at least `n` requests are held; false on timeout.
+    pub fn wait_stalled(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.stalled_count() < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// How many requests seen so far have `substr` in "METHOD /path?query",
+    /// e.g. `requests_matching("GET /v2/team/app/blobs/")` or `requests_matching("/_catalog")`.
+    pub fn requests_matching(&self, substr: &str) -> usize {
+        let seen = self.shared.seen.lock().expect("proxy log lock");
+        seen.iter().filter(|s| s.line.contains(substr)).count()
+    }
+
+    /// Every request seen so far, as "METHOD /path?query".
+    pub fn requests(&self) -> Vec<String> {
+        let seen = self.shared.seen.lock().expect("proxy log lock");
+        seen.iter().map(|s| s.line.clone()).collect()
+    }
+
+    /// The `Range` header values seen so far, in order.
+    pub fn ranges_seen(&self) -> Vec<String> {
+        let seen = self.shared.seen.lock().expect("proxy log lock");
+        seen.iter().filter_map(|s| s.range.clone()).collect()
+    }
+
+    /// Forgets the requests seen so far.
+    pub fn reset_counters(&self) {
+        self.shared.seen.lock().expect("proxy log lock").clear();
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        {
+            let _guard = self.shared.stall.lock();
+            self.shared.stall_changed.notify_all();
+        }
+        // Unblock accept() with a connection of our own, then end the client connections.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        if let Ok(clients) = self.shared.clients.lock() {
+            for stream in clients.values() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<ProxyShared>) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let id = shared.next_client.fetch_add(1, Ordering::SeqCst);
+        if let Ok(clone) = stream.try_clone() {
+            shared
+                .clients
+                .lock()
+                .expect("proxy clients lock")
+                .insert(id, clone);
+        }
+        let shared = Arc::clone(&shared);
+        let spawned = thread::Builder::new()
+            .name(format!("test-proxy-conn-{id}"))
+            .spawn(move || {
+                serve_client(&shared, stream);
+                shared
+                    .clients
+                    .lock()
+                    .expect("proxy clients lock")
+                    .remove(&id);
+            });
+        if spawned.is_err() {
+            eprintln!("test proxy: cannot spawn a connection thread");
+        }
+    }
+}
+
+/// A request as read from the client.
+struct Request {
+    method: String,
+    target: String,
+    headers: Headers,
+    body: Vec<u8>,
+}
+
+fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
+    let Some((start, headers)) = read_head(r)? else {
+        return Ok(None);
+    };
+    let mut parts = start.split(' ');
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad request line {start:?}"),
+        ));
+    };
+    let version = parts.next().unwrap_or("HTTP/1.0");
+    let mut headers = headers;
+    if version == "HTTP/1.0" && header(&headers, "connection").is_none() {
+        headers.push(("Connection".into(), "close".into()));
+    }
+    let body = read_body(r, &headers, false)?;
+    Ok(Some(Request {
+        method: method.to_string(),
+        target: target.to_string(),
+        headers,
+        body,
+    }))
+}
+
+fn serve_client(shared: &ProxyShared, client: TcpStream) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(120)));
+    let _ = client.set_write_timeout(Some(IO_TIMEOUT));
+    let Ok(read_half) = client.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = client;
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let request = match read_request(&mut reader) {
+            Ok(Some(request)) => request,
+            Ok(None) | Err(_) => return,
+        };
+        shared.seen.lock().expect("proxy log lock").push(Seen {
+            line: format!("{} {}", request.method, request.target),
+            range: header(&request.headers, "range").map(String::from),
+        });
+        let close =
+            header(&request.headers, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        let response = handle(shared, &request);
+        if write_response(&mut writer, &response, request.method == "HEAD", close).is_err() || close
+        {
+            return;
+        }
+    }
+}
+
+fn handle(shared: &ProxyShared, request: &Request) -> Response {
+    let path = request.target.split('?').next().unwrap_or("");
+    let get = request.method == "GET";
+    if get && path.starts_with("/v2/_catalog") && shared.refuse_catalog.load(Ordering::SeqCst) {
+        return json_response(
+            401,
+            "Unauthorized",
+            br#"{"errors":[{"code":"UNAUTHORIZED","message":"catalog refused by test proxy"}]}"#,
+        );
+    }
+    if get
+        && path.contains("/blobs/")
+        && !path.contains("/blobs/uploads/")
+        && shared.stall_blob_gets.load(Ordering::SeqCst)
+    {
+        hold(shared);
+    }
+    if get && path.ends_with("/tags/list") && shared.paginate_tags.load(Ordering::SeqCst) {
+        return paginated_tags(shared, request, path);
+    }
+    forward(shared, request, &request.target)
+}
+
+/// Blocks until `release_stalls`, the rule is turned off, the proxy stops, or 60 s.
+fn hold(shared: &ProxyShared) {
+    let deadline = Instant::now() + STALL_LIMIT;
+    let mut stall = shared.stall.lock().expect("proxy stall lock");
+    let generation = stall.generation;
+    stall.held += 1;
+    while stall.generation == generation
+        && shared.stall_blob_gets.load(Ordering::SeqCst)
+        && !shared.stopping.load(Ordering::SeqCst)
+    {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        stall = shared
+            .stall_changed
+            .wait_timeout(stall, deadline - now)
+            .expect("proxy stall lock")
+            .0;
+    }
+    stall.held -= 1;
+}
+
+fn json_response(status: u16, reason: &str, body: &[u8]) -> Response {
+    Response {
+        status,
+        reason: reason.to_string(),
+        headers: vec![
+            (
+                "Content-Type".into(),
+                "application/json; charset=utf-8".into(),
+            ),
+            (
+                "Docker-Distribution-Api-Version".into(),
+                "registry/2.0".into(),
+            ),
+        ],
+        body: body.to_vec(),
+    }
+}
+
+/// Sends the request upstream on a fresh connection and reads the whole answer; 502 on failure.
+fn forward(shared: &ProxyShared, request: &Request, target: &str) -> Response {
+    let attempt = || -> io::Result<Response> {
+        let mut upstream = connect(shared.upstream)?;
+        let mut head = format!("{} {target} HTTP/1.1\r\n", request.method);
+        for (name, value) in &request.headers {
+            let hop_by_hop = [
+                "connection",
+                "keep-alive",
+                "proxy-connection",
+                "transfer-encoding",
+                "content-length",
+            ]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h));
+            if !hop_by_hop {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+        }
+        if !request.body.is_empty() || method_has_body(&request.method) {
+            head.push_str(&format!("Content-Length: {}\r\n", request.body.len()));
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        upstream.write_all(head.as_bytes())?;
+        upstream.write_all(&request.body)?;
+        read_response(&mut BufReader::new(upstream), request.method == "HEAD")
+    };
+    attempt().unwrap_or_else(|e| Response {
+        status: 502,
+        reason: "Bad Gateway".into(),
+        headers: vec![("Content-Type".into(), "text/plain".into())],
+        body: format!("test proxy: upstream {} failed: {e}", shared.upstream).into_bytes(),
+    })
+}
+
+/// Tag-list pagination done by the proxy: all tags from upstream, sorted, `last` excluded,
+/// `n` kept, and a Link header in the format distribution uses for the catalog.
+fn paginated_tags(shared: &ProxyShared, request: &Request, path: &str) -> Response {
+    let query = request.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let param = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    };
+    let Some(n) = param("n").and_then(|n| n.parse::<usize>().ok()) else {
+        return forward(shared, request, &request.target);
+    };
+    let last = param("last");
+    let mut response = forward(shared, request, path);
+    if response.status != 200 {
+        return response;
+    }
+    let Ok(mut list) = serde_json::from_slice::<serde_json::Value>(&response.body) else {
+        return response;
+    };
+    let mut tags: Vec<String> = json_strings(&response.body, "tags");
+    tags.sort();
+    let after: Vec<String> = tags
+        .into_iter()
+        .filter(|t| last.as_ref().is_none_or(|l| t.as_str() > l.as_str()))
+        .collect();
+    let page: Vec<String> = after.iter().take(n).cloned().collect();
+    response
+        .headers
+        .retain(|(k, _)| !k.eq_ignore_ascii_case("link"));
+    if after.len() > n
+        && let Some(last_of_page) = page.last()
+    {
+        response.headers.push((
+            "Link".into(),
+            format!("<{path}?last={last_of_page}&n={n}>; rel=\"next\""),
+        ));
+    }
+    list["tags"] = serde_json::json!(page);
+    response.body = serde_json::to_vec(&list).expect("serialize tag list");
+    response
+}
+
+/// Writes a buffered response, framed by Content-Length (HEAD keeps the upstream's).
+fn write_response(
+    w: &mut impl Write,
+    response: &Response,
+    head_request: bool,
+    close: bool,
+) -> io::Result<()> {
+    let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason);
+    for (name, value) in &response.headers {
+        let reframed = [
+            "connection",
+            "keep-alive",
+            "transfer-encoding",
+            "content-length",
+        ]
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h));
+        if !reframed {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    let bodiless_status = response.status < 200 || response.status == 204 || response.status == 304;
+    if head_request {
+        if let Some(len) = response.header("content-length") {
+            out.push_str(&format!("Content-Length: {len}\r\n"));
+        }
+    } else if !bodiless_status {
+        out.push_str(&format!("Content-Length: {}\r\n", response.body.len()));
+    }
+    if close {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    w.write_all(out.as_bytes())?;
+    if !head_request && !bodiless_status {
+        w.write_all(&response.body)?;
+    }
+    w.flush()
+}
+
+// ---------------------------------------------------------------------------------------------
+// regfs mount
+// ---------------------------------------------------------------------------------------------
+
+/// `regfs mount` running in the foreground on a temp mountpoint, stopped on drop.
+pub struct Mount {
+    /// The mountpoint (canonical path, as /proc/self/mountinfo shows it).
+    pub dir: PathBuf,
+    tmp: Option<TempDir>,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Mount {
+    /// Runs `regfs mount [extra_args] REGISTRY_URL MOUNTPOINT` and waits until it is mounted.
+    pub fn start(registry_url: &str, extra_args: &[&str]) -> Mount {
+        let tmp = tempfile::Builder::new()
+            .prefix("regfs-mount-")
+            .tempdir()
+            .expect("create temp dir for a mount");
+        // Canonical before mounting: afterwards a stat would go through FUSE.
+        let root = tmp.path().canonicalize().expect("canonicalize temp dir");
+        let dir = root.join("mnt");
+        fs::create_dir(&dir).expect("create mountpoint");
+        let log_path = root.join("regfs.log");
+        let log = File::create(&log_path).expect("create regfs log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regfs"));
+        cmd.arg("mount")
+            .args(extra_args)
+            .arg(registry_url)
+            .arg(&dir)
+            .env("RUST_LOG", "regfs=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log file handle"))
+            .stderr(log);
+        // SIGTERM, not SIGKILL: regfs unmounts on SIGTERM.
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        let child = cmd.spawn().expect("spawn the regfs binary");
+        let mut mount = Mount {
+            dir,
+            tmp: Some(tmp),
+            child: Some(child),
+            log_path,
+        };
+
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while !is_mounted(&mount.dir) {
+            let child = mount.child.as_mut().expect("child present while starting");
+            let failure = match child.try_wait() {
+                Ok(Some(status)) => Some(format!("regfs exited with {status} before mounting")),
+                _ if Instant::now() > deadline => {
+                    Some(format!("regfs did not mount within {STARTUP_TIMEOUT:?}"))
+                }
+                _ => None,
+            };
+            if let Some(failure) = failure {
+                // Clean up before panicking, so that Drop does not print the log a second time.
+                let (dir, log) = (mount.dir.clone(), mount.log());
+                drop(mount);
+                panic!("{failure} {}:\n{log}", dir.display());
+            }
+            thread::sleep(POLL);
+        }
+        mount
+    }
+
+    /// A path inside the mount: `mount.path("team/app/tags/v1/manifest.json")`.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel.trim_start_matches('/'))
+    }
+
+    /// What regfs logged so far (stdout and stderr, RUST_LOG=regfs=debug).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits (bounded) for regfs to exit by itself, e.g. after `fusermount3 -u`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_timeout(self.child.as_mut()?, timeout)
+    }
+
+    /// SIGTERM, then waits up to 20 s for regfs to unmount and exit; then cleans up by force.
+    pub fn terminate(mut self) -> ExitStatus {
+        let (status, left_mounted) = self.stop();
+        if left_mounted {
+            eprintln!(
+                "regfs exited ({status}) but left {} mounted; unmounted lazily",
+                self.dir.display()
+            );
+        }
+        status
+    }
+
+    /// Like [`Mount::terminate`], and also tells whether regfs left its mount behind
+    /// (the harness unmounts it anyway).
+    pub fn terminate_checked(mut self) -> (ExitStatus, bool) {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> (ExitStatus, bool) {
+        let Some(mut child) = self.child.take() else {
+            return (ExitStatus::from_raw(0), false);
+        };
+        let status = match child.try_wait() {
+            Ok(Some(status)) => status,
+            _ => {
+                send_signal(&child, libc::SIGTERM);
+                wait_timeout(&mut child, STARTUP_TIMEOUT).unwrap_or_else(|| {
+                    eprintln!("regfs ignored SIGTERM for {STARTUP_TIMEOUT:?}; killing it");
+                    let _ = child.kill();
+                    child.wait().expect("wait for killed regfs")
+                })
+            }
+        };
+        let left_mounted = is_mounted(&self.dir);
+        if left_mounted {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        (status, left_mounted)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+        if thread::panicking() {
+            eprintln!("--- regfs log ({}) ---\n{}", self.dir.display(), self.log());
+        }
+        // Never let TempDir's cleanup walk into a mount that is still there: it would try to
+        // delete a registry's content. Leak the directory instead.
+        if is_mounted(&self.dir)
+            && let Some(tmp) = self.tmp.take()
+        {
+            std::mem::forget(tmp);
+        }
+    }
+}
+
+/// Whether a FUSE filesystem is mounted exactly at `path` (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    mountinfo.lines().any(|line| {
+        // "36 35 0:45 / /tmp/x\040y rw,relatime shared:1 - fuse.regfs regfs rw,…"
+        let Some((before, after)) = line.split_once(" - ") else {
+            return false;
+        };
+        let mount_point = before
+            .split(' ')
+            .nth(4)
+            .map(regfs::mount::unescape_mountinfo);
+        let fs_type = after.split(' ').next().unwrap_or("");
+        fs_type.starts_with("fuse") && mount_point.is_some_and(|p| Path::new(&p) == path)
+    })
+}
