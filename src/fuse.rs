@@ -168,11 +168,13 @@ impl Filesystem for FuseAdapter {
         self.spawn(move |fs, _| async move {
             match fs.open(ino.0, write).await {
                 Ok(opened) => {
-                    let flags = if opened.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
+                    let mut flags = FopenFlags::empty();
+                    if opened.keep_cache {
+                        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
+                    if opened.direct_io {
+                        flags |= FopenFlags::FOPEN_DIRECT_IO;
+                    }
                     reply.opened(FileHandle(opened.fh), flags)
                 }
                 Err(e) => reply.error(errno(e)),

@@ -75,6 +75,12 @@ struct MountArgs {
     /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf unless root)
     #[arg(long)]
     allow_other: bool,
+    /// Memory for cached blob blocks (e.g. 64MiB, 1GiB); least recently used blocks go first
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_bytes)]
+    cache_size: u64,
+    /// Blobs are fetched and cached in blocks of this size (range requests)
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_block_size)]
+    block_size: u64,
     /// Detach into the background once the mount is ready; the exit status tells
     /// whether it worked. The daemon's log is discarded unless --log-file is given
     #[arg(long)]
@@ -112,6 +118,22 @@ fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
     Ok(())
 }
 
+/// "64MiB", "1G", "4096": sizes as people write them (binary and decimal units).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{e} (try e.g. 64MiB)"))
+}
+
+fn parse_block_size(s: &str) -> Result<u64, String> {
+    let size = parse_bytes(s)?;
+    if !(4096..=64 << 20).contains(&size) {
+        return Err("must be between 4KiB and 64MiB".into());
+    }
+    Ok(size)
+}
+
 fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
     let registry = parse_registry_url(&args.registry)?;
     let repos = args
@@ -129,6 +151,8 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         page_size: args.page_size,
         read_only: args.read_only,
         allow_other: args.allow_other,
+        cache_size: args.cache_size,
+        block_size: args.block_size,
     })
 }
 

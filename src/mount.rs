@@ -10,13 +10,17 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 use url::Url;
 
+use crate::cache::BlockCache;
 use crate::daemon::Readiness;
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
 use crate::registry::{ClientOptions, RegistryClient, RepoName};
+use crate::stats::Stats;
 
 /// How long the registry gets to answer `/v2/` before the mount is refused.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Threads reading kernel requests (each hands the work to the tokio runtime).
+const FUSE_THREADS: usize = 2;
 
 pub struct MountConfig {
     pub registry: Url,
@@ -26,6 +30,9 @@ pub struct MountConfig {
     pub page_size: u32,
     pub read_only: bool,
     pub allow_other: bool,
+    /// Byte budget of the block cache, and its block size.
+    pub cache_size: u64,
+    pub block_size: u64,
 }
 
 /// Mounts and serves until the filesystem is unmounted. `readiness` is told once the
@@ -60,8 +67,9 @@ fn prepare(
         page_size: config.page_size,
         ..ClientOptions::default()
     };
-    let client =
-        RegistryClient::new(config.registry.clone(), options).map_err(|e| e.to_string())?;
+    let stats = Arc::new(Stats::default());
+    let client = RegistryClient::new(config.registry.clone(), options, stats.clone())
+        .map_err(|e| e.to_string())?;
     let registry = config.registry.as_str().trim_end_matches('/');
     runtime.block_on(async {
         match tokio::time::timeout(PROBE_TIMEOUT, client.ping()).await {
@@ -74,9 +82,14 @@ fn prepare(
         }
     })?;
 
-    let fs = Arc::new(Fs::new(client, config.repos.clone(), config.tag_ttl));
+    let cache = Arc::new(BlockCache::new(config.block_size, config.cache_size, stats));
+    let fs = Arc::new(Fs::new(client, config.repos.clone(), config.tag_ttl, cache));
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
     let mut fuse_config = Config::default();
+    // Requests are answered from tokio tasks; a second thread reading /dev/fuse (on its
+    // own cloned fd) keeps the queue moving while the first copies a large reply.
+    fuse_config.n_threads = Some(FUSE_THREADS);
+    fuse_config.clone_fd = true;
     fuse_config.mount_options = vec![
         MountOption::FSName(format!(
             "regfs:{}",

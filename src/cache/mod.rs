@@ -1,5 +1,7 @@
-//! Caches: the metadata memo now; the block cache for blob bytes arrives with issue 3.
+//! Caches: the metadata memo (names, manifests, sizes) and the block cache (blob bytes).
 
+pub mod blocks;
 pub mod memo;
 
+pub use blocks::BlockCache;
 pub use memo::Memo;

@@ -2,9 +2,11 @@
 //! registry tree of DESIGN §1. Every operation returns `Result<_, Errno>`; nothing here
 //! knows of FUSE, so it can be driven by tests or another front end.
 
+mod blob;
 mod handles;
 pub mod metadata;
 pub mod node;
+pub mod readahead;
 
 use std::ffi::OsStr;
 use std::fmt::Display;
@@ -12,19 +14,26 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use tracing::{debug, warn};
 
+use crate::cache::BlockCache;
 use crate::registry::types::is_path_component;
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
+use blob::{BlobReads, OpenBlob};
 use handles::Handles;
 use metadata::RegistryView;
-use node::{BLOBS, InodeTable, Kind, MANIFEST_JSON, MANIFESTS, Node, TAGS, UPLOADS};
+use node::{
+    BLOBS, CONTROL, InodeTable, Kind, MANIFEST_JSON, MANIFESTS, Node, STATS, TAGS, UPLOADS,
+};
 
 pub use node::ROOT_INO;
 
 /// How long the kernel may keep entries and attributes of content-addressed files,
 /// which never change.
 const IMMUTABLE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Tag manifests fetched at once when a `tags/` directory is listed (people grep them next).
+const TAG_MANIFEST_WARMING: usize = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Errno(pub i32);
@@ -70,21 +79,21 @@ pub struct DirEntry {
 #[derive(Clone)]
 enum OpenFile {
     Bytes(Bytes),
-    Blob {
-        repo: RepoName,
-        digest: Digest,
-        size: u64,
-    },
+    Blob(Arc<OpenBlob>),
 }
 
 pub struct Opened {
     pub fh: u64,
     /// Whether the kernel may keep cached pages from an earlier open (immutable content).
     pub keep_cache: bool,
+    /// Whether every read must come here, past the kernel's page cache and its idea of
+    /// the file size (files made fresh at each open, like `/.regfs/stats`).
+    pub direct_io: bool,
 }
 
 pub struct Fs {
-    view: RegistryView,
+    view: Arc<RegistryView>,
+    blobs: BlobReads,
     inodes: Mutex<InodeTable>,
     dirs: Handles<Arc<Vec<DirEntry>>>,
     files: Handles<OpenFile>,
@@ -92,14 +101,33 @@ pub struct Fs {
 }
 
 impl Fs {
-    pub fn new(client: RegistryClient, repos: Vec<RepoName>, tag_ttl: Duration) -> Fs {
+    pub fn new(
+        client: RegistryClient,
+        repos: Vec<RepoName>,
+        tag_ttl: Duration,
+        cache: Arc<BlockCache>,
+    ) -> Fs {
         Fs {
-            view: RegistryView::new(client, repos, tag_ttl),
+            blobs: BlobReads::new(cache, client.clone()),
+            view: Arc::new(RegistryView::new(client, repos, tag_ttl)),
             inodes: Mutex::new(InodeTable::default()),
             dirs: Handles::new(),
             files: Handles::new(),
             tag_ttl,
         }
+    }
+
+    /// `/.regfs/stats`: the counters as pretty JSON.
+    fn stats_json(&self) -> Bytes {
+        let cache = self.blobs.cache();
+        let snapshot = self
+            .view
+            .client()
+            .stats()
+            .snapshot(cache.budget(), cache.block_size());
+        let mut json = serde_json::to_vec_pretty(&snapshot).unwrap_or_default();
+        json.push(b'\n');
+        Bytes::from(json)
     }
 
     fn inodes(&self) -> std::sync::MutexGuard<'_, InodeTable> {
@@ -127,6 +155,9 @@ impl Fs {
     /// The node called `name` inside `parent`, if it exists.
     async fn child(&self, parent: &Node, name: &str) -> Result<Node, Errno> {
         let node = match parent {
+            Node::Dir(path) if path.is_empty() && name == CONTROL => Node::Control,
+            Node::Control if name == STATS => Node::Stats,
+            Node::Control => return Err(Errno::ENOENT),
             Node::Dir(path) => return self.dir_child(path, name).await,
             Node::Tags(repo) => {
                 let tag = Tag::parse(name).ok_or(Errno::ENOENT)?;
@@ -155,7 +186,7 @@ impl Fs {
                 Node::Blob(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?)
             }
             Node::TagDir(..) | Node::Uploads(_) => return Err(Errno::ENOENT),
-            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) => {
+            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) | Node::Stats => {
                 return Err(Errno::ENOTDIR);
             }
         };
@@ -269,6 +300,14 @@ impl Fs {
                     .map_err(|e| fail(node, e))?;
                 file(size, digest, IMMUTABLE_TTL)
             }
+            Node::Stats => Attr {
+                ino,
+                kind: Kind::File,
+                size: self.stats_json().len() as u64,
+                mtime: SystemTime::now(),
+                perm: 0o444,
+                ttl: Duration::ZERO,
+            },
             _ => dir,
         };
         Ok(attr)
@@ -336,6 +375,8 @@ impl Fs {
                         (name, Node::Dir(full))
                     })
                     .collect();
+                // `/.regfs` is not listed: `rsync -a` and `grep -r` of the whole mount
+                // must not pick up regfs's own counters. It opens by name.
                 if let Some(repo) = self.repo_at(path).await? {
                     out.extend([
                         (TAGS.to_owned(), Node::Tags(repo.clone())),
@@ -353,6 +394,7 @@ impl Fs {
                     Err(Error::NotFound(_)) => Arc::new(Vec::new()),
                     Err(e) => return Err(fail(node, e)),
                 };
+                self.warm_tag_manifests(repo, &tags);
                 tags.iter()
                     .map(|t| (t.to_string(), Node::TagDir(repo.clone(), t.clone())))
                     .collect()
@@ -380,11 +422,31 @@ impl Fs {
                     .collect()
             }
             Node::Uploads(_) => Vec::new(),
-            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) => {
+            Node::Control => vec![(STATS.to_owned(), Node::Stats)],
+            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) | Node::Stats => {
                 return Err(Errno::ENOTDIR);
             }
         };
         Ok(out)
+    }
+
+    /// Fetches the manifests of `tags` in the background, a few at a time: whoever
+    /// lists `tags/` usually reads the manifests next (`grep -r`), and then finds them
+    /// in the memo instead of paying one round trip per file.
+    fn warm_tag_manifests(&self, repo: &RepoName, tags: &Arc<Vec<Tag>>) {
+        let (view, repo, tags) = (self.view.clone(), repo.clone(), tags.clone());
+        tokio::spawn(async move {
+            stream::iter(tags.iter())
+                .for_each_concurrent(TAG_MANIFEST_WARMING, |tag| {
+                    let (view, repo) = (&view, &repo);
+                    async move {
+                        if let Err(e) = view.tag_manifest(repo, tag).await {
+                            debug!(%repo, %tag, "warming the manifest failed: {e}");
+                        }
+                    }
+                })
+                .await;
+        });
     }
 
     pub async fn open(&self, ino: u64, write: bool) -> Result<Opened, Errno> {
@@ -395,6 +457,7 @@ impl Fs {
         if write {
             return Err(Errno::EROFS);
         }
+        let mut direct_io = false;
         let (file, keep_cache) = match &node {
             Node::TagManifest(repo, tag) => {
                 let m = self
@@ -419,18 +482,19 @@ impl Fs {
                     .blob_size(repo, digest)
                     .await
                     .map_err(|e| fail(&node, e))?;
-                let blob = OpenFile::Blob {
-                    repo: repo.clone(),
-                    digest: digest.clone(),
-                    size,
-                };
-                (blob, true)
+                let blob = self.blobs.open(repo.clone(), digest.clone(), size);
+                (OpenFile::Blob(Arc::new(blob)), true)
+            }
+            Node::Stats => {
+                direct_io = true;
+                (OpenFile::Bytes(self.stats_json()), false)
             }
             _ => return Err(Errno::EISDIR),
         };
         Ok(Opened {
             fh: self.files.insert(file),
             keep_cache,
+            direct_io,
         })
     }
 
@@ -444,20 +508,12 @@ impl Fs {
                 let end = start.saturating_add(size as usize).min(bytes.len());
                 Ok(bytes.slice(start..end))
             }
-            OpenFile::Blob {
-                repo,
-                digest,
-                size: blob_size,
-            } => {
-                if offset >= blob_size {
-                    return Ok(Bytes::new());
-                }
-                let len = u64::from(size).min(blob_size - offset);
-                self.view
-                    .client()
-                    .get_blob_range(&repo, &digest, offset, len)
+            OpenFile::Blob(blob) => {
+                let node = Node::Blob(blob.repo().clone(), blob.digest().clone());
+                self.blobs
+                    .read(&blob, offset, u64::from(size))
                     .await
-                    .map_err(|e| fail(&Node::Blob(repo.clone(), digest.clone()), e))
+                    .map_err(|e| fail(&node, e))
             }
         }
     }

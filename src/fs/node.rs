@@ -14,6 +14,10 @@ pub const MANIFESTS: &str = "manifests";
 pub const BLOBS: &str = "blobs";
 pub const UPLOADS: &str = "uploads";
 pub const MANIFEST_JSON: &str = "manifest.json";
+/// regfs's own directory at the root. A leading dot cannot start a repository name, so
+/// it never hides one.
+pub const CONTROL: &str = ".regfs";
+pub const STATS: &str = "stats";
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Node {
@@ -27,6 +31,10 @@ pub enum Node {
     Blobs(RepoName),
     Blob(RepoName, Digest),
     Uploads(RepoName),
+    /// `/.regfs`, regfs's own files.
+    Control,
+    /// `/.regfs/stats`: counters as JSON, made fresh at every open.
+    Stats,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +50,7 @@ impl Node {
 
     pub fn kind(&self) -> Kind {
         match self {
-            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) => Kind::File,
+            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) | Node::Stats => Kind::File,
             _ => Kind::Dir,
         }
     }
@@ -57,6 +65,8 @@ impl Node {
             Node::TagManifest(r, t) => Node::TagDir(r.clone(), t.clone()),
             Node::Manifest(r, _) => Node::Manifests(r.clone()),
             Node::Blob(r, _) => Node::Blobs(r.clone()),
+            Node::Control => Node::root(),
+            Node::Stats => Node::Control,
         }
     }
 }
@@ -74,6 +84,8 @@ impl fmt::Display for Node {
             Node::Blobs(r) => write!(f, "/{r}/{BLOBS}"),
             Node::Blob(r, d) => write!(f, "/{r}/{BLOBS}/{d}"),
             Node::Uploads(r) => write!(f, "/{r}/{UPLOADS}"),
+            Node::Control => write!(f, "/{CONTROL}"),
+            Node::Stats => write!(f, "/{CONTROL}/{STATS}"),
         }
     }
 }

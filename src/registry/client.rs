@@ -2,9 +2,14 @@
 //! and ranged blob GET. It knows nothing of FUSE; every answer is checked before use.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use bytes::{Bytes, BytesMut};
+use lru::LruCache;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -13,12 +18,20 @@ use url::Url;
 
 use super::error::{Error, Result};
 use super::types::{Digest, Reference, RepoName, Tag, media_type};
+use crate::stats::{RequestKind, Stats};
 
 /// Manifests larger than this are refused: the distribution spec lets registries cap
 /// them at 4 MiB, and nothing legitimate comes close.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// A list that needs more pages than this is treated as a broken `Link` loop.
 const MAX_PAGES: usize = 100_000;
+/// Redirect hops followed for one blob request (registry → CDN → signed URL ...).
+const MAX_REDIRECTS: usize = 5;
+/// How long a blob's resolved (redirected) URL is reused before asking the registry
+/// again. Signed URLs typically live 10 to 60 minutes; a failure also drops it early.
+const RESOLVED_URL_TTL: Duration = Duration::from_secs(600);
+/// A `Retry-After` longer than this is not waited for in full: a reader is blocked.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -27,6 +40,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Longest silence while waiting for any part of an answer.
     pub read_timeout: Duration,
+    /// Retries of an idempotent request after a transient failure (connect error,
+    /// reset, 5xx, 429), with exponential backoff and jitter from `retry_delay`.
+    pub max_retries: usize,
+    pub retry_delay: Duration,
 }
 
 impl Default for ClientOptions {
@@ -35,6 +52,8 @@ impl Default for ClientOptions {
             page_size: 1000,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            max_retries: 5,
+            retry_delay: Duration::from_millis(100),
         }
     }
 }
@@ -50,8 +69,20 @@ pub struct FetchedManifest {
 #[derive(Clone)]
 pub struct RegistryClient {
     http: reqwest::Client,
+    /// For blob GETs: follows no redirects by itself, so that regfs can remember where
+    /// a blob lives and decide what is sent to another host.
+    blob_http: reqwest::Client,
     base: Url,
     options: ClientOptions,
+    stats: Arc<Stats>,
+    /// Where a blob's GET was redirected to, reused for its later ranges.
+    resolved: Arc<Mutex<LruCache<Digest, (Url, Instant)>>>,
+}
+
+/// What one blob range request produced.
+enum RangeAnswer {
+    Bytes(Bytes),
+    Redirect(Url),
 }
 
 /// Parses `http://host:port`, `https://host[:port]` or a bare `host[:port]` (https).
@@ -102,8 +133,6 @@ pub fn next_link(header: &str) -> Option<&str> {
     }
 }
 
-/// Describes a transport error with its causes, because reqwest's own message
-/// ("error sending request") hides the useful part (connection refused, reset, TLS...).
 /// A transport error in a few words: what failed and its root cause ("cannot connect:
 /// Connection refused (os error 111)"), not reqwest's whole chain with the URL repeated.
 fn describe(e: &reqwest::Error) -> String {
@@ -148,19 +177,64 @@ struct ListPage {
 }
 
 impl RegistryClient {
-    pub fn new(base: Url, options: ClientOptions) -> Result<RegistryClient> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("regfs/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(options.connect_timeout)
-            .read_timeout(options.read_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
+    pub fn new(base: Url, options: ClientOptions, stats: Arc<Stats>) -> Result<RegistryClient> {
+        let builder = || {
+            reqwest::Client::builder()
+                .user_agent(concat!("regfs/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(options.connect_timeout)
+                .read_timeout(options.read_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                // Blocks are requested in parallel; Nagle would only add latency.
+                .tcp_nodelay(true)
+        };
+        let set_up =
+            |e: reqwest::Error| Error::Unavailable(format!("HTTP client set-up: {}", describe(&e)));
+        let http = builder().build().map_err(set_up)?;
+        let blob_http = builder()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| Error::Unavailable(format!("HTTP client set-up: {}", describe(&e))))?;
+            .map_err(set_up)?;
+        let resolved = LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN));
         Ok(RegistryClient {
             http,
+            blob_http,
             base,
             options,
+            stats,
+            resolved: Arc::new(Mutex::new(resolved)),
         })
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Runs `op` again after transient failures, with exponential backoff and jitter,
+    /// honouring `Retry-After`. Only for idempotent requests.
+    async fn retrying<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.options.retry_delay)
+            .with_max_delay(Duration::from_secs(10))
+            .with_max_times(self.options.max_retries)
+            .with_jitter();
+        op.retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(Error::is_transient)
+            .adjust(|e: &Error, delay| {
+                delay.map(|d| {
+                    e.retry_after()
+                        .map_or(d, |asked| asked.min(MAX_RETRY_AFTER))
+                })
+            })
+            .notify(|e, delay| {
+                Stats::add(&self.stats.retries, 1);
+                warn!("{e}; retrying in {} ms", delay.as_millis());
+            })
+            .await
     }
 
     pub fn base(&self) -> &Url {
@@ -205,13 +279,22 @@ impl RegistryClient {
     /// Turns a non-success answer into an error, reading (a bounded part of) its body.
     async fn fail(what: &str, resp: reqwest::Response) -> Error {
         let status = resp.status().as_u16();
+        let retry_after = header_str(resp.headers(), "retry-after").map(str::to_owned);
         let body = Self::body(what, resp, 64 << 10).await.unwrap_or_default();
-        Error::from_status(what, status, &body)
+        Error::from_status_with(what, status, retry_after.as_deref(), &body)
+    }
+
+    /// The error for a non-success answer to a HEAD (which has no body).
+    fn head_fail(what: &str, resp: &reqwest::Response) -> Error {
+        let retry_after = header_str(resp.headers(), "retry-after");
+        Error::from_status_with(what, resp.status().as_u16(), retry_after, b"")
     }
 
     /// `GET /v2/`: does this look like a registry? 401 counts: it answers, and wants auth.
     pub async fn ping(&self) -> Result<()> {
         let what = "GET /v2/";
+        // No retries: a mount should fail fast and say so when nothing answers.
+        let _in_flight = self.stats.request(RequestKind::Ping);
         let resp = self.send(what, self.http.get(self.url("/v2/")?)).await?;
         match resp.status() {
             s if s.is_success() || s == StatusCode::UNAUTHORIZED => Ok(()),
@@ -221,7 +304,9 @@ impl RegistryClient {
 
     /// All repositories in the catalog, in the registry's order.
     pub async fn catalog(&self) -> Result<Vec<RepoName>> {
-        let names = self.paginated("GET /v2/_catalog", "/v2/_catalog").await?;
+        let names = self
+            .paginated(RequestKind::Catalog, "GET /v2/_catalog", "/v2/_catalog")
+            .await?;
         Ok(names
             .into_iter()
             .filter_map(|n| {
@@ -238,7 +323,7 @@ impl RegistryClient {
     pub async fn tags(&self, repo: &RepoName) -> Result<Vec<Tag>> {
         let what = format!("GET /v2/{repo}/tags/list");
         let names = self
-            .paginated(&what, &format!("/v2/{repo}/tags/list"))
+            .paginated(RequestKind::Tags, &what, &format!("/v2/{repo}/tags/list"))
             .await?;
         Ok(names
             .into_iter()
@@ -254,7 +339,7 @@ impl RegistryClient {
 
     /// Follows `Link: <…>; rel="next"` until the last page. Links must stay on the
     /// registry's own origin: credentials are never sent elsewhere.
-    async fn paginated(&self, what: &str, path: &str) -> Result<Vec<String>> {
+    async fn paginated(&self, kind: RequestKind, what: &str, path: &str) -> Result<Vec<String>> {
         let mut url = self.url(path)?;
         url.query_pairs_mut()
             .append_pair("n", &self.options.page_size.to_string());
@@ -266,14 +351,7 @@ impl RegistryClient {
                     "{what}: Link header loops to {url}"
                 )));
             }
-            let resp = self.send(what, self.http.get(url.clone())).await?;
-            if !resp.status().is_success() {
-                return Err(Self::fail(what, resp).await);
-            }
-            let next = header_str(resp.headers(), "link")
-                .and_then(next_link)
-                .map(str::to_owned);
-            let body = Self::body(what, resp, 64 << 20).await?;
+            let (next, body) = self.retrying(|| self.page(kind, what, &url)).await?;
             let page: ListPage = serde_json::from_slice(&body)
                 .map_err(|e| Error::BadAnswer(format!("{what}: invalid JSON: {e}")))?;
             items.extend(page.repositories.or(page.tags).unwrap_or_default());
@@ -297,6 +375,24 @@ impl RegistryClient {
         )))
     }
 
+    /// One page of a list: its `Link` to the next page, and its body.
+    async fn page(
+        &self,
+        kind: RequestKind,
+        what: &str,
+        url: &Url,
+    ) -> Result<(Option<String>, Bytes)> {
+        let _in_flight = self.stats.request(kind);
+        let resp = self.send(what, self.http.get(url.clone())).await?;
+        if !resp.status().is_success() {
+            return Err(Self::fail(what, resp).await);
+        }
+        let next = header_str(resp.headers(), "link")
+            .and_then(next_link)
+            .map(str::to_owned);
+        Ok((next, Self::body(what, resp, 64 << 20).await?))
+    }
+
     fn manifest_request(
         &self,
         method: Method,
@@ -317,7 +413,17 @@ impl RegistryClient {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<FetchedManifest> {
+        self.retrying(|| self.get_manifest_once(repo, reference))
+            .await
+    }
+
+    async fn get_manifest_once(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<FetchedManifest> {
         let what = format!("GET /v2/{repo}/manifests/{reference}");
+        let _in_flight = self.stats.request(RequestKind::Manifest);
         let req = self.manifest_request(Method::GET, repo, reference)?;
         let resp = self.send(&what, req).await?;
         if !resp.status().is_success() {
@@ -352,11 +458,21 @@ impl RegistryClient {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<(Digest, u64)> {
+        self.retrying(|| self.head_manifest_once(repo, reference))
+            .await
+    }
+
+    async fn head_manifest_once(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(Digest, u64)> {
         let what = format!("HEAD /v2/{repo}/manifests/{reference}");
+        let _in_flight = self.stats.request(RequestKind::Manifest);
         let req = self.manifest_request(Method::HEAD, repo, reference)?;
         let resp = self.send(&what, req).await?;
         if !resp.status().is_success() {
-            return Err(Error::from_status(&what, resp.status().as_u16(), b""));
+            return Err(Self::head_fail(&what, &resp));
         }
         let size = content_length(resp.headers())
             .ok_or_else(|| Error::BadAnswer(format!("{what}: no Content-Length")))?;
@@ -388,19 +504,26 @@ impl RegistryClient {
 
     /// HEAD a blob: its exact size.
     pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        self.retrying(|| self.head_blob_once(repo, digest)).await
+    }
+
+    async fn head_blob_once(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
         let what = format!("HEAD /v2/{repo}/blobs/{digest}");
+        let _in_flight = self.stats.request(RequestKind::BlobHead);
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        // A HEAD that redirects (to object storage) is followed: only the size matters.
         let resp = self.send(&what, self.http.head(url)).await?;
         if !resp.status().is_success() {
-            return Err(Error::from_status(&what, resp.status().as_u16(), b""));
+            return Err(Self::head_fail(&what, &resp));
         }
         content_length(resp.headers())
             .ok_or_else(|| Error::BadAnswer(format!("{what}: no Content-Length")))
     }
 
-    /// Reads `len` bytes of a blob from `offset` with one range request. Redirects (to
-    /// object storage or a CDN) are followed by the HTTP client, which drops the
-    /// Authorization header when the host changes. Returns exactly `len` bytes or an error.
+    /// Reads exactly `len` bytes of a blob from `offset`, retrying transient failures
+    /// (a dropped connection mid-body included). A GET the registry redirects (to
+    /// object storage or a CDN) is followed, and the resolved URL is reused for later
+    /// ranges of the same blob until it fails or `RESOLVED_URL_TTL` passes.
     pub async fn get_blob_range(
         &self,
         repo: &RepoName,
@@ -411,14 +534,82 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        self.retrying(|| self.get_blob_range_once(repo, digest, offset, len))
+            .await
+    }
+
+    async fn get_blob_range_once(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         let last = offset + len - 1;
         let what = format!("GET /v2/{repo}/blobs/{digest} bytes={offset}-{last}");
-        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        let _in_flight = self.stats.request(RequestKind::BlobRange);
+        if let Some(url) = self.resolved_url(digest) {
+            match self.range_at(&url, &what, offset, len).await {
+                Ok(RangeAnswer::Bytes(bytes)) => return Ok(bytes),
+                Ok(RangeAnswer::Redirect(_)) => debug!(%digest, "resolved URL redirects again"),
+                Err(e) => debug!(%digest, "resolved URL failed ({e}); asking the registry"),
+            }
+            self.forget_resolved(digest);
+        }
+        let mut url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        for _ in 0..=MAX_REDIRECTS {
+            match self.range_at(&url, &what, offset, len).await? {
+                RangeAnswer::Bytes(bytes) => {
+                    if url.origin() != self.base.origin() {
+                        self.remember_resolved(digest, url);
+                    }
+                    return Ok(bytes);
+                }
+                RangeAnswer::Redirect(next) => {
+                    // Never downgrade: an https registry may not send us to plain http.
+                    if next.scheme() == "http" && self.base.scheme() == "https" {
+                        return Err(Error::BadAnswer(format!(
+                            "{what}: redirected from https to {next}"
+                        )));
+                    }
+                    debug!(%digest, to = %next.origin().ascii_serialization(), "blob redirected");
+                    url = next;
+                }
+            }
+        }
+        Err(Error::BadAnswer(format!(
+            "{what}: more than {MAX_REDIRECTS} redirects"
+        )))
+    }
+
+    fn resolved_url(&self, digest: &Digest) -> Option<Url> {
+        let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
+        match resolved.get(digest) {
+            Some((url, at)) if at.elapsed() < RESOLVED_URL_TTL => Some(url.clone()),
+            _ => None,
+        }
+    }
+
+    fn remember_resolved(&self, digest: &Digest, url: Url) {
+        let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
+        resolved.put(digest.clone(), (url, Instant::now()));
+    }
+
+    fn forget_resolved(&self, digest: &Digest) {
+        let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
+        resolved.pop(digest);
+    }
+
+    /// One range request to `url` (the registry or where it redirected). Registry
+    /// credentials are attached only for the registry's own origin (issue 5 adds them);
+    /// another host gets a bare request.
+    async fn range_at(&self, url: &Url, what: &str, offset: u64, len: u64) -> Result<RangeAnswer> {
+        let last = offset + len - 1;
         let req = self
-            .http
-            .get(url)
+            .blob_http
+            .get(url.clone())
             .header(header::RANGE, format!("bytes={offset}-{last}"));
-        let mut resp = self.send(&what, req).await?;
+        let mut resp = self.send(what, req).await?;
         let skip = match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
                 let range = header_str(resp.headers(), "content-range").unwrap_or_default();
@@ -431,14 +622,26 @@ impl RegistryClient {
             }
             // The server ignored Range: skip to the offset in the full body.
             StatusCode::OK => offset,
-            _ => return Err(Self::fail(&what, resp).await),
+            s if s.is_redirection() => {
+                let location = header_str(resp.headers(), "location").unwrap_or_default();
+                let next = url.join(location).map_err(|e| {
+                    Error::BadAnswer(format!("{what}: invalid Location {location:?}: {e}"))
+                })?;
+                if !matches!(next.scheme(), "http" | "https") {
+                    return Err(Error::BadAnswer(format!(
+                        "{what}: redirected to unsupported {next}"
+                    )));
+                }
+                return Ok(RangeAnswer::Redirect(next));
+            }
+            _ => return Err(Self::fail(what, resp).await),
         };
         let want = usize::try_from(len)
             .map_err(|_| Error::BadAnswer(format!("{what}: range too large")))?;
         let mut to_skip = skip;
         let mut buf = BytesMut::with_capacity(want);
         while buf.len() < want {
-            let Some(mut chunk) = resp.chunk().await.map_err(|e| transport(&what, &e))? else {
+            let Some(mut chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? else {
                 break;
             };
             if to_skip > 0 {
@@ -449,13 +652,15 @@ impl RegistryClient {
             let take = chunk.len().min(want - buf.len());
             buf.extend_from_slice(&chunk[..take]);
         }
+        Stats::add(&self.stats.fetched_bytes, buf.len() as u64);
         if buf.len() < want {
-            return Err(Error::BadAnswer(format!(
+            // A connection cut short: transient, the retry asks again.
+            return Err(Error::Unavailable(format!(
                 "{what}: answer ended after {} of {want} bytes",
                 buf.len()
             )));
         }
-        Ok(buf.freeze())
+        Ok(RangeAnswer::Bytes(buf.freeze()))
     }
 }
 

@@ -2,6 +2,7 @@
 //! where it becomes an errno (DESIGN §3).
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -11,8 +12,11 @@ pub enum Error {
     NotFound(String),
     /// 401/403 that authentication did not cure.
     Denied(String),
-    /// The registry could not be reached or is failing: connect errors, timeouts, 5xx, 429.
+    /// The registry could not be reached or is failing: connect errors, resets,
+    /// timeouts, 5xx, 429. Worth retrying.
     Unavailable(String),
+    /// 429 or 503 with `Retry-After`: the registry says when to come back.
+    Busy { msg: String, retry_after: Duration },
     /// The registry answered something that cannot be right: malformed JSON, a digest
     /// that does not match the bytes, a short body, an unexpected status.
     BadAnswer(String),
@@ -26,7 +30,37 @@ impl Error {
         match self {
             Error::NotFound(_) => libc::ENOENT,
             Error::Denied(_) => libc::EACCES,
-            Error::Unavailable(_) | Error::BadAnswer(_) => libc::EIO,
+            Error::Unavailable(_) | Error::Busy { .. } | Error::BadAnswer(_) => libc::EIO,
+        }
+    }
+
+    /// Whether trying the same request again may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::Busy { .. })
+    }
+
+    /// How long the registry asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Busy { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// Maps a non-success HTTP answer to an error, using the OCI error body when there is
+    /// one. `retry_after` is the answer's `Retry-After` header, if any.
+    pub fn from_status_with(
+        what: &str,
+        status: u16,
+        retry_after: Option<&str>,
+        body: &[u8],
+    ) -> Error {
+        let err = Error::from_status(what, status, body);
+        match (err, retry_after.and_then(parse_retry_after)) {
+            (Error::Unavailable(msg), Some(retry_after)) if matches!(status, 429 | 503) => {
+                Error::Busy { msg, retry_after }
+            }
+            (err, _) => err,
         }
     }
 
@@ -49,12 +83,23 @@ impl fmt::Display for Error {
             Error::NotFound(m) => write!(f, "not found: {m}"),
             Error::Denied(m) => write!(f, "access denied: {m}"),
             Error::Unavailable(m) => write!(f, "registry unavailable: {m}"),
+            Error::Busy { msg, retry_after } => write!(
+                f,
+                "registry busy: {msg} (asked to retry after {}s)",
+                retry_after.as_secs()
+            ),
             Error::BadAnswer(m) => write!(f, "bad answer from registry: {m}"),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+/// `Retry-After` in seconds. (The HTTP-date form is rare from registries and would need a
+/// clock we cannot trust; it is treated as absent, which falls back to our backoff.)
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
 
 #[derive(Deserialize)]
 struct OciErrors {
@@ -109,5 +154,16 @@ mod tests {
         let body = br#"{"errors":[{"code":"DENIED","message":"line1\nline2"}]}"#;
         let e = Error::from_status("x", 403, body);
         assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn retry_after_is_kept_for_429_and_503() {
+        let e = Error::from_status_with("x", 429, Some("3"), b"");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        assert!(e.is_transient());
+        let e = Error::from_status_with("x", 503, Some("Wed, 21 Oct 2015 07:28:00 GMT"), b"");
+        assert_eq!((e.retry_after(), e.is_transient()), (None, true));
+        assert!(!Error::from_status_with("x", 404, Some("3"), b"").is_transient());
+        assert!(!Error::from_status_with("x", 400, None, b"").is_transient());
     }
 }

@@ -33,12 +33,17 @@ impl Digest {
 
     /// Whether `bytes` hash to this digest.
     pub fn matches(&self, bytes: &[u8]) -> bool {
+        let mut hasher = self.hasher();
+        hasher.update(bytes);
+        hasher.matches(self)
+    }
+
+    /// An incremental hasher for this digest's algorithm, for content that arrives in
+    /// pieces (blob reads, uploads).
+    pub fn hasher(&self) -> DigestHasher {
         match self.algorithm() {
-            "sha256" => *self == Digest::sha256_of(bytes),
-            _ => {
-                let hash = sha2::Sha512::digest(bytes);
-                self.encoded() == hex(&hash)
-            }
+            "sha256" => DigestHasher::Sha256(Sha256::new()),
+            _ => DigestHasher::Sha512(sha2::Sha512::new()),
         }
     }
 
@@ -52,6 +57,31 @@ impl Digest {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// Hashes content piece by piece with the algorithm of a [`Digest`].
+#[derive(Clone)]
+pub enum DigestHasher {
+    Sha256(Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl DigestHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        match self {
+            DigestHasher::Sha256(h) => h.update(bytes),
+            DigestHasher::Sha512(h) => h.update(bytes),
+        }
+    }
+
+    /// Whether everything hashed so far is the content named by `digest`.
+    pub fn matches(self, digest: &Digest) -> bool {
+        let encoded = match self {
+            DigestHasher::Sha256(h) => hex(&h.finalize()),
+            DigestHasher::Sha512(h) => hex(&h.finalize()),
+        };
+        digest.encoded() == encoded
     }
 }
 

@@ -1,0 +1,261 @@
+//! The block cache for blob bytes: fixed-size blocks keyed by (digest, block index), kept
+//! in LRU order within a byte budget.
+//!
+//! - One fetch per block however many readers want it: later readers wait for the fetch
+//!   in flight instead of starting their own.
+//! - No lock is held across network I/O: the map lock only guards bookkeeping.
+//! - A failed fetch leaves nothing behind: the next reader simply fetches again.
+//! - Only finished blocks count against the budget and can be evicted; a block being
+//!   fetched is owned by its fetch.
+//!
+//! Blocks are keyed by digest alone, not repository: the same content in two
+//! repositories is cached once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use lru::LruCache;
+use tokio::sync::OnceCell;
+
+use crate::registry::Digest;
+use crate::stats::Stats;
+
+pub type BlockKey = (Digest, u64);
+
+pub struct BlockCache {
+    block_size: u64,
+    budget: u64,
+    stats: Arc<Stats>,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    /// Finished blocks, least recently used first out.
+    ready: LruCache<BlockKey, Bytes>,
+    /// Bytes held in `ready`.
+    bytes: u64,
+    /// Blocks being fetched; readers of the same block share the cell.
+    pending: HashMap<BlockKey, Arc<OnceCell<Bytes>>>,
+}
+
+impl BlockCache {
+    /// `block_size` must be non-zero; a budget smaller than one block caches nothing.
+    pub fn new(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache {
+        BlockCache {
+            block_size: block_size.max(1),
+            budget,
+            stats,
+            inner: Mutex::new(Inner {
+                ready: LruCache::unbounded(),
+                bytes: 0,
+                pending: HashMap::new(),
+            }),
+        }
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing panics while holding the lock; recover the state if something did.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The block for `key`: from the cache, from a fetch already in flight, or from
+    /// `fetch`, which runs only when neither exists.
+    pub async fn get<E, F, Fut>(&self, key: &BlockKey, fetch: F) -> Result<Bytes, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, E>>,
+    {
+        let cell = {
+            let mut inner = self.lock();
+            if let Some(block) = inner.ready.get(key) {
+                Stats::add(&self.stats.cache_hits, 1);
+                return Ok(block.clone());
+            }
+            inner.pending.entry(key.clone()).or_default().clone()
+        };
+        let mut fetched_here = false;
+        let result = cell
+            .get_or_try_init(|| {
+                fetched_here = true;
+                fetch()
+            })
+            .await
+            .cloned();
+        if !fetched_here {
+            // Only a successful fetch by someone else gets here (a failed one lets the
+            // next waiter run its own fetch).
+            Stats::add(&self.stats.cache_joined, 1);
+            return result;
+        }
+        Stats::add(&self.stats.cache_misses, 1);
+        let mut inner = self.lock();
+        if inner
+            .pending
+            .get(key)
+            .is_some_and(|c| Arc::ptr_eq(c, &cell))
+        {
+            inner.pending.remove(key);
+        }
+        if let Ok(block) = &result {
+            self.store(&mut inner, key.clone(), block.clone());
+        }
+        result
+    }
+
+    fn store(&self, inner: &mut Inner, key: BlockKey, block: Bytes) {
+        let len = block.len() as u64;
+        if len > self.budget {
+            return;
+        }
+        if let Some(old) = inner.ready.put(key, block) {
+            inner.bytes -= old.len() as u64;
+        }
+        inner.bytes += len;
+        while inner.bytes > self.budget {
+            let Some((_, evicted)) = inner.ready.pop_lru() else {
+                break;
+            };
+            inner.bytes -= evicted.len() as u64;
+            Stats::add(&self.stats.cache_evictions, 1);
+        }
+        self.stats
+            .cache_bytes
+            .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the block is cached or being fetched.
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        let inner = self.lock();
+        inner.ready.contains(key) || inner.pending.contains_key(key)
+    }
+
+    /// The cached block, without fetching and without counting a hit or refreshing its
+    /// place in the LRU order (used by the integrity check, not by readers).
+    pub fn peek(&self, key: &BlockKey) -> Option<Bytes> {
+        self.lock().ready.peek(key).cloned()
+    }
+
+    /// Drops every cached block of `digest` (its content turned out to be wrong).
+    pub fn forget(&self, digest: &Digest) {
+        let mut inner = self.lock();
+        let keys: Vec<BlockKey> = inner
+            .ready
+            .iter()
+            .filter(|((d, _), _)| d == digest)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some(block) = inner.ready.pop(&key) {
+                inner.bytes -= block.len() as u64;
+            }
+        }
+        self.stats
+            .cache_bytes
+            .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn digest(n: u8) -> Digest {
+        Digest::sha256_of(&[n])
+    }
+
+    fn cache(budget: u64) -> (Arc<BlockCache>, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        (Arc::new(BlockCache::new(4, budget, stats.clone())), stats)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_fetch_for_many_readers() {
+        let (cache, stats) = cache(64);
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (cache, fetches) = (cache.clone(), fetches.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(&(digest(1), 0), || async {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, ()>(Bytes::from_static(b"abcd"))
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(
+                t.await.ok().and_then(Result::ok).as_deref(),
+                Some(&b"abcd"[..])
+            );
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        let s = stats.snapshot(64, 4);
+        assert_eq!((s.cache.misses, s.cache.hits + s.cache.joined), (1, 15));
+    }
+
+    #[tokio::test]
+    async fn budget_is_kept_by_evicting_least_recent() {
+        let (cache, stats) = cache(8);
+        for i in 0..3 {
+            let got = cache
+                .get(&(digest(1), i), || async {
+                    Ok::<_, ()>(Bytes::from_static(b"wxyz"))
+                })
+                .await;
+            assert!(got.is_ok());
+            assert!(stats.snapshot(8, 4).cache.bytes <= 8);
+        }
+        assert!(
+            !cache.contains(&(digest(1), 0)),
+            "the oldest block was evicted"
+        );
+        assert!(cache.contains(&(digest(1), 1)) && cache.contains(&(digest(1), 2)));
+        assert_eq!(stats.snapshot(8, 4).cache.evictions, 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_does_not_poison_the_block() {
+        let (cache, _) = cache(8);
+        let key = (digest(2), 0);
+        let first = cache.get(&key, || async { Err::<Bytes, _>("reset") }).await;
+        assert_eq!(first, Err("reset"));
+        assert!(!cache.contains(&key));
+        let second = cache
+            .get(&key, || async { Ok::<_, &str>(Bytes::from_static(b"ok")) })
+            .await;
+        assert_eq!(second.as_deref(), Ok(&b"ok"[..]));
+    }
+
+    #[tokio::test]
+    async fn forget_drops_only_that_digest() {
+        let (cache, stats) = cache(64);
+        for d in [1, 2] {
+            let got = cache
+                .get(&(digest(d), 0), || async {
+                    Ok::<_, ()>(Bytes::from_static(b"abcd"))
+                })
+                .await;
+            assert!(got.is_ok());
+        }
+        cache.forget(&digest(1));
+        assert!(!cache.contains(&(digest(1), 0)));
+        assert!(cache.contains(&(digest(2), 0)));
+        assert_eq!(stats.snapshot(64, 4).cache.bytes, 4);
+    }
+}

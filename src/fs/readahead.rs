@@ -1,0 +1,122 @@
+//! Sequential-read detection for one open file, and the read-ahead window it earns.
+//!
+//! A reader that keeps asking for the bytes right after its previous read gets a window
+//! that doubles with every such read, up to a maximum; any jump elsewhere resets it, so
+//! random readers fetch only the blocks they touch. The kernel may deliver its own
+//! read-ahead requests slightly out of order, so "right after" allows a little slack.
+
+/// Window state of one open file. All positions are in bytes, the window in blocks.
+#[derive(Debug)]
+pub struct ReadAhead {
+    block_size: u64,
+    max_blocks: u64,
+    /// Where the next read would start if the reader is sequential.
+    next: u64,
+    window: u64,
+    /// Blocks below this index have already been handed to the prefetcher.
+    prefetched_to: u64,
+}
+
+impl ReadAhead {
+    pub fn new(block_size: u64, max_blocks: u64) -> ReadAhead {
+        ReadAhead {
+            block_size: block_size.max(1),
+            max_blocks,
+            next: 0,
+            window: 0,
+            prefetched_to: 0,
+        }
+    }
+
+    /// Records a read of `[offset, offset + len)` in a file of `size` bytes and returns
+    /// the block indexes to prefetch now (none for a random reader).
+    pub fn on_read(&mut self, offset: u64, len: u64, size: u64) -> std::ops::Range<u64> {
+        let end = offset.saturating_add(len).min(size);
+        let slack = self.block_size;
+        let sequential = offset <= self.next.saturating_add(slack)
+            && offset.saturating_add(slack.saturating_mul(4)) >= self.next;
+        if sequential {
+            self.window = (self.window * 2).clamp(2, self.max_blocks.max(1));
+            self.next = self.next.max(end);
+        } else {
+            self.window = 0;
+            self.next = end;
+            self.prefetched_to = 0;
+            return 0..0;
+        }
+        let last_block = size.div_ceil(self.block_size);
+        let first = end.div_ceil(self.block_size).max(self.prefetched_to);
+        let upto = (end.div_ceil(self.block_size) + self.window).min(last_block);
+        if first >= upto {
+            return 0..0;
+        }
+        self.prefetched_to = upto;
+        first..upto
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn sequential_reads_ramp_the_window_to_its_maximum() {
+        let mut ra = ReadAhead::new(MB, 8);
+        let size = 100 * MB;
+        assert_eq!(ra.on_read(0, 128 << 10, size), 1..3);
+        assert_eq!(ra.on_read(128 << 10, 128 << 10, size), 3..5);
+        let mut off = 256 << 10;
+        let mut last = 0..0;
+        for _ in 0..20 {
+            let r = ra.on_read(off, MB, size);
+            if !r.is_empty() {
+                last = r;
+            }
+            off += MB;
+        }
+        // The window is capped: at most 8 blocks ahead of the read.
+        assert!(last.end <= off.div_ceil(MB) + 8, "{last:?} at {off}");
+        assert!(last.end >= off.div_ceil(MB) + 7, "{last:?} at {off}");
+    }
+
+    #[test]
+    fn blocks_are_handed_out_once() {
+        let mut ra = ReadAhead::new(MB, 4);
+        let size = 100 * MB;
+        let a = ra.on_read(0, MB, size);
+        let b = ra.on_read(MB, MB, size);
+        assert!(a.end <= b.start || b.is_empty(), "{a:?} then {b:?}");
+    }
+
+    #[test]
+    fn random_reads_prefetch_nothing() {
+        let mut ra = ReadAhead::new(MB, 8);
+        let size = 1024 * MB;
+        assert!(ra.on_read(500 * MB, 4096, size).is_empty());
+        assert!(ra.on_read(17 * MB, 4096, size).is_empty());
+        assert!(ra.on_read(900 * MB, 4096, size).is_empty());
+    }
+
+    #[test]
+    fn a_jump_resets_and_slightly_reordered_reads_stay_sequential() {
+        let mut ra = ReadAhead::new(MB, 8);
+        let size = 1024 * MB;
+        ra.on_read(0, MB, size);
+        ra.on_read(2 * MB, MB, size); // the kernel's next request overtook this one
+        assert!(!ra.on_read(MB, MB, size).is_empty() || ra.window > 0);
+        assert!(ra.on_read(600 * MB, MB, size).is_empty());
+        assert_eq!(ra.window, 0);
+    }
+
+    #[test]
+    fn never_past_the_end() {
+        let mut ra = ReadAhead::new(MB, 8);
+        let size = 3 * MB + 10;
+        let r = ra.on_read(0, MB, size);
+        assert!(r.end <= 4, "{r:?}");
+        let r = ra.on_read(MB, MB, size);
+        assert!(r.end <= 4, "{r:?}");
+    }
+}

@@ -1,0 +1,119 @@
+//! Counters of what the mount did, shown as JSON in `/.regfs/stats` so users and
+//! benchmarks can see cache behaviour and traffic without a debugger.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// The kinds of registry request that are counted separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Ping,
+    Catalog,
+    Tags,
+    Manifest,
+    BlobHead,
+    BlobRange,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    /// Readers that found their block already being fetched and waited for that fetch.
+    pub cache_joined: AtomicU64,
+    pub cache_evictions: AtomicU64,
+    pub cache_bytes: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub retries: AtomicU64,
+    pub in_flight: AtomicU64,
+    /// Whole-blob hash checks that passed / failed.
+    pub verified: AtomicU64,
+    pub verify_failures: AtomicU64,
+    requests: [AtomicU64; 6],
+}
+
+/// Holds one request's place in `in_flight` until dropped.
+pub struct InFlight<'a>(&'a Stats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a request of `kind` and marks it in flight until the guard is dropped.
+    pub fn request(&self, kind: RequestKind) -> InFlight<'_> {
+        Self::add(&self.requests[kind as usize], 1);
+        Self::add(&self.in_flight, 1);
+        InFlight(self)
+    }
+
+    pub fn snapshot(&self, budget: u64, block_size: u64) -> Snapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let req = |k: RequestKind| get(&self.requests[k as usize]);
+        Snapshot {
+            cache: CacheSnapshot {
+                hits: get(&self.cache_hits),
+                misses: get(&self.cache_misses),
+                joined: get(&self.cache_joined),
+                evictions: get(&self.cache_evictions),
+                bytes: get(&self.cache_bytes),
+                budget,
+                block_size,
+            },
+            fetched_bytes: get(&self.fetched_bytes),
+            requests: RequestsSnapshot {
+                ping: req(RequestKind::Ping),
+                catalog: req(RequestKind::Catalog),
+                tags: req(RequestKind::Tags),
+                manifest: req(RequestKind::Manifest),
+                blob_head: req(RequestKind::BlobHead),
+                blob_range: req(RequestKind::BlobRange),
+            },
+            retries: get(&self.retries),
+            in_flight: get(&self.in_flight),
+            verified_blobs: get(&self.verified),
+            verify_failures: get(&self.verify_failures),
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+pub struct Snapshot {
+    pub cache: CacheSnapshot,
+    /// Blob bytes received from the registry (or the host it redirected to).
+    pub fetched_bytes: u64,
+    pub requests: RequestsSnapshot,
+    pub retries: u64,
+    pub in_flight: u64,
+    pub verified_blobs: u64,
+    pub verify_failures: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct CacheSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    pub joined: u64,
+    pub evictions: u64,
+    /// Bytes held now; never above `budget`.
+    pub bytes: u64,
+    pub budget: u64,
+    pub block_size: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct RequestsSnapshot {
+    pub ping: u64,
+    pub catalog: u64,
+    pub tags: u64,
+    pub manifest: u64,
+    pub blob_head: u64,
+    pub blob_range: u64,
+}
