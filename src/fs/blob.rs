@@ -2,6 +2,7 @@
 //! sequential reader earns prefetch, and a reader that goes from the first byte to the
 //! last has the content checked against the digest on the way.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::{Bytes, BytesMut};
@@ -23,6 +24,9 @@ const MAX_WINDOW_BLOCKS: u64 = 32;
 
 pub struct BlobReads {
     cache: Arc<BlockCache>,
+    /// Blobs whose content failed the digest check: the kernel must not keep their
+    /// pages between opens until a full read has passed the check again.
+    suspect: Mutex<HashSet<Digest>>,
     client: RegistryClient,
     prefetch_slots: Arc<Semaphore>,
     max_window: u64,
@@ -43,6 +47,10 @@ struct Check {
     hasher: Option<DigestHasher>,
     /// Bytes `[0, hashed)` have been hashed.
     hashed: u64,
+    /// The content did not match: every later read of this open file fails too (the
+    /// kernel retries a failed read-ahead page with a read of its own, which must not
+    /// get the same wrong bytes without an error).
+    mismatch: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +73,7 @@ impl BlobReads {
         BlobReads {
             max_window: MAX_WINDOW_BLOCKS.min(blocks_in_budget / 4),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
+            suspect: Mutex::new(HashSet::new()),
             cache,
             client,
         }
@@ -74,11 +83,18 @@ impl BlobReads {
         &self.cache
     }
 
+    /// Whether the kernel may keep this blob's pages from an earlier open: yes, it is
+    /// immutable, unless its content failed the digest check.
+    pub fn may_keep_pages(&self, digest: &Digest) -> bool {
+        !lock(&self.suspect).contains(digest)
+    }
+
     pub fn open(&self, repo: RepoName, digest: Digest, size: u64) -> OpenBlob {
         OpenBlob {
             check: Mutex::new(Check {
                 hasher: Some(digest.hasher()),
                 hashed: 0,
+                mismatch: false,
             }),
             readahead: Mutex::new(ReadAhead::new(self.cache.block_size(), self.max_window)),
             repo,
@@ -91,6 +107,10 @@ impl BlobReads {
     pub async fn read(&self, blob: &OpenBlob, offset: u64, len: u64) -> Result<Bytes> {
         if offset >= blob.size || len == 0 {
             return Ok(Bytes::new());
+        }
+        if lock(&blob.check).mismatch {
+            // Do not fetch (and cache) more of a blob already known to come back wrong.
+            return Err(Self::mismatch_error(blob));
         }
         let end = offset.saturating_add(len).min(blob.size);
         let bs = self.cache.block_size();
@@ -172,7 +192,14 @@ impl BlobReads {
     fn check(&self, blob: &OpenBlob, offset: u64, data: &[u8]) -> Result<()> {
         let end = offset + data.len() as u64;
         let mut check = lock(&blob.check);
-        let Check { hasher, hashed } = &mut *check;
+        let Check {
+            hasher,
+            hashed,
+            mismatch,
+        } = &mut *check;
+        if *mismatch {
+            return Err(Self::mismatch_error(blob));
+        }
         let Some(h) = hasher.as_mut() else {
             return Ok(());
         };
@@ -203,20 +230,27 @@ impl BlobReads {
             return Ok(());
         };
         if done.matches(&blob.digest) {
+            lock(&self.suspect).remove(&blob.digest);
             Stats::add(&self.client.stats().verified, 1);
             debug!(digest = %blob.digest, "read to the end; content matches the digest");
             return Ok(());
         }
+        *mismatch = true;
         Stats::add(&self.client.stats().verify_failures, 1);
         self.cache.forget(&blob.digest);
+        lock(&self.suspect).insert(blob.digest.clone());
         error!(
             digest = %blob.digest,
             repo = %blob.repo,
-            "blob content does not match its digest; the read fails with EIO"
+            "blob content does not match its digest; reads of this open file fail with EIO"
         );
-        Err(Error::BadAnswer(format!(
+        Err(Self::mismatch_error(blob))
+    }
+
+    fn mismatch_error(blob: &OpenBlob) -> Error {
+        Error::BadAnswer(format!(
             "blob {} from {}: content does not match its digest",
             blob.digest, blob.repo
-        )))
+        ))
     }
 }

@@ -483,7 +483,8 @@ impl Fs {
                     .await
                     .map_err(|e| fail(&node, e))?;
                 let blob = self.blobs.open(repo.clone(), digest.clone(), size);
-                (OpenFile::Blob(Arc::new(blob)), true)
+                let keep = self.blobs.may_keep_pages(digest);
+                (OpenFile::Blob(Arc::new(blob)), keep)
             }
             Node::Stats => {
                 direct_io = true;

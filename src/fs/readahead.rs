@@ -36,7 +36,8 @@ impl ReadAhead {
         let sequential = offset <= self.next.saturating_add(slack)
             && offset.saturating_add(slack.saturating_mul(4)) >= self.next;
         if sequential {
-            self.window = (self.window * 2).clamp(2, self.max_blocks.max(1));
+            // Start at two blocks, double, never beyond the maximum (which may be 0).
+            self.window = (self.window * 2).max(2).min(self.max_blocks);
             self.next = self.next.max(end);
         } else {
             self.window = 0;
@@ -108,6 +109,13 @@ mod tests {
         assert!(!ra.on_read(MB, MB, size).is_empty() || ra.window > 0);
         assert!(ra.on_read(600 * MB, MB, size).is_empty());
         assert_eq!(ra.window, 0);
+    }
+
+    #[test]
+    fn a_zero_maximum_means_no_prefetch() {
+        let mut ra = ReadAhead::new(MB, 0);
+        assert!(ra.on_read(0, MB, 10 * MB).is_empty());
+        assert!(ra.on_read(MB, MB, 10 * MB).is_empty());
     }
 
     #[test]

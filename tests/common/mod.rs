@@ -20,7 +20,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -800,6 +800,16 @@ pub struct ProxyRules {
     /// Emulates tag-list pagination (`?n=&last=` with a `Link: <…>; rel="next"` header),
     /// which distribution 2.8 ignores: it always returns every tag.
     pub paginate_tags: bool,
+    /// The next this-many blob downloads send their headers and half their body, then
+    /// the connection is cut (a reset in the middle of a transfer).
+    pub cut_blob_gets: usize,
+    /// The next this-many blob downloads answer 503 with `Retry-After: 1`.
+    pub fail_blob_gets: usize,
+    /// Blob downloads come back with their first byte changed (a corrupting middlebox).
+    pub corrupt_blob_gets: bool,
+    /// Blob downloads answer `307` to this base URL with the same path and query,
+    /// like a registry that sends clients to object storage.
+    pub redirect_blob_gets_to: Option<String>,
 }
 
 /// A request the proxy saw.
@@ -822,6 +832,10 @@ struct ProxyShared {
     refuse_catalog: AtomicBool,
     stall_blob_gets: AtomicBool,
     paginate_tags: AtomicBool,
+    cut_blob_gets: AtomicUsize,
+    fail_blob_gets: AtomicUsize,
+    corrupt_blob_gets: AtomicBool,
+    redirect_blob_gets_to: Option<String>,
     stopping: AtomicBool,
     stall: Mutex<StallState>,
     stall_changed: Condvar,
@@ -844,13 +858,22 @@ const STALL_LIMIT: Duration = Duration::from_secs(60);
 
 impl Proxy {
     pub fn start(upstream: SocketAddr, rules: ProxyRules) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy on loopback");
+        Proxy::start_on("127.0.0.1", upstream, rules)
+    }
+
+    /// A proxy listening on another loopback address (127.0.0.2 is "another host").
+    pub fn start_on(ip: &str, upstream: SocketAddr, rules: ProxyRules) -> Proxy {
+        let listener = TcpListener::bind((ip, 0)).expect("bind the proxy on loopback");
         let addr = listener.local_addr().expect("proxy local addr");
         let shared = Arc::new(ProxyShared {
             upstream,
             refuse_catalog: AtomicBool::new(rules.refuse_catalog),
             stall_blob_gets: AtomicBool::new(rules.stall_blob_gets),
             paginate_tags: AtomicBool::new(rules.paginate_tags),
+            cut_blob_gets: AtomicUsize::new(rules.cut_blob_gets),
+            fail_blob_gets: AtomicUsize::new(rules.fail_blob_gets),
+            corrupt_blob_gets: AtomicBool::new(rules.corrupt_blob_gets),
+            redirect_blob_gets_to: rules.redirect_blob_gets_to,
             stopping: AtomicBool::new(false),
             stall: Mutex::new(StallState::default()),
             stall_changed: Condvar::new(),
@@ -933,6 +956,16 @@ impl Proxy {
     pub fn ranges_seen(&self) -> Vec<String> {
         let seen = self.shared.seen.lock().expect("proxy log lock");
         seen.iter().filter_map(|s| s.range.clone()).collect()
+    }
+
+    /// How many of the `fail_blob_gets` / `cut_blob_gets` faults are still to come.
+    pub fn faults_left(&self) -> usize {
+        self.shared.fail_blob_gets.load(Ordering::SeqCst)
+            + self.shared.cut_blob_gets.load(Ordering::SeqCst)
+    }
+
+    pub fn set_corrupt_blob_gets(&self, on: bool) {
+        self.shared.corrupt_blob_gets.store(on, Ordering::SeqCst);
     }
 
     /// Forgets the requests seen so far.
@@ -1044,7 +1077,22 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
         });
         let close =
             header(&request.headers, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
-        let response = handle(shared, &request);
+        let mut response = handle(shared, &request);
+        if is_blob_get(&request) && response.status / 100 == 2 {
+            if take_one(&shared.cut_blob_gets) {
+                let full = response.body.len();
+                response.body.truncate(full / 2);
+                // Announce the full length, send half, hang up: a reset mid-transfer.
+                let _ = write_cut_response(&mut writer, &response, full);
+                let _ = writer.shutdown(Shutdown::Both);
+                return;
+            }
+            if shared.corrupt_blob_gets.load(Ordering::SeqCst)
+                && let Some(first) = response.body.first_mut()
+            {
+                *first ^= 0xff;
+            }
+        }
         if write_response(&mut writer, &response, request.method == "HEAD", close).is_err() || close
         {
             return;
@@ -1052,9 +1100,56 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
     }
 }
 
+fn is_blob_get(request: &Request) -> bool {
+    let path = request.target.split('?').next().unwrap_or("");
+    request.method == "GET" && path.contains("/blobs/") && !path.contains("/blobs/uploads/")
+}
+
+/// Decrements `counter` if it is above zero; true if it did.
+fn take_one(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Headers announcing `full` bytes, then only the bytes in `response.body`.
+fn write_cut_response(w: &mut impl Write, response: &Response, full: usize) -> io::Result<()> {
+    let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason);
+    for (name, value) in &response.headers {
+        if !["connection", "transfer-encoding", "content-length"]
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h))
+        {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    out.push_str(&format!("Content-Length: {full}\r\n\r\n"));
+    w.write_all(out.as_bytes())?;
+    w.write_all(&response.body)?;
+    w.flush()
+}
+
 fn handle(shared: &ProxyShared, request: &Request) -> Response {
     let path = request.target.split('?').next().unwrap_or("");
     let get = request.method == "GET";
+    if is_blob_get(request) {
+        if let Some(base) = &shared.redirect_blob_gets_to {
+            let mut response = json_response(307, "Temporary Redirect", b"");
+            response
+                .headers
+                .push(("Location".into(), format!("{base}{}", request.target)));
+            return response;
+        }
+        if take_one(&shared.fail_blob_gets) {
+            let mut response = json_response(
+                503,
+                "Service Unavailable",
+                br#"{"errors":[{"code":"UNAVAILABLE","message":"test proxy says come back later"}]}"#,
+            );
+            response.headers.push(("Retry-After".into(), "1".into()));
+            return response;
+        }
+    }
     if get && path.starts_with("/v2/_catalog") && shared.refuse_catalog.load(Ordering::SeqCst) {
         return json_response(
             401,
@@ -1300,6 +1395,13 @@ impl Mount {
             thread::sleep(POLL);
         }
         mount
+    }
+
+    /// `/.regfs/stats`, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let path = self.dir.join(".regfs/stats");
+        let text = fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        serde_json::from_slice(&text).expect("/.regfs/stats is JSON")
     }
 
     /// A path inside the mount: `mount.path("team/app/tags/v1/manifest.json")`.

@@ -1,0 +1,358 @@
+//! Blob reads through the block cache and prefetcher, against the real registry through
+//! the kernel: concurrency, budget, boundaries, redirects, faults and integrity.
+
+mod common;
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Layout, Mount, Proxy, ProxyRules, Registry, sha256_digest};
+
+/// Incompressible bytes (xorshift), so a layer is about as large as its content.
+fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut s = seed.max(1);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s as u8
+        })
+        .collect()
+}
+
+/// A layer blob in the registry, with its bytes as the registry serves them.
+struct Layer {
+    repo: String,
+    digest: String,
+    bytes: Vec<u8>,
+}
+
+impl Layer {
+    fn path(&self, mnt: &Mount) -> std::path::PathBuf {
+        mnt.path(&format!("{}/blobs/{}", self.repo, self.digest))
+    }
+}
+
+/// Pushes one image per `(repo, size, seed)` whose only layer holds that much noise.
+fn layers(registry: &Registry, specs: &[(&str, usize, u32)]) -> Vec<Layer> {
+    let layout = Layout::new();
+    specs
+        .iter()
+        .map(|&(repo, size, seed)| {
+            let tag = format!("img{seed}");
+            layout.new_image(&tag, "amd64", &[("noise.bin", &noise(size, seed))]);
+            layout.push(&tag, registry, &format!("{repo}:v1"));
+            let (_, _, manifest) = common::get_manifest(registry, repo, "v1");
+            let json: serde_json::Value = serde_json::from_slice(&manifest).expect("JSON");
+            let digest = json["layers"][0]["digest"]
+                .as_str()
+                .expect("digest")
+                .to_owned();
+            let bytes = common::get_blob(registry, repo, &digest);
+            Layer {
+                repo: repo.to_owned(),
+                digest,
+                bytes,
+            }
+        })
+        .collect()
+}
+
+fn stat(mnt: &Mount, key: &[&str]) -> u64 {
+    let mut v = mnt.stats();
+    for k in key {
+        v = v[*k].clone();
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("stats {key:?} missing: {}", mnt.stats()))
+}
+
+/// Drops the kernel's cached pages of a file, so the next read reaches regfs again.
+fn drop_page_cache(path: &std::path::Path) {
+    let file = fs::File::open(path).expect("open");
+    // SAFETY: a valid fd; the advice only affects caching.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise");
+}
+
+const BLOCK: usize = 64 << 10;
+
+#[test]
+fn many_readers_of_one_blob_share_each_block_fetch() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("shared/one", 3 << 20, 7)]).remove(0);
+    let mnt = Mount::start(&registry.url(), &["--block-size", "64KiB"]);
+    let path = layer.path(&mnt);
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            thread::spawn(move || fs::read(path).expect("read the blob"))
+        })
+        .collect();
+    for r in readers {
+        assert!(
+            r.join().expect("reader") == layer.bytes,
+            "a reader got wrong bytes"
+        );
+    }
+    let blocks = layer.bytes.len().div_ceil(BLOCK) as u64;
+    assert_eq!(
+        stat(&mnt, &["requests", "blob_range"]),
+        blocks,
+        "each block fetched exactly once: {}",
+        mnt.stats()
+    );
+    assert_eq!(stat(&mnt, &["cache", "misses"]), blocks);
+    assert_eq!(stat(&mnt, &["verified_blobs"]), 1, "{}", mnt.stats());
+}
+
+#[test]
+fn readers_of_different_blobs_run_side_by_side() {
+    common::require_tools();
+    let registry = Registry::start();
+    let all = layers(
+        &registry,
+        &[
+            ("par/a", 2 << 20, 11),
+            ("par/b", 2 << 20, 12),
+            ("par/c", 1 << 20, 13),
+        ],
+    );
+    let mnt = Mount::start(&registry.url(), &["--block-size", "64KiB"]);
+    thread::scope(|s| {
+        for layer in &all {
+            for _ in 0..2 {
+                let path = layer.path(&mnt);
+                s.spawn(move || {
+                    let got = fs::read(&path).expect("read");
+                    assert_eq!(sha256_digest(&got), layer.digest);
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn the_cache_budget_holds_and_old_blocks_are_evicted() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("budget/x", 4 << 20, 21)]).remove(0);
+    let budget = 256u64 << 10;
+    let mnt = Mount::start(
+        &registry.url(),
+        &["--block-size", "64KiB", "--cache-size", "256KiB"],
+    );
+    let path = layer.path(&mnt);
+    let done = AtomicBool::new(false);
+    /// Stops the watcher however the reading below ends (a failed assert included).
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let max_seen = thread::scope(|s| {
+        let _done = Done(&done);
+        let watcher = s.spawn(|| {
+            let mut max = 0;
+            while !done.load(Ordering::SeqCst) {
+                max = max.max(stat(&mnt, &["cache", "bytes"]));
+                thread::sleep(Duration::from_millis(5));
+            }
+            max
+        });
+        for round in 0..2 {
+            drop_page_cache(&path);
+            assert!(
+                fs::read(&path).expect("read") == layer.bytes,
+                "round {round}"
+            );
+        }
+        // Random reads after the sequential ones.
+        let file = fs::File::open(&path).expect("open");
+        for i in 0..64u64 {
+            let offset = (i * 2_654_435_761) % (layer.bytes.len() as u64 - 4096);
+            let mut buf = [0u8; 4096];
+            file.read_exact_at(&mut buf, offset).expect("pread");
+            assert!(buf[..] == layer.bytes[offset as usize..offset as usize + 4096]);
+        }
+        drop(_done);
+        watcher.join().expect("watcher")
+    });
+    assert!(max_seen <= budget, "cache held {max_seen} > {budget}");
+    assert!(stat(&mnt, &["cache", "bytes"]) <= budget);
+    assert!(stat(&mnt, &["cache", "evictions"]) > 0, "{}", mnt.stats());
+    // The second sequential read had to fetch again: the blob is 16 × the budget.
+    let blocks = layer.bytes.len().div_ceil(BLOCK) as u64;
+    assert!(
+        stat(&mnt, &["cache", "misses"]) >= 2 * blocks - 4,
+        "{}",
+        mnt.stats()
+    );
+}
+
+#[test]
+fn reads_across_block_boundaries_and_at_the_end() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("edge/x", (1 << 20) + 12_345, 31)]).remove(0);
+    let mnt = Mount::start(&registry.url(), &["--block-size", "64KiB"]);
+    let file = fs::File::open(layer.path(&mnt)).expect("open");
+    let size = layer.bytes.len() as u64;
+    let expect = |from: u64, len: usize| &layer.bytes[from as usize..from as usize + len];
+    for (offset, len) in [
+        (BLOCK as u64 - 100, 300),
+        (3 * BLOCK as u64 - 1, 2),
+        (5 * BLOCK as u64 - 7, 2 * BLOCK + 14), // three blocks
+    ] {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).expect("pread");
+        assert!(buf == expect(offset, len), "bytes at {offset}+{len}");
+    }
+    let mut buf = vec![0u8; 100];
+    assert_eq!(file.read_at(&mut buf, size - 10).expect("pread at end"), 10);
+    assert!(buf[..10] == *expect(size - 10, 10));
+    assert_eq!(file.read_at(&mut buf, size).expect("pread at EOF"), 0);
+    assert_eq!(
+        file.read_at(&mut buf, size + 1000).expect("pread past EOF"),
+        0
+    );
+}
+
+#[test]
+fn redirected_blob_gets_reuse_the_resolved_url() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("cdn/x", 2 << 20, 41)]).remove(0);
+    // "Object storage" on another address; the registry front redirects blob GETs there.
+    let storage = Proxy::start_on("127.0.0.2", registry.addr, ProxyRules::default());
+    let front = Proxy::start(
+        registry.addr,
+        ProxyRules {
+            redirect_blob_gets_to: Some(storage.url()),
+            ..ProxyRules::default()
+        },
+    );
+    let mnt = Mount::start(&front.url(), &["--block-size", "64KiB"]);
+    assert!(fs::read(layer.path(&mnt)).expect("read") == layer.bytes);
+    let blob_gets = format!("GET /v2/cdn/x/blobs/{}", layer.digest);
+    let (at_front, at_storage) = (
+        front.requests_matching(&blob_gets),
+        storage.requests_matching(&blob_gets),
+    );
+    let blocks = layer.bytes.len().div_ceil(BLOCK);
+    assert_eq!(at_storage, blocks, "every block came from storage");
+    // Only the first few (started before the first redirect was learned) asked the registry.
+    assert!(
+        at_front <= 4,
+        "{at_front} of {blocks} blob GETs went to the registry: the resolved URL was not reused"
+    );
+}
+
+#[test]
+fn transient_faults_mid_read_are_retried_and_bytes_stay_right() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("faults/x", 1 << 20, 51)]).remove(0);
+    let proxy = Proxy::start(
+        registry.addr,
+        ProxyRules {
+            cut_blob_gets: 2,
+            fail_blob_gets: 1,
+            ..ProxyRules::default()
+        },
+    );
+    let mnt = Mount::start(&proxy.url(), &["--block-size", "64KiB"]);
+    let started = Instant::now();
+    assert!(fs::read(layer.path(&mnt)).expect("read despite faults") == layer.bytes);
+    assert_eq!(proxy.faults_left(), 0, "the faults were not all hit");
+    assert!(stat(&mnt, &["retries"]) >= 3, "{}", mnt.stats());
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_blob_that_does_not_match_its_digest_fails_with_eio() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("bad/x", 512 << 10, 61)]).remove(0);
+    let proxy = Proxy::start(
+        registry.addr,
+        ProxyRules {
+            corrupt_blob_gets: true,
+            ..ProxyRules::default()
+        },
+    );
+    let mnt = Mount::start(&proxy.url(), &[]);
+    let err = fs::read(layer.path(&mnt)).expect_err("a corrupted blob must not read cleanly");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = mnt.log();
+    assert!(
+        log.contains(&layer.digest) && log.contains("does not match"),
+        "no log line names the digest:\n{log}"
+    );
+    // Once the corruption stops, the blob reads right (nothing wrong was kept).
+    proxy.set_corrupt_blob_gets(false);
+    assert!(fs::read(layer.path(&mnt)).expect("read after repair") == layer.bytes);
+}
+
+#[test]
+fn stats_file_is_json_and_hidden_from_listings() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("st/x", 256 << 10, 71)]).remove(0);
+    let mnt = Mount::start(&registry.url(), &["--cache-size", "64MiB"]);
+    let names: Vec<String> = fs::read_dir(&mnt.dir)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n == ".regfs"), "{names:?}");
+    let before = stat(&mnt, &["fetched_bytes"]);
+    assert_eq!(stat(&mnt, &["cache", "budget"]), 64 << 20);
+    fs::read(layer.path(&mnt)).expect("read");
+    let after = stat(&mnt, &["fetched_bytes"]);
+    assert_eq!(after - before, layer.bytes.len() as u64, "{}", mnt.stats());
+    assert!(stat(&mnt, &["requests", "blob_range"]) >= 1);
+    assert_eq!(stat(&mnt, &["in_flight"]), 0);
+}
+
+#[test]
+fn listing_tags_fetches_their_manifests_ahead_of_grep() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layout = Layout::new();
+    layout.new_image("base", "arm64", &[("f", b"x")]);
+    layout.push("base", &registry, "many/tags:t0");
+    let (_, media_type, body) = common::get_manifest(&registry, "many/tags", "t0");
+    for i in 1..24 {
+        common::put_manifest(&registry, "many/tags", &format!("t{i}"), &media_type, &body);
+    }
+    let proxy = Proxy::start(registry.addr, ProxyRules::default());
+    let mnt = Mount::start(&proxy.url(), &[]);
+    let tags = fs::read_dir(mnt.path("many/tags/tags"))
+        .expect("ls tags")
+        .count();
+    assert_eq!(tags, 24);
+    let manifest_gets = || proxy.requests_matching("GET /v2/many/tags/manifests/t");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while manifest_gets() < 24 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        manifest_gets(),
+        24,
+        "listing tags/ did not fetch the manifests"
+    );
+    let out = std::process::Command::new("grep")
+        .args(["-rl", "schemaVersion", "many/tags/tags"])
+        .current_dir(&mnt.dir)
+        .output()
+        .expect("grep");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 24);
+    assert_eq!(manifest_gets(), 24, "grep asked the registry again");
+}
