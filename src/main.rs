@@ -79,7 +79,7 @@ struct MountArgs {
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_bytes)]
     cache_size: u64,
     /// Blobs are fetched and cached in blocks of this size (range requests)
-    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_block_size)]
+    #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_block_size)]
     block_size: u64,
     /// Detach into the background once the mount is ready; the exit status tells
     /// whether it worked. The daemon's log is discarded unless --log-file is given
