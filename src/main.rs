@@ -26,6 +26,7 @@ TREE:
       manifests/<digest>         every manifest reachable from the tags (index children too)
       blobs/<digest>             configs and layers of those manifests; others by lookup
       uploads/                   write area (not yet writable)
+  MOUNTPOINT/.regfs/stats        counters as JSON (not listed; open it by name)
 
 EXAMPLES:
   regfs mount http://127.0.0.1:5000 /mnt/reg
