@@ -26,7 +26,7 @@ size_mib=${BENCH_SIZE_MIB:-1024}
 only=${BENCH_ONLY:-seq,random,grep,rss}
 read_timeout=${BENCH_TIMEOUT:-600} # seconds for any single read/grep/pipeline
 size=$((size_mib * 1024 * 1024))
-random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per MiB of the blob)
+random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per block of the blob)
 curl_ranges=50   # curl range requests per run for the latency reference
 repos=40 tags=10 # 400 manifests for the grep row
 
@@ -155,12 +155,12 @@ def pct(xs, p):  # nearest-rank percentile
     xs = sorted(xs)
     return xs[max(0, -(-len(xs) * p // 100) - 1)]
 
-def offsets(seed, count, size):
-    """Random 4 KiB-aligned offsets, each in a different MiB: with 1 MiB blocks every cold
-    read is a miss, even in a small blob (then there are fewer than COUNT of them)."""
-    rng = random.Random(int(seed))
-    mibs = rng.sample(range(int(size) >> 20), min(int(count), int(size) >> 20))
-    return [(m << 20) + rng.randrange(256) * 4096 for m in mibs]
+def offsets(seed, count, size, block):
+    """Random 4 KiB-aligned offsets, each in a different BLOCK-sized region, so that every
+    cold read is a cache miss (a small blob gets fewer than COUNT of them)."""
+    rng, size, block = random.Random(int(seed)), int(size), int(block)
+    blocks = rng.sample(range(size // block), min(int(count), size // block))
+    return [b * block + rng.randrange(block // 4096) * 4096 for b in blocks]
 
 def cmd_port():
     s = socket.socket()
@@ -168,8 +168,8 @@ def cmd_port():
     print(s.getsockname()[1])
     s.close()
 
-def cmd_offsets(seed, count, size):
-    print("\n".join(map(str, offsets(seed, count, size))))
+def cmd_offsets(seed, count, size, block):
+    print("\n".join(map(str, offsets(seed, count, size, block))))
 
 def cmd_seq(path, expect):
     """Seconds to open and read PATH to the end in 1 MiB reads (like dd bs=1M)."""
@@ -187,10 +187,10 @@ def cmd_seq(path, expect):
         sys.exit(f"short read of {path}: {n} of {expect} bytes")
     print(f"{dt:.6f}")
 
-def cmd_random(path, ref, seed, count, size):
+def cmd_random(path, ref, seed, count, size, block):
     """Cold then warm pass of 4 KiB preads at the same offsets; latencies in microseconds.
     The bytes are checked against REF (the registry's own file) after the timing."""
-    offs = offsets(seed, count, size)
+    offs = offsets(seed, count, size, block)
     fd = os.open(path, os.O_RDONLY)
     passes, got = [], []
     for _ in range(2):
@@ -312,6 +312,16 @@ regfs_umount() {
     regfs_pid=
 }
 stats_file() { echo "$mnt/.regfs/stats"; }
+
+# block: the mount's block size from its stats file (1 MiB when there is none), by a short mount.
+block=1048576
+detect_block_size() {
+    local json b=''
+    regfs_mount
+    json=$(timeout -k 2 10 cat "$(stats_file)" 2>/dev/null) && b=$(jq -r '.cache.block_size // empty' <<<"$json")
+    regfs_umount
+    if [[ $b =~ ^[0-9]+$ ]] && ((b >= 4096)); then block=$b; fi
+}
 
 # Before each unmount: what the daemon itself says went wrong (retries, digest mismatches).
 stats_retries=0
@@ -586,17 +596,18 @@ seq_rows() {
 
 random_rows() {
     local i out curl_run=() curl_med=() cold50=() cold99=() warm50=() off lat c50 c99 w50 bad curl_us
+    detect_block_size # offsets go one per block, so that every cold read is a miss
     for ((i = 1; i <= runs; i++)); do
         log "random run $i/$runs: $curl_ranges curl range requests, $random_reads cold + warm preads"
         curl_run=()
         while read -r off; do
             lat=$(curl -fsS -o /dev/null -r "$off-$((off + 4095))" -w '%{time_total}' --max-time 30 "$blob_url")
             curl_run+=("$(calc "$lat * 1000000" 1)")
-        done < <(pyh offsets "$((1000 + i))" "$curl_ranges" "$size")
+        done < <(pyh offsets "$((1000 + i))" "$curl_ranges" "$size" "$block")
         curl_med+=("$(median "${curl_run[@]}")")
 
         regfs_mount
-        if out=$(timeout -k 5 "$read_timeout" python3 "$py" random "$mnt/$blob_path" "$blob_data" "$i" "$random_reads" "$size"); then
+        if out=$(timeout -k 5 "$read_timeout" python3 "$py" random "$mnt/$blob_path" "$blob_data" "$i" "$random_reads" "$size" "$block"); then
             read -r c50 c99 w50 bad <<<"$out"
             cold50+=("$c50") cold99+=("$c99") warm50+=("$w50")
             ((bad == 0)) || problems+=("random 4 KiB reads, run $i: $bad of $((2 * random_reads)) preads returned wrong bytes")
@@ -610,7 +621,7 @@ random_rows() {
     curl_us=$(median "${curl_med[@]}")
     if all_numeric "${cold50[@]}"; then
         c50=$(median "${cold50[@]}") c99=$(median "${cold99[@]}") w50=$(median "${warm50[@]}")
-        row "random 4 KiB reads, cold ($(pyh offsets 1 "$random_reads" "$size" | grep -c .) per fresh mount, each in its own MiB): p50 / p99" "$(calc "$c50" 0) µs / $(calc "$c99" 0) µs" \
+        row "random 4 KiB reads, cold ($(pyh offsets 1 "$random_reads" "$size" "$block" | grep -c .) per fresh mount, one per $(human_bytes "$block") block): p50 / p99" "$(calc "$c50" 0) µs / $(calc "$c99" 0) µs" \
             "curl -r median: $(calc "$curl_us" 0) µs" "p50 $(calc "$c50 / $curl_us") × curl" "p50 ≤ 2 × curl" "$(verdict "$c50 / $curl_us <= 2")"
         row "random 4 KiB reads, warm (same offsets again): p50" "$(calc "$w50" 1) µs" \
             "curl -r median: $(calc "$curl_us" 0) µs" "$(calc "$w50 / $curl_us" 3) × curl" "≤ 100 µs" "$(verdict "$w50 <= 100")"
