@@ -20,6 +20,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
+# shellcheck source=scripts/lib/registry.sh
+source scripts/lib/registry.sh
 
 runs=${BENCH_RUNS:-3}
 size_mib=${BENCH_SIZE_MIB:-1024}
@@ -337,33 +339,8 @@ check_stats() {
 # Registry with the test data
 
 start_registry() {
-    # Port 0: the registry picks a free port and logs it ("listening on 127.0.0.1:PORT").
-    cat >"$tmp/registry.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $tmp/storage
-http:
-  addr: 127.0.0.1:0
-EOF
-    docker-registry serve "$tmp/registry.yml" >"$tmp/registry.log" 2>&1 &
-    registry_pid=$!
-    registry=
-    if ! wait_until 20 registry_ready; then
-        log "registry did not start:"
-        cat "$tmp/registry.log" >&2
-        exit 1
-    fi
+    registry_start "$tmp" || exit 1
     log "registry at http://$registry"
-}
-registry_ready() {
-    alive "$registry_pid" || { log "the registry exited:"; cat "$tmp/registry.log" >&2; exit 1; }
-    registry=$(sed -n 's/.*msg="listening on \(127\.0\.0\.1:[0-9]*\)".*/\1/p' "$tmp/registry.log")
-    [[ -n $registry ]] && curl -fsS --max-time 5 -o /dev/null "http://$registry/v2/"
 }
 
 # push_blob REPO FILE: monolithic upload (POST, then PUT with the whole body); prints the digest.

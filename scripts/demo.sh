@@ -7,6 +7,8 @@
 # Everything it starts (registry, regfs, the mount, temp dirs) is cleaned up on exit.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib/registry.sh
+source scripts/lib/registry.sh
 root=$PWD
 mnt=$root/mnt
 
@@ -61,33 +63,7 @@ cargo build --release
 regfs=$root/target/release/regfs
 
 section "Starting a registry on loopback"
-# Port 0: the registry picks a free port and logs it ("listening on 127.0.0.1:PORT").
-cat >"$tmp/registry.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $tmp/storage
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:0
-EOF
-docker-registry serve "$tmp/registry.yml" >"$tmp/registry.log" 2>&1 &
-registry_pid=$!
-registry=
-for _ in $(seq 200); do
-    registry=$(sed -n 's/.*msg="listening on \(127\.0\.0\.1:[0-9]*\)".*/\1/p' "$tmp/registry.log")
-    if [[ -n $registry ]] && curl -fsS -o /dev/null "http://$registry/v2/"; then
-        break
-    fi
-    kill -0 "$registry_pid" 2>/dev/null || { cat "$tmp/registry.log" >&2; exit 1; }
-    sleep 0.1
-done
-[[ -n $registry ]] || { echo "registry did not start:" >&2; cat "$tmp/registry.log" >&2; exit 1; }
+registry_start "$tmp" || exit 1
 echo "registry at http://$registry"
 
 section "Building sample images with umoci and pushing them with skopeo"

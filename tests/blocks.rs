@@ -10,20 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Layout, Mount, Proxy, ProxyRules, Registry, sha256_digest};
-
-/// Incompressible bytes (xorshift), so a layer is about as large as its content.
-fn noise(len: usize, seed: u32) -> Vec<u8> {
-    let mut s = seed.max(1);
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            s as u8
-        })
-        .collect()
-}
+use common::{Layout, Mount, Proxy, ProxyRules, Registry, noise, sha256_digest};
 
 /// A layer blob in the registry, with its bytes as the registry serves them.
 struct Layer {

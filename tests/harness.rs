@@ -195,19 +195,6 @@ fn registry_pagination_behaviour() {
     assert_eq!(all.len(), 301);
 }
 
-/// Bytes that gzip cannot shrink, so that layers have a real size.
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn raw_request(stream: &mut TcpStream, request: &str) {
     stream
         .write_all(request.as_bytes())
@@ -219,7 +206,7 @@ fn proxy_refuses_catalog_forwards_the_rest_and_keeps_alive() {
     require_tools();
     let registry = Registry::start();
     let layout = Layout::new();
-    layout.new_image("v1", "amd64", &[("f", &noise(100_000))]);
+    layout.new_image("v1", "amd64", &[("f", &noise(100_000, 1))]);
     layout.push("v1", &registry, "team/app:v1");
     let proxy = Proxy::start(
         registry.addr,

@@ -380,14 +380,7 @@ fn a_small_read_fetches_only_a_range() {
     let registry = Registry::start();
     let layout = Layout::new();
     // Random bytes do not compress: the layer blob is about 8 MiB.
-    let noise: Vec<u8> = (0..8u32 << 20)
-        .scan(0x2545_f491_u32, |s, _| {
-            *s ^= *s << 13;
-            *s ^= *s >> 17;
-            *s ^= *s << 5;
-            Some(*s as u8)
-        })
-        .collect();
+    let noise = common::noise(8 << 20, 0x2545_f491);
     layout.new_image("big", "amd64", &[("noise.bin", &noise)]);
     layout.push("big", &registry, "big/layer:v1");
     let (_, _, bytes) = common::get_manifest(&registry, "big/layer", "v1");

@@ -138,11 +138,16 @@ impl BlobReads {
         Ok(data)
     }
 
-    /// Block `index` of the blob, from the cache or the registry.
-    async fn block(&self, blob: &OpenBlob, index: u64) -> Result<Bytes> {
+    /// Where block `index` starts in the blob, and its length (the last may be short).
+    fn block_span(&self, blob: &OpenBlob, index: u64) -> (u64, u64) {
         let bs = self.cache.block_size();
         let start = index * bs;
-        let len = bs.min(blob.size - start);
+        (start, bs.min(blob.size - start))
+    }
+
+    /// Block `index` of the blob, from the cache or the registry.
+    async fn block(&self, blob: &OpenBlob, index: u64) -> Result<Bytes> {
+        let (start, len) = self.block_span(blob, index);
         self.cache
             .get(&(blob.digest.clone(), index), || {
                 self.client
@@ -157,9 +162,7 @@ impl BlobReads {
         if self.cache.contains(&key) {
             return;
         }
-        let bs = self.cache.block_size();
-        let start = index * bs;
-        let len = bs.min(blob.size - start);
+        let (start, len) = self.block_span(blob, index);
         let (cache, client, slots) = (
             self.cache.clone(),
             self.client.clone(),

@@ -509,13 +509,15 @@ impl Fs {
                 let end = start.saturating_add(size as usize).min(bytes.len());
                 Ok(bytes.slice(start..end))
             }
-            OpenFile::Blob(blob) => {
-                let node = Node::Blob(blob.repo().clone(), blob.digest().clone());
-                self.blobs
-                    .read(&blob, offset, u64::from(size))
-                    .await
-                    .map_err(|e| fail(&node, e))
-            }
+            OpenFile::Blob(blob) => self
+                .blobs
+                .read(&blob, offset, u64::from(size))
+                .await
+                .map_err(|e| {
+                    // The path is only built for the log line of a failed read.
+                    let node = Node::Blob(blob.repo().clone(), blob.digest().clone());
+                    fail(&node, e)
+                }),
         }
     }
 

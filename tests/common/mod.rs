@@ -130,6 +130,20 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 /// `sha256:<hex>` of some bytes, as the registry API writes digests.
+/// Bytes gzip cannot shrink (xorshift from `seed`), so a layer is about as large as
+/// its content; different seeds give different layers.
+pub fn noise(len: usize, seed: u32) -> Vec<u8> {
+    let mut s = seed.max(1);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s as u8
+        })
+        .collect()
+}
+
 pub fn sha256_digest(bytes: &[u8]) -> String {
     let hash = Sha256::digest(bytes);
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
