@@ -1,6 +1,7 @@
 //! Counters of what the mount did, shown as JSON in `/.regfs/stats` so users and
 //! benchmarks can see cache behaviour and traffic without a debugger.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -14,6 +15,8 @@ pub enum RequestKind {
     Manifest,
     BlobHead,
     BlobRange,
+    /// One GET that streams a blob from an offset to its end, for a sequential reader.
+    BlobStream,
 }
 
 #[derive(Default)]
@@ -30,13 +33,19 @@ pub struct Stats {
     /// Whole-blob hash checks that passed / failed.
     pub verified: AtomicU64,
     pub verify_failures: AtomicU64,
-    requests: [AtomicU64; 6],
+    requests: [AtomicU64; 7],
 }
 
 /// Holds one request's place in `in_flight` until dropped.
-pub struct InFlight<'a>(&'a Stats);
+pub struct InFlight(Arc<Stats>);
 
-impl Drop for InFlight<'_> {
+impl InFlight {
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -48,10 +57,10 @@ impl Stats {
     }
 
     /// Counts a request of `kind` and marks it in flight until the guard is dropped.
-    pub fn request(&self, kind: RequestKind) -> InFlight<'_> {
+    pub fn request(self: &Arc<Self>, kind: RequestKind) -> InFlight {
         Self::add(&self.requests[kind as usize], 1);
         Self::add(&self.in_flight, 1);
-        InFlight(self)
+        InFlight(self.clone())
     }
 
     pub fn snapshot(&self, budget: u64, block_size: u64) -> Snapshot {
@@ -75,6 +84,7 @@ impl Stats {
                 manifest: req(RequestKind::Manifest),
                 blob_head: req(RequestKind::BlobHead),
                 blob_range: req(RequestKind::BlobRange),
+                blob_stream: req(RequestKind::BlobStream),
             },
             retries: get(&self.retries),
             in_flight: get(&self.in_flight),
@@ -116,4 +126,5 @@ pub struct RequestsSnapshot {
     pub manifest: u64,
     pub blob_head: u64,
     pub blob_range: u64,
+    pub blob_stream: u64,
 }

@@ -1,19 +1,21 @@
 //! Reading blobs through the block cache: a read becomes the blocks it touches, a
-//! sequential reader earns prefetch, and a reader that goes from the first byte to the
-//! last has the content checked against the digest on the way.
+//! sequential reader earns prefetch and then a stream, and a reader that goes from the
+//! first byte to the last has the content checked against the digest on the way.
 
-use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join_all;
-use tokio::sync::Semaphore;
-use tracing::{debug, error};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::AbortHandle;
+use tracing::{debug, warn};
 
+use super::blob_stream::{StreamPlan, stream_blocks};
 use super::readahead::ReadAhead;
+use super::verify::{ContentCheck, Verifier};
 use crate::cache::BlockCache;
-use crate::registry::{Digest, DigestHasher, Error, RegistryClient, RepoName, Result};
-use crate::stats::Stats;
+use crate::registry::{Digest, RegistryClient, RepoName, Result};
 
 /// Prefetch fetches in flight at once, over all open files. Reads a program is waiting
 /// for do not queue here. A registry spends milliseconds per range request (distribution
@@ -22,12 +24,19 @@ const PREFETCH_CONCURRENCY: usize = 16;
 /// The read-ahead window never exceeds this many blocks, nor a quarter of the cache
 /// (prefetched blocks must not push out what is being read).
 const MAX_WINDOW_BLOCKS: u64 = 32;
+/// A reader whose window has grown this far (a few sequential reads) gets one streaming
+/// GET instead of a range request per block.
+const STREAM_AFTER_WINDOW: u64 = 4;
+/// Streams that broke off before a reader stops getting new ones (it still gets
+/// per-block prefetch, which retries).
+const MAX_STREAM_FAILURES: u32 = 3;
+/// A reader waiting for its stream to deliver a block gives up after this long and
+/// fetches the block itself (a stream answers in milliseconds unless the network fails).
+const STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct BlobReads {
     cache: Arc<BlockCache>,
-    /// Blobs whose content failed the digest check: the kernel must not keep their
-    /// pages between opens until a full read has passed the check again.
-    suspect: Mutex<HashSet<Digest>>,
+    verifier: Verifier,
     client: RegistryClient,
     prefetch_slots: Arc<Semaphore>,
     max_window: u64,
@@ -39,19 +48,24 @@ pub struct OpenBlob {
     digest: Digest,
     size: u64,
     readahead: Mutex<ReadAhead>,
-    check: Mutex<Check>,
+    check: ContentCheck,
+    /// The block index the reader has reached, watched by its stream.
+    reader_at: watch::Sender<u64>,
+    stream: Mutex<Option<ActiveStream>>,
+    stream_failures: Arc<AtomicU32>,
 }
 
-/// The running hash of the bytes read so far from the start of the blob.
-struct Check {
-    /// None once the verdict is in.
-    hasher: Option<DigestHasher>,
-    /// Bytes `[0, hashed)` have been hashed.
-    hashed: u64,
-    /// The content did not match: every later read of this open file fails too (the
-    /// kernel retries a failed read-ahead page with a read of its own, which must not
-    /// get the same wrong bytes without an error).
-    mismatch: bool,
+/// The stream feeding an open file: the task, and the next block it will deliver (the
+/// channel closes when the stream ends).
+struct ActiveStream {
+    task: AbortHandle,
+    progress: watch::Receiver<u64>,
+}
+
+impl Drop for OpenBlob {
+    fn drop(&mut self) {
+        self.stop_stream();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -66,6 +80,24 @@ impl OpenBlob {
     pub fn digest(&self) -> &Digest {
         &self.digest
     }
+
+    fn streaming(&self) -> bool {
+        self.stream_progress().is_some()
+    }
+
+    /// Where the stream stands, if one is running.
+    fn stream_progress(&self) -> Option<watch::Receiver<u64>> {
+        lock(&self.stream)
+            .as_ref()
+            .filter(|s| !s.task.is_finished())
+            .map(|s| s.progress.clone())
+    }
+
+    fn stop_stream(&self) {
+        if let Some(stream) = lock(&self.stream).take() {
+            stream.task.abort();
+        }
+    }
 }
 
 impl BlobReads {
@@ -74,7 +106,7 @@ impl BlobReads {
         BlobReads {
             max_window: MAX_WINDOW_BLOCKS.min(blocks_in_budget / 4),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
-            suspect: Mutex::new(HashSet::new()),
+            verifier: Verifier::new(cache.clone(), client.stats().clone()),
             cache,
             client,
         }
@@ -87,17 +119,16 @@ impl BlobReads {
     /// Whether the kernel may keep this blob's pages from an earlier open: yes, it is
     /// immutable, unless its content failed the digest check.
     pub fn may_keep_pages(&self, digest: &Digest) -> bool {
-        !lock(&self.suspect).contains(digest)
+        self.verifier.trusted(digest)
     }
 
     pub fn open(&self, repo: RepoName, digest: Digest, size: u64) -> OpenBlob {
         OpenBlob {
-            check: Mutex::new(Check {
-                hasher: Some(digest.hasher()),
-                hashed: 0,
-                mismatch: false,
-            }),
+            check: ContentCheck::new(repo.clone(), digest.clone(), size),
             readahead: Mutex::new(ReadAhead::new(self.cache.block_size(), self.max_window)),
+            reader_at: watch::Sender::new(0),
+            stream: Mutex::new(None),
+            stream_failures: Arc::new(AtomicU32::new(0)),
             repo,
             digest,
             size,
@@ -105,19 +136,37 @@ impl BlobReads {
     }
 
     /// Reads up to `len` bytes at `offset` (short only at the end of the blob).
-    pub async fn read(&self, blob: &OpenBlob, offset: u64, len: u64) -> Result<Bytes> {
+    pub async fn read(&self, blob: &Arc<OpenBlob>, offset: u64, len: u64) -> Result<Bytes> {
         if offset >= blob.size || len == 0 {
             return Ok(Bytes::new());
         }
-        if lock(&blob.check).mismatch {
-            // Do not fetch (and cache) more of a blob already known to come back wrong.
-            return Err(Self::mismatch_error(blob));
-        }
+        // Do not fetch (and cache) more of a blob already known to come back wrong.
+        blob.check.failed()?;
         let end = offset.saturating_add(len).min(blob.size);
         let bs = self.cache.block_size();
-        let ahead = lock(&blob.readahead).on_read(offset, end - offset, blob.size);
-        for index in ahead {
-            self.prefetch(blob, index);
+        let (ahead, window) = {
+            let mut readahead = lock(&blob.readahead);
+            let ahead = readahead.on_read(offset, end - offset, blob.size);
+            (ahead, readahead.window())
+        };
+        // How far the reader has got: the furthest read end, as the kernel may deliver
+        // its read-ahead out of order (a jump starts over, and stops the stream below).
+        let reached = end / bs;
+        blob.reader_at.send_if_modified(|at| {
+            let furthest = if window == 0 {
+                reached
+            } else {
+                reached.max(*at)
+            };
+            std::mem::replace(at, furthest) != furthest
+        });
+        if window == 0 {
+            blob.stop_stream(); // a random reader: fetch only what it touches
+        } else if !ahead.is_empty() && !blob.streaming() && !self.start_stream(blob, &ahead, window)
+        {
+            for index in ahead {
+                self.prefetch(blob, index);
+            }
         }
         let (first, last) = (offset / bs, (end - 1) / bs);
         let blocks = try_join_all((first..=last).map(|i| self.block(blob, i))).await?;
@@ -134,7 +183,16 @@ impl BlobReads {
             }
             out.freeze()
         };
-        self.check(blob, offset, &data)?;
+        if end == blob.size {
+            // The verdict comes with the last byte.
+            self.verifier.advance(&blob.check, offset, &data)?;
+        } else if blob.check.wants(end) {
+            let (verifier, blob, data) = (self.verifier.clone(), blob.clone(), data.clone());
+            tokio::spawn(async move {
+                // A mismatch is found and reported by the read of the last byte.
+                let _ = verifier.advance(&blob.check, offset, &data);
+            });
+        }
         Ok(data)
     }
 
@@ -147,6 +205,26 @@ impl BlobReads {
 
     /// Block `index` of the blob, from the cache or the registry.
     async fn block(&self, blob: &OpenBlob, index: u64) -> Result<Bytes> {
+        if let Some(mut progress) = blob.stream_progress() {
+            // The stream will deliver this block: wait for it rather than ask the
+            // registry again. It will get there: the read asking for it has moved the
+            // reader's position past it, and the stream may run that far and beyond. If the stream ends first (or, against
+            // all reason, stalls), fetch it here.
+            let delivered = async {
+                loop {
+                    let next = *progress.borrow_and_update();
+                    if index < next {
+                        break;
+                    }
+                    if progress.changed().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            if tokio::time::timeout(STREAM_STALL, delivered).await.is_err() {
+                warn!(digest = %blob.digest, block = index, "stream stalled; fetching the block directly");
+            }
+        }
         let (start, len) = self.block_span(blob, index);
         self.cache
             .get(&(blob.digest.clone(), index), || {
@@ -154,6 +232,41 @@ impl BlobReads {
                     .get_blob_range(&blob.repo, &blob.digest, start, len)
             })
             .await
+    }
+
+    /// Starts a streaming GET from the first block of `ahead` for a reader that has
+    /// earned it; false if it has not (or the block is already cached or on its way,
+    /// as on a warm re-read, where a stream would only download what is there).
+    fn start_stream(&self, blob: &OpenBlob, ahead: &std::ops::Range<u64>, window: u64) -> bool {
+        if window < STREAM_AFTER_WINDOW.min(self.max_window)
+            || blob.stream_failures.load(Ordering::Relaxed) >= MAX_STREAM_FAILURES
+            || self.cache.contains(&(blob.digest.clone(), ahead.start))
+        {
+            return false;
+        }
+        let plan = StreamPlan {
+            repo: blob.repo.clone(),
+            digest: blob.digest.clone(),
+            size: blob.size,
+            from_block: ahead.start,
+            lead: self.max_window,
+        };
+        let (cache, client) = (self.cache.clone(), self.client.clone());
+        let (reader_at, failures) = (blob.reader_at.subscribe(), blob.stream_failures.clone());
+        let (progress, progress_rx) = watch::channel(plan.from_block);
+        let task = tokio::spawn(async move {
+            let (digest, from) = (plan.digest.clone(), plan.from_block);
+            if let Err(e) = stream_blocks(cache, client, plan, reader_at, progress).await {
+                // Readers fetch what the stream did not deliver themselves, with retries.
+                failures.fetch_add(1, Ordering::Relaxed);
+                debug!(%digest, from_block = from, "stream ended early: {e}");
+            }
+        });
+        *lock(&blob.stream) = Some(ActiveStream {
+            task: task.abort_handle(),
+            progress: progress_rx,
+        });
+        true
     }
 
     /// Starts fetching block `index` in the background, if nobody has it yet.
@@ -186,75 +299,5 @@ impl BlobReads {
                 debug!(%digest, block = key.1, "prefetch failed: {e}");
             }
         });
-    }
-
-    /// Advances the blob's running hash over `data` (read at `offset`) and over any
-    /// cached bytes between what was hashed and `offset` (the kernel may deliver
-    /// sequential reads out of order). When the hash reaches the end of the blob it must
-    /// equal the digest; otherwise this read fails, so a wrong blob is never read to
-    /// the end without an error.
-    fn check(&self, blob: &OpenBlob, offset: u64, data: &[u8]) -> Result<()> {
-        let end = offset + data.len() as u64;
-        let mut check = lock(&blob.check);
-        let Check {
-            hasher,
-            hashed,
-            mismatch,
-        } = &mut *check;
-        if *mismatch {
-            return Err(Self::mismatch_error(blob));
-        }
-        let Some(h) = hasher.as_mut() else {
-            return Ok(());
-        };
-        let bs = self.cache.block_size();
-        while *hashed < end {
-            if *hashed >= offset {
-                h.update(&data[(*hashed - offset) as usize..]);
-                *hashed = end;
-                break;
-            }
-            // The gap before this read: take it from the cache, block by block.
-            let index = *hashed / bs;
-            let Some(block) = self.cache.peek(&(blob.digest.clone(), index)) else {
-                return Ok(()); // not read yet (or evicted): the hash waits
-            };
-            let from = (*hashed - index * bs) as usize;
-            let to = (offset - index * bs).min(block.len() as u64) as usize;
-            if from >= to {
-                return Ok(());
-            }
-            h.update(&block[from..to]);
-            *hashed = index * bs + to as u64;
-        }
-        if *hashed < blob.size {
-            return Ok(());
-        }
-        let Some(done) = hasher.take() else {
-            return Ok(());
-        };
-        if done.matches(&blob.digest) {
-            lock(&self.suspect).remove(&blob.digest);
-            Stats::add(&self.client.stats().verified, 1);
-            debug!(digest = %blob.digest, "read to the end; content matches the digest");
-            return Ok(());
-        }
-        *mismatch = true;
-        Stats::add(&self.client.stats().verify_failures, 1);
-        self.cache.forget(&blob.digest);
-        lock(&self.suspect).insert(blob.digest.clone());
-        error!(
-            digest = %blob.digest,
-            repo = %blob.repo,
-            "blob content does not match its digest; reads of this open file fail with EIO"
-        );
-        Err(Self::mismatch_error(blob))
-    }
-
-    fn mismatch_error(blob: &OpenBlob) -> Error {
-        Error::BadAnswer(format!(
-            "blob {} from {}: content does not match its digest",
-            blob.digest, blob.repo
-        ))
     }
 }

@@ -3,10 +3,12 @@
 //! knows of FUSE, so it can be driven by tests or another front end.
 
 mod blob;
+mod blob_stream;
 mod handles;
 pub mod metadata;
 pub mod node;
 pub mod readahead;
+mod verify;
 
 use std::ffi::OsStr;
 use std::fmt::Display;

@@ -5,6 +5,14 @@
 //! random readers fetch only the blocks they touch. The kernel may deliver its own
 //! read-ahead requests slightly out of order, so "right after" allows a little slack.
 
+/// How far a read may land from where the previous one ended and still count as
+/// sequential, once the reader has shown it is: the kernel keeps several 1 MiB
+/// read-ahead requests in flight and they can arrive in any order. A reader not yet
+/// known to be sequential gets one kernel request (or one block) of slack, so that a
+/// single read near the start of a file is not taken for the start of a stream.
+const REORDER_SLACK: u64 = 4 << 20;
+const START_SLACK: u64 = 1 << 20;
+
 /// Window state of one open file. All positions are in bytes, the window in blocks.
 #[derive(Debug)]
 pub struct ReadAhead {
@@ -28,13 +36,22 @@ impl ReadAhead {
         }
     }
 
+    /// The current window in blocks: 0 for a random reader.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
     /// Records a read of `[offset, offset + len)` in a file of `size` bytes and returns
     /// the block indexes to prefetch now (none for a random reader).
     pub fn on_read(&mut self, offset: u64, len: u64, size: u64) -> std::ops::Range<u64> {
         let end = offset.saturating_add(len).min(size);
-        let slack = self.block_size;
-        let sequential = offset <= self.next.saturating_add(slack)
-            && offset.saturating_add(slack.saturating_mul(4)) >= self.next;
+        let slack = self.block_size.max(if self.window > 0 {
+            REORDER_SLACK
+        } else {
+            START_SLACK
+        });
+        let sequential =
+            offset <= self.next.saturating_add(slack) && offset.saturating_add(slack) >= self.next;
         if sequential {
             // Start at two blocks, double, never beyond the maximum (which may be 0).
             self.window = (self.window * 2).max(2).min(self.max_blocks);
@@ -109,6 +126,25 @@ mod tests {
         assert!(!ra.on_read(MB, MB, size).is_empty() || ra.window > 0);
         assert!(ra.on_read(600 * MB, MB, size).is_empty());
         assert_eq!(ra.window, 0);
+    }
+
+    #[test]
+    fn kernel_read_ahead_out_of_order_stays_sequential_with_small_blocks() {
+        let mut ra = ReadAhead::new(64 << 10, 32);
+        let size = 1024 * MB;
+        for (i, mib) in [0, 1, 3, 2, 5, 4, 6, 8, 7].into_iter().enumerate() {
+            ra.on_read(mib * MB, MB, size);
+            assert!(ra.window() > 0, "read {i} at {mib} MiB counted as a jump");
+        }
+        ra.on_read(900 * MB, MB, size);
+        assert_eq!(ra.window(), 0, "a real jump");
+    }
+
+    #[test]
+    fn one_read_near_the_start_is_not_a_stream() {
+        let mut ra = ReadAhead::new(2 * MB, 32);
+        assert!(ra.on_read(3 * MB, 4096, 1024 * MB).is_empty());
+        assert_eq!(ra.window(), 0);
     }
 
     #[test]

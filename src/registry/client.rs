@@ -18,7 +18,7 @@ use url::Url;
 
 use super::error::{Error, Result};
 use super::types::{Digest, Reference, RepoName, Tag, media_type};
-use crate::stats::{RequestKind, Stats};
+use crate::stats::{InFlight, RequestKind, Stats};
 
 /// Manifests larger than this are refused: the distribution spec lets registries cap
 /// them at 4 MiB, and nothing legitimate comes close.
@@ -79,9 +79,10 @@ pub struct RegistryClient {
     resolved: Arc<Mutex<LruCache<Digest, (Url, Instant)>>>,
 }
 
-/// What one blob range request produced.
-enum RangeAnswer {
-    Bytes(Bytes),
+/// What one blob GET produced: an answer (and how many leading bytes to drop, for a
+/// server that ignored Range), or a redirect to follow.
+enum Opened {
+    Body(reqwest::Response, u64),
     Redirect(Url),
 }
 
@@ -545,27 +546,83 @@ impl RegistryClient {
         offset: u64,
         len: u64,
     ) -> Result<Bytes> {
-        let last = offset + len - 1;
-        let what = format!("GET /v2/{repo}/blobs/{digest} bytes={offset}-{last}");
-        let _in_flight = self.stats.request(RequestKind::BlobRange);
+        let in_flight = self.stats.request(RequestKind::BlobRange);
+        let mut body = self
+            .open_blob(repo, digest, offset, Some(len), in_flight)
+            .await?;
+        let want = usize::try_from(len)
+            .map_err(|_| Error::BadAnswer(format!("{}: range too large", body.what)))?;
+        let mut buf = BytesMut::with_capacity(want);
+        while buf.len() < want {
+            let Some(chunk) = body.chunk().await? else {
+                break;
+            };
+            let take = chunk.len().min(want - buf.len());
+            buf.extend_from_slice(&chunk[..take]);
+        }
+        if buf.len() < want {
+            // A connection cut short: transient, the retry asks again.
+            return Err(Error::Unavailable(format!(
+                "{}: answer ended after {} of {want} bytes",
+                body.what,
+                buf.len()
+            )));
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Opens one GET that streams a blob from `offset` to its end, for a sequential
+    /// reader: one request instead of one per block (a registry spends milliseconds on
+    /// each). Opening is retried; the caller handles a body that breaks off later.
+    pub async fn stream_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<BlobBody> {
+        self.retrying(|| {
+            let in_flight = self.stats.request(RequestKind::BlobStream);
+            self.open_blob(repo, digest, offset, None, in_flight)
+        })
+        .await
+    }
+
+    /// A GET of the blob from `offset` (`len` bytes, or to the end), positioned at
+    /// `offset`: from the URL it resolved to earlier, else from the registry, following
+    /// its redirects.
+    async fn open_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+        in_flight: InFlight,
+    ) -> Result<BlobBody> {
+        let range = match len {
+            Some(len) => format!("bytes={offset}-{}", offset + len.max(1) - 1),
+            None => format!("bytes={offset}-"),
+        };
+        let what = format!("GET /v2/{repo}/blobs/{digest} {range}");
         if let Some(url) = self.resolved_url(digest) {
-            match self.range_at(&url, &what, offset, len).await {
-                Ok(RangeAnswer::Bytes(bytes)) => return Ok(bytes),
-                Ok(RangeAnswer::Redirect(_)) => debug!(%digest, "resolved URL redirects again"),
+            match self.open_at(&url, &what, &range, offset).await {
+                Ok(Opened::Body(resp, skip)) => {
+                    return Ok(BlobBody::new(resp, skip, what, in_flight));
+                }
+                Ok(Opened::Redirect(_)) => debug!(%digest, "resolved URL redirects again"),
                 Err(e) => debug!(%digest, "resolved URL failed ({e}); asking the registry"),
             }
             self.forget_resolved(digest);
         }
         let mut url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
         for _ in 0..=MAX_REDIRECTS {
-            match self.range_at(&url, &what, offset, len).await? {
-                RangeAnswer::Bytes(bytes) => {
+            match self.open_at(&url, &what, &range, offset).await? {
+                Opened::Body(resp, skip) => {
                     if url.origin() != self.base.origin() {
                         self.remember_resolved(digest, url);
                     }
-                    return Ok(bytes);
+                    return Ok(BlobBody::new(resp, skip, what, in_flight));
                 }
-                RangeAnswer::Redirect(next) => {
+                Opened::Redirect(next) => {
                     // Never downgrade: an https registry may not send us to plain http.
                     if next.scheme() == "http" && self.base.scheme() == "https" {
                         return Err(Error::BadAnswer(format!(
@@ -600,28 +657,24 @@ impl RegistryClient {
         resolved.pop(digest);
     }
 
-    /// One range request to `url` (the registry or where it redirected). Registry
-    /// credentials are attached only for the registry's own origin (issue 5 adds them);
-    /// another host gets a bare request.
-    async fn range_at(&self, url: &Url, what: &str, offset: u64, len: u64) -> Result<RangeAnswer> {
-        let last = offset + len - 1;
-        let req = self
-            .blob_http
-            .get(url.clone())
-            .header(header::RANGE, format!("bytes={offset}-{last}"));
-        let mut resp = self.send(what, req).await?;
-        let skip = match resp.status() {
+    /// One blob GET with `Range: <range>` to `url` (the registry or where it
+    /// redirected). Registry credentials are attached only for the registry's own
+    /// origin (issue 5 adds them); another host gets a bare request.
+    async fn open_at(&self, url: &Url, what: &str, range: &str, offset: u64) -> Result<Opened> {
+        let req = self.blob_http.get(url.clone()).header(header::RANGE, range);
+        let resp = self.send(what, req).await?;
+        match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
-                let range = header_str(resp.headers(), "content-range").unwrap_or_default();
-                if content_range_start(range) != Some(offset) {
+                let answered = header_str(resp.headers(), "content-range").unwrap_or_default();
+                if content_range_start(answered) != Some(offset) {
                     return Err(Error::BadAnswer(format!(
-                        "{what}: answered Content-Range {range:?}"
+                        "{what}: answered Content-Range {answered:?}"
                     )));
                 }
-                0
+                Ok(Opened::Body(resp, 0))
             }
             // The server ignored Range: skip to the offset in the full body.
-            StatusCode::OK => offset,
+            StatusCode::OK => Ok(Opened::Body(resp, offset)),
             s if s.is_redirection() => {
                 let location = header_str(resp.headers(), "location").unwrap_or_default();
                 let next = url.join(location).map_err(|e| {
@@ -632,35 +685,62 @@ impl RegistryClient {
                         "{what}: redirected to unsupported {next}"
                     )));
                 }
-                return Ok(RangeAnswer::Redirect(next));
+                Ok(Opened::Redirect(next))
             }
-            _ => return Err(Self::fail(what, resp).await),
-        };
-        let want = usize::try_from(len)
-            .map_err(|_| Error::BadAnswer(format!("{what}: range too large")))?;
-        let mut to_skip = skip;
-        let mut buf = BytesMut::with_capacity(want);
-        while buf.len() < want {
-            let Some(mut chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? else {
-                break;
+            _ => Err(Self::fail(what, resp).await),
+        }
+    }
+}
+
+/// The body of a blob GET, positioned at the offset that was asked for. Holds the
+/// request's place in the in-flight count until dropped.
+pub struct BlobBody {
+    resp: reqwest::Response,
+    /// Bytes still to drop before the asked-for offset (a server that ignored Range).
+    skip: u64,
+    what: String,
+    stats: Arc<Stats>,
+    _in_flight: InFlight,
+}
+
+impl BlobBody {
+    fn new(resp: reqwest::Response, skip: u64, what: String, in_flight: InFlight) -> BlobBody {
+        BlobBody {
+            stats: in_flight.stats().clone(),
+            resp,
+            skip,
+            what,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// The next bytes of the blob; `None` at the end of the answer. A connection that
+    /// breaks is a transient error.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let Some(mut chunk) = self
+                .resp
+                .chunk()
+                .await
+                .map_err(|e| transport(&self.what, &e))?
+            else {
+                return Ok(None);
             };
-            if to_skip > 0 {
-                let n = to_skip.min(chunk.len() as u64);
-                to_skip -= n;
+            Stats::add(&self.stats.fetched_bytes, chunk.len() as u64);
+            if self.skip > 0 {
+                let n = self.skip.min(chunk.len() as u64);
+                self.skip -= n;
                 let _ = chunk.split_to(n as usize);
             }
-            let take = chunk.len().min(want - buf.len());
-            buf.extend_from_slice(&chunk[..take]);
+            if !chunk.is_empty() {
+                return Ok(Some(chunk));
+            }
         }
-        Stats::add(&self.stats.fetched_bytes, buf.len() as u64);
-        if buf.len() < want {
-            // A connection cut short: transient, the retry asks again.
-            return Err(Error::Unavailable(format!(
-                "{what}: answer ended after {} of {want} bytes",
-                buf.len()
-            )));
-        }
-        Ok(RangeAnswer::Bytes(buf.freeze()))
+    }
+
+    /// What this request was, for error messages ("GET /v2/... bytes=0-").
+    pub fn what(&self) -> &str {
+        &self.what
     }
 }
 

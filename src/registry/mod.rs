@@ -4,6 +4,6 @@ pub mod client;
 pub mod error;
 pub mod types;
 
-pub use client::{ClientOptions, FetchedManifest, RegistryClient, parse_registry_url};
+pub use client::{BlobBody, ClientOptions, FetchedManifest, RegistryClient, parse_registry_url};
 pub use error::{Error, Result};
 pub use types::{Descriptor, Digest, DigestHasher, ManifestLinks, Reference, RepoName, Tag};

@@ -1,0 +1,134 @@
+//! One streaming GET per sequential reader, feeding the block cache.
+//!
+//! A registry spends milliseconds on every range request (distribution 2.8 resolves the
+//! blob link and opens the file each time), so a reader that goes through a blob block
+//! by block is limited by request overhead, not bandwidth. Once a reader has shown it is
+//! sequential, one GET from the next block to the end of the blob delivers the blocks in
+//! order, each put into the cache as soon as it is complete, where the reader's own
+//! lookups find it (or wait for it: the stream fetches a block the same way any other
+//! fetch does, so readers join it instead of requesting it again).
+//!
+//! The stream stays at most `lead` blocks ahead of its reader; beyond that it stops
+//! reading the body and TCP flow control holds the registry. It publishes the next
+//! block it will deliver, so a reader that needs a block the stream is about to deliver
+//! waits for it instead of requesting it again. It ends at the end of the blob, when the
+//! reader closes the file or jumps elsewhere (the task is aborted), when a whole window
+//! of the next blocks is already cached (a re-read: reading them again from the body
+//! would be waste), or when the body breaks off; its progress channel closes with it, and readers then fetch
+//! what is missing themselves, with retries.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+
+use crate::cache::BlockCache;
+use crate::registry::{BlobBody, Digest, Error, RegistryClient, RepoName, Result};
+
+/// What a stream reads and where it starts.
+pub struct StreamPlan {
+    pub repo: RepoName,
+    pub digest: Digest,
+    pub size: u64,
+    /// The first block to deliver.
+    pub from_block: u64,
+    /// How many blocks the stream may run ahead of the reader.
+    pub lead: u64,
+}
+
+/// Delivers blocks `from_block..` of the blob into the cache, in order, publishing the
+/// next one in `progress`. `reader_at` is the block index the reader has reached; the
+/// stream ends when its sender is dropped.
+pub async fn stream_blocks(
+    cache: Arc<BlockCache>,
+    client: RegistryClient,
+    plan: StreamPlan,
+    mut reader_at: watch::Receiver<u64>,
+    progress: watch::Sender<u64>,
+) -> Result<()> {
+    let bs = cache.block_size();
+    let blocks = plan.size.div_ceil(bs);
+    let start = plan.from_block.saturating_mul(bs);
+    if start >= plan.size {
+        return Ok(());
+    }
+    let body = client.stream_blob(&plan.repo, &plan.digest, start).await?;
+    let mut cursor = BodyCursor {
+        body,
+        at: start,
+        carry: Bytes::new(),
+    };
+    let mut cached_in_a_row = 0;
+    for index in plan.from_block..blocks {
+        loop {
+            let reader = *reader_at.borrow_and_update();
+            if index < reader.saturating_add(plan.lead) {
+                break;
+            }
+            if reader_at.changed().await.is_err() {
+                return Ok(()); // the file was closed
+            }
+        }
+        let key = (plan.digest.clone(), index);
+        if cache.peek(&key).is_some() {
+            // Cached already (a reader got there first): skip its bytes in the body. A
+            // whole window of them means the rest is likely cached too: stop.
+            cached_in_a_row += 1;
+            if cached_in_a_row >= plan.lead.max(1) {
+                return Ok(());
+            }
+            progress.send_replace(index + 1);
+            continue;
+        }
+        cached_in_a_row = 0;
+        let block_start = index * bs;
+        let len = bs.min(plan.size - block_start);
+        // A block someone else is fetching is joined, and its bytes skipped in the body.
+        cache.get(&key, || cursor.block(block_start, len)).await?;
+        progress.send_replace(index + 1);
+    }
+    Ok(())
+}
+
+/// Reads a body that starts at blob offset `at`, block by block.
+struct BodyCursor {
+    body: BlobBody,
+    /// The blob offset of the next byte: the first byte of `carry`, or of the body.
+    at: u64,
+    /// Bytes received beyond the last block taken.
+    carry: Bytes,
+}
+
+impl BodyCursor {
+    /// The `len` bytes at blob offset `start` (at or after the cursor: any bytes before
+    /// it are skipped).
+    async fn block(&mut self, start: u64, len: u64) -> Result<Bytes> {
+        let want = usize::try_from(len)
+            .map_err(|_| Error::BadAnswer(format!("{}: block too large", self.body.what())))?;
+        let mut out = BytesMut::with_capacity(want);
+        while out.len() < want {
+            if self.carry.is_empty() {
+                self.carry = match self.body.chunk().await? {
+                    Some(chunk) => chunk,
+                    None => {
+                        return Err(Error::Unavailable(format!(
+                            "{}: answer ended at byte {}",
+                            self.body.what(),
+                            self.at
+                        )));
+                    }
+                };
+            }
+            if self.at < start {
+                let skip = (start - self.at).min(self.carry.len() as u64) as usize;
+                let _ = self.carry.split_to(skip);
+                self.at += skip as u64;
+                continue;
+            }
+            let take = self.carry.len().min(want - out.len());
+            out.extend_from_slice(&self.carry.split_to(take));
+            self.at += take as u64;
+        }
+        Ok(out.freeze())
+    }
+}
