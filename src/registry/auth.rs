@@ -279,6 +279,11 @@ impl Auth {
         let Some(challenge) = challenge(resp.headers()) else {
             return Ok(resp);
         };
+        debug!(
+            request = what,
+            had_credentials = sent_token.is_some(),
+            "registry answered 401; authenticating"
+        );
         let authorization = match challenge {
             Challenge::Basic => {
                 let Some(Secret::Password { username, password }) = self.credentials.secret()

@@ -168,7 +168,7 @@ fn describe(e: &reqwest::Error) -> String {
         root = inner;
     }
     let stage = if e.is_timeout() {
-        "timed out"
+        "timed out (--timeout)"
     } else if e.is_connect() {
         "cannot connect"
     } else if e.is_body() || e.is_decode() {
