@@ -686,7 +686,7 @@ impl RegistryClient {
     }
 
     /// One range request to `url` (the registry or where it redirected). Registry
-    /// credentials are attached only for the registry's own origin (issue 5 adds them);
+    /// credentials are attached only for the registry's own origin (`Auth::send`);
     /// another host gets a bare request.
     async fn range_at(&self, url: &Url, what: &str, offset: u64, len: u64) -> Result<RangeAnswer> {
         let last = offset + len - 1;
