@@ -4,8 +4,8 @@
 # Used by scripts/test.sh (CI), scripts/demo.sh and the Vagrant box.
 set -euo pipefail
 
-tools=(docker-registry skopeo umoci fusermount3 rsync jq curl)
-packages=(fuse3 docker-registry skopeo umoci rsync jq curl)
+tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd)
+packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils)
 
 missing=()
 for t in "${tools[@]}"; do

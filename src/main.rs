@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use regfs::daemon::{self, Readiness};
 use regfs::mount::{self, MountConfig};
-use regfs::registry::{RepoName, parse_registry_url};
+use regfs::registry::{Credentials, RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -32,13 +32,22 @@ EXAMPLES:
   regfs mount http://127.0.0.1:5000 /mnt/reg
   grep -rl linux/arm64 /mnt/reg/*/*/tags/*/manifest.json
   regfs mount --repo library/alpine --daemon registry.example.com /mnt/reg
+  regfs mount --repo library/alpine docker.io /mnt/hub
+  echo \"$TOKEN\" | regfs mount --username me --password-stdin ghcr.io /mnt/ghcr
   fusermount3 -u /mnt/reg        (or Ctrl-C / SIGTERM on the regfs process)
 
 EXIT STATUS:
   0 after a clean unmount; 1 when the mount could not be made (the message says why).
 
+CREDENTIALS (first found wins):
+  --username NAME --password-stdin, then REGFS_USERNAME/REGFS_PASSWORD, then the docker
+  config ($DOCKER_CONFIG/config.json or ~/.docker/config.json: auths, credsStore,
+  credHelpers). Without any, regfs reads anonymously.
+
 ENVIRONMENT:
-  RUST_LOG   log filter, e.g. RUST_LOG=regfs=debug (overrides -v)"
+  RUST_LOG         log filter, e.g. RUST_LOG=regfs=debug (overrides -v)
+  REGFS_USERNAME, REGFS_PASSWORD   credentials (see above)
+  DOCKER_CONFIG    directory of the docker config.json"
 )]
 struct Cli {
     /// More log output on stderr: -v for debug, -vv for trace
@@ -89,6 +98,23 @@ struct MountArgs {
     /// Append the log to FILE instead of writing it to stderr
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
+    /// User name for the registry; the password is read from stdin (--password-stdin)
+    #[arg(long, value_name = "NAME", requires = "password_stdin")]
+    username: Option<String>,
+    /// Read the password (or access token) for --username as one line from stdin
+    #[arg(long, requires = "username")]
+    password_stdin: bool,
+    /// Also trust the CA certificates in this PEM file (a private registry's CA)
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// Do not verify the registry's TLS certificate (only for testing: anyone on the
+    /// path can read the credentials)
+    #[arg(long)]
+    insecure: bool,
+    /// Longest wait for one registry operation, retries included; also the longest
+    /// silence within one request. A read that cannot finish in time fails with EIO
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    timeout: Duration,
 }
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
@@ -135,8 +161,34 @@ fn parse_block_size(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err("must be at least 100ms".into());
+    }
+    Ok(d)
+}
+
+/// One line from stdin, without its line ending. Read before the daemon forks.
+fn password_from_stdin() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("--password-stdin: cannot read stdin: {e}"))?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        return Err("--password-stdin: stdin gave an empty password".into());
+    }
+    Ok(password)
+}
+
 fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
     let registry = parse_registry_url(&args.registry)?;
+    let flags = match args.username {
+        Some(username) if args.password_stdin => Some((username, password_from_stdin()?)),
+        _ => None,
+    };
+    let credentials = Credentials::find(flags, &registry);
     let repos = args
         .repos
         .iter()
@@ -154,6 +206,10 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         allow_other: args.allow_other,
         cache_size: args.cache_size,
         block_size: args.block_size,
+        credentials,
+        ca_file: args.ca_file,
+        insecure: args.insecure,
+        timeout: args.timeout,
     })
 }
 

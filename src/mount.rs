@@ -14,7 +14,7 @@ use crate::cache::BlockCache;
 use crate::daemon::Readiness;
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
-use crate::registry::{ClientOptions, RegistryClient, RepoName};
+use crate::registry::{ClientOptions, Credentials, RegistryClient, RepoName};
 use crate::stats::Stats;
 
 /// How long the registry gets to answer `/v2/` before the mount is refused.
@@ -35,6 +35,12 @@ pub struct MountConfig {
     /// Byte budget of the block cache, and its block size.
     pub cache_size: u64,
     pub block_size: u64,
+    pub credentials: Credentials,
+    /// Extra CA certificates (PEM) to trust, and whether to verify certificates at all.
+    pub ca_file: Option<PathBuf>,
+    pub insecure: bool,
+    /// Per operation (retries included) and per silence within a request.
+    pub timeout: Duration,
 }
 
 /// Mounts and serves until the filesystem is unmounted. `readiness` is told once the
@@ -65,8 +71,17 @@ fn prepare(
         .build()
         .map_err(|e| format!("cannot start the I/O runtime: {e}"))?;
 
+    if config.insecure {
+        warn!("--insecure: the registry's TLS certificate is not verified");
+    }
+    info!("registry credentials: {}", config.credentials.describe());
     let options = ClientOptions {
         page_size: config.page_size,
+        read_timeout: config.timeout,
+        total_timeout: config.timeout,
+        ca_file: config.ca_file.clone(),
+        insecure: config.insecure,
+        credentials: config.credentials.clone(),
         ..ClientOptions::default()
     };
     let stats = Arc::new(Stats::default());
@@ -76,7 +91,10 @@ fn prepare(
     runtime.block_on(async {
         match tokio::time::timeout(PROBE_TIMEOUT, client.ping()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("registry {registry} does not answer /v2/: {e}")),
+            Ok(Err(e)) => Err(format!(
+                "registry {registry} does not answer /v2/: {e}{}",
+                tls_hint(&e.to_string())
+            )),
             Err(_) => Err(format!(
                 "registry {registry} does not answer /v2/ within {}s",
                 PROBE_TIMEOUT.as_secs()
@@ -173,6 +191,16 @@ fn serve(
             Ok(())
         }
         Err(e) => Err(format!("FUSE session ended with an error: {e}")),
+    }
+}
+
+/// A certificate problem gets the two ways out named.
+fn tls_hint(error: &str) -> &'static str {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("unknownissuer") {
+        " (a registry with a private CA: --ca-file CA.pem; --insecure skips verification)"
+    } else {
+        ""
     }
 }
 

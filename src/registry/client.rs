@@ -16,6 +16,8 @@ use serde::Deserialize;
 use tracing::{debug, warn};
 use url::Url;
 
+use super::auth::Auth;
+use super::credentials::Credentials;
 use super::error::{Error, Result};
 use super::types::{Digest, Reference, RepoName, Tag, media_type};
 use crate::stats::{InFlight, RequestKind, Stats};
@@ -44,6 +46,13 @@ pub struct ClientOptions {
     /// reset, 5xx, 429), with exponential backoff and jitter from `retry_delay`.
     pub max_retries: usize,
     pub retry_delay: Duration,
+    /// Total time for one idempotent operation, retries included (`--timeout`).
+    pub total_timeout: Duration,
+    /// Extra trusted roots (PEM) besides the system's (`--ca-file`).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Skip certificate verification (`--insecure`).
+    pub insecure: bool,
+    pub credentials: Credentials,
 }
 
 impl Default for ClientOptions {
@@ -54,6 +63,10 @@ impl Default for ClientOptions {
             read_timeout: Duration::from_secs(60),
             max_retries: 5,
             retry_delay: Duration::from_millis(100),
+            total_timeout: Duration::from_secs(60),
+            ca_file: None,
+            insecure: false,
+            credentials: Credentials::default(),
         }
     }
 }
@@ -77,6 +90,8 @@ pub struct RegistryClient {
     stats: Arc<Stats>,
     /// Where a blob's GET was redirected to, reused for its later ranges.
     resolved: Arc<Mutex<LruCache<Digest, (Url, Instant)>>>,
+    /// Every request goes through it (see `send`).
+    auth: Arc<Auth>,
 }
 
 /// What one blob GET produced: an answer (and how many leading bytes to drop, for a
@@ -86,7 +101,16 @@ enum Opened {
     Redirect(Url),
 }
 
+/// Docker Hub's names; the API itself is served by `registry-1.docker.io`.
+pub fn is_docker_hub(host: &str) -> bool {
+    matches!(
+        host,
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    )
+}
+
 /// Parses `http://host:port`, `https://host[:port]` or a bare `host[:port]` (https).
+/// `docker.io` and `index.docker.io` mean `registry-1.docker.io`.
 pub fn parse_registry_url(s: &str) -> std::result::Result<Url, String> {
     let with_scheme = if s.contains("://") {
         s.to_owned()
@@ -106,6 +130,9 @@ pub fn parse_registry_url(s: &str) -> std::result::Result<Url, String> {
         return Err(format!(
             "registry {s:?}: give only scheme, host and port (no path)"
         ));
+    }
+    if url.host_str().is_some_and(is_docker_hub) && url.port().is_none() {
+        return Url::parse("https://registry-1.docker.io/").map_err(|e| e.to_string());
     }
     Ok(url)
 }
@@ -142,7 +169,7 @@ fn describe(e: &reqwest::Error) -> String {
         root = inner;
     }
     let stage = if e.is_timeout() {
-        "timed out"
+        "timed out (--timeout)"
     } else if e.is_connect() {
         "cannot connect"
     } else if e.is_body() || e.is_decode() {
@@ -157,7 +184,7 @@ fn describe(e: &reqwest::Error) -> String {
     }
 }
 
-fn transport(what: &str, e: &reqwest::Error) -> Error {
+pub(super) fn transport(what: &str, e: &reqwest::Error) -> Error {
     Error::Unavailable(format!("{what}: {}", describe(e)))
 }
 
@@ -179,14 +206,18 @@ struct ListPage {
 
 impl RegistryClient {
     pub fn new(base: Url, options: ClientOptions, stats: Arc<Stats>) -> Result<RegistryClient> {
+        let extra_roots = extra_roots(&options)?;
         let builder = || {
             reqwest::Client::builder()
                 .user_agent(concat!("regfs/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(options.connect_timeout)
+                .connect_timeout(options.connect_timeout.min(options.read_timeout))
                 .read_timeout(options.read_timeout)
                 .pool_idle_timeout(Duration::from_secs(90))
                 // Blocks are requested in parallel; Nagle would only add latency.
                 .tcp_nodelay(true)
+                // The system's roots (platform verifier) plus --ca-file's.
+                .tls_certs_merge(extra_roots.clone())
+                .tls_danger_accept_invalid_certs(options.insecure)
         };
         let set_up =
             |e: reqwest::Error| Error::Unavailable(format!("HTTP client set-up: {}", describe(&e)));
@@ -195,6 +226,7 @@ impl RegistryClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(set_up)?;
+        let auth = Auth::new(&base, options.credentials.clone(), blob_http.clone());
         let resolved = LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN));
         Ok(RegistryClient {
             http,
@@ -203,6 +235,7 @@ impl RegistryClient {
             options,
             stats,
             resolved: Arc::new(Mutex::new(resolved)),
+            auth: Arc::new(auth),
         })
     }
 
@@ -222,16 +255,46 @@ impl RegistryClient {
             .with_max_delay(Duration::from_secs(10))
             .with_max_times(self.options.max_retries)
             .with_jitter();
-        op.retry(backoff)
+        let total = self.options.total_timeout;
+        let deadline = tokio::time::Instant::now() + total;
+        let last_error = Mutex::new(None::<String>);
+        // Each attempt gets what is left of `total`, so a registry that stays silent
+        // fails the operation within --timeout, naming the last thing that went wrong.
+        let mut op = op;
+        let attempt = || {
+            let fut = op();
+            let last_error = &last_error;
+            async move {
+                match tokio::time::timeout_at(deadline, fut).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        let last = last_error
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .take()
+                            .map_or_else(String::new, |e| format!("; last error: {e}"));
+                        Err(Error::Unavailable(format!(
+                            "no answer within {} (--timeout){last}",
+                            humantime::format_duration(total)
+                        )))
+                    }
+                }
+            }
+        };
+        attempt
+            .retry(backoff)
             .sleep(tokio::time::sleep)
             .when(Error::is_transient)
             .adjust(|e: &Error, delay| {
-                delay.map(|d| {
+                let delay = delay.map(|d| {
                     e.retry_after()
                         .map_or(d, |asked| asked.min(MAX_RETRY_AFTER))
-                })
+                })?;
+                // No retry that could not start before the deadline.
+                (tokio::time::Instant::now() + delay < deadline).then_some(delay)
             })
             .notify(|e, delay| {
+                *last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
                 Stats::add(&self.stats.retries, 1);
                 warn!("{e}; retrying in {} ms", delay.as_millis());
             })
@@ -248,13 +311,27 @@ impl RegistryClient {
             .map_err(|e| Error::BadAnswer(format!("cannot build URL for {path}: {e}")))
     }
 
+    /// Sends a request, authenticated (see `auth.rs`). A 401/403 that survives
+    /// authentication is `Error::Denied`, naming the credentials that were tried.
     async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.send().await.map_err(|e| transport(what, &e))?;
+        let resp = self.auth.send(what, req).await?;
         debug!(
             request = what,
             status = resp.status().as_u16(),
             "registry answered"
         );
+        if matches!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            let to_registry = resp.url().origin() == self.base.origin();
+            return Err(match Self::fail(what, resp).await {
+                Error::Denied(msg) if to_registry => {
+                    Error::Denied(format!("{msg}; {}", self.auth.tried()))
+                }
+                other => other,
+            });
+        }
         Ok(resp)
     }
 
@@ -296,9 +373,17 @@ impl RegistryClient {
         let what = "GET /v2/";
         // No retries: a mount should fail fast and say so when nothing answers.
         let _in_flight = self.stats.request(RequestKind::Ping);
-        let resp = self.send(what, self.http.get(self.url("/v2/")?)).await?;
+        let resp = match self.send(what, self.http.get(self.url("/v2/")?)).await {
+            Ok(resp) => resp,
+            // It answers; whether these credentials open anything shows per repository.
+            Err(Error::Denied(msg)) => {
+                warn!("{msg}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         match resp.status() {
-            s if s.is_success() || s == StatusCode::UNAUTHORIZED => Ok(()),
+            s if s.is_success() => Ok(()),
             _ => Err(Self::fail(what, resp).await),
         }
     }
@@ -659,7 +744,7 @@ impl RegistryClient {
 
     /// One blob GET with `Range: <range>` to `url` (the registry or where it
     /// redirected). Registry credentials are attached only for the registry's own
-    /// origin (issue 5 adds them); another host gets a bare request.
+    /// origin (`Auth::send`); another host gets a bare request.
     async fn open_at(&self, url: &Url, what: &str, range: &str, offset: u64) -> Result<Opened> {
         let req = self.blob_http.get(url.clone()).header(header::RANGE, range);
         let resp = self.send(what, req).await?;
@@ -742,6 +827,24 @@ impl BlobBody {
     pub fn what(&self) -> &str {
         &self.what
     }
+}
+
+/// The roots named by `--ca-file`, added to the system's.
+fn extra_roots(options: &ClientOptions) -> Result<Vec<reqwest::Certificate>> {
+    let Some(path) = &options.ca_file else {
+        return Ok(Vec::new());
+    };
+    let shown = path.display();
+    let pem =
+        std::fs::read(path).map_err(|e| Error::Unavailable(format!("--ca-file {shown}: {e}")))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| Error::Unavailable(format!("--ca-file {shown}: {}", describe(&e))))?;
+    if certs.is_empty() {
+        return Err(Error::Unavailable(format!(
+            "--ca-file {shown}: no PEM certificate in it"
+        )));
+    }
+    Ok(certs)
 }
 
 /// The first byte position of `Content-Range: bytes 100-199/1000`.

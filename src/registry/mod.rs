@@ -1,9 +1,12 @@
 //! The Distribution API client. Knows nothing of FUSE.
 
+pub mod auth;
 pub mod client;
+pub mod credentials;
 pub mod error;
 pub mod types;
 
 pub use client::{BlobBody, ClientOptions, FetchedManifest, RegistryClient, parse_registry_url};
+pub use credentials::Credentials;
 pub use error::{Error, Result};
 pub use types::{Descriptor, Digest, DigestHasher, ManifestLinks, Reference, RepoName, Tag};

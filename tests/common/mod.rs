@@ -13,6 +13,8 @@
 //! these objects in the same test thread (do not share them through statics).
 #![allow(dead_code)]
 
+pub mod auth;
+
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
@@ -380,15 +382,32 @@ pub struct Registry {
     pub addr: SocketAddr,
     dir: TempDir,
     child: Child,
+    tls: bool,
+    storage: PathBuf,
+}
+
+/// What [`Registry::start_with`] adds to the plain test registry.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// YAML appended at the top level of config.yml, e.g. an `auth:` section.
+    pub extra_config: String,
+    /// Serve https with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Serve this storage directory (e.g. another registry's) instead of a fresh one.
+    pub storage: Option<PathBuf>,
 }
 
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_with(&RegistryOptions::default())
+    }
+
+    pub fn start_with(options: &RegistryOptions) -> Registry {
         // The port is free when we pick it but may be taken before the registry binds it:
         // retry a few times on that (rare) race.
         let mut last_error = String::new();
         for _ in 0..3 {
-            match Registry::try_start() {
+            match Registry::try_start(options) {
                 Ok(registry) => return registry,
                 Err(log) if log.contains("address already in use") => last_error = log,
                 Err(log) => panic!("docker-registry did not start:\n{log}"),
@@ -397,19 +416,32 @@ impl Registry {
         panic!("docker-registry did not start (port races):\n{last_error}");
     }
 
-    fn try_start() -> Result<Registry, String> {
+    fn try_start(options: &RegistryOptions) -> Result<Registry, String> {
         let dir = tempfile::Builder::new()
             .prefix("regfs-registry-")
             .tempdir()
             .expect("create temp dir for the registry");
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let storage = options
+            .storage
+            .clone()
+            .unwrap_or_else(|| dir.path().join("storage"));
+        let tls = match &options.tls {
+            Some((cert, key)) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         let config = format!(
             "version: 0.1\n\
              log:\n  level: error\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {addr}\n",
-            storage = dir.path().join("storage").display(),
+             http:\n  addr: {addr}\n{tls}{extra}",
+            storage = storage.display(),
+            extra = options.extra_config,
         );
         let config_path = dir.path().join("config.yml");
         fs::write(&config_path, config).expect("write registry config.yml");
@@ -425,14 +457,22 @@ impl Registry {
         let child = cmd
             .spawn()
             .expect("spawn docker-registry (missing? run scripts/setup.sh)");
-        let mut registry = Registry { addr, dir, child };
+        let mut registry = Registry {
+            addr,
+            dir,
+            child,
+            tls: options.tls.is_some(),
+            storage,
+        };
 
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if let Ok(Some(status)) = registry.child.try_wait() {
                 return Err(format!("exited with {status}:\n{}", registry.log()));
             }
-            if matches!(try_http(addr, "GET", "/v2/", &[], &[]), Ok(r) if r.status == 200) {
+            // Any answer means it serves: 401 with auth, 400 (plain http to https) with TLS.
+            if matches!(try_http(addr, "GET", "/v2/", &[], &[]), Ok(r) if matches!(r.status, 200 | 400 | 401))
+            {
                 return Ok(registry);
             }
             if Instant::now() > deadline {
@@ -445,9 +485,10 @@ impl Registry {
         }
     }
 
-    /// "http://127.0.0.1:PORT"
+    /// "http://127.0.0.1:PORT" ("https://" when serving TLS)
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// What the registry logged (errors only).
@@ -457,7 +498,7 @@ impl Registry {
 
     /// Where the registry keeps its data (to corrupt or inspect it).
     pub fn storage_dir(&self) -> PathBuf {
-        self.dir.path().join("storage")
+        self.storage.clone()
     }
 }
 
@@ -697,19 +738,31 @@ impl Layout {
 
     /// Pushes `tag` of the layout to `registry` as `dest` ("team/app:v1"), digests unchanged.
     pub fn push(&self, tag: &str, registry: &Registry, dest: &str) {
-        run(Command::new("skopeo").args([
-            // The policy is irrelevant here; this also works without /etc/containers/policy.json.
-            "--insecure-policy",
-            "--command-timeout",
-            "120s",
-            "copy",
-            "--quiet",
-            "--all",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            &format!("oci:{}", self.image(tag)),
-            &format!("docker://{}/{dest}", registry.addr),
-        ]));
+        self.push_as(tag, registry, dest, None);
+    }
+
+    /// [`Layout::push`] with `user:password` credentials (`--dest-creds`).
+    pub fn push_as(&self, tag: &str, registry: &Registry, dest: &str, creds: Option<&str>) {
+        let creds: Vec<String> = creds
+            .map(|c| vec!["--dest-creds".to_string(), c.to_string()])
+            .unwrap_or_default();
+        run(Command::new("skopeo")
+            .args([
+                // The policy is irrelevant here; this also works without /etc/containers/policy.json.
+                "--insecure-policy",
+                "--command-timeout",
+                "120s",
+                "copy",
+                "--quiet",
+                "--all",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ])
+            .args(creds)
+            .args([
+                &format!("oci:{}", self.image(tag)),
+                &format!("docker://{}/{dest}", registry.addr),
+            ]));
     }
 
     /// Writes an OCI image index over the images tagged `tags` (platforms read from their
@@ -819,6 +872,8 @@ pub struct ProxyRules {
     pub cut_blob_gets: usize,
     /// The next this-many blob downloads answer 503 with `Retry-After: 1`.
     pub fail_blob_gets: usize,
+    /// The next this-many blob downloads answer 429 Too Many Requests with `Retry-After: 1`.
+    pub throttle_blob_gets: usize,
     /// Blob downloads come back with their first byte changed (a corrupting middlebox).
     pub corrupt_blob_gets: bool,
     /// Blob downloads answer `307` to this base URL with the same path and query,
@@ -832,6 +887,7 @@ struct Seen {
     /// "GET /v2/team/app/blobs/sha256:…"
     line: String,
     range: Option<String>,
+    authorization: bool,
 }
 
 #[derive(Default)]
@@ -848,6 +904,7 @@ struct ProxyShared {
     paginate_tags: AtomicBool,
     cut_blob_gets: AtomicUsize,
     fail_blob_gets: AtomicUsize,
+    throttle_blob_gets: AtomicUsize,
     corrupt_blob_gets: AtomicBool,
     redirect_blob_gets_to: Option<String>,
     stopping: AtomicBool,
@@ -886,6 +943,7 @@ impl Proxy {
             paginate_tags: AtomicBool::new(rules.paginate_tags),
             cut_blob_gets: AtomicUsize::new(rules.cut_blob_gets),
             fail_blob_gets: AtomicUsize::new(rules.fail_blob_gets),
+            throttle_blob_gets: AtomicUsize::new(rules.throttle_blob_gets),
             corrupt_blob_gets: AtomicBool::new(rules.corrupt_blob_gets),
             redirect_blob_gets_to: rules.redirect_blob_gets_to,
             stopping: AtomicBool::new(false),
@@ -966,6 +1024,12 @@ impl Proxy {
         seen.iter().map(|s| s.line.clone()).collect()
     }
 
+    /// How many requests seen so far carried an `Authorization` header.
+    pub fn requests_with_authorization(&self) -> usize {
+        let seen = self.shared.seen.lock().expect("proxy log lock");
+        seen.iter().filter(|s| s.authorization).count()
+    }
+
     /// The `Range` header values seen so far, in order.
     pub fn ranges_seen(&self) -> Vec<String> {
         let seen = self.shared.seen.lock().expect("proxy log lock");
@@ -975,6 +1039,7 @@ impl Proxy {
     /// How many of the `fail_blob_gets` / `cut_blob_gets` faults are still to come.
     pub fn faults_left(&self) -> usize {
         self.shared.fail_blob_gets.load(Ordering::SeqCst)
+            + self.shared.throttle_blob_gets.load(Ordering::SeqCst)
             + self.shared.cut_blob_gets.load(Ordering::SeqCst)
     }
 
@@ -1088,6 +1153,7 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
         shared.seen.lock().expect("proxy log lock").push(Seen {
             line: format!("{} {}", request.method, request.target),
             range: header(&request.headers, "range").map(String::from),
+            authorization: header(&request.headers, "authorization").is_some(),
         });
         let close =
             header(&request.headers, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
@@ -1159,6 +1225,15 @@ fn handle(shared: &ProxyShared, request: &Request) -> Response {
                 503,
                 "Service Unavailable",
                 br#"{"errors":[{"code":"UNAVAILABLE","message":"test proxy says come back later"}]}"#,
+            );
+            response.headers.push(("Retry-After".into(), "1".into()));
+            return response;
+        }
+        if take_one(&shared.throttle_blob_gets) {
+            let mut response = json_response(
+                429,
+                "Too Many Requests",
+                br#"{"errors":[{"code":"TOOMANYREQUESTS","message":"test proxy says slow down"}]}"#,
             );
             response.headers.push(("Retry-After".into(), "1".into()));
             return response;
@@ -1358,9 +1433,29 @@ pub struct Mount {
     log_path: PathBuf,
 }
 
+/// What [`Mount::start_with`] gives the regfs process besides its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct MountInput {
+    /// Written to its stdin (then closed), e.g. the password for `--password-stdin`.
+    pub stdin: Option<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
 impl Mount {
     /// Runs `regfs mount [extra_args] REGISTRY_URL MOUNTPOINT` and waits until it is mounted.
     pub fn start(registry_url: &str, extra_args: &[&str]) -> Mount {
+        Mount::start_with(registry_url, extra_args, &MountInput::default())
+            .unwrap_or_else(|failure| panic!("{failure}"))
+    }
+
+    /// Like [`Mount::start`], with stdin and environment; `Err` (with the log) when regfs
+    /// exits without mounting.
+    pub fn start_with(
+        registry_url: &str,
+        extra_args: &[&str],
+        input: &MountInput,
+    ) -> Result<Mount, String> {
         let tmp = tempfile::Builder::new()
             .prefix("regfs-mount-")
             .tempdir()
@@ -1377,12 +1472,20 @@ impl Mount {
             .arg(registry_url)
             .arg(&dir)
             .env("RUST_LOG", "regfs=debug")
-            .stdin(Stdio::null())
+            .envs(input.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if input.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(log.try_clone().expect("clone log file handle"))
             .stderr(log);
         // SIGTERM, not SIGKILL: regfs unmounts on SIGTERM.
         die_with_parent(&mut cmd, libc::SIGTERM);
-        let child = cmd.spawn().expect("spawn the regfs binary");
+        let mut child = cmd.spawn().expect("spawn the regfs binary");
+        if let (Some(text), Some(mut stdin)) = (&input.stdin, child.stdin.take()) {
+            stdin.write_all(text.as_bytes()).expect("write regfs stdin");
+        }
         let mut mount = Mount {
             dir,
             tmp: Some(tmp),
@@ -1401,14 +1504,14 @@ impl Mount {
                 _ => None,
             };
             if let Some(failure) = failure {
-                // Clean up before panicking, so that Drop does not print the log a second time.
+                // Clean up before reporting, so that Drop does not print the log a second time.
                 let (dir, log) = (mount.dir.clone(), mount.log());
                 drop(mount);
-                panic!("{failure} {}:\n{log}", dir.display());
+                return Err(format!("{failure} {}:\n{log}", dir.display()));
             }
             thread::sleep(POLL);
         }
-        mount
+        Ok(mount)
     }
 
     /// `/.regfs/stats`, parsed.
