@@ -54,8 +54,6 @@ fn prepare(
     config: &MountConfig,
 ) -> Result<(tokio::runtime::Runtime, Session<FuseAdapter>), String> {
     check_mountpoint(&config.mountpoint)?;
-    // One TLS provider for the process; an error only means one is already installed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(4, |n| n.get().max(4)))
         .thread_name("regfs-io")

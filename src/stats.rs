@@ -14,7 +14,22 @@ pub enum RequestKind {
     Manifest,
     BlobHead,
     BlobRange,
+    /// POST that opens a blob upload session.
+    UploadStart,
+    /// PATCH with one chunk of a blob upload.
+    UploadChunk,
+    /// GET of an upload's status (where to resume).
+    UploadStatus,
+    /// PUT `?digest=` that commits a blob upload.
+    UploadCommit,
+    /// DELETE that cancels a blob upload.
+    UploadCancel,
+    /// POST `?mount=&from=`: a cross-repository blob mount.
+    BlobMount,
+    ManifestPut,
 }
+
+const REQUEST_KINDS: usize = RequestKind::ManifestPut as usize + 1;
 
 #[derive(Default)]
 pub struct Stats {
@@ -30,7 +45,9 @@ pub struct Stats {
     /// Whole-blob hash checks that passed / failed.
     pub verified: AtomicU64,
     pub verify_failures: AtomicU64,
-    requests: [AtomicU64; 6],
+    /// Blob bytes sent in upload chunks (resent bytes count again).
+    pub uploaded_bytes: AtomicU64,
+    requests: [AtomicU64; REQUEST_KINDS],
 }
 
 /// Holds one request's place in `in_flight` until dropped.
@@ -75,7 +92,15 @@ impl Stats {
                 manifest: req(RequestKind::Manifest),
                 blob_head: req(RequestKind::BlobHead),
                 blob_range: req(RequestKind::BlobRange),
+                upload_start: req(RequestKind::UploadStart),
+                upload_chunk: req(RequestKind::UploadChunk),
+                upload_status: req(RequestKind::UploadStatus),
+                upload_commit: req(RequestKind::UploadCommit),
+                upload_cancel: req(RequestKind::UploadCancel),
+                blob_mount: req(RequestKind::BlobMount),
+                manifest_put: req(RequestKind::ManifestPut),
             },
+            uploaded_bytes: get(&self.uploaded_bytes),
             retries: get(&self.retries),
             in_flight: get(&self.in_flight),
             verified_blobs: get(&self.verified),
@@ -89,6 +114,8 @@ pub struct Snapshot {
     pub cache: CacheSnapshot,
     /// Blob bytes received from the registry (or the host it redirected to).
     pub fetched_bytes: u64,
+    /// Blob bytes sent in upload chunks (resent bytes count again).
+    pub uploaded_bytes: u64,
     pub requests: RequestsSnapshot,
     pub retries: u64,
     pub in_flight: u64,
@@ -116,4 +143,11 @@ pub struct RequestsSnapshot {
     pub manifest: u64,
     pub blob_head: u64,
     pub blob_range: u64,
+    pub upload_start: u64,
+    pub upload_chunk: u64,
+    pub upload_status: u64,
+    pub upload_commit: u64,
+    pub upload_cancel: u64,
+    pub blob_mount: u64,
+    pub manifest_put: u64,
 }
