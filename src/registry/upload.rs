@@ -660,6 +660,17 @@ fn stored_length(range: &str, hint: u64) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// The filesystem keeps uploads in handles and drives them from tokio tasks.
+    #[allow(dead_code)]
+    fn uploads_can_move_between_tasks(mut upload: Upload, client: RegistryClient, d: Digest) {
+        fn send<T: Send>(_: &T) {}
+        fn shared<T: Send + Sync>(_: &T) {}
+        shared(&upload);
+        send(&upload.append(b""));
+        send(&client.mount_blob(upload.repo(), &d, upload.repo()));
+        send(&upload.commit(Some(&d)));
+    }
+
     #[test]
     fn range_header_is_the_stored_length() {
         assert_eq!(stored_length("0-1048575", 0), Some(1 << 20));
