@@ -17,7 +17,22 @@ pub enum RequestKind {
     BlobRange,
     /// One GET that streams a blob from an offset to its end, for a sequential reader.
     BlobStream,
+    /// POST that opens a blob upload session.
+    UploadStart,
+    /// PATCH with one chunk of a blob upload.
+    UploadChunk,
+    /// GET of an upload's status (where to resume).
+    UploadStatus,
+    /// PUT `?digest=` that commits a blob upload.
+    UploadCommit,
+    /// DELETE that cancels a blob upload.
+    UploadCancel,
+    /// POST `?mount=&from=`: a cross-repository blob mount.
+    BlobMount,
+    ManifestPut,
 }
+
+const REQUEST_KINDS: usize = RequestKind::ManifestPut as usize + 1;
 
 #[derive(Default)]
 pub struct Stats {
@@ -33,7 +48,9 @@ pub struct Stats {
     /// Whole-blob hash checks that passed / failed.
     pub verified: AtomicU64,
     pub verify_failures: AtomicU64,
-    requests: [AtomicU64; 7],
+    /// Blob bytes sent in upload chunks (resent bytes count again).
+    pub uploaded_bytes: AtomicU64,
+    requests: [AtomicU64; REQUEST_KINDS],
 }
 
 /// Holds one request's place in `in_flight` until dropped.
@@ -85,7 +102,15 @@ impl Stats {
                 blob_head: req(RequestKind::BlobHead),
                 blob_range: req(RequestKind::BlobRange),
                 blob_stream: req(RequestKind::BlobStream),
+                upload_start: req(RequestKind::UploadStart),
+                upload_chunk: req(RequestKind::UploadChunk),
+                upload_status: req(RequestKind::UploadStatus),
+                upload_commit: req(RequestKind::UploadCommit),
+                upload_cancel: req(RequestKind::UploadCancel),
+                blob_mount: req(RequestKind::BlobMount),
+                manifest_put: req(RequestKind::ManifestPut),
             },
+            uploaded_bytes: get(&self.uploaded_bytes),
             retries: get(&self.retries),
             in_flight: get(&self.in_flight),
             verified_blobs: get(&self.verified),
@@ -99,6 +124,8 @@ pub struct Snapshot {
     pub cache: CacheSnapshot,
     /// Blob bytes received from the registry (or the host it redirected to).
     pub fetched_bytes: u64,
+    /// Blob bytes sent in upload chunks (resent bytes count again).
+    pub uploaded_bytes: u64,
     pub requests: RequestsSnapshot,
     pub retries: u64,
     pub in_flight: u64,
@@ -127,4 +154,11 @@ pub struct RequestsSnapshot {
     pub blob_head: u64,
     pub blob_range: u64,
     pub blob_stream: u64,
+    pub upload_start: u64,
+    pub upload_chunk: u64,
+    pub upload_status: u64,
+    pub upload_commit: u64,
+    pub upload_cancel: u64,
+    pub blob_mount: u64,
+    pub manifest_put: u64,
 }

@@ -7,13 +7,13 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use url::Url;
 
 use super::auth::Auth;
@@ -34,6 +34,8 @@ const MAX_REDIRECTS: usize = 5;
 const RESOLVED_URL_TTL: Duration = Duration::from_secs(600);
 /// A `Retry-After` longer than this is not waited for in full: a reader is blocked.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Upload chunk size unless told otherwise: see README, "Performance", for the measurement.
+pub const DEFAULT_CHUNK_SIZE: usize = 16 << 20;
 
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -53,6 +55,9 @@ pub struct ClientOptions {
     /// Skip certificate verification (`--insecure`).
     pub insecure: bool,
     pub credentials: Credentials,
+    /// Bytes per PATCH of a blob upload (raised to the registry's
+    /// `OCI-Chunk-Min-Length` if it asks for more). An upload holds about two.
+    pub chunk_size: usize,
 }
 
 impl Default for ClientOptions {
@@ -67,6 +72,7 @@ impl Default for ClientOptions {
             ca_file: None,
             insecure: false,
             credentials: Credentials::default(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
         }
     }
 }
@@ -81,7 +87,7 @@ pub struct FetchedManifest {
 
 #[derive(Clone)]
 pub struct RegistryClient {
-    http: reqwest::Client,
+    pub(super) http: reqwest::Client,
     /// For blob GETs: follows no redirects by itself, so that regfs can remember where
     /// a blob lives and decide what is sent to another host.
     blob_http: reqwest::Client,
@@ -188,7 +194,7 @@ pub(super) fn transport(what: &str, e: &reqwest::Error) -> Error {
     Error::Unavailable(format!("{what}: {}", describe(e)))
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -206,6 +212,9 @@ struct ListPage {
 
 impl RegistryClient {
     pub fn new(base: Url, options: ClientOptions, stats: Arc<Stats>) -> Result<RegistryClient> {
+        // One TLS provider for the process (reqwest panics without one); an error only
+        // means one is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let extra_roots = extra_roots(&options)?;
         let builder = || {
             reqwest::Client::builder()
@@ -243,18 +252,39 @@ impl RegistryClient {
         &self.stats
     }
 
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    fn backoff_builder(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.options.retry_delay)
+            .with_max_delay(Duration::from_secs(10))
+            .with_max_times(self.options.max_retries)
+            .with_jitter()
+    }
+
+    /// The waits between the attempts of one operation that fails transiently
+    /// (`max_retries` of them), for callers that cannot use [`Self::retrying`].
+    pub(super) fn backoff(&self) -> impl Iterator<Item = Duration> + Send + use<> {
+        self.backoff_builder().build()
+    }
+
+    /// How long to wait after `e` when the backoff says `planned`: the registry's
+    /// `Retry-After` if it sent one, capped.
+    pub(super) fn retry_wait(e: &Error, planned: Duration) -> Duration {
+        e.retry_after()
+            .map_or(planned, |asked| asked.min(MAX_RETRY_AFTER))
+    }
+
     /// Runs `op` again after transient failures, with exponential backoff and jitter,
     /// honouring `Retry-After`. Only for idempotent requests.
-    async fn retrying<T, F, Fut>(&self, op: F) -> Result<T>
+    pub(super) async fn retrying<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.options.retry_delay)
-            .with_max_delay(Duration::from_secs(10))
-            .with_max_times(self.options.max_retries)
-            .with_jitter();
+        let backoff = self.backoff_builder();
         let total = self.options.total_timeout;
         let deadline = tokio::time::Instant::now() + total;
         let last_error = Mutex::new(None::<String>);
@@ -286,10 +316,7 @@ impl RegistryClient {
             .sleep(tokio::time::sleep)
             .when(Error::is_transient)
             .adjust(|e: &Error, delay| {
-                let delay = delay.map(|d| {
-                    e.retry_after()
-                        .map_or(d, |asked| asked.min(MAX_RETRY_AFTER))
-                })?;
+                let delay = delay.map(|d| Self::retry_wait(e, d))?;
                 // No retry that could not start before the deadline.
                 (tokio::time::Instant::now() + delay < deadline).then_some(delay)
             })
@@ -305,7 +332,7 @@ impl RegistryClient {
         &self.base
     }
 
-    fn url(&self, path: &str) -> Result<Url> {
+    pub(super) fn url(&self, path: &str) -> Result<Url> {
         self.base
             .join(path)
             .map_err(|e| Error::BadAnswer(format!("cannot build URL for {path}: {e}")))
@@ -313,7 +340,11 @@ impl RegistryClient {
 
     /// Sends a request, authenticated (see `auth.rs`). A 401/403 that survives
     /// authentication is `Error::Denied`, naming the credentials that were tried.
-    async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    pub(super) async fn send(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response> {
         let resp = self.auth.send(what, req).await?;
         debug!(
             request = what,
@@ -355,11 +386,24 @@ impl RegistryClient {
     }
 
     /// Turns a non-success answer into an error, reading (a bounded part of) its body.
-    async fn fail(what: &str, resp: reqwest::Response) -> Error {
+    pub(super) async fn fail(what: &str, resp: reqwest::Response) -> Error {
+        Self::answer_error(what, resp, Error::from_status_with).await
+    }
+
+    /// [`Self::fail`] for the answer to a write: a 4xx is the registry's refusal.
+    pub(super) async fn refusal(what: &str, resp: reqwest::Response) -> Error {
+        Self::answer_error(what, resp, Error::from_write_status).await
+    }
+
+    async fn answer_error(
+        what: &str,
+        resp: reqwest::Response,
+        to_error: fn(&str, u16, Option<&str>, &[u8]) -> Error,
+    ) -> Error {
         let status = resp.status().as_u16();
         let retry_after = header_str(resp.headers(), "retry-after").map(str::to_owned);
         let body = Self::body(what, resp, 64 << 10).await.unwrap_or_default();
-        Error::from_status_with(what, status, retry_after.as_deref(), &body)
+        to_error(what, status, retry_after.as_deref(), &body)
     }
 
     /// The error for a non-success answer to a HEAD (which has no body).
@@ -579,7 +623,59 @@ impl RegistryClient {
         Ok((digest, size))
     }
 
-    fn digest_header(&self, what: &str, headers: &HeaderMap) -> Result<Option<Digest>> {
+    /// PUT a manifest by tag or digest. The Content-Type is the manifest's `mediaType`,
+    /// or its detected kind; the body must hash to a digest reference. Returns the
+    /// digest the registry stored it under, checked against the body. A PUT of the same
+    /// bytes to the same reference is idempotent, so transient failures are retried.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        body: Bytes,
+    ) -> Result<Digest> {
+        let what = format!("PUT /v2/{repo}/manifests/{reference}");
+        if body.len() > MAX_MANIFEST_BYTES {
+            return Err(Error::Invalid(format!(
+                "{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes"
+            )));
+        }
+        let content_type =
+            media_type::of_manifest(&body).map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
+        let digest = match reference {
+            Reference::Digest(d) if d.matches(&body) => d.clone(),
+            Reference::Digest(_) => {
+                return Err(Error::Mismatch(format!(
+                    "{what}: the manifest's content has digest {}",
+                    Digest::sha256_of(&body)
+                )));
+            }
+            Reference::Tag(_) => Digest::sha256_of(&body),
+        };
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
+        self.retrying(|| async {
+            let _in_flight = self.stats.request(RequestKind::ManifestPut);
+            let req = self
+                .http
+                .put(url.clone())
+                .header(header::CONTENT_TYPE, content_type.as_str())
+                .body(body.clone());
+            let resp = self.send(&what, req).await?;
+            if resp.status() != StatusCode::CREATED {
+                return Err(Self::refusal(&what, resp).await);
+            }
+            match self.digest_header(&what, resp.headers())? {
+                Some(stored) if stored != digest => Err(Error::Mismatch(format!(
+                    "{what}: the registry stored it as {stored}, its content is {digest}"
+                ))),
+                _ => Ok(()),
+            }
+        })
+        .await?;
+        info!(%repo, %reference, %digest, bytes = body.len(), "manifest pushed");
+        Ok(digest)
+    }
+
+    pub(super) fn digest_header(&self, what: &str, headers: &HeaderMap) -> Result<Option<Digest>> {
         match header_str(headers, "docker-content-digest") {
             None => Ok(None),
             Some(v) => Digest::parse(v.trim()).map(Some).ok_or_else(|| {

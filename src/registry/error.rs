@@ -20,6 +20,15 @@ pub enum Error {
     /// The registry answered something that cannot be right: malformed JSON, a digest
     /// that does not match the bytes, a short body, an unexpected status.
     BadAnswer(String),
+    /// Content that must hash to a digest does not: an upload whose bytes are not the
+    /// blob it was named after, or a manifest pushed by a digest it does not have.
+    Mismatch(String),
+    /// The registry refused a push (a 4xx other than auth, not-found and rate limits),
+    /// e.g. a manifest naming a blob the repository lacks. Carries the registry's text.
+    Refused(String),
+    /// What was to be pushed is refused before any request: not a manifest, too large,
+    /// a digest algorithm uploads cannot produce.
+    Invalid(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -30,13 +39,36 @@ impl Error {
         match self {
             Error::NotFound(_) => libc::ENOENT,
             Error::Denied(_) => libc::EACCES,
-            Error::Unavailable(_) | Error::Busy { .. } | Error::BadAnswer(_) => libc::EIO,
+            Error::Unavailable(_)
+            | Error::Busy { .. }
+            | Error::BadAnswer(_)
+            | Error::Mismatch(_)
+            | Error::Refused(_) => libc::EIO,
+            Error::Invalid(_) => libc::EINVAL,
         }
     }
 
     /// Whether trying the same request again may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Unavailable(_) | Error::Busy { .. })
+    }
+
+    /// The same error with `note` added to its message, e.g. how many retries it survived.
+    pub fn with_note(self, note: &str) -> Error {
+        let add = |m: String| format!("{m} ({note})");
+        match self {
+            Error::NotFound(m) => Error::NotFound(add(m)),
+            Error::Denied(m) => Error::Denied(add(m)),
+            Error::Unavailable(m) => Error::Unavailable(add(m)),
+            Error::Busy { msg, retry_after } => Error::Busy {
+                msg: add(msg),
+                retry_after,
+            },
+            Error::BadAnswer(m) => Error::BadAnswer(add(m)),
+            Error::Mismatch(m) => Error::Mismatch(add(m)),
+            Error::Refused(m) => Error::Refused(add(m)),
+            Error::Invalid(m) => Error::Invalid(add(m)),
+        }
     }
 
     /// How long the registry asked us to wait, if it did.
@@ -61,6 +93,20 @@ impl Error {
                 Error::Busy { msg, retry_after }
             }
             (err, _) => err,
+        }
+    }
+
+    /// Like [`Error::from_status_with`], for the answer to a write: a 4xx that is not
+    /// about auth, existence or rate is the registry refusing what was sent.
+    pub fn from_write_status(
+        what: &str,
+        status: u16,
+        retry_after: Option<&str>,
+        body: &[u8],
+    ) -> Error {
+        match Error::from_status_with(what, status, retry_after, body) {
+            Error::BadAnswer(msg) if (400..500).contains(&status) => Error::Refused(msg),
+            err => err,
         }
     }
 
@@ -89,6 +135,9 @@ impl fmt::Display for Error {
                 retry_after.as_secs()
             ),
             Error::BadAnswer(m) => write!(f, "bad answer from registry: {m}"),
+            Error::Mismatch(m) => write!(f, "digest mismatch: {m}"),
+            Error::Refused(m) => write!(f, "registry refused: {m}"),
+            Error::Invalid(m) => write!(f, "refused before sending: {m}"),
         }
     }
 }
@@ -147,6 +196,23 @@ mod tests {
         assert_eq!(Error::from_status("x", 503, b"").errno(), libc::EIO);
         assert_eq!(Error::from_status("x", 429, b"").errno(), libc::EIO);
         assert_eq!(Error::from_status("x", 418, b"<html>").errno(), libc::EIO);
+    }
+
+    #[test]
+    fn a_refused_write_keeps_the_registry_text() {
+        let body = br#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#;
+        let e = Error::from_write_status("PUT m", 400, None, body);
+        assert!(matches!(e, Error::Refused(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("MANIFEST_BLOB_UNKNOWN: blob unknown to registry")
+        );
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(matches!(
+            Error::from_write_status("x", 404, None, b""),
+            Error::NotFound(_)
+        ));
+        assert!(Error::from_write_status("x", 503, None, b"").is_transient());
     }
 
     #[test]

@@ -5,8 +5,10 @@ pub mod client;
 pub mod credentials;
 pub mod error;
 pub mod types;
+pub mod upload;
 
 pub use client::{BlobBody, ClientOptions, FetchedManifest, RegistryClient, parse_registry_url};
 pub use credentials::Credentials;
 pub use error::{Error, Result};
 pub use types::{Descriptor, Digest, DigestHasher, ManifestLinks, Reference, RepoName, Tag};
+pub use upload::{MountOutcome, Upload};

@@ -28,7 +28,9 @@ impl Digest {
 
     /// The sha256 digest of `bytes`.
     pub fn sha256_of(bytes: &[u8]) -> Digest {
-        Digest(format!("sha256:{}", hex(&Sha256::digest(bytes))))
+        let mut hasher = DigestHasher::sha256();
+        hasher.update(bytes);
+        hasher.digest()
     }
 
     /// Whether `bytes` hash to this digest.
@@ -77,11 +79,19 @@ impl DigestHasher {
 
     /// Whether everything hashed so far is the content named by `digest`.
     pub fn matches(self, digest: &Digest) -> bool {
-        let encoded = match self {
-            DigestHasher::Sha256(h) => hex(&h.finalize()),
-            DigestHasher::Sha512(h) => hex(&h.finalize()),
-        };
-        digest.encoded() == encoded
+        digest == &self.digest()
+    }
+
+    /// The digest of everything hashed so far.
+    pub fn digest(self) -> Digest {
+        match self {
+            DigestHasher::Sha256(h) => Digest(format!("sha256:{}", hex(&h.finalize()))),
+            DigestHasher::Sha512(h) => Digest(format!("sha512:{}", hex(&h.finalize()))),
+        }
+    }
+
+    pub fn sha256() -> DigestHasher {
+        DigestHasher::Sha256(Sha256::new())
     }
 }
 
@@ -202,6 +212,45 @@ pub mod media_type {
         application/vnd.oci.image.index.v1+json, \
         application/vnd.docker.distribution.manifest.v2+json, \
         application/vnd.docker.distribution.manifest.list.v2+json";
+
+    /// The Content-Type a manifest is pushed with: its own `mediaType`, or, when it has none
+    /// (the field is optional in OCI), the kind its shape and its descriptors' types say.
+    pub fn of_manifest(body: &[u8]) -> Result<String, String> {
+        let raw: super::RawManifest =
+            serde_json::from_slice(body).map_err(|e| format!("not a manifest: {e}"))?;
+        if let Some(declared) = raw.media_type {
+            return if is_media_type(&declared) {
+                Ok(declared)
+            } else {
+                Err(format!("mediaType {declared:?} is not a media type"))
+            };
+        }
+        let docker = |d: &super::RawDescriptor| d.media_type.starts_with("application/vnd.docker.");
+        let detected = match (raw.manifests, raw.config) {
+            (Some(children), _) if !children.is_empty() && children.iter().all(docker) => {
+                DOCKER_MANIFEST_LIST
+            }
+            (Some(_), _) => OCI_INDEX,
+            (None, Some(config)) if docker(&config) => DOCKER_MANIFEST,
+            (None, Some(_)) => OCI_MANIFEST,
+            (None, None) => {
+                return Err("neither an image manifest (config) nor an index (manifests)".into());
+            }
+        };
+        Ok(detected.to_owned())
+    }
+
+    /// `type/subtype` with the characters RFC 6838 allows (suffixes such as `+json` included).
+    fn is_media_type(s: &str) -> bool {
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.len() <= 127
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+        };
+        s.split_once('/')
+            .is_some_and(|(kind, sub)| token(kind) && token(sub))
+    }
 }
 
 /// A content descriptor that has passed validation.
@@ -374,6 +423,55 @@ mod tests {
             ManifestLinks::parse(index.as_bytes(), "").expect("parses"),
             ManifestLinks::Index { manifests } if manifests.len() == 1
         ));
+    }
+
+    #[test]
+    fn manifest_media_type_declared_or_detected() {
+        let desc =
+            |mt: &str| format!(r#"{{"mediaType":"{mt}","digest":"sha256:{HEX64}","size":1}}"#);
+        let declared = format!(
+            r#"{{"mediaType":"{}","manifests":[]}}"#,
+            media_type::OCI_INDEX
+        );
+        assert_eq!(
+            media_type::of_manifest(declared.as_bytes()).as_deref(),
+            Ok(media_type::OCI_INDEX)
+        );
+        let oci = format!(
+            r#"{{"schemaVersion":2,"config":{},"layers":[]}}"#,
+            desc("c")
+        );
+        assert_eq!(
+            media_type::of_manifest(oci.as_bytes()).as_deref(),
+            Ok(media_type::OCI_MANIFEST)
+        );
+        let docker = format!(
+            r#"{{"config":{},"layers":[]}}"#,
+            desc("application/vnd.docker.container.image.v1+json")
+        );
+        assert_eq!(
+            media_type::of_manifest(docker.as_bytes()).as_deref(),
+            Ok(media_type::DOCKER_MANIFEST)
+        );
+        let list = format!(r#"{{"manifests":[{}]}}"#, desc(media_type::DOCKER_MANIFEST));
+        assert_eq!(
+            media_type::of_manifest(list.as_bytes()).as_deref(),
+            Ok(media_type::DOCKER_MANIFEST_LIST)
+        );
+        let index = format!(r#"{{"manifests":[{}]}}"#, desc(media_type::OCI_MANIFEST));
+        assert_eq!(
+            media_type::of_manifest(index.as_bytes()).as_deref(),
+            Ok(media_type::OCI_INDEX)
+        );
+        assert!(media_type::of_manifest(b"{}").is_err());
+        assert!(media_type::of_manifest(b"not json").is_err());
+        assert!(
+            media_type::of_manifest(
+                br#"{"mediaType":"x
+Evil: 1","manifests":[]}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -879,6 +879,28 @@ pub struct ProxyRules {
     /// Blob downloads answer `307` to this base URL with the same path and query,
     /// like a registry that sends clients to object storage.
     pub redirect_blob_gets_to: Option<String>,
+    /// The next this-many `PATCH` requests (upload chunks) are cut in the middle of their
+    /// body: the proxy reads half of it from the client, forwards the head and the first
+    /// [`ProxyRules::cut_patch_forward`] body bytes upstream, then drops both connections.
+    pub cut_patches: usize,
+    /// How many body bytes of a cut `PATCH` reach the registry (0: only the head).
+    pub cut_patch_forward: usize,
+    /// The next this-many `PATCH` requests answer 503 with `Retry-After: 1`, unforwarded.
+    pub fail_patches: usize,
+    /// Blob mounts (`POST …/blobs/uploads/?mount=&from=`) are forwarded without their
+    /// query, so the registry opens a plain upload session (202): a declined mount.
+    pub decline_mounts: bool,
+    /// Rewrites the `Location` of upload answers (`/blobs/uploads/`).
+    pub upload_locations: Option<LocationRewrite>,
+}
+
+/// How [`ProxyRules::upload_locations`] rewrites an upload answer's `Location`.
+#[derive(Debug, Clone)]
+pub enum LocationRewrite {
+    /// Path and query only, as registries may send.
+    Relative,
+    /// The same path and query on another origin, e.g. "http://127.0.0.2:1".
+    OtherOrigin(String),
 }
 
 /// A request the proxy saw.
@@ -907,6 +929,13 @@ struct ProxyShared {
     throttle_blob_gets: AtomicUsize,
     corrupt_blob_gets: AtomicBool,
     redirect_blob_gets_to: Option<String>,
+    cut_patches: AtomicUsize,
+    cut_patch_forward: usize,
+    fail_patches: AtomicUsize,
+    decline_mounts: AtomicBool,
+    upload_locations: Option<LocationRewrite>,
+    /// Every request answers 502, as a reverse proxy does when its registry is down.
+    upstream_down: AtomicBool,
     stopping: AtomicBool,
     stall: Mutex<StallState>,
     stall_changed: Condvar,
@@ -946,6 +975,12 @@ impl Proxy {
             throttle_blob_gets: AtomicUsize::new(rules.throttle_blob_gets),
             corrupt_blob_gets: AtomicBool::new(rules.corrupt_blob_gets),
             redirect_blob_gets_to: rules.redirect_blob_gets_to,
+            cut_patches: AtomicUsize::new(rules.cut_patches),
+            cut_patch_forward: rules.cut_patch_forward,
+            fail_patches: AtomicUsize::new(rules.fail_patches),
+            decline_mounts: AtomicBool::new(rules.decline_mounts),
+            upload_locations: rules.upload_locations,
+            upstream_down: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             stall: Mutex::new(StallState::default()),
             stall_changed: Condvar::new(),
@@ -1036,11 +1071,19 @@ impl Proxy {
         seen.iter().filter_map(|s| s.range.clone()).collect()
     }
 
-    /// How many of the `fail_blob_gets` / `cut_blob_gets` faults are still to come.
+    /// How many of the `fail_blob_gets` / `cut_blob_gets` / `fail_patches` /
+    /// `cut_patches` faults are still to come.
     pub fn faults_left(&self) -> usize {
         self.shared.fail_blob_gets.load(Ordering::SeqCst)
             + self.shared.throttle_blob_gets.load(Ordering::SeqCst)
             + self.shared.cut_blob_gets.load(Ordering::SeqCst)
+            + self.shared.fail_patches.load(Ordering::SeqCst)
+            + self.shared.cut_patches.load(Ordering::SeqCst)
+    }
+
+    /// While on, every request answers 502 Bad Gateway without reaching the registry.
+    pub fn set_upstream_down(&self, on: bool) {
+        self.shared.upstream_down.store(on, Ordering::SeqCst);
     }
 
     pub fn set_corrupt_blob_gets(&self, on: bool) {
@@ -1113,6 +1156,15 @@ struct Request {
 }
 
 fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
+    let Some(mut request) = read_request_head(r)? else {
+        return Ok(None);
+    };
+    request.body = read_body(r, &request.headers, false)?;
+    Ok(Some(request))
+}
+
+/// A request's line and headers; its body (still unread) is left empty.
+fn read_request_head(r: &mut impl BufRead) -> io::Result<Option<Request>> {
     let Some((start, headers)) = read_head(r)? else {
         return Ok(None);
     };
@@ -1128,12 +1180,11 @@ fn read_request(r: &mut impl BufRead) -> io::Result<Option<Request>> {
     if version == "HTTP/1.0" && header(&headers, "connection").is_none() {
         headers.push(("Connection".into(), "close".into()));
     }
-    let body = read_body(r, &headers, false)?;
     Ok(Some(Request {
         method: method.to_string(),
         target: target.to_string(),
         headers,
-        body,
+        body: Vec::new(),
     }))
 }
 
@@ -1146,7 +1197,7 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
     let mut reader = BufReader::new(read_half);
     let mut writer = client;
     while !shared.stopping.load(Ordering::SeqCst) {
-        let request = match read_request(&mut reader) {
+        let mut request = match read_request_head(&mut reader) {
             Ok(Some(request)) => request,
             Ok(None) | Err(_) => return,
         };
@@ -1155,6 +1206,15 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
             range: header(&request.headers, "range").map(String::from),
             authorization: header(&request.headers, "authorization").is_some(),
         });
+        if request.method == "PATCH" && take_one(&shared.cut_patches) {
+            cut_request(shared, &request, &mut reader);
+            let _ = writer.shutdown(Shutdown::Both);
+            return;
+        }
+        request.body = match read_body(&mut reader, &request.headers, false) {
+            Ok(body) => body,
+            Err(_) => return,
+        };
         let close =
             header(&request.headers, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
         let mut response = handle(shared, &request);
@@ -1195,14 +1255,11 @@ fn take_one(counter: &AtomicUsize) -> bool {
 /// Headers announcing `full` bytes, then only the bytes in `response.body`.
 fn write_cut_response(w: &mut impl Write, response: &Response, full: usize) -> io::Result<()> {
     let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason);
-    for (name, value) in &response.headers {
-        if !["connection", "transfer-encoding", "content-length"]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h))
-        {
-            out.push_str(&format!("{name}: {value}\r\n"));
-        }
-    }
+    push_headers(
+        &mut out,
+        &response.headers,
+        &["connection", "transfer-encoding", "content-length"],
+    );
     out.push_str(&format!("Content-Length: {full}\r\n\r\n"));
     w.write_all(out.as_bytes())?;
     w.write_all(&response.body)?;
@@ -1212,6 +1269,16 @@ fn write_cut_response(w: &mut impl Write, response: &Response, full: usize) -> i
 fn handle(shared: &ProxyShared, request: &Request) -> Response {
     let path = request.target.split('?').next().unwrap_or("");
     let get = request.method == "GET";
+    if shared.upstream_down.load(Ordering::SeqCst) {
+        return json_response(
+            502,
+            "Bad Gateway",
+            br#"{"errors":[{"code":"UNAVAILABLE","message":"test proxy: registry is down"}]}"#,
+        );
+    }
+    if path.contains("/blobs/uploads/") {
+        return handle_upload(shared, request, path);
+    }
     if is_blob_get(request) {
         if let Some(base) = &shared.redirect_blob_gets_to {
             let mut response = json_response(307, "Temporary Redirect", b"");
@@ -1221,13 +1288,7 @@ fn handle(shared: &ProxyShared, request: &Request) -> Response {
             return response;
         }
         if take_one(&shared.fail_blob_gets) {
-            let mut response = json_response(
-                503,
-                "Service Unavailable",
-                br#"{"errors":[{"code":"UNAVAILABLE","message":"test proxy says come back later"}]}"#,
-            );
-            response.headers.push(("Retry-After".into(), "1".into()));
-            return response;
+            return come_back_later();
         }
         if take_one(&shared.throttle_blob_gets) {
             let mut response = json_response(
@@ -1259,6 +1320,40 @@ fn handle(shared: &ProxyShared, request: &Request) -> Response {
     forward(shared, request, &request.target)
 }
 
+/// Requests under `/blobs/uploads/`: the upload faults and rewrites.
+fn handle_upload(shared: &ProxyShared, request: &Request, path: &str) -> Response {
+    if request.method == "PATCH" && take_one(&shared.fail_patches) {
+        return come_back_later();
+    }
+    let is_mount = request.method == "POST" && request.target.contains("mount=");
+    let target = if is_mount && shared.decline_mounts.load(Ordering::SeqCst) {
+        path
+    } else {
+        &request.target
+    };
+    let mut response = forward(shared, request, target);
+    if let Some(rewrite) = &shared.upload_locations {
+        for (name, value) in &mut response.headers {
+            if name.eq_ignore_ascii_case("location") {
+                *value = rewrite_location(value, rewrite);
+            }
+        }
+    }
+    response
+}
+
+/// `http://host:port/v2/…?q` → `/v2/…?q`, or the same on another origin.
+fn rewrite_location(location: &str, rewrite: &LocationRewrite) -> String {
+    let path_and_query = match location.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => location,
+    };
+    match rewrite {
+        LocationRewrite::Relative => path_and_query.to_string(),
+        LocationRewrite::OtherOrigin(origin) => format!("{origin}{path_and_query}"),
+    }
+}
+
 /// Blocks until `release_stalls`, the rule is turned off, the proxy stops, or 60 s.
 fn hold(shared: &ProxyShared) {
     let deadline = Instant::now() + STALL_LIMIT;
@@ -1282,6 +1377,17 @@ fn hold(shared: &ProxyShared) {
     stall.held -= 1;
 }
 
+/// 503 with `Retry-After: 1`, as a registry under load answers.
+fn come_back_later() -> Response {
+    let mut response = json_response(
+        503,
+        "Service Unavailable",
+        br#"{"errors":[{"code":"UNAVAILABLE","message":"test proxy says come back later"}]}"#,
+    );
+    response.headers.push(("Retry-After".into(), "1".into()));
+    response
+}
+
 fn json_response(status: u16, reason: &str, body: &[u8]) -> Response {
     Response {
         status,
@@ -1300,29 +1406,66 @@ fn json_response(status: u16, reason: &str, body: &[u8]) -> Response {
     }
 }
 
+/// Appends `name: value` lines for the headers not named in `skip` (framing the proxy
+/// redoes itself).
+fn push_headers(out: &mut String, headers: &[(String, String)], skip: &[&str]) {
+    for (name, value) in headers {
+        if !skip.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+}
+
+/// The head of `request` as sent upstream: hop-by-hop headers dropped, the body framed by
+/// a Content-Length of `body_len`, and `Connection: close`.
+fn upstream_head(request: &Request, target: &str, body_len: usize) -> String {
+    let mut head = format!("{} {target} HTTP/1.1\r\n", request.method);
+    push_headers(
+        &mut head,
+        &request.headers,
+        &[
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "content-length",
+        ],
+    );
+    if body_len > 0 || method_has_body(&request.method) {
+        head.push_str(&format!("Content-Length: {body_len}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    head
+}
+
+/// The `cut_patches` fault: reads half of the request's body from the client, sends the
+/// head (announcing the whole body) and the first `cut_patch_forward` bytes upstream, then
+/// hangs up on the registry. The caller then hangs up on the client.
+fn cut_request(shared: &ProxyShared, request: &Request, client: &mut impl BufRead) {
+    let announced: usize = header(&request.headers, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut half = vec![0; announced / 2];
+    if client.read_exact(&mut half).is_err() {
+        return;
+    }
+    let forwarded = &half[..shared.cut_patch_forward.min(half.len())];
+    if let Ok(mut upstream) = connect(shared.upstream) {
+        let head = upstream_head(request, &request.target, announced);
+        let _ = upstream.write_all(head.as_bytes());
+        let _ = upstream.write_all(forwarded);
+        let _ = upstream.flush();
+        // Let the registry read what was sent before the connection goes.
+        thread::sleep(Duration::from_millis(100));
+        let _ = upstream.shutdown(Shutdown::Both);
+    }
+}
+
 /// Sends the request upstream on a fresh connection and reads the whole answer; 502 on failure.
 fn forward(shared: &ProxyShared, request: &Request, target: &str) -> Response {
     let attempt = || -> io::Result<Response> {
         let mut upstream = connect(shared.upstream)?;
-        let mut head = format!("{} {target} HTTP/1.1\r\n", request.method);
-        for (name, value) in &request.headers {
-            let hop_by_hop = [
-                "connection",
-                "keep-alive",
-                "proxy-connection",
-                "transfer-encoding",
-                "content-length",
-            ]
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h));
-            if !hop_by_hop {
-                head.push_str(&format!("{name}: {value}\r\n"));
-            }
-        }
-        if !request.body.is_empty() || method_has_body(&request.method) {
-            head.push_str(&format!("Content-Length: {}\r\n", request.body.len()));
-        }
-        head.push_str("Connection: close\r\n\r\n");
+        let head = upstream_head(request, target, request.body.len());
         upstream.write_all(head.as_bytes())?;
         upstream.write_all(&request.body)?;
         read_response(&mut BufReader::new(upstream), request.method == "HEAD")
@@ -1388,19 +1531,16 @@ fn write_response(
     close: bool,
 ) -> io::Result<()> {
     let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason);
-    for (name, value) in &response.headers {
-        let reframed = [
+    push_headers(
+        &mut out,
+        &response.headers,
+        &[
             "connection",
             "keep-alive",
             "transfer-encoding",
             "content-length",
-        ]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h));
-        if !reframed {
-            out.push_str(&format!("{name}: {value}\r\n"));
-        }
-    }
+        ],
+    );
     let bodiless_status = response.status < 200 || response.status == 204 || response.status == 304;
     if head_request {
         if let Some(len) = response.header("content-length") {
