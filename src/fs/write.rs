@@ -630,6 +630,18 @@ impl Writes {
     }
 }
 
+impl Drop for Writes {
+    fn drop(&mut self) {
+        for held in lock(&self.held).iter() {
+            tracing::error!(
+                repo = %held.repo,
+                reference = %held.reference,
+                "unmounted while an index still waited for its child manifests: it was not pushed"
+            );
+        }
+    }
+}
+
 /// The name of a file node within its directory.
 fn node_name(node: &Node) -> String {
     match node {
