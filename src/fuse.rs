@@ -11,10 +11,10 @@ use std::time::SystemTime;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request, TimeOrNow,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
-use tracing::debug;
 
 use crate::fs::node::Kind;
 use crate::fs::{Attr, Fs};
@@ -22,6 +22,8 @@ use crate::fs::{Attr, Fs};
 /// Asks the kernel for reads this large (with FUSE_MAX_PAGES) and lets it read ahead as
 /// far: fewer, larger range requests.
 const MAX_READAHEAD: u32 = 1 << 20;
+/// Largest write request to ask of the kernel.
+const MAX_WRITE: u32 = 1 << 20;
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
@@ -41,6 +43,7 @@ impl Owner {
         let (kind, nlink) = match a.kind {
             Kind::Dir => (FileType::Directory, 2),
             Kind::File => (FileType::RegularFile, 1),
+            Kind::Symlink => (FileType::Symlink, 1),
         };
         FileAttr {
             ino: INodeNo(a.ino),
@@ -89,6 +92,10 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
             let _ = config.set_max_readahead(max);
+        }
+        // Uploads arrive in writes as large as FUSE allows.
+        if let Err(max) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(max);
         }
         // Many readers at once should not queue behind each other in the kernel.
         let _ = config.set_max_background(64);
@@ -139,6 +146,7 @@ impl Filesystem for FuseAdapter {
                     let kind = match e.kind {
                         Kind::Dir => FileType::Directory,
                         Kind::File => FileType::RegularFile,
+                        Kind::Symlink => FileType::Symlink,
                     };
                     // The offset handed back is where the next readdir should start.
                     if reply.add(INodeNo(e.ino), offset + i as u64 + 1, kind, &e.name) {
@@ -219,16 +227,16 @@ impl Filesystem for FuseAdapter {
         reply.statfs(0, 0, 0, 0, 0, 1 << 20, 255, 1 << 20);
     }
 
-    // Writes arrive with uploads (DESIGN §2); until then the tree is read-only.
+    // Writes (DESIGN §2): files under a repository become uploads and pushes.
 
     fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _mode: Option<u32>,
         _uid: Option<u32>,
         _gid: Option<u32>,
-        _size: Option<u64>,
+        size: Option<u64>,
         _atime: Option<TimeOrNow>,
         _mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
@@ -239,19 +247,30 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(Errno::EROFS);
+        self.spawn(move |fs, a| async move {
+            match fs.setattr(ino.0, size).await {
+                Ok(attr) => reply.attr(&attr.ttl, &a.attr(&attr)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn mkdir(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
+        parent: INodeNo,
+        name: &OsStr,
         _mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let name = name.to_owned();
+        self.spawn(move |fs, a| async move {
+            match fs.mkdir(parent.0, &name).await {
+                Ok(attr) => reply.entry(&attr.ttl, &a.attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn mknod(
@@ -264,41 +283,153 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        reply.error(Errno::EPERM);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
     }
 
     fn create(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
+        parent: INodeNo,
+        name: &OsStr,
         _mode: u32,
         _umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        debug!("create refused: the tree is read-only");
-        reply.error(Errno::EROFS);
+        let name = name.to_owned();
+        self.spawn(move |fs, a| async move {
+            match fs.create(parent.0, &name).await {
+                Ok((attr, opened)) => reply.created(
+                    &attr.ttl,
+                    &a.attr(&attr),
+                    Generation(0),
+                    FileHandle(opened.fh),
+                    FopenFlags::FOPEN_DIRECT_IO,
+                ),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(move |fs, _| async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs, _| async move {
+            match fs.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Bytes are on their way to the registry; they are safe only once committed
+        // (close or rename), which is when errors are reported.
+        reply.ok();
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.spawn(move |fs, _| async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        reply.error(if self.fs.read_only() {
+            Errno::EROFS
+        } else {
+            Errno::EPERM
+        });
     }
 
     fn rename(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        self.spawn(move |fs, _| async move {
+            match fs.rename(parent.0, &name, newparent.0, &newname).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let newname = newname.to_owned();
+        self.spawn(move |fs, a| async move {
+            match fs.link(ino.0, newparent.0, &newname).await {
+                Ok(attr) => reply.entry(&attr.ttl, &a.attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 }

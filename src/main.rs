@@ -91,6 +91,10 @@ struct MountArgs {
     /// Blobs are fetched and cached in blocks of this size (range requests)
     #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = parse_block_size)]
     block_size: u64,
+    /// Blob uploads are sent in PATCH requests of this size (raised to what the
+    /// registry asks for); each file being written holds about two
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_chunk_size)]
+    chunk_size: u64,
     /// Detach into the background once the mount is ready; the exit status tells
     /// whether it worked. The daemon's log is discarded unless --log-file is given
     #[arg(long)]
@@ -161,6 +165,14 @@ fn parse_block_size(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
+fn parse_chunk_size(s: &str) -> Result<u64, String> {
+    let size = parse_bytes(s)?;
+    if !(64 << 10..=256 << 20).contains(&size) {
+        return Err("must be between 64KiB and 256MiB".into());
+    }
+    Ok(size)
+}
+
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d < Duration::from_millis(100) {
@@ -206,6 +218,7 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         allow_other: args.allow_other,
         cache_size: args.cache_size,
         block_size: args.block_size,
+        chunk_size: args.chunk_size,
         credentials,
         ca_file: args.ca_file,
         insecure: args.insecure,

@@ -35,6 +35,8 @@ pub struct MountConfig {
     /// Byte budget of the block cache, and its block size.
     pub cache_size: u64,
     pub block_size: u64,
+    /// Bytes per upload PATCH.
+    pub chunk_size: u64,
     pub credentials: Credentials,
     /// Extra CA certificates (PEM) to trust, and whether to verify certificates at all.
     pub ca_file: Option<PathBuf>,
@@ -82,6 +84,7 @@ fn prepare(
         ca_file: config.ca_file.clone(),
         insecure: config.insecure,
         credentials: config.credentials.clone(),
+        chunk_size: usize::try_from(config.chunk_size).unwrap_or(usize::MAX),
         ..ClientOptions::default()
     };
     let stats = Arc::new(Stats::default());
@@ -103,7 +106,13 @@ fn prepare(
     })?;
 
     let cache = Arc::new(BlockCache::new(config.block_size, config.cache_size, stats));
-    let fs = Arc::new(Fs::new(client, config.repos.clone(), config.tag_ttl, cache));
+    let fs = Arc::new(Fs::new(
+        client,
+        config.repos.clone(),
+        config.tag_ttl,
+        cache,
+        config.read_only,
+    ));
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
     let mut fuse_config = Config::default();
     // Requests are answered from tokio tasks; a second thread reading /dev/fuse (on its

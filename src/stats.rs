@@ -48,6 +48,8 @@ pub struct Stats {
     /// Whole-blob hash checks that passed / failed.
     pub verified: AtomicU64,
     pub verify_failures: AtomicU64,
+    /// Indexes written through the mount and held until their child manifests arrive.
+    pub pending_manifests: AtomicU64,
     /// Blob bytes sent in upload chunks (resent bytes count again).
     pub uploaded_bytes: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
@@ -115,6 +117,7 @@ impl Stats {
             in_flight: get(&self.in_flight),
             verified_blobs: get(&self.verified),
             verify_failures: get(&self.verify_failures),
+            pending_manifests: get(&self.pending_manifests),
         }
     }
 }
@@ -131,6 +134,7 @@ pub struct Snapshot {
     pub in_flight: u64,
     pub verified_blobs: u64,
     pub verify_failures: u64,
+    pub pending_manifests: u64,
 }
 
 #[derive(Serialize, Debug)]

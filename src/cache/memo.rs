@@ -75,6 +75,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Memo<K, V> {
         slot.cell.get().cloned()
     }
 
+    /// Drops what is known for `key` (it changed: something was pushed through regfs).
+    pub fn forget(&self, key: &K) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.pop(key);
+    }
+
     /// Stores a value learned some other way (e.g. a manifest fetched by tag is also
     /// the manifest for its digest).
     pub fn insert(&self, key: K, value: V) {

@@ -180,6 +180,20 @@ impl RegistryView {
             .await
     }
 
+    /// Forgets what a push through regfs changed in `repo`: its tags (and the one
+    /// pushed), what they reach, and whether the repository exists.
+    pub fn pushed(&self, repo: &RepoName, tag: Option<&Tag>) {
+        self.extra_repos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(repo.clone());
+        self.tags.forget(repo);
+        self.reachable.forget(repo);
+        if let Some(tag) = tag {
+            self.tag_manifests.forget(&(repo.clone(), tag.clone()));
+        }
+    }
+
     pub async fn reachable(&self, repo: &RepoName) -> Result<Arc<Reachable>> {
         self.reachable
             .get_or_fetch(repo, || async { self.walk(repo).await.map(Arc::new) })

@@ -9,6 +9,7 @@ pub mod metadata;
 pub mod node;
 pub mod readahead;
 mod verify;
+pub mod write;
 
 use std::ffi::OsStr;
 use std::fmt::Display;
@@ -28,6 +29,7 @@ use metadata::RegistryView;
 use node::{
     BLOBS, CONTROL, InodeTable, Kind, MANIFEST_JSON, MANIFESTS, Node, STATS, TAGS, UPLOADS,
 };
+use write::{Writes, WrittenFile, final_node};
 
 pub use node::ROOT_INO;
 
@@ -46,6 +48,9 @@ impl Errno {
     pub const EISDIR: Errno = Errno(libc::EISDIR);
     pub const EBADF: Errno = Errno(libc::EBADF);
     pub const EROFS: Errno = Errno(libc::EROFS);
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
 }
 
 /// Logs a registry error against the path it happened on, and gives its errno.
@@ -82,6 +87,8 @@ pub struct DirEntry {
 enum OpenFile {
     Bytes(Bytes),
     Blob(Arc<OpenBlob>),
+    /// A file being written (DESIGN §2).
+    Write(Arc<WrittenFile>),
 }
 
 pub struct Opened {
@@ -96,6 +103,8 @@ pub struct Opened {
 pub struct Fs {
     view: Arc<RegistryView>,
     blobs: BlobReads,
+    writes: Writes,
+    read_only: bool,
     inodes: Mutex<InodeTable>,
     dirs: Handles<Arc<Vec<DirEntry>>>,
     files: Handles<OpenFile>,
@@ -108,10 +117,14 @@ impl Fs {
         repos: Vec<RepoName>,
         tag_ttl: Duration,
         cache: Arc<BlockCache>,
+        read_only: bool,
     ) -> Fs {
+        let view = Arc::new(RegistryView::new(client.clone(), repos, tag_ttl));
         Fs {
             blobs: BlobReads::new(cache, client.clone()),
-            view: Arc::new(RegistryView::new(client, repos, tag_ttl)),
+            writes: Writes::new(client, view.clone()),
+            read_only,
+            view,
             inodes: Mutex::new(InodeTable::default()),
             dirs: Handles::new(),
             files: Handles::new(),
@@ -163,6 +176,9 @@ impl Fs {
             Node::Dir(path) => return self.dir_child(path, name).await,
             Node::Tags(repo) => {
                 let tag = Tag::parse(name).ok_or(Errno::ENOENT)?;
+                if self.writes.has_tag_dir(repo, &tag) {
+                    return Ok(Node::TagDir(repo.clone(), tag));
+                }
                 let listed = self
                     .view
                     .tags(repo)
@@ -181,18 +197,42 @@ impl Fs {
             Node::TagDir(repo, tag) if name == MANIFEST_JSON => {
                 Node::TagManifest(repo.clone(), tag.clone())
             }
-            Node::Manifests(repo) => {
-                Node::Manifest(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?)
+            Node::Uploads(repo) => {
+                let written = Node::Upload(repo.clone(), name.to_owned());
+                if self.writes.file(&written).is_some() {
+                    written
+                } else if self.writes.link(repo, name).is_some() {
+                    Node::UploadLink(repo.clone(), name.to_owned())
+                } else {
+                    return self.scratch(parent, name);
+                }
             }
-            Node::Blobs(repo) => {
-                Node::Blob(repo.clone(), Digest::parse(name).ok_or(Errno::ENOENT)?)
+            Node::Manifests(_) | Node::Blobs(_) | Node::TagDir(..) => {
+                match final_node(parent, name) {
+                    Some(node) => node,
+                    None => return self.scratch(parent, name),
+                }
             }
-            Node::TagDir(..) | Node::Uploads(_) => return Err(Errno::ENOENT),
-            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) | Node::Stats => {
+            Node::TagManifest(..)
+            | Node::Manifest(..)
+            | Node::Blob(..)
+            | Node::Upload(..)
+            | Node::UploadLink(..)
+            | Node::Scratch(..)
+            | Node::Stats => {
                 return Err(Errno::ENOTDIR);
             }
         };
         Ok(node)
+    }
+
+    /// A temp file being written in `dir`, if there is one called `name`.
+    fn scratch(&self, dir: &Node, name: &str) -> Result<Node, Errno> {
+        let node = Node::Scratch(Box::new(dir.clone()), name.to_owned());
+        match self.writes.file(&node) {
+            Some(_) => Ok(node),
+            None => Err(Errno::ENOENT),
+        }
     }
 
     async fn dir_child(&self, path: &str, name: &str) -> Result<Node, Errno> {
@@ -215,6 +255,9 @@ impl Fs {
             format!("{path}/{name}")
         };
         let repo = RepoName::parse(&full).ok_or(Errno::ENOENT)?;
+        if self.writes.has_dir(&full) {
+            return Ok(Node::Dir(full));
+        }
         let (known, complete) = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
         let prefix = format!("{full}/");
         let is_known =
@@ -242,6 +285,10 @@ impl Fs {
         let Some(repo) = RepoName::parse(path) else {
             return Ok(None);
         };
+        if self.writes.has_dir(path) {
+            // Made with mkdir: a repository to be, until its first push.
+            return Ok(Some(repo));
+        }
         let (known, _) = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
         if known.contains(&repo) {
             return Ok(Some(repo));
@@ -261,6 +308,17 @@ impl Fs {
 
     async fn attr(&self, node: &Node) -> Result<Attr, Errno> {
         let ino = self.ino(node);
+        if let Some(file) = self.writes.file(node) {
+            // Being written: it changes with every write, so the kernel may not keep it.
+            return Ok(Attr {
+                ino,
+                kind: Kind::File,
+                size: file.written(),
+                mtime: file.created(),
+                perm: 0o644,
+                ttl: Duration::ZERO,
+            });
+        }
         let dir = Attr {
             ino,
             kind: Kind::Dir,
@@ -287,6 +345,9 @@ impl Fs {
                 file(m.bytes.len() as u64, &m.digest, self.tag_ttl)
             }
             Node::Manifest(repo, digest) => {
+                if let Some(held) = self.writes.held_manifest(repo, digest) {
+                    return Ok(file(held.len() as u64, digest, Duration::ZERO));
+                }
                 let size = self
                     .view
                     .manifest_size(repo, digest)
@@ -294,6 +355,19 @@ impl Fs {
                     .map_err(|e| fail(node, e))?;
                 file(size, digest, IMMUTABLE_TTL)
             }
+            Node::UploadLink(repo, name) => {
+                let digest = self.writes.link(repo, name).ok_or(Errno::ENOENT)?;
+                Attr {
+                    ino,
+                    kind: Kind::Symlink,
+                    size: link_target(&digest).len() as u64,
+                    mtime: node::content_mtime(&digest),
+                    perm: 0o777,
+                    ttl: self.tag_ttl,
+                }
+            }
+            // Not being written (checked above): gone, or never there.
+            Node::Upload(..) | Node::Scratch(..) => return Err(Errno::ENOENT),
             Node::Blob(repo, digest) => {
                 let size = self
                     .view
@@ -377,6 +451,10 @@ impl Fs {
                         (name, Node::Dir(full))
                     })
                     .collect();
+                out.extend(self.writes.dirs_below(path).into_iter().map(|name| {
+                    let full = format!("{prefix}{name}");
+                    (name, Node::Dir(full))
+                }));
                 // `/.regfs` is not listed: `rsync -a` and `grep -r` of the whole mount
                 // must not pick up regfs's own counters. It opens by name.
                 if let Some(repo) = self.repo_at(path).await? {
@@ -398,34 +476,57 @@ impl Fs {
                 };
                 self.warm_tag_manifests(repo, &tags);
                 tags.iter()
+                    .chain(self.writes.tag_dirs_in(repo).iter())
                     .map(|t| (t.to_string(), Node::TagDir(repo.clone(), t.clone())))
                     .collect()
             }
             Node::TagDir(repo, tag) => {
-                vec![(
-                    MANIFEST_JSON.to_owned(),
-                    Node::TagManifest(repo.clone(), tag.clone()),
-                )]
+                let mut out = self.writes.files_in(node);
+                // A tag directory made with mkdir has no manifest until one is pushed.
+                if !self.writes.has_tag_dir(repo, tag) {
+                    out.push((
+                        MANIFEST_JSON.to_owned(),
+                        Node::TagManifest(repo.clone(), tag.clone()),
+                    ));
+                }
+                out
             }
             Node::Manifests(repo) => {
                 let reach = self.view.reachable(repo).await.map_err(|e| fail(node, e))?;
-                reach
+                let mut out: Vec<(String, Node)> = reach
                     .manifests
                     .keys()
                     .map(|d| (d.to_string(), Node::Manifest(repo.clone(), d.clone())))
-                    .collect()
+                    .collect();
+                out.extend(self.writes.files_in(node));
+                out
             }
             Node::Blobs(repo) => {
                 let reach = self.view.reachable(repo).await.map_err(|e| fail(node, e))?;
-                reach
+                let mut out: Vec<(String, Node)> = reach
                     .blobs
                     .keys()
                     .map(|d| (d.to_string(), Node::Blob(repo.clone(), d.clone())))
-                    .collect()
+                    .collect();
+                out.extend(self.writes.files_in(node));
+                out
             }
-            Node::Uploads(_) => Vec::new(),
+            Node::Uploads(repo) => {
+                let mut out = self.writes.files_in(node);
+                out.extend(self.writes.links_in(repo).into_iter().map(|name| {
+                    let link = Node::UploadLink(repo.clone(), name.clone());
+                    (name, link)
+                }));
+                out
+            }
             Node::Control => vec![(STATS.to_owned(), Node::Stats)],
-            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) | Node::Stats => {
+            Node::TagManifest(..)
+            | Node::Manifest(..)
+            | Node::Blob(..)
+            | Node::Upload(..)
+            | Node::UploadLink(..)
+            | Node::Scratch(..)
+            | Node::Stats => {
                 return Err(Errno::ENOTDIR);
             }
         };
@@ -457,7 +558,21 @@ impl Fs {
             return Err(Errno::EISDIR);
         }
         if write {
-            return Err(Errno::EROFS);
+            if self.read_only {
+                return Err(Errno::EROFS);
+            }
+            // Opening a file for writing starts it over: uploads are written whole.
+            let file = self.writes.create(node)?;
+            return Ok(Opened {
+                fh: self.files.insert(OpenFile::Write(file)),
+                keep_cache: false,
+                direct_io: true,
+            });
+        }
+        if self.writes.file(&node).is_some() {
+            // Its bytes are on their way to the registry, not kept here to be read.
+            debug!(path = %node, "a file being written cannot be read until it is committed");
+            return Err(Errno::EINVAL);
         }
         let mut direct_io = false;
         let (file, keep_cache) = match &node {
@@ -470,14 +585,17 @@ impl Fs {
                 // A tag can move, so the kernel must not serve pages cached from an older open.
                 (OpenFile::Bytes(m.bytes.clone()), false)
             }
-            Node::Manifest(repo, digest) => {
-                let m = self
-                    .view
-                    .manifest(repo, digest)
-                    .await
-                    .map_err(|e| fail(&node, e))?;
-                (OpenFile::Bytes(m.bytes.clone()), true)
-            }
+            Node::Manifest(repo, digest) => match self.writes.held_manifest(repo, digest) {
+                Some(held) => (OpenFile::Bytes(held), false),
+                None => {
+                    let m = self
+                        .view
+                        .manifest(repo, digest)
+                        .await
+                        .map_err(|e| fail(&node, e))?;
+                    (OpenFile::Bytes(m.bytes.clone()), true)
+                }
+            },
             Node::Blob(repo, digest) => {
                 let size = self
                     .view
@@ -520,10 +638,200 @@ impl Fs {
                     let node = Node::Blob(blob.repo().clone(), blob.digest().clone());
                     fail(&node, e)
                 }),
+            OpenFile::Write(_) => Err(Errno::EINVAL),
         }
     }
 
     pub fn release(&self, fh: u64) {
         self.files.remove(fh);
     }
+
+    // ---- writes (DESIGN §2) -------------------------------------------------------------
+
+    fn writable(&self) -> Result<(), Errno> {
+        if self.read_only {
+            return Err(Errno::EROFS);
+        }
+        Ok(())
+    }
+
+    /// Creates `name` in `parent` for writing: a final name (committed on close) or a
+    /// temp name in a writable directory (committed when renamed onto a final name).
+    pub async fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, Opened), Errno> {
+        self.writable()?;
+        let dir = self.node(parent)?;
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return Err(Errno::EINVAL);
+        }
+        let node = match final_node(&dir, name) {
+            Some(node) => node,
+            None if matches!(
+                dir,
+                Node::Blobs(_) | Node::Uploads(_) | Node::Manifests(_) | Node::TagDir(..)
+            ) =>
+            {
+                Node::Scratch(Box::new(dir.clone()), name.to_owned())
+            }
+            None => {
+                debug!(%dir, name, "nothing can be written here");
+                return Err(Errno::EPERM);
+            }
+        };
+        let file = self.writes.create(node.clone())?;
+        let attr = self.attr(&node).await?;
+        let opened = Opened {
+            fh: self.files.insert(OpenFile::Write(file)),
+            keep_cache: false,
+            direct_io: true,
+        };
+        Ok((attr, opened))
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let OpenFile::Write(file) = self.files.get(fh).ok_or(Errno::EBADF)? else {
+            return Err(Errno::EBADF);
+        };
+        self.writes.write(&file, offset, data).await?;
+        u32::try_from(data.len()).map_err(|_| Errno::EINVAL)
+    }
+
+    /// close(2) of a written file: under its final name, this is the commit, and its
+    /// result is what close returns.
+    pub async fn flush(&self, fh: u64) -> Result<(), Errno> {
+        match self.files.get(fh) {
+            Some(OpenFile::Write(file)) => self.writes.flush(&file).await,
+            Some(_) => Ok(()),
+            None => Err(Errno::EBADF),
+        }
+    }
+
+    /// chmod, chown, utimes and truncate. Modes, owners and times are accepted and not
+    /// kept (`rsync -a` and `cp -p` set them; a registry has nowhere to store them);
+    /// a size can only be what the file has (0 for a file just opened for writing).
+    pub async fn setattr(&self, ino: u64, size: Option<u64>) -> Result<Attr, Errno> {
+        self.writable()?;
+        let node = self.node(ino)?;
+        let attr = self.attr(&node).await?;
+        if let Some(size) = size {
+            if size != attr.size {
+                debug!(path = %node, size, "truncate refused: registry content is written whole");
+                return Err(if self.writes.file(&node).is_some() {
+                    Errno::EINVAL
+                } else {
+                    Errno::EPERM
+                });
+            }
+        }
+        Ok(attr)
+    }
+
+    /// mkdir: a repository (or namespace) directory, or a tag directory, held here until
+    /// the first push into it.
+    pub async fn mkdir(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
+        self.writable()?;
+        let dir = self.node(parent)?;
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        if self.child(&dir, name).await.is_ok() {
+            return Err(Errno::EEXIST);
+        }
+        let node = match &dir {
+            Node::Dir(path) => {
+                let full = if path.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{path}/{name}")
+                };
+                if !is_path_component(name) || RepoName::parse(&full).is_none() {
+                    debug!(path = full, "mkdir refused: not a valid repository name");
+                    return Err(Errno::EINVAL);
+                }
+                self.writes.make_dir(&full);
+                Node::Dir(full)
+            }
+            Node::Tags(repo) => {
+                let tag = Tag::parse(name).ok_or(Errno::EINVAL)?;
+                self.writes.make_tag_dir(repo, &tag);
+                Node::TagDir(repo.clone(), tag)
+            }
+            _ => return Err(Errno::EPERM),
+        };
+        self.attr(&node).await
+    }
+
+    /// rename of a written file onto its final name: the push happens now, and its
+    /// result is what rename returns.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+    ) -> Result<(), Errno> {
+        self.writable()?;
+        let (dir, new_dir) = (self.node(parent)?, self.node(new_parent)?);
+        let name = name.to_str().ok_or(Errno::ENOENT)?;
+        let new_name = new_name.to_str().ok_or(Errno::EINVAL)?;
+        let from = self.child(&dir, name).await?;
+        let Some(file) = self.writes.file(&from) else {
+            debug!(path = %from, "rename refused: only files being written can be renamed");
+            return Err(Errno::EPERM);
+        };
+        let to = final_node(&new_dir, new_name).ok_or_else(|| {
+            debug!(%new_dir, new_name, "rename refused: not a name that can be pushed");
+            Errno::EPERM
+        })?;
+        self.writes.rename(&file, &to).await
+    }
+
+    /// `ln a/blobs/<d> b/blobs/<d>`: a cross-repository blob mount.
+    pub async fn link(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Attr, Errno> {
+        self.writable()?;
+        let (from, dir) = (self.node(ino)?, self.node(new_parent)?);
+        let (Node::Blob(from_repo, digest), Node::Blobs(to_repo)) = (&from, &dir) else {
+            return Err(Errno::EPERM);
+        };
+        if new_name.to_str() != Some(digest.as_str()) {
+            debug!(%from, %dir, "a blob keeps its digest as its name");
+            return Err(Errno::EPERM);
+        }
+        if from_repo != to_repo {
+            self.writes.link_blob(from_repo, to_repo, digest).await?;
+        }
+        self.attr(&Node::Blob(to_repo.clone(), digest.clone()))
+            .await
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<String, Errno> {
+        match self.node(ino)? {
+            Node::UploadLink(repo, name) => self
+                .writes
+                .link(&repo, &name)
+                .map(|d| link_target(&d))
+                .ok_or(Errno::ENOENT),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// unlink: only a file being written can go (rsync removes its temp file after a
+    /// failure); deleting from the registry is not offered.
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        self.writable()?;
+        let dir = self.node(parent)?;
+        let name = name.to_str().ok_or(Errno::ENOENT)?;
+        let node = self.child(&dir, name).await?;
+        if self.writes.file(&node).is_none() {
+            return Err(Errno::EPERM);
+        }
+        self.writes.discard(&node).await
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+/// Where `uploads/<name>` points once committed.
+fn link_target(digest: &Digest) -> String {
+    format!("../{BLOBS}/{digest}")
 }

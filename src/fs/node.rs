@@ -31,6 +31,14 @@ pub enum Node {
     Blobs(RepoName),
     Blob(RepoName, Digest),
     Uploads(RepoName),
+    /// `uploads/<name>` while it is being written.
+    Upload(RepoName, String),
+    /// `uploads/<name>` once committed: a symlink to `../blobs/<digest>`. A node of its
+    /// own, so the kernel sees a new inode rather than a file that turned into a link.
+    UploadLink(RepoName, String),
+    /// A temp file in a writable directory (rsync's `.name.XXXXXX`), waiting for the
+    /// rename onto its final name.
+    Scratch(Box<Node>, String),
     /// `/.regfs`, regfs's own files.
     Control,
     /// `/.regfs/stats`: counters as JSON, made fresh at every open.
@@ -41,6 +49,7 @@ pub enum Node {
 pub enum Kind {
     Dir,
     File,
+    Symlink,
 }
 
 impl Node {
@@ -50,7 +59,13 @@ impl Node {
 
     pub fn kind(&self) -> Kind {
         match self {
-            Node::TagManifest(..) | Node::Manifest(..) | Node::Blob(..) | Node::Stats => Kind::File,
+            Node::TagManifest(..)
+            | Node::Manifest(..)
+            | Node::Blob(..)
+            | Node::Upload(..)
+            | Node::Scratch(..)
+            | Node::Stats => Kind::File,
+            Node::UploadLink(..) => Kind::Symlink,
             _ => Kind::Dir,
         }
     }
@@ -65,6 +80,8 @@ impl Node {
             Node::TagManifest(r, t) => Node::TagDir(r.clone(), t.clone()),
             Node::Manifest(r, _) => Node::Manifests(r.clone()),
             Node::Blob(r, _) => Node::Blobs(r.clone()),
+            Node::Upload(r, _) | Node::UploadLink(r, _) => Node::Uploads(r.clone()),
+            Node::Scratch(dir, _) => (**dir).clone(),
             Node::Control => Node::root(),
             Node::Stats => Node::Control,
         }
@@ -84,6 +101,10 @@ impl fmt::Display for Node {
             Node::Blobs(r) => write!(f, "/{r}/{BLOBS}"),
             Node::Blob(r, d) => write!(f, "/{r}/{BLOBS}/{d}"),
             Node::Uploads(r) => write!(f, "/{r}/{UPLOADS}"),
+            Node::Upload(r, name) | Node::UploadLink(r, name) => {
+                write!(f, "/{r}/{UPLOADS}/{name}")
+            }
+            Node::Scratch(dir, name) => write!(f, "{dir}/{name}"),
             Node::Control => write!(f, "/{CONTROL}"),
             Node::Stats => write!(f, "/{CONTROL}/{STATS}"),
         }

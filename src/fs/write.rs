@@ -1,0 +1,713 @@
+//! The write side of the tree (DESIGN §2): a file written under a repository becomes a
+//! blob upload or a manifest push, committed when it is closed under its final name, or
+//! when a temp file is renamed onto one (how rsync and `cp -p` write). Directories made
+//! with `mkdir` are held here until the first push makes them real.
+//!
+//! Nothing is reported as done before the registry confirmed it, with one exception an
+//! rsync restore needs: rsync writes `manifests/` in name order, so an index may arrive
+//! before its child manifests. Such an index is held and pushed as soon as the children
+//! have been pushed through this mount (`pending_manifests` in `/.regfs/stats` counts
+//! what is still held).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use tracing::{info, warn};
+
+use super::Errno;
+use super::metadata::RegistryView;
+use super::node::{MANIFEST_JSON, Node};
+use crate::registry::client::MAX_MANIFEST_BYTES;
+use crate::registry::upload::{MountOutcome, Upload};
+use crate::registry::{Digest, Error, ManifestLinks, Reference, RegistryClient, RepoName, Tag};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a file becomes once committed, decided by its final name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A blob; its content must hash to `expected` when the name is a digest.
+    /// `upload_name` is set for `uploads/<name>`, which becomes a symlink to the blob.
+    Blob {
+        repo: RepoName,
+        expected: Option<Digest>,
+        upload_name: Option<String>,
+    },
+    Manifest {
+        repo: RepoName,
+        reference: Reference,
+    },
+}
+
+impl Target {
+    /// The target of a file at `node`, if a file there can be committed at all.
+    pub fn of(node: &Node) -> Option<Target> {
+        match node {
+            Node::Blob(repo, digest) => Some(Target::Blob {
+                repo: repo.clone(),
+                expected: Some(digest.clone()),
+                upload_name: None,
+            }),
+            Node::Upload(repo, name) => Some(Target::Blob {
+                repo: repo.clone(),
+                expected: Digest::parse(name),
+                upload_name: Some(name.clone()),
+            }),
+            Node::Manifest(repo, digest) => Some(Target::Manifest {
+                repo: repo.clone(),
+                reference: Reference::Digest(digest.clone()),
+            }),
+            Node::TagManifest(repo, tag) => Some(Target::Manifest {
+                repo: repo.clone(),
+                reference: Reference::Tag(tag.clone()),
+            }),
+            _ => None,
+        }
+    }
+
+    fn is_blob(&self) -> bool {
+        matches!(self, Target::Blob { .. })
+    }
+}
+
+/// The final node a name stands for in a writable directory, or None for a temp name
+/// (a leading dot, or anything that is not a final name there).
+pub fn final_node(dir: &Node, name: &str) -> Option<Node> {
+    if name.starts_with('.') {
+        return None;
+    }
+    match dir {
+        Node::Blobs(repo) => Digest::parse(name).map(|d| Node::Blob(repo.clone(), d)),
+        Node::Manifests(repo) => Digest::parse(name).map(|d| Node::Manifest(repo.clone(), d)),
+        Node::TagDir(repo, tag) if name == MANIFEST_JSON => {
+            Some(Node::TagManifest(repo.clone(), tag.clone()))
+        }
+        Node::Uploads(repo) if !name.contains('/') && !name.is_empty() => {
+            Some(Node::Upload(repo.clone(), name.to_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// Whether files can be written in `dir`, and whether they hold blob bytes there.
+fn holds_blobs(dir: &Node) -> Option<bool> {
+    match dir {
+        Node::Blobs(_) | Node::Uploads(_) => Some(true),
+        Node::Manifests(_) | Node::TagDir(..) => Some(false),
+        _ => None,
+    }
+}
+
+fn repo_of(dir: &Node) -> Option<&RepoName> {
+    match dir {
+        Node::Blobs(r) | Node::Uploads(r) | Node::Manifests(r) | Node::TagDir(r, _) => Some(r),
+        _ => None,
+    }
+}
+
+/// A file being written, or written and waiting for the rename that names it.
+pub struct WrittenFile {
+    node: Node,
+    repo: RepoName,
+    created: SystemTime,
+    /// Bytes written so far (also in `state`; here for getattr, which must not wait
+    /// for a write in progress).
+    written: AtomicU64,
+    state: tokio::sync::Mutex<WriteState>,
+}
+
+struct WriteState {
+    content: Content,
+    len: u64,
+    /// The first failure; every later write, flush and rename of this file reports it.
+    failed: Option<Errno>,
+    /// Committed (or handed over): nothing more may be written.
+    done: bool,
+}
+
+enum Content {
+    /// Blob bytes go straight into an upload session, opened at the first write.
+    Blob(Option<Box<Upload>>),
+    /// A manifest is small (at most 4 MiB) and pushed whole.
+    Manifest(BytesMut),
+}
+
+impl WrittenFile {
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn created(&self) -> SystemTime {
+        self.created
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+/// An index held until its child manifests are in the repository.
+struct HeldIndex {
+    repo: RepoName,
+    reference: Reference,
+    body: Bytes,
+}
+
+pub struct Writes {
+    client: RegistryClient,
+    view: Arc<RegistryView>,
+    /// Files being written or waiting for their rename, by where they are.
+    files: Mutex<HashMap<Node, Arc<WrittenFile>>>,
+    /// `uploads/<name>` committed in this mount → the blob it became.
+    links: Mutex<HashMap<(RepoName, String), Digest>>,
+    /// Repository (and namespace) paths made with mkdir, not yet pushed to.
+    dirs: Mutex<BTreeSet<String>>,
+    tag_dirs: Mutex<HashSet<(RepoName, Tag)>>,
+    held: Mutex<Vec<HeldIndex>>,
+}
+
+impl Writes {
+    pub fn new(client: RegistryClient, view: Arc<RegistryView>) -> Writes {
+        Writes {
+            client,
+            view,
+            files: Mutex::new(HashMap::new()),
+            links: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(BTreeSet::new()),
+            tag_dirs: Mutex::new(HashSet::new()),
+            held: Mutex::new(Vec::new()),
+        }
+    }
+
+    // ---- what the tree shows of the write side -------------------------------------------
+
+    pub fn file(&self, node: &Node) -> Option<Arc<WrittenFile>> {
+        lock(&self.files).get(node).cloned()
+    }
+
+    /// Files being written in directory `dir`, by name.
+    pub fn files_in(&self, dir: &Node) -> Vec<(String, Node)> {
+        lock(&self.files)
+            .keys()
+            .filter_map(|node| match node {
+                Node::Scratch(parent, name) if **parent == *dir => {
+                    Some((name.clone(), node.clone()))
+                }
+                Node::Upload(repo, name) if *dir == Node::Uploads(repo.clone()) => {
+                    Some((name.clone(), node.clone()))
+                }
+                Node::Blob(..) | Node::Manifest(..) | Node::TagManifest(..)
+                    if node.parent() == *dir =>
+                {
+                    Some((node_name(node), node.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What `uploads/<name>` became, if it was committed in this mount.
+    pub fn link(&self, repo: &RepoName, name: &str) -> Option<Digest> {
+        lock(&self.links)
+            .get(&(repo.clone(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn links_in(&self, repo: &RepoName) -> Vec<String> {
+        lock(&self.links)
+            .keys()
+            .filter(|(r, _)| r == repo)
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
+    pub fn has_dir(&self, path: &str) -> bool {
+        lock(&self.dirs).contains(path)
+    }
+
+    /// Names of the directories made with mkdir right below `path`.
+    pub fn dirs_below(&self, path: &str) -> Vec<String> {
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}/")
+        };
+        lock(&self.dirs)
+            .iter()
+            .filter_map(|d| d.strip_prefix(&prefix))
+            .filter_map(|rest| rest.split('/').next())
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn has_tag_dir(&self, repo: &RepoName, tag: &Tag) -> bool {
+        lock(&self.tag_dirs).contains(&(repo.clone(), tag.clone()))
+    }
+
+    pub fn tag_dirs_in(&self, repo: &RepoName) -> Vec<Tag> {
+        lock(&self.tag_dirs)
+            .iter()
+            .filter(|(r, _)| r == repo)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
+    /// The body of a held manifest, so that `manifests/<digest>` shows what was written.
+    pub fn held_manifest(&self, repo: &RepoName, digest: &Digest) -> Option<Bytes> {
+        lock(&self.held)
+            .iter()
+            .find(|h| h.repo == *repo && digest.matches(&h.body))
+            .map(|h| h.body.clone())
+    }
+
+    // ---- making directories ----------------------------------------------------------------
+
+    /// Records a repository (or namespace) directory made with mkdir. Every leading
+    /// path is recorded too, so `mkdir -p a/b/c` shows `a` and `a/b`.
+    pub fn make_dir(&self, path: &str) {
+        let mut dirs = lock(&self.dirs);
+        let mut end = 0;
+        for part in path.split('/') {
+            end += part.len();
+            dirs.insert(path[..end].to_owned());
+            end += 1;
+        }
+    }
+
+    pub fn make_tag_dir(&self, repo: &RepoName, tag: &Tag) {
+        lock(&self.tag_dirs).insert((repo.clone(), tag.clone()));
+    }
+
+    // ---- writing -----------------------------------------------------------------------------
+
+    /// Starts a file at `node` (a final name, or `Node::Scratch` in a writable
+    /// directory). Whatever was being written there before is dropped.
+    pub fn create(&self, node: Node) -> Result<Arc<WrittenFile>, Errno> {
+        let (repo, blob) = match &node {
+            Node::Scratch(dir, _) => (repo_of(dir), holds_blobs(dir)),
+            other => match Target::of(other) {
+                Some(Target::Blob { ref repo, .. }) => {
+                    return Ok(self.insert(node.clone(), repo.clone(), true));
+                }
+                Some(Target::Manifest { ref repo, .. }) => {
+                    return Ok(self.insert(node.clone(), repo.clone(), false));
+                }
+                None => (None, None),
+            },
+        };
+        match (repo, blob) {
+            (Some(repo), Some(blob)) => Ok(self.insert(node.clone(), repo.clone(), blob)),
+            _ => Err(Errno(libc::EPERM)),
+        }
+    }
+
+    fn insert(&self, node: Node, repo: RepoName, blob: bool) -> Arc<WrittenFile> {
+        let file = Arc::new(WrittenFile {
+            node: node.clone(),
+            repo,
+            created: SystemTime::now(),
+            written: AtomicU64::new(0),
+            state: tokio::sync::Mutex::new(WriteState {
+                content: if blob {
+                    Content::Blob(None)
+                } else {
+                    Content::Manifest(BytesMut::new())
+                },
+                len: 0,
+                failed: None,
+                done: false,
+            }),
+        });
+        if let Some(old) = lock(&self.files).insert(node, file.clone()) {
+            // Its upload, if any, is cancelled when the last handle lets go of it.
+            drop(old);
+        }
+        file
+    }
+
+    /// Appends `data` at `offset`, which must be where the file ends: uploads are
+    /// streams, so writing elsewhere is EINVAL.
+    pub async fn write(&self, file: &WrittenFile, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let mut state = file.state.lock().await;
+        if let Some(e) = state.failed {
+            return Err(e);
+        }
+        if state.done {
+            warn!(path = %file.node, "write after the file was committed");
+            return Err(Errno(libc::EINVAL));
+        }
+        if offset != state.len {
+            warn!(
+                path = %file.node,
+                offset,
+                expected = state.len,
+                "writes here must be sequential (an upload is a stream); the file will not be committed"
+            );
+            // What was written is not what the writer meant: never commit it.
+            state.failed = Some(Errno(libc::EINVAL));
+            return Err(Errno(libc::EINVAL));
+        }
+        let result = match &mut state.content {
+            Content::Manifest(buf) => {
+                if buf.len() + data.len() > MAX_MANIFEST_BYTES {
+                    warn!(path = %file.node, "a manifest may not exceed {MAX_MANIFEST_BYTES} bytes");
+                    Err(Errno(libc::EFBIG))
+                } else {
+                    buf.extend_from_slice(data);
+                    Ok(())
+                }
+            }
+            Content::Blob(upload) => {
+                let appended = match upload {
+                    Some(up) => up.append(data).await,
+                    None => match self.client.start_upload(&file.repo).await {
+                        Ok(up) => {
+                            let mut up = Box::new(up);
+                            let r = up.append(data).await;
+                            *upload = Some(up);
+                            r
+                        }
+                        Err(e) => Err(e),
+                    },
+                };
+                appended.map_err(|e| errno_of(&file.node, e))
+            }
+        };
+        match result {
+            Ok(()) => {
+                state.len += data.len() as u64;
+                file.written.store(state.len, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                state.failed = Some(e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Close of a file under its final name: commit it. A temp file waits for its
+    /// rename; a file already committed (a second close of a dup'ed descriptor) is done.
+    pub async fn flush(&self, file: &Arc<WrittenFile>) -> Result<(), Errno> {
+        let Some(target) = Target::of(&file.node) else {
+            return file.state.lock().await.failed.map_or(Ok(()), Err);
+        };
+        self.commit(file, &target).await
+    }
+
+    /// Renames a written file onto `to`: the push happens now, under that name.
+    pub async fn rename(&self, file: &Arc<WrittenFile>, to: &Node) -> Result<(), Errno> {
+        let target = Target::of(to).ok_or(Errno(libc::EPERM))?;
+        let from_blob = match &file.node {
+            Node::Scratch(dir, _) => holds_blobs(dir),
+            other => Target::of(other).map(|t| t.is_blob()),
+        };
+        let same_repo = match &target {
+            Target::Blob { repo, .. } | Target::Manifest { repo, .. } => *repo == file.repo,
+        };
+        if from_blob != Some(target.is_blob()) || !same_repo {
+            // Blob bytes cannot become a manifest, nor move to another repository by
+            // rename: EXDEV makes mv and rsync copy instead.
+            return Err(Errno(libc::EXDEV));
+        }
+        let result = self.commit(file, &target).await;
+        lock(&self.files).remove(&file.node);
+        result
+    }
+
+    /// Drops a file that is being written (rsync removes its temp file after a failure).
+    pub async fn discard(&self, node: &Node) -> Result<(), Errno> {
+        let file = lock(&self.files).remove(node).ok_or(Errno(libc::ENOENT))?;
+        let mut state = file.state.lock().await;
+        state.done = true;
+        if let Content::Blob(upload) = &mut state.content {
+            if let Some(up) = upload.take() {
+                up.cancel().await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, file: &Arc<WrittenFile>, target: &Target) -> Result<(), Errno> {
+        let mut state = file.state.lock().await;
+        if let Some(e) = state.failed {
+            return Err(e);
+        }
+        if state.done {
+            return Ok(());
+        }
+        state.done = true;
+        let result = match (&mut state.content, target) {
+            (
+                Content::Blob(upload),
+                Target::Blob {
+                    repo,
+                    expected,
+                    upload_name,
+                },
+            ) => {
+                let upload = match upload.take() {
+                    Some(up) => Ok(*up),
+                    // Nothing was written: an empty blob still needs a session.
+                    None => self.client.start_upload(repo).await,
+                };
+                match upload {
+                    Ok(up) => match up.commit(expected.as_ref()).await {
+                        Ok(digest) => {
+                            if let Some(name) = upload_name {
+                                lock(&self.links).insert((repo.clone(), name.clone()), digest);
+                            }
+                            self.view.pushed(repo, None);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+            (Content::Manifest(buf), Target::Manifest { repo, reference }) => {
+                let body = std::mem::take(buf).freeze();
+                self.push_manifest(repo, reference, body).await
+            }
+            _ => Err(Error::Invalid(format!(
+                "{}: blob bytes cannot become a manifest, nor a manifest a blob",
+                file.node
+            ))),
+        };
+        // Under its final name, the file is the registry's now (a temp file is
+        // removed by its rename).
+        let mut files = lock(&self.files);
+        if files.get(&file.node).is_some_and(|f| Arc::ptr_eq(f, file)) {
+            files.remove(&file.node);
+        }
+        drop(files);
+        result.map_err(|e| {
+            let errno = errno_of(&file.node, e);
+            state.failed = Some(errno);
+            errno
+        })
+    }
+
+    /// Pushes a manifest; an index whose child manifests are missing is held (see the
+    /// module comment). Then retries what is held in the repository.
+    async fn push_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        body: Bytes,
+    ) -> Result<(), Error> {
+        match self
+            .client
+            .put_manifest(repo, reference, body.clone())
+            .await
+        {
+            Ok(digest) => {
+                info!(%repo, %reference, %digest, "manifest pushed");
+                self.after_manifest_push(repo, reference);
+                self.retry_held(repo).await;
+                Ok(())
+            }
+            Err(e @ Error::Refused(_)) => {
+                let missing = self.missing_children(repo, &body).await;
+                if missing.is_empty() {
+                    return Err(e);
+                }
+                warn!(
+                    %repo, %reference, missing = missing.len(),
+                    "index held until its child manifests are pushed ({e})"
+                );
+                let mut held = lock(&self.held);
+                held.push(HeldIndex {
+                    repo: repo.clone(),
+                    reference: reference.clone(),
+                    body,
+                });
+                self.count_held(held.len());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn after_manifest_push(&self, repo: &RepoName, reference: &Reference) {
+        let tag = match reference {
+            Reference::Tag(t) => Some(t),
+            Reference::Digest(_) => None,
+        };
+        self.view.pushed(repo, tag);
+        if let Some(tag) = tag {
+            lock(&self.tag_dirs).remove(&(repo.clone(), tag.clone()));
+        }
+        self.forget_dirs_of(repo);
+    }
+
+    /// A pushed-to repository is real now: its mkdir'd path is no longer needed.
+    fn forget_dirs_of(&self, repo: &RepoName) {
+        let mut dirs = lock(&self.dirs);
+        let path = repo.as_str();
+        dirs.retain(|d| !(path == d || path.starts_with(&format!("{d}/"))));
+    }
+
+    /// The child manifests an index names that `repo` does not have; empty for
+    /// anything that is not an index (or cannot be checked).
+    async fn missing_children(&self, repo: &RepoName, body: &[u8]) -> Vec<Digest> {
+        let Ok(ManifestLinks::Index { manifests }) = ManifestLinks::parse(body, "") else {
+            return Vec::new();
+        };
+        let mut missing = Vec::new();
+        for child in manifests {
+            let reference = Reference::Digest(child.digest.clone());
+            if let Err(Error::NotFound(_)) = self.client.head_manifest(repo, &reference).await {
+                missing.push(child.digest);
+            }
+        }
+        missing
+    }
+
+    /// Pushes the held indexes of `repo` whose children have all arrived.
+    async fn retry_held(&self, repo: &RepoName) {
+        let candidates: Vec<(Reference, Bytes)> = lock(&self.held)
+            .iter()
+            .filter(|h| h.repo == *repo)
+            .map(|h| (h.reference.clone(), h.body.clone()))
+            .collect();
+        for (reference, body) in candidates {
+            if !self.missing_children(repo, &body).await.is_empty() {
+                continue;
+            }
+            match self
+                .client
+                .put_manifest(repo, &reference, body.clone())
+                .await
+            {
+                Ok(digest) => {
+                    info!(%repo, %reference, %digest, "held index pushed: its children arrived");
+                    let mut held = lock(&self.held);
+                    held.retain(|h| !(h.repo == *repo && h.reference == reference));
+                    self.count_held(held.len());
+                    drop(held);
+                    self.after_manifest_push(repo, &reference);
+                }
+                Err(e) => warn!(%repo, %reference, "held index still refused: {e}"),
+            }
+        }
+    }
+
+    fn count_held(&self, n: usize) {
+        self.client
+            .stats()
+            .pending_manifests
+            .store(n as u64, Ordering::Relaxed);
+    }
+
+    /// `ln a/blobs/<d> b/blobs/<d>`: mounts the blob into `to` (or copies it when the
+    /// registry declines).
+    pub async fn link_blob(
+        &self,
+        from: &RepoName,
+        to: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), Errno> {
+        let node = Node::Blob(to.clone(), digest.clone());
+        let result = match self.client.mount_blob(to, digest, from).await {
+            Ok(MountOutcome::Mounted) => Ok(()),
+            Ok(MountOutcome::NotMounted(upload)) => {
+                info!(%from, %to, %digest, "the registry declined the mount; copying the blob");
+                self.client.copy_blob(from, digest, upload).await
+            }
+            Err(e) => Err(e),
+        };
+        result.map_err(|e| errno_of(&node, e))?;
+        self.view.pushed(to, None);
+        Ok(())
+    }
+}
+
+impl Drop for Writes {
+    fn drop(&mut self) {
+        for held in lock(&self.held).iter() {
+            tracing::error!(
+                repo = %held.repo,
+                reference = %held.reference,
+                "unmounted while an index still waited for its child manifests: it was not pushed"
+            );
+        }
+    }
+}
+
+/// The name of a file node within its directory.
+fn node_name(node: &Node) -> String {
+    match node {
+        Node::Blob(_, d) | Node::Manifest(_, d) => d.to_string(),
+        Node::TagManifest(..) => MANIFEST_JSON.to_owned(),
+        Node::Upload(_, name) | Node::UploadLink(_, name) | Node::Scratch(_, name) => name.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Logs why a write failed, against its path, and gives the errno.
+fn errno_of(node: &Node, e: Error) -> Errno {
+    warn!(path = %node, "{e}");
+    Errno(e.errno())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> RepoName {
+        RepoName::parse("team/app").expect("valid")
+    }
+
+    #[test]
+    fn final_names_and_temp_names() {
+        let d = Digest::sha256_of(b"x");
+        assert_eq!(
+            final_node(&Node::Blobs(repo()), d.as_str()),
+            Some(Node::Blob(repo(), d.clone()))
+        );
+        assert_eq!(final_node(&Node::Blobs(repo()), "notadigest"), None);
+        let rsync_temp = format!(".{d}.Ab12Cd");
+        assert_eq!(final_node(&Node::Blobs(repo()), &rsync_temp), None);
+        assert_eq!(
+            final_node(&Node::Uploads(repo()), "layer.tar"),
+            Some(Node::Upload(repo(), "layer.tar".into()))
+        );
+        assert_eq!(final_node(&Node::Uploads(repo()), ".layer.tar.XyZ"), None);
+        let tag = Tag::parse("v1").expect("valid");
+        assert_eq!(
+            final_node(&Node::TagDir(repo(), tag.clone()), MANIFEST_JSON),
+            Some(Node::TagManifest(repo(), tag.clone()))
+        );
+        assert_eq!(final_node(&Node::TagDir(repo(), tag), "other.json"), None);
+    }
+
+    #[test]
+    fn targets() {
+        let d = Digest::sha256_of(b"x");
+        assert_eq!(
+            Target::of(&Node::Upload(repo(), d.to_string())),
+            Some(Target::Blob {
+                repo: repo(),
+                expected: Some(d.clone()),
+                upload_name: Some(d.to_string()),
+            })
+        );
+        assert_eq!(
+            Target::of(&Node::Upload(repo(), "layer.tar".into())),
+            Some(Target::Blob {
+                repo: repo(),
+                expected: None,
+                upload_name: Some("layer.tar".into()),
+            })
+        );
+        assert!(Target::of(&Node::Blobs(repo())).is_none());
+    }
+}
