@@ -213,6 +213,7 @@ fn cp_into_uploads_commits_blobs_with_bounded_memory() {
     let sampler = RssSampler::start(mnt.pid());
     let out = cp(&big_path, &mnt.path("team/app/uploads/big.bin"));
     let peak = sampler.stop();
+    eprintln!("regfs during the 300 MiB cp: {peak:?}");
     assert_success(&out, "cp of 300 MiB into uploads/");
     assert_linked(&mnt, "team/app/uploads/big.bin", &big_digest);
     let head = common::http(
@@ -328,7 +329,7 @@ fn digest_names_must_match_the_content() {
 
 #[test]
 fn out_of_order_writes_fail_with_einval() {
-    let (_registry, mnt) = app_registry(&[]);
+    let (registry, mnt) = app_registry(&[]);
     let data = noise(256 << 10, 31);
     let (first, second) = data.split_at(128 << 10);
     let file = File::create(mnt.path("team/app/uploads/gappy")).expect("create in uploads/");
@@ -350,6 +351,22 @@ fn out_of_order_writes_fail_with_einval() {
         file.write_at(b"rewrite", end - 7),
         libc::EINVAL,
         "pwrite over the last bytes written",
+    );
+    // What the writer meant is not what was streamed: never committed, and the log says why.
+    let closed = close(file);
+    assert!(
+        closed.is_err(),
+        "close after out-of-order writes: {closed:?}"
+    );
+    assert_eq!(
+        blob_status(registry.addr, "team/app", &sha256_digest(&data)),
+        404
+    );
+    assert_not_linked(&mnt, "team/app/uploads/gappy");
+    let log = mnt.log();
+    assert!(
+        log.contains("sequential"),
+        "the log does not say the writes must be sequential:\n{log}"
     );
 }
 
@@ -389,6 +406,33 @@ fn several_uploads_at_once_are_independent() {
             "part-{i}"
         );
     }
+}
+
+/// A program that starts another process while it writes (any multi-threaded writer whose
+/// other threads spawn, e.g. this test harness) hands the child a copy of the descriptor,
+/// which the child closes at exec: the kernel sends FUSE a flush for that close too. Only
+/// the writer's own close may commit.
+#[test]
+fn a_child_closing_an_inherited_descriptor_does_not_commit() {
+    let (registry, mnt) = app_registry(&[]);
+    let data = noise(2 * MIB, 45);
+    let (first, second) = data.split_at(MIB);
+    let mut file = File::create(mnt.path("team/app/uploads/forked")).expect("create");
+    file.write_all(first).expect("write the first half");
+    // fork + exec: the child's copy of the (close-on-exec) descriptor is closed at exec.
+    let status = Command::new("true").status().expect("run true");
+    assert!(status.success());
+    file.write_all(second)
+        .expect("write the second half after a child process started");
+    close(file).expect("close commits the whole file");
+    let digest = sha256_digest(&data);
+    assert_linked(&mnt, "team/app/uploads/forked", &digest);
+    assert_eq!(get_blob(&registry, "team/app", &digest), data);
+    assert_eq!(
+        blob_status(registry.addr, "team/app", &sha256_digest(first)),
+        404,
+        "the first half alone was committed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
