@@ -64,6 +64,7 @@ fn prepare(
     config: &MountConfig,
 ) -> Result<(tokio::runtime::Runtime, Session<FuseAdapter>), String> {
     let canonical_mountpoint = check_mountpoint(&config.mountpoint)?;
+    one_malloc_arena();
     // One TLS provider for the process; an error only means one is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -139,6 +140,19 @@ fn prepare(
         .map_err(|e| format!("cannot mount at {}: {e}", config.mountpoint.display()))?;
     raise_kernel_readahead(&canonical_mountpoint);
     Ok((runtime, session))
+}
+
+/// Blob blocks are allocated on one thread and freed on another; with glibc's default
+/// of an arena per thread, each arena keeps what was freed into it, and the daemon's
+/// memory grew to twice `--cache-size` during a long read. One arena keeps it near the
+/// budget (measured: 131 MiB → 77 MiB peak for a 512 MiB read with a 64 MiB cache), at no
+/// measurable cost: blocks are few and large. Must run before any thread starts.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// The kernel reads ahead only 128 KiB on a new FUSE mount, so a sequential reader

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
@@ -23,6 +23,10 @@ use crate::registry::Digest;
 use crate::stats::Stats;
 
 pub type BlockKey = (Digest, u64);
+
+/// Evicted block buffers kept for the next blocks, so a long read recycles its memory
+/// instead of faulting in fresh pages for every block.
+const SPARE_BUFFERS: usize = 4;
 
 pub struct BlockCache {
     block_size: u64,
@@ -38,6 +42,8 @@ struct Inner {
     bytes: u64,
     /// Blocks being fetched; readers of the same block share the cell.
     pending: HashMap<BlockKey, Arc<OnceCell<Bytes>>>,
+    /// Buffers of evicted blocks nobody else held, ready for reuse.
+    spare: Vec<BytesMut>,
 }
 
 impl BlockCache {
@@ -51,6 +57,7 @@ impl BlockCache {
                 ready: LruCache::unbounded(),
                 bytes: 0,
                 pending: HashMap::new(),
+                spare: Vec::new(),
             }),
         }
     }
@@ -127,10 +134,27 @@ impl BlockCache {
             };
             inner.bytes -= evicted.len() as u64;
             Stats::add(&self.stats.cache_evictions, 1);
+            if inner.spare.len() < SPARE_BUFFERS && evicted.len() as u64 == self.block_size {
+                // Reusable only if no reader still holds a slice of it.
+                if let Ok(mut buffer) = evicted.try_into_mut() {
+                    buffer.clear();
+                    inner.spare.push(buffer);
+                }
+            }
         }
         self.stats
             .cache_bytes
             .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// An empty buffer for a block of up to `capacity` bytes: a recycled one if there is
+    /// one large enough.
+    pub fn buffer(&self, capacity: usize) -> BytesMut {
+        let mut inner = self.lock();
+        match inner.spare.iter().position(|b| b.capacity() >= capacity) {
+            Some(i) => inner.spare.swap_remove(i),
+            None => BytesMut::with_capacity(capacity),
+        }
     }
 
     /// Whether the block is cached or being fetched.
@@ -240,6 +264,38 @@ mod tests {
             .get(&key, || async { Ok::<_, &str>(Bytes::from_static(b"ok")) })
             .await;
         assert_eq!(second.as_deref(), Ok(&b"ok"[..]));
+    }
+
+    #[tokio::test]
+    async fn evicted_buffers_are_recycled_unless_still_held() {
+        let (cache, _) = cache(8);
+        let block = |b: &[u8]| {
+            let mut buf = cache.buffer(4);
+            buf.extend_from_slice(b);
+            buf.freeze()
+        };
+        let first = block(b"aaaa");
+        let held = first.clone();
+        let (a, b) = (block(b"bbbb"), block(b"cccc"));
+        for (i, bytes) in [first, a, b].into_iter().enumerate() {
+            let got = cache
+                .get(&(digest(3), i as u64), || async { Ok::<_, ()>(bytes) })
+                .await;
+            assert!(got.is_ok());
+        }
+        // Block 0 was evicted while `held` still pointed into it: not recycled.
+        assert!(cache.lock().spare.is_empty());
+        drop(held);
+        let d = block(b"dddd");
+        let got = cache
+            .get(&(digest(3), 3), || async { Ok::<_, ()>(d) })
+            .await;
+        assert!(got.is_ok());
+        // Block 1 was evicted with nobody holding it: its buffer is kept for reuse.
+        assert_eq!(cache.lock().spare.len(), 1);
+        let reused = cache.buffer(4);
+        assert!(reused.is_empty() && reused.capacity() >= 4);
+        assert!(cache.lock().spare.is_empty());
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::cache::BlockCache;
@@ -84,7 +84,9 @@ pub async fn stream_blocks(
         let block_start = index * bs;
         let len = bs.min(plan.size - block_start);
         // A block someone else is fetching is joined, and its bytes skipped in the body.
-        cache.get(&key, || cursor.block(block_start, len)).await?;
+        cache
+            .get(&key, || cursor.block(&cache, block_start, len))
+            .await?;
         progress.send_replace(index + 1);
     }
     Ok(())
@@ -102,10 +104,10 @@ struct BodyCursor {
 impl BodyCursor {
     /// The `len` bytes at blob offset `start` (at or after the cursor: any bytes before
     /// it are skipped).
-    async fn block(&mut self, start: u64, len: u64) -> Result<Bytes> {
+    async fn block(&mut self, cache: &BlockCache, start: u64, len: u64) -> Result<Bytes> {
         let want = usize::try_from(len)
             .map_err(|_| Error::BadAnswer(format!("{}: block too large", self.body.what())))?;
-        let mut out = BytesMut::with_capacity(want);
+        let mut out = cache.buffer(want);
         while out.len() < want {
             if self.carry.is_empty() {
                 self.carry = match self.body.chunk().await? {
