@@ -3,7 +3,7 @@
 #
 #   scripts/bench.sh                          full run (1 GiB blob, 3 runs per row)
 #   BENCH_SIZE_MIB=128 scripts/bench.sh       quick run while developing
-#   BENCH_ONLY=seq,random,grep,rss            rows to run (default: all; random includes
+#   BENCH_ONLY=seq,random,grep,rss,upload     rows to run (default: all; random includes
 #                                             the bytes-per-cold-read row)
 #   BENCH_RUNS=5                              runs per row (default 3; medians are reported)
 #   REGFS=/path/to/regfs                      binary to measure (default: cargo build --release here)
@@ -13,7 +13,9 @@
 # BENCH_SIZE_MIB and 400 small manifests (bench/r00..r39, 10 tags each). The peers are
 # curl on the same registry (the physical limit), and rclone mount / httpfs2 over an
 # nginx that serves the registry's own copy of the blob. Missing peers are installed with
-# apt-get; one that cannot be installed or mounted is reported as n/a.
+# apt-get; one that cannot be installed or mounted is reported as n/a. The upload row
+# writes a BENCH_SIZE_MIB file with cp into a fresh mount's uploads/, against curl's
+# monolithic upload of the same file (POST, then one PUT ?digest= with the whole body).
 #
 # The report goes to stdout, progress to stderr. Everything started here (registry, nginx,
 # mounts, daemons, temp files) is torn down on any exit, and every wait has a timeout.
@@ -25,7 +27,7 @@ source scripts/lib/registry.sh
 
 runs=${BENCH_RUNS:-3}
 size_mib=${BENCH_SIZE_MIB:-1024}
-only=${BENCH_ONLY:-seq,random,grep,rss}
+only=${BENCH_ONLY:-seq,random,grep,rss,upload}
 read_timeout=${BENCH_TIMEOUT:-600} # seconds for any single read/grep/pipeline
 size=$((size_mib * 1024 * 1024))
 random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per block of the blob)
@@ -35,7 +37,7 @@ repos=40 tags=10 # 400 manifests for the grep row
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_RUNS must be a positive integer" >&2; exit 2; }
 [[ $size_mib =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_SIZE_MIB must be a positive integer" >&2; exit 2; }
 for row in ${only//,/ }; do
-    case $row in seq | random | grep | rss) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
+    case $row in seq | random | grep | rss | upload) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
 done
 want() { [[ ,$only, == *,$1,* ]]; }
 
@@ -343,10 +345,11 @@ start_registry() {
     log "registry at http://$registry"
 }
 
-# push_blob REPO FILE: monolithic upload (POST, then PUT with the whole body); prints the digest.
+# push_blob REPO FILE [DIGEST]: monolithic upload (POST, then PUT with the whole body);
+# prints the digest (computed unless given).
 push_blob() {
-    local digest loc
-    digest=sha256:$(sha256sum "$2" | cut -d' ' -f1)
+    local digest=${3:-} loc
+    [[ -n $digest ]] || digest=sha256:$(sha256sum "$2" | cut -d' ' -f1)
     loc=$(curl -fsS --max-time 30 -X POST -D - -o /dev/null "http://$registry/v2/$1/blobs/uploads/" |
         tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
     [[ $loc == /* ]] && loc=http://$registry$loc
@@ -676,6 +679,60 @@ rss_row() {
     fi
 }
 
+# blob_exists REPO DIGEST: the registry itself serves the blob (HEAD 200)
+blob_exists() { curl -fsS --max-time 30 -I -o /dev/null "http://$registry/v2/$1/blobs/$2"; }
+
+# cp of a random file into a fresh mount's uploads/ (a new repository each run) against
+# curl's monolithic upload of the same file to the same registry, alternating. The file
+# is in the page cache for both; its digest is computed beforehand (curl needs it for the
+# PUT; regfs computes it while uploading, inside its timing).
+upload_row() {
+    local i t0 file=$tmp/gen/upload digest repo c_curl=() c_regfs=()
+    log "writing a ${size_mib} MiB random file to upload"
+    head -c "$size" /dev/urandom >"$file"
+    digest=sha256:$(sha256sum "$file" | cut -d' ' -f1)
+    for ((i = 1; i <= runs; i++)); do
+        log "upload run $i/$runs: curl POST + PUT, regfs cp"
+        repo=upload/curl$i
+        t0=${EPOCHREALTIME//[!0-9]/}
+        if push_blob "$repo" "$file" "$digest" >/dev/null && blob_exists "$repo" "$digest"; then
+            c_curl+=("$(calc "(${EPOCHREALTIME//[!0-9]/} - $t0) / 1000000" 6)")
+        else
+            c_curl+=(error)
+        fi
+
+        repo=upload/regfs$i
+        regfs_mount
+        # mkdir of a new repository is outside the timing.
+        if mkdir -p "$mnt/$repo" >&2 && t0=${EPOCHREALTIME//[!0-9]/} &&
+            timeout -k 5 "$read_timeout" cp "$file" "$mnt/$repo/uploads/blob" >&2; then
+            c_regfs+=("$(calc "(${EPOCHREALTIME//[!0-9]/} - $t0) / 1000000" 6)")
+            [[ $(readlink "$mnt/$repo/uploads/blob") == "../blobs/$digest" ]] ||
+                problems+=("upload run $i: uploads/blob is not a symlink to ../blobs/$digest")
+            blob_exists "$repo" "$digest" || problems+=("upload run $i: the registry does not serve $digest in $repo")
+        else
+            c_regfs+=(error)
+        fi
+        regfs_umount
+    done
+    rm -f "$file"
+
+    log "upload samples (s): curl ${c_curl[*]} | regfs ${c_regfs[*]}"
+    local label="upload: \`cp\` of a ${size_mib} MiB file into uploads/, fresh mount" curl_s regfs_s
+    local target="≥ 0.8 × curl"
+    if ! all_numeric "${c_curl[@]}"; then
+        row "$label" "—" "curl: error (see log)" "—" "$target" "n/a"
+    elif all_numeric "${c_regfs[@]}"; then
+        curl_s=$(median "${c_curl[@]}") regfs_s=$(median "${c_regfs[@]}")
+        row "$label" "$(secs "$regfs_s") ($(mibps "$regfs_s") MiB/s)" \
+            "curl POST + one PUT: $(secs "$curl_s") ($(mibps "$curl_s") MiB/s)" \
+            "$(calc "$curl_s / $regfs_s") × curl speed" "$target" "$(verdict "$curl_s / $regfs_s >= 0.8")"
+    else
+        curl_s=$(median "${c_curl[@]}")
+        row "$label" "error (see log)" "curl POST + one PUT: $(secs "$curl_s")" "—" "$target" "**missed**"
+    fi
+}
+
 # The same question without a filesystem: catalog → tag lists → manifests, 8 in parallel, grep.
 grep_pipeline() {
     local d=$tmp/pipeline reg=http://$registry
@@ -737,6 +794,7 @@ want seq && seq_rows
 want random && random_rows
 want rss && rss_row
 want grep && grep_row
+want upload && upload_row
 
 ((stats_retries == 0)) || notes+=("regfs retried $stats_retries requests in total (stats \`retries\`)")
 if [[ -s $tmp/regfs.log ]] && grep -qiE 'error|panic' "$tmp/regfs.log"; then

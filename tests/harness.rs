@@ -384,3 +384,79 @@ fn proxy_answers_502_when_upstream_is_gone() {
     let proxy = Proxy::start(upstream, ProxyRules::default());
     assert_eq!(http_get(proxy.addr, "/v2/").0, 502);
 }
+
+#[test]
+fn tiny_images_pushed_by_http_are_what_skopeo_sees() {
+    require_tools();
+    let registry = Registry::start();
+    let (manifest, config) = push_tiny_image(&registry, "team/app", "v1", 7);
+    assert_eq!(blob_status(registry.addr, "team/app", &config), 200);
+    assert_eq!(manifest_status(registry.addr, "team/app", "v1"), 200);
+    assert_eq!(manifest_status(registry.addr, "team/app", &manifest), 200);
+    assert_eq!(manifest_status(registry.addr, "team/app", "v2"), 404);
+    assert_eq!(catalog(&registry), ["team/app"]);
+    let raw = skopeo_raw_manifest(registry.addr, "team/app:v1");
+    assert_eq!(
+        sha256_digest(&raw),
+        manifest,
+        "skopeo --raw gives the bytes as served"
+    );
+    let out = tempfile::tempdir().expect("temp dir");
+    let dir = out.path().join("oci");
+    skopeo_copy_to_oci(registry.addr, "team/app:v1", &dir, "v1");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("read index.json"))
+            .expect("index.json is JSON");
+    assert_eq!(index["manifests"][0]["digest"], manifest.as_str());
+}
+
+#[test]
+fn proxy_cuts_a_patch_after_letting_some_through() {
+    require_tools();
+    let registry = Registry::start();
+    let proxy = Proxy::start(
+        registry.addr,
+        ProxyRules {
+            cut_patches: 1,
+            cut_patch_after: 1,
+            ..ProxyRules::default()
+        },
+    );
+    let start = http(proxy.addr, "POST", "/v2/team/app/blobs/uploads/", &[], &[]);
+    assert_eq!(start.status, 202);
+    let location = start.header("location").expect("Location");
+    let target = &location[location.find("/v2/").expect("path in Location")..];
+    let first = http(
+        proxy.addr,
+        "PATCH",
+        target,
+        &[("Content-Range", "0-3")],
+        b"abcd",
+    );
+    assert_eq!(first.status, 202, "{}", first.text());
+    let next = first.header("location").expect("Location");
+    let next = &next[next.find("/v2/").expect("path in Location")..];
+    let second = try_http(
+        proxy.addr,
+        "PATCH",
+        next,
+        &[("Content-Range", "4-7")],
+        b"efgh",
+    );
+    assert!(second.is_err(), "the second PATCH is cut: {second:?}");
+    assert_eq!(proxy.faults_left(), 0);
+    assert_eq!(proxy.requests_matching("PATCH "), 2);
+}
+
+#[test]
+fn rss_sampler_sees_a_process_grow() {
+    let sampler = RssSampler::start(std::process::id());
+    let block = vec![1u8; 96 << 20];
+    thread::sleep(Duration::from_millis(300));
+    let peak = sampler.stop();
+    assert!(block.iter().all(|b| *b == 1));
+    assert!(peak.samples >= 2, "{peak:?}");
+    assert!(peak.max_rss_kib >= 96 << 10, "{peak:?}");
+    assert!(peak.hwm_kib >= peak.max_rss_kib, "{peak:?}");
+    assert!(peak.peak_mib() >= 96, "{peak:?}");
+}

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use common::{Layout, Mount, Proxy, ProxyRules, Registry, sha256_digest};
+use common::{Layout, Mount, Proxy, ProxyRules, Registry, ls, sha256_digest};
 
 /// A registry holding:
 /// - `team/app:v1` (amd64), `team/app:v2` (arm64), `team/app:multi` (an OCI index over two
@@ -50,21 +50,6 @@ fn fixture() -> Fixture {
         layout,
         index_children,
     }
-}
-
-/// Sorted names in a directory of the mount.
-fn ls(path: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(path)
-        .unwrap_or_else(|e| panic!("ls {}: {e}", path.display()))
-        .map(|e| {
-            e.expect("directory entry")
-                .file_name()
-                .into_string()
-                .expect("UTF-8 name")
-        })
-        .collect();
-    names.sort();
-    names
 }
 
 fn read(path: &Path) -> Vec<u8> {

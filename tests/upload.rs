@@ -3,14 +3,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::{
-    LocationRewrite, OCI_INDEX, OCI_MANIFEST, Proxy, ProxyRules, Registry, get_blob, get_manifest,
-    http, noise, sha256_digest,
+    LocationRewrite, OCI_INDEX, OCI_MANIFEST, Proxy, ProxyRules, Registry, blob_status, get_blob,
+    get_manifest, http, noise, sha256_digest,
 };
 use regfs::registry::{
     ClientOptions, Digest, Error, MountOutcome, Reference, RegistryClient, RepoName, Tag,
@@ -46,18 +45,6 @@ fn repo(name: &str) -> RepoName {
 
 fn digest(s: &str) -> Digest {
     Digest::parse(s).expect("valid digest")
-}
-
-/// Status of `HEAD /v2/<repo>/blobs/<digest>` straight on the registry.
-fn blob_status(addr: SocketAddr, repo: &str, digest: &str) -> u16 {
-    http(
-        addr,
-        "HEAD",
-        &format!("/v2/{repo}/blobs/{digest}"),
-        &[],
-        &[],
-    )
-    .status
 }
 
 /// Uploads `data` to `repo` in writes of `write` bytes, as a program writing a file would.

@@ -21,7 +21,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -76,20 +76,30 @@ fn find_in_path(tool: &str) -> Option<PathBuf> {
 }
 
 /// Runs a command to completion and returns its stdout; panics with its stderr on failure.
-fn run(cmd: &mut Command) -> String {
+pub fn run(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_bytes(cmd)).into_owned()
+}
+
+/// [`run`], stdout as bytes.
+pub fn run_bytes(cmd: &mut Command) -> Vec<u8> {
     let shown = format!("{cmd:?}");
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (run scripts/setup.sh?)"));
+    assert_success(&out, &shown);
+    out.stdout
+}
+
+/// Panics with the command's output unless it exited 0.
+pub fn assert_success(out: &Output, what: &str) {
     assert!(
         out.status.success(),
-        "{shown} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+        "{what} failed with {}:\nstdout:\n{}\nstderr:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Makes the child receive `signal` when the spawning thread dies, so a crashed or killed test
@@ -570,6 +580,102 @@ pub fn put_manifest(
         .to_string()
 }
 
+/// Status of `HEAD /v2/<repo>/blobs/<digest>` at `addr` (a registry or a [`Proxy`]).
+pub fn blob_status(addr: SocketAddr, repo: &str, digest: &str) -> u16 {
+    http(
+        addr,
+        "HEAD",
+        &format!("/v2/{repo}/blobs/{digest}"),
+        &[],
+        &[],
+    )
+    .status
+}
+
+/// Status of `HEAD /v2/<repo>/manifests/<reference>` at `addr`.
+pub fn manifest_status(addr: SocketAddr, repo: &str, reference: &str) -> u16 {
+    let path = format!("/v2/{repo}/manifests/{reference}");
+    http(addr, "HEAD", &path, &[("Accept", MANIFEST_ACCEPT)], &[]).status
+}
+
+/// Monolithic blob upload (POST, then PUT `?digest=` with the whole body), as `curl -T`
+/// would do it; returns the digest. Panics unless the registry answers 201.
+pub fn push_blob(addr: SocketAddr, repo: &str, bytes: &[u8]) -> String {
+    let digest = sha256_digest(bytes);
+    let start = http(
+        addr,
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        &[],
+    );
+    assert_eq!(start.status, 202, "POST upload to {repo}: {}", start.text());
+    let location = start
+        .header("location")
+        .unwrap_or_else(|| panic!("POST upload to {repo}: no Location"));
+    // Absolute (distribution 2.8) or relative: keep the path and query only.
+    let target = match location.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]).to_string(),
+        None => location.to_string(),
+    };
+    let separator = if target.contains('?') { '&' } else { '?' };
+    let put = http(
+        addr,
+        "PUT",
+        &format!("{target}{separator}digest={digest}"),
+        &[("Content-Type", "application/octet-stream")],
+        bytes,
+    );
+    assert_eq!(
+        put.status,
+        201,
+        "PUT blob {digest} to {repo}: {}",
+        put.text()
+    );
+    digest
+}
+
+/// A one-config image (no layers) pushed with plain HTTP: enough to make `repo` exist with
+/// a tag. Returns (manifest digest, config digest); `seed` makes the config unique.
+pub fn push_tiny_image(registry: &Registry, repo: &str, tag: &str, seed: u32) -> (String, String) {
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [] },
+        "config": { "Labels": { "seed": seed.to_string() } },
+    });
+    let config = serde_json::to_vec(&config).expect("serialize config");
+    let config_digest = push_blob(registry.addr, repo, &config);
+    let manifest = oci_manifest(&config_digest, config.len(), &[]);
+    let digest = put_manifest(registry, repo, tag, OCI_MANIFEST, &manifest);
+    (digest, config_digest)
+}
+
+/// The bytes of an OCI image manifest over a config and layers (digest, size).
+pub fn oci_manifest(config_digest: &str, config_size: usize, layers: &[(&str, usize)]) -> Vec<u8> {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(digest, size)| {
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest,
+                "size": size,
+            })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_size,
+        },
+        "layers": layers,
+    });
+    serde_json::to_vec(&manifest).expect("serialize manifest")
+}
+
 /// GET a whole blob; panics unless 200.
 pub fn get_blob(registry: &Registry, repo: &str, digest: &str) -> Vec<u8> {
     let path = format!("/v2/{repo}/blobs/{digest}");
@@ -743,31 +849,31 @@ impl Layout {
 
     /// [`Layout::push`] with `user:password` credentials (`--dest-creds`).
     pub fn push_as(&self, tag: &str, registry: &Registry, dest: &str, creds: Option<&str>) {
-        let creds: Vec<String> = creds
-            .map(|c| vec!["--dest-creds".to_string(), c.to_string()])
-            .unwrap_or_default();
-        run(Command::new("skopeo")
-            .args([
-                // The policy is irrelevant here; this also works without /etc/containers/policy.json.
-                "--insecure-policy",
-                "--command-timeout",
-                "120s",
-                "copy",
-                "--quiet",
-                "--all",
-                "--preserve-digests",
-                "--dest-tls-verify=false",
-            ])
-            .args(creds)
-            .args([
-                &format!("oci:{}", self.image(tag)),
-                &format!("docker://{}/{dest}", registry.addr),
-            ]));
+        let mut options = vec!["--preserve-digests", "--dest-tls-verify=false"];
+        if let Some(creds) = creds {
+            options.extend(["--dest-creds", creds]);
+        }
+        skopeo_copy(
+            &options,
+            &format!("oci:{}", self.image(tag)),
+            &format!("docker://{}/{dest}", registry.addr),
+        );
     }
 
     /// Writes an OCI image index over the images tagged `tags` (platforms read from their
     /// configs) into the layout as `index_tag`; returns its digest.
     pub fn add_index(&self, index_tag: &str, tags: &[&str]) -> String {
+        self.add_index_with(index_tag, tags, &serde_json::Value::Null)
+    }
+
+    /// [`Layout::add_index`] with `annotations` (a JSON object; null for none) on the index,
+    /// e.g. to give it another digest.
+    pub fn add_index_with(
+        &self,
+        index_tag: &str,
+        tags: &[&str],
+        annotations: &serde_json::Value,
+    ) -> String {
         let manifests: Vec<serde_json::Value> = tags
             .iter()
             .map(|tag| {
@@ -788,11 +894,14 @@ impl Layout {
                 })
             })
             .collect();
-        let index = serde_json::json!({
+        let mut index = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
             "manifests": manifests,
         });
+        if !annotations.is_null() {
+            index["annotations"] = annotations.clone();
+        }
         let bytes = serde_json::to_vec(&index).expect("serialize index");
         let digest = self.write_blob(&bytes);
         self.set_ref(index_tag, OCI_INDEX, &digest, bytes.len());
@@ -831,11 +940,22 @@ impl Layout {
     /// Pushes a multi-arch index over the images tagged `tags` as `dest` ("team/app:multi").
     /// The children are pushed by digest only (untagged). Returns the index digest.
     pub fn push_index(&self, tags: &[&str], registry: &Registry, dest: &str) -> String {
+        self.push_index_with(tags, registry, dest, &serde_json::Value::Null)
+    }
+
+    /// [`Layout::push_index`] with `annotations` on the index (see [`Layout::add_index_with`]).
+    pub fn push_index_with(
+        &self,
+        tags: &[&str],
+        registry: &Registry,
+        dest: &str,
+        annotations: &serde_json::Value,
+    ) -> String {
         let index_tag = format!(
             "index-{}",
             dest.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "-")
         );
-        let digest = self.add_index(&index_tag, tags);
+        let digest = self.add_index_with(&index_tag, tags, annotations);
         self.push(&index_tag, registry, dest);
         // skopeo must not have converted it: the registry serves our exact bytes as an index.
         let (repo, reference) = split_reference(dest);
@@ -850,6 +970,43 @@ impl Default for Layout {
     fn default() -> Self {
         Layout::new()
     }
+}
+
+/// `skopeo inspect --raw docker://<addr>/<reference>`: the manifest bytes as skopeo gets them.
+pub fn skopeo_raw_manifest(addr: SocketAddr, reference: &str) -> Vec<u8> {
+    run_bytes(Command::new("skopeo").args([
+        "--command-timeout",
+        "60s",
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{addr}/{reference}"),
+    ]))
+}
+
+/// `skopeo copy --all [options] src dest`; panics if skopeo fails.
+fn skopeo_copy(options: &[&str], src: &str, dest: &str) {
+    run(Command::new("skopeo")
+        .args([
+            // The policy is irrelevant here; this also works without /etc/containers/policy.json.
+            "--insecure-policy",
+            "--command-timeout",
+            "120s",
+            "copy",
+            "--quiet",
+            "--all",
+        ])
+        .args(options)
+        .args([src, dest]));
+}
+
+/// `skopeo copy --all docker://<addr>/<reference> oci:<dir>:<tag>` (panics if skopeo fails).
+pub fn skopeo_copy_to_oci(addr: SocketAddr, reference: &str, dir: &Path, tag: &str) {
+    skopeo_copy(
+        &["--src-tls-verify=false"],
+        &format!("docker://{addr}/{reference}"),
+        &format!("oci:{}:{tag}", dir.display()),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -885,6 +1042,9 @@ pub struct ProxyRules {
     pub cut_patches: usize,
     /// How many body bytes of a cut `PATCH` reach the registry (0: only the head).
     pub cut_patch_forward: usize,
+    /// How many `PATCH` requests go through untouched before [`ProxyRules::cut_patches`]
+    /// starts cutting (0: the very first one is cut), so that a cut lands mid-upload.
+    pub cut_patch_after: usize,
     /// The next this-many `PATCH` requests answer 503 with `Retry-After: 1`, unforwarded.
     pub fail_patches: usize,
     /// Blob mounts (`POST …/blobs/uploads/?mount=&from=`) are forwarded without their
@@ -931,6 +1091,7 @@ struct ProxyShared {
     redirect_blob_gets_to: Option<String>,
     cut_patches: AtomicUsize,
     cut_patch_forward: usize,
+    cut_patch_after: AtomicUsize,
     fail_patches: AtomicUsize,
     decline_mounts: AtomicBool,
     upload_locations: Option<LocationRewrite>,
@@ -977,6 +1138,7 @@ impl Proxy {
             redirect_blob_gets_to: rules.redirect_blob_gets_to,
             cut_patches: AtomicUsize::new(rules.cut_patches),
             cut_patch_forward: rules.cut_patch_forward,
+            cut_patch_after: AtomicUsize::new(rules.cut_patch_after),
             fail_patches: AtomicUsize::new(rules.fail_patches),
             decline_mounts: AtomicBool::new(rules.decline_mounts),
             upload_locations: rules.upload_locations,
@@ -1206,7 +1368,10 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
             range: header(&request.headers, "range").map(String::from),
             authorization: header(&request.headers, "authorization").is_some(),
         });
-        if request.method == "PATCH" && take_one(&shared.cut_patches) {
+        if request.method == "PATCH"
+            && !take_one(&shared.cut_patch_after)
+            && take_one(&shared.cut_patches)
+        {
             cut_request(shared, &request, &mut reader);
             let _ = writer.shutdown(Shutdown::Both);
             return;
@@ -1740,6 +1905,104 @@ impl Drop for Mount {
         {
             std::mem::forget(tmp);
         }
+    }
+}
+
+/// Sorted names in a directory (of a mount, typically).
+pub fn ls(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(path)
+        .unwrap_or_else(|e| panic!("ls {}: {e}", path.display()))
+        .map(|e| {
+            e.expect("directory entry")
+                .file_name()
+                .into_string()
+                .expect("UTF-8 name")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A field of `/proc/<pid>/status` in KiB, e.g. `proc_status_kib(pid, "VmHWM")`.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix(field)?.strip_prefix(':')?;
+        value.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+/// Samples a process's resident set (`VmRSS`) every 50 ms on a thread until stopped.
+pub struct RssSampler {
+    pid: u32,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<(usize, u64)>>,
+}
+
+/// What an [`RssSampler`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct RssPeak {
+    /// How many samples were taken.
+    pub samples: usize,
+    /// The largest `VmRSS` sampled, KiB.
+    pub max_rss_kib: u64,
+    /// `VmHWM` (the kernel's own peak RSS over the process's life) when stopped, KiB.
+    pub hwm_kib: u64,
+}
+
+impl RssPeak {
+    /// The larger of the two peaks, in MiB.
+    pub fn peak_mib(&self) -> u64 {
+        self.max_rss_kib.max(self.hwm_kib) / 1024
+    }
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            thread::Builder::new()
+                .name("test-rss-sampler".into())
+                .spawn(move || {
+                    let (mut samples, mut max) = (0, 0);
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Some(rss) = proc_status_kib(pid, "VmRSS") {
+                            samples += 1;
+                            max = max.max(rss);
+                        }
+                        thread::sleep(POLL);
+                    }
+                    (samples, max)
+                })
+                .expect("spawn the RSS sampler")
+        };
+        RssSampler {
+            pid,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self) -> RssPeak {
+        self.stop.store(true, Ordering::SeqCst);
+        let (samples, max_rss_kib) = self
+            .thread
+            .take()
+            .expect("sampler thread present")
+            .join()
+            .expect("RSS sampler thread panicked");
+        RssPeak {
+            samples,
+            max_rss_kib,
+            hwm_kib: proc_status_kib(self.pid, "VmHWM").unwrap_or(0),
+        }
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
