@@ -331,12 +331,13 @@ impl Filesystem for FuseAdapter {
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        let owner = lock_owner.map(|o| o.0);
         self.spawn(move |fs, _| async move {
-            match fs.write(fh.0, offset, &data).await {
+            match fs.write(fh.0, offset, &data, owner).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
             }
@@ -348,11 +349,11 @@ impl Filesystem for FuseAdapter {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         self.spawn(move |fs, _| async move {
-            match fs.flush(fh.0).await {
+            match fs.flush(fh.0, lock_owner.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }

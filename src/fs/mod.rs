@@ -688,19 +688,28 @@ impl Fs {
         Ok((attr, opened))
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    /// `owner` is the kernel's lock owner of the writing process (see `flush`).
+    pub async fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        owner: Option<u64>,
+    ) -> Result<u32, Errno> {
         let OpenFile::Write(file) = self.files.get(fh).ok_or(Errno::EBADF)? else {
             return Err(Errno::EBADF);
         };
-        self.writes.write(&file, offset, data).await?;
+        self.writes.write(&file, offset, data, owner).await?;
         u32::try_from(data.len()).map_err(|_| Errno::EINVAL)
     }
 
     /// close(2) of a written file: under its final name, this is the commit, and its
-    /// result is what close returns.
-    pub async fn flush(&self, fh: u64) -> Result<(), Errno> {
+    /// result is what close returns. `owner` tells whose close it is: a child process
+    /// that inherited the descriptor closes it too (at exec), and that must not commit
+    /// a file its parent is still writing.
+    pub async fn flush(&self, fh: u64, owner: u64) -> Result<(), Errno> {
         match self.files.get(fh) {
-            Some(OpenFile::Write(file)) => self.writes.flush(&file).await,
+            Some(OpenFile::Write(file)) => self.writes.flush(&file, owner).await,
             Some(_) => Ok(()),
             None => Err(Errno::EBADF),
         }

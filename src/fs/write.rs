@@ -118,6 +118,9 @@ pub struct WrittenFile {
     /// Bytes written so far (also in `state`; here for getattr, which must not wait
     /// for a write in progress).
     written: AtomicU64,
+    /// The kernel's lock owner (one per process's file table) of the first write: only
+    /// that process's close commits the file.
+    writer: Mutex<Option<u64>>,
     state: tokio::sync::Mutex<WriteState>,
 }
 
@@ -314,6 +317,7 @@ impl Writes {
             repo,
             created: SystemTime::now(),
             written: AtomicU64::new(0),
+            writer: Mutex::new(None),
             state: tokio::sync::Mutex::new(WriteState {
                 content: if blob {
                     Content::Blob(None)
@@ -334,7 +338,16 @@ impl Writes {
 
     /// Appends `data` at `offset`, which must be where the file ends: uploads are
     /// streams, so writing elsewhere is EINVAL.
-    pub async fn write(&self, file: &WrittenFile, offset: u64, data: &[u8]) -> Result<(), Errno> {
+    pub async fn write(
+        &self,
+        file: &WrittenFile,
+        offset: u64,
+        data: &[u8],
+        owner: Option<u64>,
+    ) -> Result<(), Errno> {
+        if let Some(owner) = owner {
+            lock(&file.writer).get_or_insert(owner);
+        }
         let mut state = file.state.lock().await;
         if let Some(e) = state.failed {
             return Err(e);
@@ -395,10 +408,14 @@ impl Writes {
 
     /// Close of a file under its final name: commit it. A temp file waits for its
     /// rename; a file already committed (a second close of a dup'ed descriptor) is done.
-    pub async fn flush(&self, file: &Arc<WrittenFile>) -> Result<(), Errno> {
+    pub async fn flush(&self, file: &Arc<WrittenFile>, owner: u64) -> Result<(), Errno> {
         let Some(target) = Target::of(&file.node) else {
             return file.state.lock().await.failed.map_or(Ok(()), Err);
         };
+        if lock(&file.writer).is_some_and(|writer| writer != owner) {
+            // Another process's copy of the descriptor (a child at exec): not the end.
+            return Ok(());
+        }
         self.commit(file, &target).await
     }
 
