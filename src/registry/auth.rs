@@ -114,6 +114,16 @@ impl Scopes {
     fn key(&self) -> String {
         self.to_strings().join(" ")
     }
+
+    /// Whether a token asked for with these scopes should also do for `needed` (a
+    /// `pull,push` token serves a pull).
+    fn covers(&self, needed: &Scopes) -> bool {
+        needed.0.iter().all(|(resource, actions)| {
+            self.0
+                .get(resource)
+                .is_some_and(|have| have.contains("*") || actions.is_subset(have))
+        })
+    }
 }
 
 /// The repository name in a `/v2/` path (after `/v2/`): `<name>/tags/list`,
@@ -210,6 +220,9 @@ fn auth_params(s: &str) -> HashMap<String, String> {
 struct CachedToken {
     value: String,
     valid_until: Instant,
+    /// What it was asked for (the issuer may have granted less; a 401 then fetches one
+    /// for the exact scope).
+    asked: Scopes,
 }
 
 #[derive(Deserialize)]
@@ -339,9 +352,15 @@ impl Auth {
         }
         let token = {
             let tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
             tokens
                 .get(&scopes.key())
-                .filter(|t| t.valid_until > Instant::now())
+                .filter(|t| t.valid_until > now)
+                .or_else(|| {
+                    tokens
+                        .values()
+                        .find(|t| t.valid_until > now && t.asked.covers(scopes))
+                })
                 .map(|t| t.value.clone())?
         };
         let value = bearer_header(&token).ok()?;
@@ -406,6 +425,7 @@ impl Auth {
                 value: fetched.0.clone(),
                 // Renew a little early so a token does not expire on its way.
                 valid_until: Instant::now() + fetched.1.mul_f64(0.9),
+                asked: wanted.clone(),
             },
         );
         Ok(fetched.0)
@@ -591,6 +611,15 @@ mod tests {
             ["repository:a:delete"]
         );
         assert!(scopes(Method::GET, &format!("{r}/")).is_empty());
+    }
+
+    #[test]
+    fn a_push_token_covers_a_pull_not_another_repository() {
+        let push = Scopes::parse("repository:team/app:pull,push");
+        assert!(push.covers(&Scopes::parse("repository:team/app:pull")));
+        assert!(!push.covers(&Scopes::parse("repository:other/app:pull")));
+        assert!(!Scopes::parse("repository:team/app:pull").covers(&push));
+        assert!(Scopes::parse("registry:catalog:*").covers(&Scopes::parse("registry:catalog:*")));
     }
 
     #[test]
