@@ -143,7 +143,7 @@ if is_mounted "$mnt"; then
     fusermount3 -u -z "$mnt"
 fi
 mkdir -p "$mnt"
-"$regfs" mount "http://$registry" "$mnt" &
+"$regfs" mount --log-file "$tmp/regfs.log" "http://$registry" "$mnt" &
 regfs_pid=$!
 for _ in $(seq 200); do
     is_mounted "$mnt" && break
@@ -188,6 +188,24 @@ else
     echo "digest MISMATCH" >&2
     exit 1
 fi
+
+section "Writing: cp into uploads/ is a blob upload, committed on close"
+head -c 1048576 /dev/urandom >"$tmp/upload.bin"
+cp "$tmp/upload.bin" mnt/team/app/uploads/upload.bin
+ls -l mnt/team/app/uploads/
+echo "sha256 of the file: sha256:$(sha256sum <"$tmp/upload.bin" | cut -d' ' -f1)"
+
+section "Backup and restore with rsync: team/app into a new repository, restored/app"
+rsync -a mnt/team/app/ "$tmp/backup/"
+mkdir -p mnt/restored/app
+rsync -a "$tmp/backup/" mnt/restored/app/
+for dir in mnt/team/app/tags/*/; do
+    tag=$(basename "$dir")
+    a=$(sha256sum <"mnt/team/app/tags/$tag/manifest.json" | cut -c1-16)
+    b=$(sha256sum <"mnt/restored/app/tags/$tag/manifest.json" | cut -c1-16)
+    echo "tag $tag: team/app sha256:$a… restored/app sha256:$b…"
+    [[ $a == "$b" ]] || { echo "restored tag $tag differs" >&2; exit 1; }
+done
 
 if [[ ${DEMO_NO_WAIT:-} == 1 ]]; then
     exit 0

@@ -289,12 +289,18 @@ impl Filesystem for FuseAdapter {
     fn symlink(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        let (name, target) = (link_name.to_owned(), target.to_owned());
+        self.spawn(move |fs, a| async move {
+            match fs.symlink(parent.0, &name, &target).await {
+                Ok(attr) => reply.entry(&attr.ttl, &a.attr(&attr), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn create(

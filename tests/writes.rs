@@ -630,6 +630,42 @@ fn rsync_backup_and_restore_round_trip() {
     );
 }
 
+#[test]
+fn a_backup_taken_after_an_upload_restores_its_uploads_link() {
+    let (registry, mnt) = app_registry(&[]);
+    let work = scratch();
+    let bytes = noise(300 << 10, 77);
+    let digest = sha256_digest(&bytes);
+    let file = local_file(&work, "notes.bin", &bytes);
+    assert_success(&cp(&file, &mnt.path("team/app/uploads/notes.bin")), "cp");
+    let backup = work.path().join("backup");
+    let out = rsync(&[
+        OsStr::new("-a"),
+        mnt.path("team/app/").as_os_str(),
+        backup.as_os_str(),
+    ]);
+    assert_success(&out, "rsync -a mnt/team/app/ backup/");
+    // The uploaded blob is listed in blobs/, so the backup holds what the link names.
+    assert!(
+        backup.join("blobs").join(&digest).is_file(),
+        "the backup lacks the uploaded blob"
+    );
+    fs::create_dir_all(mnt.path("restored/app")).expect("mkdir -p restored/app");
+    let mut into = mnt.path("restored/app").into_os_string();
+    into.push("/");
+    let mut from = backup.into_os_string();
+    from.push("/");
+    let out = rsync(&[OsStr::new("-a"), &from, &into]);
+    assert_success(&out, "rsync -a backup/ mnt/restored/app/");
+    assert_linked(&mnt, "restored/app/uploads/notes.bin", &digest);
+    assert_eq!(
+        sha256_of_file(&mnt.path("restored/app/uploads/notes.bin")),
+        digest,
+        "the link reads the restored blob"
+    );
+    assert_eq!(blob_status(registry.addr, "restored/app", &digest), 200);
+}
+
 fn children_tags() -> [&'static str; 2] {
     ["multi-amd64", "multi-arm64"]
 }

@@ -13,6 +13,7 @@ pub mod write;
 
 use std::ffi::OsStr;
 use std::fmt::Display;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -506,7 +507,9 @@ impl Fs {
                 let mut out: Vec<(String, Node)> = reach
                     .blobs
                     .keys()
-                    .map(|d| (d.to_string(), Node::Blob(repo.clone(), d.clone())))
+                    .cloned()
+                    .chain(self.writes.linked_blobs(repo))
+                    .map(|d| (d.to_string(), Node::Blob(repo.clone(), d)))
                     .collect();
                 out.extend(self.writes.files_in(node));
                 out
@@ -808,6 +811,33 @@ impl Fs {
             self.writes.link_blob(from_repo, to_repo, digest).await?;
         }
         self.attr(&Node::Blob(to_repo.clone(), digest.clone()))
+            .await
+    }
+
+    /// `uploads/<name> -> ../blobs/<digest>`: how a backup of `uploads/` comes back. Only
+    /// such links. The blob need not be there yet: rsync makes links while the files
+    /// before them are still being copied, and a link is a name kept by this mount only,
+    /// nothing the registry stores.
+    pub async fn symlink(&self, parent: u64, name: &OsStr, target: &Path) -> Result<Attr, Errno> {
+        self.writable()?;
+        let dir = self.node(parent)?;
+        let name = name.to_str().ok_or(Errno::EINVAL)?;
+        let Node::Uploads(repo) = &dir else {
+            return Err(Errno::EPERM);
+        };
+        let digest = target
+            .to_str()
+            .and_then(|t| t.strip_prefix(&format!("../{BLOBS}/")))
+            .and_then(Digest::parse)
+            .ok_or_else(|| {
+                debug!(%dir, ?target, "only links to ../blobs/<digest> can be made here");
+                Errno::EPERM
+            })?;
+        if final_node(&dir, name).is_none() || self.child(&dir, name).await.is_ok() {
+            return Err(Errno::EEXIST);
+        }
+        self.writes.add_link(repo, name, digest);
+        self.attr(&Node::UploadLink(repo.clone(), name.to_owned()))
             .await
     }
 

@@ -222,6 +222,22 @@ impl Writes {
             .cloned()
     }
 
+    /// Names blob `digest` of `repo` as `uploads/<name>` (a restored backup recreates
+    /// these links).
+    pub fn add_link(&self, repo: &RepoName, name: &str, digest: Digest) {
+        lock(&self.links).insert((repo.clone(), name.to_owned()), digest);
+    }
+
+    /// The blobs `uploads/` links point at in `repo`: listed in `blobs/` too, so that a
+    /// backup of the repository holds what its links point at.
+    pub fn linked_blobs(&self, repo: &RepoName) -> Vec<Digest> {
+        lock(&self.links)
+            .iter()
+            .filter(|((r, _), _)| r == repo)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
     pub fn links_in(&self, repo: &RepoName) -> Vec<String> {
         lock(&self.links)
             .keys()
