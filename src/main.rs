@@ -16,21 +16,32 @@ use tracing_subscriber::EnvFilter;
     name = "regfs",
     version,
     about = "Mount a container registry as a folder",
-    long_about = "regfs mounts an OCI / Docker registry (Distribution API v2) as a read-only \
-folder: ls, grep, cat and rsync see repositories, tags, manifests and blobs as files. \
-Blob reads are lazy: a read fetches only the byte range it touches.",
+    long_about = "regfs mounts an OCI / Docker registry (Distribution API v2) as a folder: \
+ls, grep, cat and rsync see repositories, tags, manifests and blobs as files. Blob reads \
+are lazy: a read fetches only the byte range it touches. Files written under a \
+repository become blob uploads and manifest pushes, committed when closed.",
     after_help = "\
 TREE:
   MOUNTPOINT/<namespace>/.../<repo>/
       tags/<tag>/manifest.json   the manifest the tag points at, byte for byte
       manifests/<digest>         every manifest reachable from the tags (index children too)
       blobs/<digest>             configs and layers of those manifests; others by lookup
-      uploads/                   write area (not yet writable)
+      uploads/<name>             write area: a file written here becomes a blob upload,
+                                 then a symlink to ../blobs/<digest>
   MOUNTPOINT/.regfs/stats        counters as JSON (not listed; open it by name)
+
+WRITING:
+  Writing blobs/<digest>, manifests/<digest> or tags/<tag>/manifest.json pushes it;
+  close (or the rename of a temp file, as rsync does) is the commit and returns its
+  result. mkdir makes repositories and tag directories; ln across repositories mounts
+  a blob. Deleting is refused (EPERM); --read-only refuses every write (EROFS).
 
 EXAMPLES:
   regfs mount http://127.0.0.1:5000 /mnt/reg
   grep -rl linux/arm64 /mnt/reg/*/*/tags/*/manifest.json
+  rsync -a /mnt/reg/team/app/ /backup/app/        (back up; again later: only changes)
+  mkdir -p /mnt/other/team/app && rsync -a /backup/app/ /mnt/other/team/app/   (restore)
+  cp layer.tar /mnt/reg/team/app/uploads/
   regfs mount --repo library/alpine --daemon registry.example.com /mnt/reg
   regfs mount --repo library/alpine docker.io /mnt/hub
   echo \"$TOKEN\" | regfs mount --username me --password-stdin ghcr.io /mnt/ghcr
