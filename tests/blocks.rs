@@ -221,6 +221,44 @@ fn a_sequential_reader_is_fed_by_one_stream_that_stays_within_the_cache() {
 }
 
 #[test]
+fn sequential_readers_of_several_blobs_share_the_cache_without_refetching() {
+    common::require_tools();
+    let registry = Registry::start();
+    let specs: Vec<(String, usize, u32)> = (0..6)
+        .map(|i| (format!("many/l{i}"), 6 << 20, 30 + i))
+        .collect();
+    let specs: Vec<(&str, usize, u32)> =
+        specs.iter().map(|(n, l, s)| (n.as_str(), *l, *s)).collect();
+    let all = layers(&registry, &specs);
+    // 6 streams in a cache of 128 blocks: each running a full window (a quarter of the
+    // cache) ahead would leave no room for what the readers have not read yet.
+    let mnt = Mount::start(
+        &registry.url(),
+        &["--block-size", "64KiB", "--cache-size", "8MiB"],
+    );
+    thread::scope(|s| {
+        for layer in &all {
+            let path = layer.path(&mnt);
+            s.spawn(move || {
+                let got = fs::read(&path).expect("read");
+                assert_eq!(sha256_digest(&got), layer.digest);
+            });
+        }
+    });
+    // Each reader's kernel read-ahead runs ahead of what it has read, so a few blocks
+    // may go out and come back; streams that each ran a full window ahead refetched
+    // 12-22 % here (measured 2026-11-23), streams sharing the window under 8 %.
+    let total: u64 = all.iter().map(|l| l.bytes.len() as u64).sum();
+    let fetched = stat(&mnt, &["fetched_bytes"]);
+    assert!(
+        fetched * 100 <= total * 108,
+        "fetched {fetched} bytes for {total}: the readers pushed each other's blocks out: {}",
+        mnt.stats()
+    );
+    assert_eq!(stat(&mnt, &["verified_blobs"]), 6, "{}", mnt.stats());
+}
+
+#[test]
 fn reads_across_block_boundaries_and_at_the_end() {
     common::require_tools();
     let registry = Registry::start();

@@ -40,6 +40,8 @@ pub struct BlobReads {
     client: RegistryClient,
     prefetch_slots: Arc<Semaphore>,
     max_window: u64,
+    /// Streams running now: they share the window (see blob_stream.rs).
+    streams: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One open blob: where to fetch it, and the reader's state.
@@ -106,6 +108,7 @@ impl BlobReads {
         BlobReads {
             max_window: MAX_WINDOW_BLOCKS.min(blocks_in_budget / 4),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
+            streams: Arc::default(),
             verifier: Verifier::new(cache.clone(), client.stats().clone()),
             cache,
             client,
@@ -124,7 +127,7 @@ impl BlobReads {
 
     pub fn open(&self, repo: RepoName, digest: Digest, size: u64) -> OpenBlob {
         OpenBlob {
-            check: ContentCheck::new(repo.clone(), digest.clone(), size),
+            check: self.verifier.start(repo.clone(), digest.clone(), size),
             readahead: Mutex::new(ReadAhead::new(self.cache.block_size(), self.max_window)),
             reader_at: watch::Sender::new(0),
             stream: Mutex::new(None),
@@ -183,16 +186,8 @@ impl BlobReads {
             }
             out.freeze()
         };
-        if end == blob.size {
-            // The verdict comes with the last byte.
-            self.verifier.advance(&blob.check, offset, &data)?;
-        } else if blob.check.wants(end) {
-            let (verifier, blob, data) = (self.verifier.clone(), blob.clone(), data.clone());
-            tokio::spawn(async move {
-                // A mismatch is found and reported by the read of the last byte.
-                let _ = verifier.advance(&blob.check, offset, &data);
-            });
-        }
+        // The read of the last byte waits for the verdict; others only hand over.
+        blob.check.offer(offset, data.clone()).await?;
         Ok(data)
     }
 
@@ -250,6 +245,7 @@ impl BlobReads {
             size: blob.size,
             from_block: ahead.start,
             lead: self.max_window,
+            running: self.streams.clone(),
         };
         let (cache, client) = (self.cache.clone(), self.client.clone());
         let (reader_at, failures) = (blob.reader_at.subscribe(), blob.stream_failures.clone());

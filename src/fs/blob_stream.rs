@@ -8,7 +8,9 @@
 //! lookups find it (or wait for it: the stream fetches a block the same way any other
 //! fetch does, so readers join it instead of requesting it again).
 //!
-//! The stream stays at most `lead` blocks ahead of its reader; beyond that it stops
+//! The stream stays at most a lead of blocks ahead of its reader (the window, shared
+//! out among the streams running at once, so that several readers together never push
+//! unread blocks out of the cache); beyond that it stops
 //! reading the body and TCP flow control holds the registry. It publishes the next
 //! block it will deliver, so a reader that needs a block the stream is about to deliver
 //! waits for it instead of requesting it again. It ends at the end of the blob, when the
@@ -18,6 +20,7 @@
 //! what is missing themselves, with retries.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -32,8 +35,31 @@ pub struct StreamPlan {
     pub size: u64,
     /// The first block to deliver.
     pub from_block: u64,
-    /// How many blocks the stream may run ahead of the reader.
+    /// How many blocks all streams together may run ahead of their readers.
     pub lead: u64,
+    /// Streams running now (this one included once it starts).
+    pub running: Arc<AtomicU64>,
+}
+
+/// Counts a stream as running for as long as it lives (aborted ones included).
+struct Running(Arc<AtomicU64>);
+
+impl Running {
+    fn start(counter: &Arc<AtomicU64>) -> Running {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Running(counter.clone())
+    }
+
+    /// This stream's share of `lead` blocks: at least two.
+    fn share(&self, lead: u64) -> u64 {
+        (lead / self.0.load(Ordering::Relaxed).max(1)).max(2)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Delivers blocks `from_block..` of the blob into the cache, in order, publishing the
@@ -46,6 +72,7 @@ pub async fn stream_blocks(
     mut reader_at: watch::Receiver<u64>,
     progress: watch::Sender<u64>,
 ) -> Result<()> {
+    let running = Running::start(&plan.running);
     let bs = cache.block_size();
     let blocks = plan.size.div_ceil(bs);
     let start = plan.from_block.saturating_mul(bs);
@@ -62,7 +89,7 @@ pub async fn stream_blocks(
     for index in plan.from_block..blocks {
         loop {
             let reader = *reader_at.borrow_and_update();
-            if index < reader.saturating_add(plan.lead) {
+            if index < reader.saturating_add(running.share(plan.lead)) {
                 break;
             }
             if reader_at.changed().await.is_err() {
@@ -74,7 +101,7 @@ pub async fn stream_blocks(
             // Cached already (a reader got there first): skip its bytes in the body. A
             // whole window of them means the rest is likely cached too: stop.
             cached_in_a_row += 1;
-            if cached_in_a_row >= plan.lead.max(1) {
+            if cached_in_a_row >= running.share(plan.lead) {
                 return Ok(());
             }
             progress.send_replace(index + 1);

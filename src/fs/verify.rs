@@ -1,26 +1,43 @@
 //! Checking blob content against its digest while it is read.
 //!
 //! A reader that goes from the first byte of a blob to the last has the bytes hashed on
-//! the way. Hashing runs beside the reads, not in front of them (at 1 GB/s it would
-//! otherwise be a third of every read's time), except for the read that delivers the
-//! last byte: that one waits for the verdict, and fails if the content is wrong, so a
-//! wrong blob is never read to the end without an error.
+//! the way, by a hasher task of its own that runs beside the reads (at 1 GB/s, hashing
+//! in front of each read would cost a third of its time). Reads hand their bytes over
+//! in the order they finish; pieces that arrive ahead of the hash wait in a bounded
+//! stash (the kernel's read-ahead finishes out of order). The read that delivers the
+//! last byte waits for the verdict and fails if the content is wrong, so a wrong blob is
+//! never read to the end without an error.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
 use crate::cache::BlockCache;
 use crate::registry::{Digest, DigestHasher, Error, RepoName, Result};
 use crate::stats::Stats;
 
+/// Read pieces queued for a hasher; reads wait (briefly) when it falls this far behind.
+const QUEUED_PIECES: usize = 64;
+/// Bytes of out-of-order pieces a hasher keeps; beyond that it gives up on this open
+/// file (the blob is then read without a check, and the log says so).
+const MAX_STASH: u64 = 64 << 20;
+/// When the last byte is read while at most this much before it is still on its way
+/// (read-ahead finishing out of order), its read waits for those bytes, so the verdict
+/// comes with it. A reader with larger gaps (a random one) does not wait.
+const LAST_READ_GAP: u64 = 8 << 20;
+/// The longest the read of the last byte waits for the bytes before it.
+const LAST_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// What all open files share: where to find bytes that were read out of order, and
-/// where to record blobs whose content failed.
+/// What all open files share: where to find bytes that were read before (to fill gaps),
+/// and where to record blobs whose content failed.
 #[derive(Clone)]
 pub struct Verifier {
     cache: Arc<BlockCache>,
@@ -30,58 +47,77 @@ pub struct Verifier {
     suspect: Arc<Mutex<HashSet<Digest>>>,
 }
 
-/// The running hash of one open file: bytes `[0, hashed)` have been hashed.
+/// The check of one open file: a line to its hasher task.
 pub struct ContentCheck {
+    shared: Arc<CheckShared>,
+    pieces: mpsc::Sender<Piece>,
+}
+
+struct CheckShared {
     repo: RepoName,
     digest: Digest,
     size: u64,
-    state: Mutex<CheckState>,
-}
-
-struct CheckState {
-    /// None once the verdict is in.
-    hasher: Option<DigestHasher>,
-    hashed: u64,
     /// The content did not match: every later read of this open file fails too (the
     /// kernel retries a failed read-ahead page with a read of its own, which must not
     /// get the same wrong bytes without an error).
-    mismatch: bool,
+    mismatch: AtomicBool,
+    /// The verdict is in, or the check was given up: reads need not hand over bytes.
+    done: AtomicBool,
 }
 
-impl ContentCheck {
-    pub fn new(repo: RepoName, digest: Digest, size: u64) -> ContentCheck {
-        ContentCheck {
-            state: Mutex::new(CheckState {
-                hasher: Some(digest.hasher()),
-                hashed: 0,
-                mismatch: false,
-            }),
-            repo,
-            digest,
-            size,
-        }
-    }
+struct Piece {
+    offset: u64,
+    data: Bytes,
+    /// For the read of the last byte: where the verdict goes.
+    verdict: Option<oneshot::Sender<()>>,
+}
 
-    /// Err once the content is known to be wrong.
-    pub fn failed(&self) -> Result<()> {
-        if lock(&self.state).mismatch {
-            return Err(self.mismatch_error());
-        }
-        Ok(())
-    }
-
-    /// Whether a read of `[offset, end)` still matters to the hash (it is not done yet,
-    /// and the read does not lie wholly before what was hashed).
-    pub fn wants(&self, end: u64) -> bool {
-        let state = lock(&self.state);
-        state.hasher.is_some() && end > state.hashed
-    }
-
+impl CheckShared {
     fn mismatch_error(&self) -> Error {
         Error::BadAnswer(format!(
             "blob {} from {}: content does not match its digest",
             self.digest, self.repo
         ))
+    }
+}
+
+impl ContentCheck {
+    /// Err once the content is known to be wrong.
+    pub fn failed(&self) -> Result<()> {
+        if self.shared.mismatch.load(Ordering::Acquire) {
+            return Err(self.shared.mismatch_error());
+        }
+        Ok(())
+    }
+
+    /// Hands the bytes of a read at `offset` to the hasher. The read that ends at the
+    /// end of the blob waits for the verdict, and fails if the content is wrong.
+    pub async fn offer(&self, offset: u64, data: Bytes) -> Result<()> {
+        let last = offset + data.len() as u64 >= self.shared.size;
+        if self.shared.done.load(Ordering::Acquire) {
+            return self.failed();
+        }
+        let (verdict, answered) = if last {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let piece = Piece {
+            offset,
+            data,
+            verdict,
+        };
+        if self.pieces.send(piece).await.is_err() {
+            // The hasher has finished: its verdict is in `mismatch`.
+            return self.failed();
+        }
+        if let Some(answered) = answered {
+            // Dropped unanswered only if the hasher stopped: the flag says why. Not
+            // answered in time: the bytes before it did not come; the read goes unchecked.
+            let _ = tokio::time::timeout(LAST_READ_WAIT, answered).await;
+        }
+        self.failed()
     }
 }
 
@@ -100,65 +136,238 @@ impl Verifier {
         !lock(&self.suspect).contains(digest)
     }
 
-    /// Advances the hash over `data` (read at `offset`) and over any cached bytes
-    /// between what was hashed and `offset` (the kernel may deliver sequential reads out
-    /// of order). When the hash reaches the end of the blob it must equal the digest;
-    /// otherwise this fails.
-    pub fn advance(&self, check: &ContentCheck, offset: u64, data: &[u8]) -> Result<()> {
-        let end = offset + data.len() as u64;
-        let mut state = lock(&check.state);
-        let CheckState {
-            hasher,
-            hashed,
-            mismatch,
-        } = &mut *state;
-        if *mismatch {
-            return Err(check.mismatch_error());
-        }
-        let Some(h) = hasher.as_mut() else {
-            return Ok(());
+    /// Starts the check of one open file (its hasher ends when the file is closed).
+    pub fn start(&self, repo: RepoName, digest: Digest, size: u64) -> ContentCheck {
+        let shared = Arc::new(CheckShared {
+            repo,
+            digest,
+            size,
+            mismatch: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        });
+        let (pieces, queue) = mpsc::channel(QUEUED_PIECES);
+        let hasher = Hasher {
+            verifier: self.clone(),
+            shared: shared.clone(),
+            hasher: Some(shared.digest.hasher()),
+            hashed: 0,
+            stash: BTreeMap::new(),
+            stashed: 0,
+            last_read: None,
         };
-        let bs = self.cache.block_size();
-        while *hashed < end {
-            if *hashed >= offset {
-                h.update(&data[(*hashed - offset) as usize..]);
-                *hashed = end;
+        tokio::spawn(hasher.run(queue));
+        ContentCheck { shared, pieces }
+    }
+}
+
+/// The hasher task of one open file: bytes `[0, hashed)` have been hashed.
+struct Hasher {
+    verifier: Verifier,
+    shared: Arc<CheckShared>,
+    /// None once the verdict is in (or the check was given up).
+    hasher: Option<DigestHasher>,
+    hashed: u64,
+    /// Pieces that arrived ahead of `hashed`, by offset.
+    stash: BTreeMap<u64, Bytes>,
+    stashed: u64,
+    /// The read of the last byte, waiting for the verdict.
+    last_read: Option<oneshot::Sender<()>>,
+}
+
+impl Hasher {
+    async fn run(mut self, mut queue: mpsc::Receiver<Piece>) {
+        while let Some(piece) = queue.recv().await {
+            if self.hasher.is_some() {
+                self.take(piece.offset, piece.data);
+            }
+            if let Some(verdict) = piece.verdict {
+                let missing =
+                    (self.shared.size.saturating_sub(self.hashed)).saturating_sub(self.stashed);
+                if self.hasher.is_some() && missing <= LAST_READ_GAP {
+                    self.last_read = Some(verdict);
+                } else {
+                    let _ = verdict.send(());
+                }
+            }
+            if self.hasher.is_none() {
+                self.shared.done.store(true, Ordering::Release);
+                if let Some(waiting) = self.last_read.take() {
+                    let _ = waiting.send(());
+                }
+            }
+        }
+    }
+
+    /// Hashes `data` (read at `offset`) if it continues the hash, or keeps it until the
+    /// bytes before it arrive; then whatever the stash now continues.
+    fn take(&mut self, offset: u64, data: Bytes) {
+        let end = offset + data.len() as u64;
+        if end <= self.hashed {
+            return;
+        }
+        if offset > self.hashed {
+            self.fill_from_cache(offset);
+        }
+        if offset > self.hashed {
+            self.stashed += data.len() as u64;
+            self.stash.insert(offset, data);
+            if self.stashed > MAX_STASH {
+                debug!(
+                    digest = %self.shared.digest,
+                    "reads too far out of order to hash on the way; this read is not checked"
+                );
+                self.give_up();
+            }
+            return;
+        }
+        self.hash(offset, &data);
+        while let Some(entry) = self.stash.first_entry() {
+            if *entry.key() > self.hashed {
                 break;
             }
-            // The gap before this read: take it from the cache, block by block.
-            let index = *hashed / bs;
-            let Some(block) = self.cache.peek(&(check.digest.clone(), index)) else {
-                return Ok(()); // not read yet (or evicted): the hash waits
+            let (at, piece) = entry.remove_entry();
+            self.stashed -= piece.len() as u64;
+            self.hash(at, &piece);
+        }
+        if self.hashed >= self.shared.size {
+            self.verdict();
+        }
+    }
+
+    /// Hashes the part of `data` (at `offset`, which is at or before `hashed`) that is new.
+    fn hash(&mut self, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        if end <= self.hashed {
+            return;
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&data[(self.hashed - offset) as usize..]);
+            self.hashed = end;
+        }
+    }
+
+    /// Bytes between `hashed` and `offset` that are still in the block cache (read by
+    /// someone before, or served to this file by the kernel's page cache).
+    fn fill_from_cache(&mut self, offset: u64) {
+        let cache = &self.verifier.cache;
+        let bs = cache.block_size();
+        while self.hashed < offset {
+            let index = self.hashed / bs;
+            let Some(block) = cache.peek(&(self.shared.digest.clone(), index)) else {
+                return;
             };
-            let from = (*hashed - index * bs) as usize;
+            let from = (self.hashed - index * bs) as usize;
             let to = (offset - index * bs).min(block.len() as u64) as usize;
             if from >= to {
-                return Ok(());
+                return;
             }
-            h.update(&block[from..to]);
-            *hashed = index * bs + to as u64;
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(&block[from..to]);
+            }
+            self.hashed = index * bs + to as u64;
         }
-        if *hashed < check.size {
-            return Ok(());
-        }
-        let Some(done) = hasher.take() else {
-            return Ok(());
+    }
+
+    fn give_up(&mut self) {
+        self.hasher = None;
+        self.stash.clear();
+        self.stashed = 0;
+    }
+
+    fn verdict(&mut self) {
+        let Some(done) = self.hasher.take() else {
+            return;
         };
-        if done.matches(&check.digest) {
-            lock(&self.suspect).remove(&check.digest);
-            Stats::add(&self.stats.verified, 1);
-            debug!(digest = %check.digest, "read to the end; content matches the digest");
-            return Ok(());
+        self.stash.clear();
+        let (shared, verifier) = (&self.shared, &self.verifier);
+        if done.matches(&shared.digest) {
+            lock(&verifier.suspect).remove(&shared.digest);
+            Stats::add(&verifier.stats.verified, 1);
+            debug!(digest = %shared.digest, "read to the end; content matches the digest");
+            return;
         }
-        *mismatch = true;
-        Stats::add(&self.stats.verify_failures, 1);
-        self.cache.forget(&check.digest);
-        lock(&self.suspect).insert(check.digest.clone());
+        shared.mismatch.store(true, Ordering::Release);
+        Stats::add(&verifier.stats.verify_failures, 1);
+        verifier.cache.forget(&shared.digest);
+        lock(&verifier.suspect).insert(shared.digest.clone());
         error!(
-            digest = %check.digest,
-            repo = %check.repo,
+            digest = %shared.digest,
+            repo = %shared.repo,
             "blob content does not match its digest; reads of this open file fail with EIO"
         );
-        Err(check.mismatch_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier() -> (Verifier, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        let cache = Arc::new(BlockCache::new(4, 64, stats.clone()));
+        (Verifier::new(cache, stats.clone()), stats)
+    }
+
+    fn repo() -> RepoName {
+        RepoName::parse("team/app").expect("valid")
+    }
+
+    #[tokio::test]
+    async fn pieces_out_of_order_are_hashed_and_the_last_read_gets_the_verdict() {
+        let (verifier, stats) = verifier();
+        let content = b"0123456789ab";
+        let check = verifier.start(repo(), Digest::sha256_of(content), 12);
+        let piece = |a: usize, b: usize| Bytes::copy_from_slice(&content[a..b]);
+        // Read-ahead finishing out of order: the middle arrives after the last.
+        assert!(check.offer(4, piece(4, 8)).await.is_ok());
+        assert!(check.offer(0, piece(0, 4)).await.is_ok());
+        let last = tokio::spawn(async move {
+            let result = check.offer(8, piece(8, 12)).await;
+            (check, result)
+        });
+        let (_check, result) = last.await.expect("task");
+        assert!(result.is_ok());
+        assert_eq!(stats.verified.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_last_read_waits_for_a_late_piece_and_fails_on_a_mismatch() {
+        let (verifier, stats) = verifier();
+        let check = Arc::new(verifier.start(repo(), Digest::sha256_of(b"right content"), 13));
+        let last = {
+            let check = check.clone();
+            tokio::spawn(async move { check.offer(8, Bytes::from_static(b"ntent")).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !last.is_finished(),
+            "the last read waits for the bytes before it"
+        );
+        assert!(
+            check
+                .offer(0, Bytes::from_static(b"WRONG co"))
+                .await
+                .is_ok()
+        );
+        assert!(
+            last.await.expect("task").is_err(),
+            "a wrong blob fails its last read"
+        );
+        assert!(check.failed().is_err(), "and every read after it");
+        assert_eq!(stats.verify_failures.load(Ordering::Relaxed), 1);
+        assert!(!verifier.trusted(&Digest::sha256_of(b"right content")));
+    }
+
+    #[tokio::test]
+    async fn a_random_reader_is_not_held_up() {
+        let (verifier, _) = verifier();
+        let check = verifier.start(repo(), Digest::sha256_of(b"x"), 64 << 20);
+        // Only the last bytes of a large blob: far too much is missing to wait for.
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            check.offer((64 << 20) - 4, Bytes::from_static(b"tail")),
+        )
+        .await;
+        assert!(matches!(answer, Ok(Ok(()))));
     }
 }
