@@ -139,7 +139,7 @@ impl BlobReads {
     }
 
     /// Reads up to `len` bytes at `offset` (short only at the end of the blob).
-    pub async fn read(&self, blob: &Arc<OpenBlob>, offset: u64, len: u64) -> Result<Bytes> {
+    pub async fn read(&self, blob: &OpenBlob, offset: u64, len: u64) -> Result<Bytes> {
         if offset >= blob.size || len == 0 {
             return Ok(Bytes::new());
         }

@@ -30,7 +30,7 @@ use metadata::RegistryView;
 use node::{
     BLOBS, CONTROL, InodeTable, Kind, MANIFEST_JSON, MANIFESTS, Node, STATS, TAGS, UPLOADS,
 };
-use write::{Writes, WrittenFile, final_node};
+use write::{Writes, WrittenFile, final_node, writable_node};
 
 pub use node::ROOT_INO;
 
@@ -667,20 +667,10 @@ impl Fs {
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
             return Err(Errno::EINVAL);
         }
-        let node = match final_node(&dir, name) {
-            Some(node) => node,
-            None if matches!(
-                dir,
-                Node::Blobs(_) | Node::Uploads(_) | Node::Manifests(_) | Node::TagDir(..)
-            ) =>
-            {
-                Node::Scratch(Box::new(dir.clone()), name.to_owned())
-            }
-            None => {
-                debug!(%dir, name, "nothing can be written here");
-                return Err(Errno::EPERM);
-            }
-        };
+        let node = writable_node(&dir, name).ok_or_else(|| {
+            debug!(%dir, name, "nothing can be written here");
+            Errno::EPERM
+        })?;
         let file = self.writes.create(node.clone())?;
         let attr = self.attr(&node).await?;
         let opened = Opened {

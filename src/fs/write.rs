@@ -69,10 +69,6 @@ impl Target {
             _ => None,
         }
     }
-
-    fn is_blob(&self) -> bool {
-        matches!(self, Target::Blob { .. })
-    }
 }
 
 /// The final node a name stands for in a writable directory, or None for a temp name
@@ -94,19 +90,28 @@ pub fn final_node(dir: &Node, name: &str) -> Option<Node> {
     }
 }
 
-/// Whether files can be written in `dir`, and whether they hold blob bytes there.
-fn holds_blobs(dir: &Node) -> Option<bool> {
-    match dir {
-        Node::Blobs(_) | Node::Uploads(_) => Some(true),
-        Node::Manifests(_) | Node::TagDir(..) => Some(false),
-        _ => None,
-    }
+/// The node a file created as `name` in `dir` is: its final name there, or a temp file
+/// in a directory that takes writes; None where nothing can be written.
+pub fn writable_node(dir: &Node, name: &str) -> Option<Node> {
+    final_node(dir, name).or_else(|| {
+        let scratch = Node::Scratch(Box::new(dir.clone()), name.to_owned());
+        destination(&scratch).is_some().then_some(scratch)
+    })
 }
 
-fn repo_of(dir: &Node) -> Option<&RepoName> {
-    match dir {
-        Node::Blobs(r) | Node::Uploads(r) | Node::Manifests(r) | Node::TagDir(r, _) => Some(r),
-        _ => None,
+/// The repository a file at `node` goes to, and whether it holds blob bytes (else a
+/// manifest); None where nothing can be written.
+fn destination(node: &Node) -> Option<(RepoName, bool)> {
+    match node {
+        Node::Scratch(dir, _) => match &**dir {
+            Node::Blobs(r) | Node::Uploads(r) => Some((r.clone(), true)),
+            Node::Manifests(r) | Node::TagDir(r, _) => Some((r.clone(), false)),
+            _ => None,
+        },
+        other => match Target::of(other)? {
+            Target::Blob { repo, .. } => Some((repo, true)),
+            Target::Manifest { repo, .. } => Some((repo, false)),
+        },
     }
 }
 
@@ -115,8 +120,8 @@ pub struct WrittenFile {
     node: Node,
     repo: RepoName,
     created: SystemTime,
-    /// Bytes written so far (also in `state`; here for getattr, which must not wait
-    /// for a write in progress).
+    /// Bytes written so far. Changed only under `state`'s lock; an atomic so that
+    /// getattr need not wait for a write in progress.
     written: AtomicU64,
     /// The kernel's lock owner (one per process's file table) of the first write: only
     /// that process's close commits the file.
@@ -126,7 +131,6 @@ pub struct WrittenFile {
 
 struct WriteState {
     content: Content,
-    len: u64,
     /// The first failure; every later write, flush and rename of this file reports it.
     failed: Option<Errno>,
     /// Committed (or handed over): nothing more may be written.
@@ -160,6 +164,8 @@ struct HeldIndex {
     repo: RepoName,
     reference: Reference,
     body: Bytes,
+    /// The children not pushed yet.
+    missing: HashSet<Digest>,
 }
 
 pub struct Writes {
@@ -309,25 +315,7 @@ impl Writes {
     /// Starts a file at `node` (a final name, or `Node::Scratch` in a writable
     /// directory). Whatever was being written there before is dropped.
     pub fn create(&self, node: Node) -> Result<Arc<WrittenFile>, Errno> {
-        let (repo, blob) = match &node {
-            Node::Scratch(dir, _) => (repo_of(dir), holds_blobs(dir)),
-            other => match Target::of(other) {
-                Some(Target::Blob { ref repo, .. }) => {
-                    return Ok(self.insert(node.clone(), repo.clone(), true));
-                }
-                Some(Target::Manifest { ref repo, .. }) => {
-                    return Ok(self.insert(node.clone(), repo.clone(), false));
-                }
-                None => (None, None),
-            },
-        };
-        match (repo, blob) {
-            (Some(repo), Some(blob)) => Ok(self.insert(node.clone(), repo.clone(), blob)),
-            _ => Err(Errno(libc::EPERM)),
-        }
-    }
-
-    fn insert(&self, node: Node, repo: RepoName, blob: bool) -> Arc<WrittenFile> {
+        let (repo, blob) = destination(&node).ok_or(Errno(libc::EPERM))?;
         let file = Arc::new(WrittenFile {
             node: node.clone(),
             repo,
@@ -340,16 +328,14 @@ impl Writes {
                 } else {
                     Content::Manifest(BytesMut::new())
                 },
-                len: 0,
                 failed: None,
                 done: false,
             }),
         });
-        if let Some(old) = lock(&self.files).insert(node, file.clone()) {
-            // Its upload, if any, is cancelled when the last handle lets go of it.
-            drop(old);
-        }
-        file
+        // A file replaced here has its upload, if any, cancelled when the last handle
+        // lets go of it.
+        lock(&self.files).insert(node, file.clone());
+        Ok(file)
     }
 
     /// Appends `data` at `offset`, which must be where the file ends: uploads are
@@ -372,11 +358,12 @@ impl Writes {
             warn!(path = %file.node, "write after the file was committed");
             return Err(Errno(libc::EINVAL));
         }
-        if offset != state.len {
+        let len = file.written();
+        if offset != len {
             warn!(
                 path = %file.node,
                 offset,
-                expected = state.len,
+                expected = len,
                 "writes here must be sequential (an upload is a stream); the file will not be committed"
             );
             // What was written is not what the writer meant: never commit it.
@@ -411,8 +398,8 @@ impl Writes {
         };
         match result {
             Ok(()) => {
-                state.len += data.len() as u64;
-                file.written.store(state.len, Ordering::Relaxed);
+                file.written
+                    .store(len + data.len() as u64, Ordering::Relaxed);
                 Ok(())
             }
             Err(e) => {
@@ -438,14 +425,7 @@ impl Writes {
     /// Renames a written file onto `to`: the push happens now, under that name.
     pub async fn rename(&self, file: &Arc<WrittenFile>, to: &Node) -> Result<(), Errno> {
         let target = Target::of(to).ok_or(Errno(libc::EPERM))?;
-        let from_blob = match &file.node {
-            Node::Scratch(dir, _) => holds_blobs(dir),
-            other => Target::of(other).map(|t| t.is_blob()),
-        };
-        let same_repo = match &target {
-            Target::Blob { repo, .. } | Target::Manifest { repo, .. } => *repo == file.repo,
-        };
-        if from_blob != Some(target.is_blob()) || !same_repo {
+        if destination(&file.node) != destination(to) {
             // Blob bytes cannot become a manifest, nor move to another repository by
             // rename: EXDEV makes mv and rsync copy instead.
             return Err(Errno(libc::EXDEV));
@@ -542,9 +522,8 @@ impl Writes {
             .await
         {
             Ok(digest) => {
-                info!(%repo, %reference, %digest, "manifest pushed");
                 self.after_manifest_push(repo, reference);
-                self.retry_held(repo).await;
+                self.release_held(repo, digest).await;
                 Ok(())
             }
             Err(e @ Error::Refused(_)) => {
@@ -561,6 +540,7 @@ impl Writes {
                     repo: repo.clone(),
                     reference: reference.clone(),
                     body,
+                    missing,
                 });
                 self.count_held(held.len());
                 Ok(())
@@ -590,47 +570,67 @@ impl Writes {
 
     /// The child manifests an index names that `repo` does not have; empty for
     /// anything that is not an index (or cannot be checked).
-    async fn missing_children(&self, repo: &RepoName, body: &[u8]) -> Vec<Digest> {
+    async fn missing_children(&self, repo: &RepoName, body: &[u8]) -> HashSet<Digest> {
         let Ok(ManifestLinks::Index { manifests }) = ManifestLinks::parse(body, "") else {
-            return Vec::new();
+            return HashSet::new();
         };
-        let mut missing = Vec::new();
+        let mut missing = HashSet::new();
         for child in manifests {
             let reference = Reference::Digest(child.digest.clone());
             if let Err(Error::NotFound(_)) = self.client.head_manifest(repo, &reference).await {
-                missing.push(child.digest);
+                missing.insert(child.digest);
             }
         }
         missing
     }
 
-    /// Pushes the held indexes of `repo` whose children have all arrived.
-    async fn retry_held(&self, repo: &RepoName) {
-        let candidates: Vec<(Reference, Bytes)> = lock(&self.held)
-            .iter()
-            .filter(|h| h.repo == *repo)
-            .map(|h| (h.reference.clone(), h.body.clone()))
-            .collect();
-        for (reference, body) in candidates {
-            if !self.missing_children(repo, &body).await.is_empty() {
-                continue;
-            }
-            match self
-                .client
-                .put_manifest(repo, &reference, body.clone())
-                .await
-            {
-                Ok(digest) => {
-                    info!(%repo, %reference, %digest, "held index pushed: its children arrived");
-                    let mut held = lock(&self.held);
-                    held.retain(|h| !(h.repo == *repo && h.reference == reference));
-                    self.count_held(held.len());
-                    drop(held);
-                    self.after_manifest_push(repo, &reference);
+    /// Manifest `pushed` is in `repo` now: pushes the held indexes that were waiting
+    /// only for it (and, in turn, those waiting for them). One the registry still
+    /// refuses stays held, and is tried again after the next push into `repo`.
+    async fn release_held(&self, repo: &RepoName, pushed: Digest) {
+        let mut refused = Vec::new();
+        let mut arrived = vec![pushed];
+        while let Some(digest) = arrived.pop() {
+            let ready: Vec<(Reference, Bytes)> = {
+                let mut held = lock(&self.held);
+                for h in held.iter_mut().filter(|h| h.repo == *repo) {
+                    h.missing.remove(&digest);
                 }
-                Err(e) => warn!(%repo, %reference, "held index still refused: {e}"),
+                let ready = held
+                    .iter()
+                    .filter(|h| h.repo == *repo && h.missing.is_empty())
+                    .map(|h| (h.reference.clone(), h.body.clone()))
+                    .collect();
+                held.retain(|h| !(h.repo == *repo && h.missing.is_empty()));
+                self.count_held(held.len());
+                ready
+            };
+            for (reference, body) in ready {
+                match self
+                    .client
+                    .put_manifest(repo, &reference, body.clone())
+                    .await
+                {
+                    Ok(digest) => {
+                        info!(%repo, %reference, "held index pushed: its children arrived");
+                        self.after_manifest_push(repo, &reference);
+                        arrived.push(digest);
+                    }
+                    Err(e) => {
+                        warn!(%repo, %reference, "held index still refused: {e}");
+                        refused.push(HeldIndex {
+                            repo: repo.clone(),
+                            reference,
+                            body,
+                            missing: HashSet::new(),
+                        });
+                    }
+                }
             }
         }
+        let mut held = lock(&self.held);
+        held.extend(refused);
+        self.count_held(held.len());
     }
 
     fn count_held(&self, n: usize) {
