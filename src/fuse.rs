@@ -5,14 +5,15 @@
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -31,20 +32,34 @@ pub struct FuseAdapter {
     owner: Owner,
 }
 
-/// Everything in the tree belongs to the user who mounted it.
+/// Registry objects belong to the user who mounted; files inside images keep the
+/// owners their layers give them.
 #[derive(Clone, Copy)]
 struct Owner {
     uid: u32,
     gid: u32,
 }
 
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
 impl Owner {
     fn attr(&self, a: &Attr) -> FileAttr {
-        let (kind, nlink) = match a.kind {
-            Kind::Dir => (FileType::Directory, 2),
-            Kind::File => (FileType::RegularFile, 1),
-            Kind::Symlink => (FileType::Symlink, 1),
+        let kind = file_type(a.kind);
+        let nlink = match (a.nlink, a.kind) {
+            (0, Kind::Dir) => 2,
+            (0, _) => 1,
+            (n, _) => n,
         };
+        let (uid, gid) = a.owner.unwrap_or((self.uid, self.gid));
         FileAttr {
             ino: INodeNo(a.ino),
             size: a.size,
@@ -56,9 +71,9 @@ impl Owner {
             kind,
             perm: a.perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
+            uid,
+            gid,
+            rdev: a.rdev,
             blksize: 1 << 20,
             flags: 0,
         }
@@ -86,6 +101,15 @@ impl FuseAdapter {
 
 fn errno(e: crate::fs::Errno) -> Errno {
     Errno::from_i32(e.0)
+}
+
+/// An xattr answer: its size when asked for the size (0), the bytes if they fit.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    match u32::try_from(value.len()) {
+        Ok(len) if size == 0 => reply.size(len),
+        Ok(len) if len <= size => reply.data(value),
+        _ => reply.error(errno(crate::fs::Errno::ERANGE)),
+    }
 }
 
 impl Filesystem for FuseAdapter {
@@ -143,13 +167,14 @@ impl Filesystem for FuseAdapter {
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate() {
-                    let kind = match e.kind {
-                        Kind::Dir => FileType::Directory,
-                        Kind::File => FileType::RegularFile,
-                        Kind::Symlink => FileType::Symlink,
-                    };
+                    let name = OsStr::from_bytes(&e.name);
                     // The offset handed back is where the next readdir should start.
-                    if reply.add(INodeNo(e.ino), offset + i as u64 + 1, kind, &e.name) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        offset + i as u64 + 1,
+                        file_type(e.kind),
+                        name,
+                    ) {
                         break;
                     }
                 }
@@ -434,9 +459,30 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
-            Ok(target) => reply.data(target.as_bytes()),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.spawn(move |fs, _| async move {
+            match fs.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.to_owned();
+        self.spawn(move |fs, _| async move {
+            match fs.getxattr(ino.0, &name).await {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(move |fs, _| async move {
+            match fs.listxattr(ino.0).await {
+                Ok(names) => reply_xattr(reply, size, &names),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 }

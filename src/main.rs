@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use regfs::daemon::{self, Readiness};
+use regfs::image::manifest::Platform;
 use regfs::mount::{self, MountConfig};
 use regfs::registry::{Credentials, RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
@@ -130,6 +131,10 @@ struct MountArgs {
     /// silence within one request. A read that cannot finish in time fails with EIO
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
     timeout: Duration,
+    /// The image of a multi-platform index that tags/<tag>/rootfs and
+    /// .images/<digest>/rootfs show, as os/arch[/variant] (default: this machine's)
+    #[arg(long, value_name = "OS/ARCH", value_parser = Platform::parse)]
+    platform: Option<Platform>,
 }
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
@@ -234,6 +239,7 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         ca_file: args.ca_file,
         insecure: args.insecure,
         timeout: args.timeout,
+        platform: args.platform.unwrap_or_else(Platform::host),
     })
 }
 

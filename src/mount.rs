@@ -14,6 +14,7 @@ use crate::cache::BlockCache;
 use crate::daemon::Readiness;
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
+use crate::image::manifest::Platform;
 use crate::registry::{ClientOptions, Credentials, RegistryClient, RepoName};
 use crate::stats::Stats;
 
@@ -43,6 +44,8 @@ pub struct MountConfig {
     pub insecure: bool,
     /// Per operation (retries included) and per silence within a request.
     pub timeout: Duration,
+    /// Which image of a multi-platform index `tags/<tag>/rootfs` shows.
+    pub platform: Platform,
 }
 
 /// Mounts and serves until the filesystem is unmounted. `readiness` is told once the
@@ -113,6 +116,7 @@ fn prepare(
         config.tag_ttl,
         cache,
         config.read_only,
+        config.platform.clone(),
     ));
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
     let mut fuse_config = Config::default();

@@ -79,12 +79,7 @@ pub async fn stream_blocks(
     if start >= plan.size {
         return Ok(());
     }
-    let body = client.stream_blob(&plan.repo, &plan.digest, start).await?;
-    let mut cursor = BodyCursor {
-        body,
-        at: start,
-        carry: Bytes::new(),
-    };
+    let mut cursor = BodyCursor::open(&client, &plan.repo, &plan.digest, start).await?;
     let mut cached_in_a_row = 0;
     for index in plan.from_block..blocks {
         loop {
@@ -120,7 +115,7 @@ pub async fn stream_blocks(
 }
 
 /// Reads a body that starts at blob offset `at`, block by block.
-struct BodyCursor {
+pub(super) struct BodyCursor {
     body: BlobBody,
     /// The blob offset of the next byte: the first byte of `carry`, or of the body.
     at: u64,
@@ -129,9 +124,33 @@ struct BodyCursor {
 }
 
 impl BodyCursor {
+    /// One GET of the blob from `start` to its end.
+    pub(super) async fn open(
+        client: &RegistryClient,
+        repo: &RepoName,
+        digest: &Digest,
+        start: u64,
+    ) -> Result<BodyCursor> {
+        Ok(BodyCursor {
+            body: client.stream_blob(repo, digest, start).await?,
+            at: start,
+            carry: Bytes::new(),
+        })
+    }
+
+    /// The blob offset of the next byte it would deliver.
+    pub(super) fn at(&self) -> u64 {
+        self.at
+    }
+
     /// The `len` bytes at blob offset `start` (at or after the cursor: any bytes before
     /// it are skipped).
-    async fn block(&mut self, cache: &BlockCache, start: u64, len: u64) -> Result<Bytes> {
+    pub(super) async fn block(
+        &mut self,
+        cache: &BlockCache,
+        start: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         let want = usize::try_from(len)
             .map_err(|_| Error::BadAnswer(format!("{}: block too large", self.body.what())))?;
         let mut out = cache.buffer(want);

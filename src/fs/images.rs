@@ -1,0 +1,476 @@
+//! The image views of DESIGN §7 over the registry: `tags/<tag>/rootfs/`,
+//! `.images/<digest>/rootfs/` (an image's files, its layers merged) and
+//! `.layers/<digest>/` (one layer as an overlayfs lowerdir).
+//!
+//! A view is named by what it shows (a manifest digest, or a layer digest), so the
+//! files under `tags/<tag>/rootfs/` are content-addressed too: when the tag moves, the
+//! next lookup of `rootfs` gives a new view with new inodes, and the old one stays
+//! right for programs still inside it. Layer indexes and merged trees are kept in
+//! memory within bounds and rebuilt on demand (the same layers give the same node
+//! numbers, so inodes the kernel holds stay valid).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::future::try_join_all;
+
+use super::layer_source::LayerSource;
+use super::metadata::RegistryView;
+use super::node::{self, Kind, Node};
+use crate::cache::{BlockCache, Memo};
+use crate::image::codec::Codec;
+use crate::image::content::{LayerContent, PieceCache, Readers};
+use crate::image::entry::{Entry, EntryKind, Xattrs};
+use crate::image::manifest::{ImageManifest, Layer, Platform, select};
+use crate::image::source::BlobSource;
+use crate::image::tree::{self, Origin, Tree};
+use crate::image::{self as image_mod};
+use crate::registry::{Digest, Error, RegistryClient, RepoName, Result, Tag};
+use crate::stats::Stats;
+
+/// Layer indexes kept in memory (each holds its entries, checkpoints and span digests).
+const KEPT_LAYERS: usize = 64;
+/// Merged trees kept in memory.
+const KEPT_TREES: usize = 32;
+/// Layers an image may have (docker stops at 127).
+const MAX_LAYERS: usize = 1000;
+/// Memory for checked layer pieces (spans, decoded chunks), from the cache budget.
+const PIECES_SHARE: u64 = 8;
+const MIN_PIECES: u64 = 8 << 20;
+const MAX_PIECES: u64 = 64 << 20;
+
+/// Where a view is reached from and what it shows.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct View {
+    pub repo: RepoName,
+    pub root: ViewRoot,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ViewRoot {
+    /// `tags/<tag>/rootfs`: the manifest (image or index) the tag named at lookup.
+    Tag(Tag, Digest),
+    /// `.images/<digest>/rootfs`.
+    Image(Digest),
+    /// `.layers/<digest>`.
+    Layer(Digest),
+}
+
+impl View {
+    /// The directory the view's root is in.
+    pub fn holder(&self) -> Node {
+        match &self.root {
+            ViewRoot::Tag(t, _) => Node::TagDir(self.repo.clone(), t.clone()),
+            ViewRoot::Image(d) => Node::ImageDir(self.repo.clone(), d.clone()),
+            ViewRoot::Layer(_) => Node::LayersDir(self.repo.clone()),
+        }
+    }
+
+    fn key(&self) -> TreeKey {
+        match &self.root {
+            ViewRoot::Tag(_, d) | ViewRoot::Image(d) => TreeKey::Image(d.clone()),
+            ViewRoot::Layer(d) => TreeKey::Layer(d.clone()),
+        }
+    }
+}
+
+/// Trees depend only on content, not on how they were reached.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum TreeKey {
+    Image(Digest),
+    Layer(Digest),
+}
+
+/// A view's files: the tree, and the layers its nodes come from.
+pub struct ImageTree {
+    pub tree: Tree,
+    layers: Vec<Arc<Indexed>>,
+}
+
+/// An indexed layer, counted in `index_bytes` while it is kept.
+struct Indexed {
+    content: LayerContent,
+    bytes: u64,
+    stats: Arc<Stats>,
+}
+
+impl Drop for Indexed {
+    fn drop(&mut self) {
+        self.stats
+            .index_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// A layer indexed, or the reason it cannot be (kept too: a corrupt layer is not
+/// fetched again at every lookup).
+type LayerOutcome = std::result::Result<Arc<Indexed>, Error>;
+
+/// A directory's children: name, node, kind.
+pub type Children = Vec<(Box<[u8]>, u32, Kind)>;
+
+/// What a node of a view looks like.
+pub struct NodeAttr {
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u32,
+}
+
+pub struct Images {
+    view: Arc<RegistryView>,
+    cache: Arc<BlockCache>,
+    client: RegistryClient,
+    readers: Readers,
+    platform: Platform,
+    layers: Memo<Digest, LayerOutcome>,
+    trees: Memo<TreeKey, Arc<ImageTree>>,
+    descriptors: Memo<(RepoName, Digest), Layer>,
+}
+
+impl ImageTree {
+    fn node(&self, id: u32) -> Result<&tree::Node> {
+        self.tree
+            .node(id)
+            .ok_or_else(|| Error::NotFound(format!("node {id} is not in this view")))
+    }
+
+    fn entry(&self, node: &tree::Node) -> Option<&Entry> {
+        match node.origin {
+            Origin::Implicit => None,
+            Origin::Entry { layer, index } => self
+                .layers
+                .get(usize::from(layer))?
+                .content
+                .index()
+                .entries
+                .get(index as usize),
+        }
+    }
+
+    pub fn kind(&self, id: u32) -> Result<Kind> {
+        Ok(kind_of(self.node(id)?))
+    }
+
+    /// The child called `name` of directory `dir`, with its kind.
+    pub fn child(&self, dir: u32, name: &[u8]) -> Option<(u32, Kind)> {
+        let id = self.tree.child(dir, name)?;
+        Some((id, kind_of(self.tree.node(id)?)))
+    }
+
+    /// The parent of directory `dir`, and its children (sorted by name).
+    pub fn list(&self, dir: u32) -> Result<(u32, Children)> {
+        let node = self.node(dir)?;
+        let children = node
+            .children
+            .iter()
+            .filter_map(|(name, &id)| Some((name.clone(), id, kind_of(self.tree.node(id)?))))
+            .collect();
+        Ok((node.parent, children))
+    }
+
+    pub fn attr(&self, id: u32) -> Result<NodeAttr> {
+        let node = self.node(id)?;
+        let kind = kind_of(node);
+        let Some(entry) = self.entry(node) else {
+            // A directory no entry declared: what extraction would make.
+            return Ok(NodeAttr {
+                kind,
+                size: 0,
+                mtime: node::epoch(),
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: node.nlink,
+                rdev: 0,
+            });
+        };
+        let size = match kind {
+            Kind::File => entry.size,
+            Kind::Symlink => entry.link.as_ref().map_or(0, |l| l.len() as u64),
+            _ => 0,
+        };
+        let rdev = match kind {
+            Kind::CharDev | Kind::BlockDev if !node.whiteout => encode_dev(entry.rdev),
+            _ => 0,
+        };
+        Ok(NodeAttr {
+            kind,
+            size,
+            mtime: to_system_time(entry.mtime, entry.mtime_nsec),
+            perm: (entry.mode & 0o7777) as u16,
+            uid: entry.uid,
+            gid: entry.gid,
+            nlink: node.nlink,
+            rdev,
+        })
+    }
+
+    pub fn readlink(&self, id: u32) -> Result<Box<[u8]>> {
+        let node = self.node(id)?;
+        match (kind_of(node), self.entry(node).and_then(|e| e.link.clone())) {
+            (Kind::Symlink, Some(target)) => Ok(target),
+            _ => Err(Error::Invalid("not a symlink".into())),
+        }
+    }
+
+    /// The node's extended attributes; in a layer view, an opaque directory also has
+    /// `trusted.overlay.opaque=y`, as overlayfs looks for.
+    pub fn xattrs(&self, id: u32) -> Result<Xattrs> {
+        let node = self.node(id)?;
+        let mut all = self
+            .entry(node)
+            .map(|e| e.xattrs.clone())
+            .unwrap_or_default();
+        if node.opaque {
+            all.push((b"trusted.overlay.opaque"[..].into(), b"y"[..].into()));
+        }
+        Ok(all)
+    }
+
+    /// Up to `len` bytes of file `id` at `offset`.
+    pub async fn read(&self, id: u32, offset: u64, len: u64) -> Result<Bytes> {
+        let node = self.node(id)?;
+        let (Origin::Entry { layer, .. }, Some(entry)) = (node.origin, self.entry(node)) else {
+            return Ok(Bytes::new());
+        };
+        let Some(layer) = self.layers.get(usize::from(layer)) else {
+            return Ok(Bytes::new());
+        };
+        layer.content.read(entry, offset, len).await
+    }
+}
+
+fn kind_of(node: &tree::Node) -> Kind {
+    if node.whiteout {
+        return Kind::CharDev;
+    }
+    match node.kind {
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::File | EntryKind::Hardlink => Kind::File,
+        EntryKind::Symlink => Kind::Symlink,
+        EntryKind::CharDev => Kind::CharDev,
+        EntryKind::BlockDev => Kind::BlockDev,
+        EntryKind::Fifo => Kind::Fifo,
+    }
+}
+
+/// A device number as FUSE carries it (the kernel's `new_encode_dev`).
+fn encode_dev((major, minor): (u32, u32)) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn to_system_time(secs: i64, nanos: u32) -> SystemTime {
+    let nanos = Duration::from_nanos(u64::from(nanos.min(999_999_999)));
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64) + nanos
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + nanos
+    }
+}
+
+impl Images {
+    pub fn new(
+        view: Arc<RegistryView>,
+        cache: Arc<BlockCache>,
+        client: RegistryClient,
+        platform: Platform,
+    ) -> Images {
+        let stats = client.stats().clone();
+        let budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
+        // The piece cache counts its hits apart from the block cache's.
+        let pieces = Arc::new(PieceCache::new(
+            image_mod::pass::SPAN_SIZE,
+            budget,
+            Arc::default(),
+        ));
+        Images {
+            view,
+            cache,
+            client,
+            readers: Readers { pieces, stats },
+            platform,
+            layers: Memo::new(KEPT_LAYERS, None),
+            trees: Memo::new(KEPT_TREES, None),
+            descriptors: Memo::new(4096, None),
+        }
+    }
+
+    /// The view under `tags/<tag>/rootfs`: the image the tag names now.
+    pub async fn tag_view(&self, repo: &RepoName, tag: &Tag) -> Result<Arc<View>> {
+        let manifest = self.view.tag_manifest(repo, tag).await?;
+        Ok(Arc::new(View {
+            repo: repo.clone(),
+            root: ViewRoot::Tag(tag.clone(), manifest.digest.clone()),
+        }))
+    }
+
+    /// The files of a view (built, or kept from before).
+    pub async fn tree(&self, view: &View) -> Result<Arc<ImageTree>> {
+        let key = view.key();
+        self.trees
+            .get_or_fetch(&key, || async {
+                let layers = match &key {
+                    TreeKey::Image(d) => {
+                        let layers = self.image_layers(&view.repo, d).await?;
+                        try_join_all(layers.iter().map(|l| self.layer(&view.repo, l))).await?
+                    }
+                    TreeKey::Layer(d) => {
+                        let layer = self.descriptor(&view.repo, d).await?;
+                        vec![self.layer(&view.repo, &layer).await?]
+                    }
+                };
+                let overlay = matches!(key, TreeKey::Layer(_));
+                let tree = tokio::task::spawn_blocking(move || {
+                    let entries: Vec<&[Entry]> = layers
+                        .iter()
+                        .map(|l| &l.content.index().entries[..])
+                        .collect();
+                    let tree = if overlay {
+                        Tree::overlay(entries.first().copied().unwrap_or_default())
+                    } else {
+                        Tree::merge(&entries)
+                    };
+                    ImageTree { tree, layers }
+                })
+                .await
+                .map_err(|e| Error::Unavailable(format!("merging layers failed: {e}")))?;
+                Ok(Arc::new(tree))
+            })
+            .await
+    }
+
+    /// The layers of the image `digest` names (for an index, the image of the
+    /// platform), lowest first.
+    async fn image_layers(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Layer>> {
+        let parse = |m: &crate::registry::FetchedManifest| {
+            ImageManifest::parse(&m.bytes, &m.media_type)
+                .map_err(|e| Error::BadAnswer(format!("{repo}@{}: {e}", m.digest)))
+        };
+        let manifest = self.view.manifest(repo, digest).await?;
+        let layers = match parse(&manifest)? {
+            ImageManifest::Image { layers } => layers,
+            ImageManifest::Index { children } => {
+                let child = select(&children, &self.platform).ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "{repo}@{digest}: the index has no {} image (see --platform)",
+                        self.platform
+                    ))
+                })?;
+                match parse(&*self.view.manifest(repo, child).await?)? {
+                    ImageManifest::Image { layers } => layers,
+                    ImageManifest::Index { .. } => {
+                        return Err(Error::BadAnswer(format!(
+                            "{repo}@{child}: an index where an image was expected"
+                        )));
+                    }
+                }
+            }
+        };
+        if layers.len() > MAX_LAYERS {
+            return Err(Error::BadAnswer(format!(
+                "{repo}@{digest}: {} layers (at most {MAX_LAYERS})",
+                layers.len()
+            )));
+        }
+        Ok(layers)
+    }
+
+    /// A layer's index, made once (a pass or its TOC) and shared by every view.
+    async fn layer(&self, repo: &RepoName, layer: &Layer) -> Result<Arc<Indexed>> {
+        let stats = self.readers.stats.clone();
+        self.layers
+            .get_or_fetch(&layer.digest, || async {
+                let source: Arc<dyn BlobSource> = Arc::new(LayerSource {
+                    repo: repo.clone(),
+                    digest: layer.digest.clone(),
+                    size: layer.size,
+                    cache: self.cache.clone(),
+                    client: self.client.clone(),
+                });
+                match image_mod::index_layer(source.clone(), layer).await {
+                    Ok(index) => {
+                        let bytes = index.heap_bytes() as u64;
+                        Stats::add(&stats.layers_indexed, 1);
+                        Stats::add(&stats.index_bytes, bytes);
+                        let content =
+                            LayerContent::new(Arc::new(index), source, self.readers.clone());
+                        Ok(Ok(Arc::new(Indexed {
+                            content,
+                            bytes,
+                            stats: stats.clone(),
+                        })))
+                    }
+                    // Worth trying again later: the registry was down, or said no.
+                    Err(e)
+                        if e.is_transient()
+                            || matches!(e, Error::NotFound(_) | Error::Denied(_)) =>
+                    {
+                        Err(e)
+                    }
+                    Err(e) => Ok(Err(e)),
+                }
+            })
+            .await?
+    }
+
+    /// The descriptor of a layer by digest: from a manifest of the repository that
+    /// names it (media type and TOC annotations), else from its first bytes.
+    async fn descriptor(&self, repo: &RepoName, digest: &Digest) -> Result<Layer> {
+        let key = (repo.clone(), digest.clone());
+        self.descriptors
+            .get_or_fetch(&key, || async {
+                if let Ok(reach) = self.view.reachable(repo).await {
+                    for manifest in reach.manifests.keys() {
+                        let Ok(m) = self.view.manifest(repo, manifest).await else {
+                            continue;
+                        };
+                        if let Ok(ImageManifest::Image { layers }) =
+                            ImageManifest::parse(&m.bytes, &m.media_type)
+                        {
+                            if let Some(layer) = layers.into_iter().find(|l| &l.digest == digest) {
+                                return Ok(layer);
+                            }
+                        }
+                    }
+                }
+                self.sniffed(repo, digest).await
+            })
+            .await
+    }
+
+    /// A layer no manifest describes: its codec from its magic bytes.
+    async fn sniffed(&self, repo: &RepoName, digest: &Digest) -> Result<Layer> {
+        let size = self.view.blob_size(repo, digest).await?;
+        let source = LayerSource {
+            repo: repo.clone(),
+            digest: digest.clone(),
+            size,
+            cache: self.cache.clone(),
+            client: self.client.clone(),
+        };
+        let head = source.read(0, size.min(4)).await?;
+        let codec = match &head[..] {
+            [0x1f, 0x8b, ..] => Codec::Gzip,
+            [0x28, 0xb5, 0x2f, 0xfd] => Codec::Zstd,
+            _ => Codec::Tar,
+        };
+        let media_type = match codec {
+            Codec::Tar => "application/vnd.oci.image.layer.v1.tar",
+            Codec::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Codec::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        };
+        Ok(Layer {
+            media_type: media_type.to_owned(),
+            digest: digest.clone(),
+            size,
+            annotations: Default::default(),
+        })
+    }
+}
