@@ -800,7 +800,10 @@ impl Fs {
             OpenFile::Write(_) => Err(Errno::EINVAL),
             OpenFile::Image(tree, id) => {
                 tree.read(id, offset, u64::from(size)).await.map_err(|e| {
-                    warn!(%offset, size, "read of an image file (node {id}) failed");
+                    warn!(
+                        offset,
+                        size, "read of an image file (node {id}) failed: {e}"
+                    );
                     Errno(e.errno())
                 })
             }

@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod images;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -763,6 +764,11 @@ impl Layout {
     /// The layout directory (index.json, blobs/).
     pub fn oci_dir(&self) -> PathBuf {
         self.dir.path().join("oci")
+    }
+
+    /// A path inside the layout's temp dir (not created), for bundles and such.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     fn image(&self, tag: &str) -> String {
