@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod passthrough;
 pub mod registry;
 pub mod stats;
