@@ -8,5 +8,6 @@ pub mod fs;
 pub mod fuse;
 pub mod image;
 pub mod mount;
+pub mod passthrough;
 pub mod registry;
 pub mod stats;

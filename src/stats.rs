@@ -55,9 +55,22 @@ pub struct Stats {
     /// Image contents: layers indexed (by a pass or a TOC), memory their indexes hold,
     /// decodes started from a checkpoint, and layer bytes fetched to read files.
     pub layers_indexed: AtomicU64,
+    pub indexes_from_disk: AtomicU64,
     pub index_bytes: AtomicU64,
     pub content_decodes: AtomicU64,
     pub content_fetched_bytes: AtomicU64,
+    /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
+    /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
+    /// entries evicted, blobs kept whole after their digest check, writes not done
+    /// (disk full, queue full, no room), opens answered with FUSE passthrough.
+    pub disk_hits: AtomicU64,
+    pub disk_misses: AtomicU64,
+    pub disk_bytes: AtomicU64,
+    pub disk_budget: AtomicU64,
+    pub disk_evictions: AtomicU64,
+    pub disk_verified: AtomicU64,
+    pub disk_dropped: AtomicU64,
+    pub passthrough_opens: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
 }
 
@@ -101,6 +114,16 @@ impl Stats {
                 budget,
                 block_size,
             },
+            disk: DiskSnapshot {
+                hits: get(&self.disk_hits),
+                misses: get(&self.disk_misses),
+                bytes: get(&self.disk_bytes),
+                budget: get(&self.disk_budget),
+                evictions: get(&self.disk_evictions),
+                verified_blobs: get(&self.disk_verified),
+                dropped_writes: get(&self.disk_dropped),
+                passthrough_opens: get(&self.passthrough_opens),
+            },
             fetched_bytes: get(&self.fetched_bytes),
             requests: RequestsSnapshot {
                 ping: req(RequestKind::Ping),
@@ -126,6 +149,7 @@ impl Stats {
             pending_manifests: get(&self.pending_manifests),
             images: ImagesSnapshot {
                 layers_indexed: get(&self.layers_indexed),
+                indexes_from_disk: get(&self.indexes_from_disk),
                 index_bytes: get(&self.index_bytes),
                 decodes: get(&self.content_decodes),
                 fetched_bytes: get(&self.content_fetched_bytes),
@@ -137,6 +161,7 @@ impl Stats {
 #[derive(Serialize, Debug)]
 pub struct Snapshot {
     pub cache: CacheSnapshot,
+    pub disk: DiskSnapshot,
     /// Blob bytes received from the registry (or the host it redirected to).
     pub fetched_bytes: u64,
     /// Blob bytes sent in upload chunks (resent bytes count again).
@@ -154,6 +179,8 @@ pub struct Snapshot {
 pub struct ImagesSnapshot {
     /// Layers indexed since the mount (a pass or a TOC each).
     pub layers_indexed: u64,
+    /// Layer indexes found in the disk cache instead.
+    pub indexes_from_disk: u64,
     /// Memory held by the layer indexes kept now.
     pub index_bytes: u64,
     /// Decodes of plain layers started from a checkpoint.
@@ -172,6 +199,21 @@ pub struct CacheSnapshot {
     pub bytes: u64,
     pub budget: u64,
     pub block_size: u64,
+}
+
+/// The disk cache; `budget` 0 means there is none (`--no-disk-cache`).
+#[derive(Serialize, Debug)]
+pub struct DiskSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    /// What the cache directory holds now (every mount sharing it), as `du` counts.
+    pub bytes: u64,
+    pub budget: u64,
+    pub evictions: u64,
+    /// Blobs kept whole on disk after a read matched their digest.
+    pub verified_blobs: u64,
+    pub dropped_writes: u64,
+    pub passthrough_opens: u64,
 }
 
 #[derive(Serialize, Debug)]

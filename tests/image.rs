@@ -143,18 +143,21 @@ fn rootfs_is_what_umoci_unpack_makes() {
 }
 
 #[test]
-fn a_second_read_with_the_index_in_memory_is_one_or_two_range_requests() {
+fn a_second_read_costs_one_or_two_range_requests_and_a_new_mount_needs_no_pass() {
     setup();
     let registry = Registry::start();
     let (_layout, _unpacked, _) = rich(&registry, 16 << 20);
-    // A cache smaller than the layer: what the pass streamed is gone from memory.
-    let mnt = Mount::start(&registry.url(), &["--cache-size", "4MiB"]);
+    let disk = tempfile::tempdir().expect("temp dir");
+    let cache_dir = disk.path().to_str().expect("UTF-8 path");
+    // A memory cache smaller than the layer: what the pass streamed is gone from memory.
+    let args = ["--cache-size", "4MiB", "--cache-dir", cache_dir];
+    let mnt = Mount::start(&registry.url(), &args);
     let view = mnt.path("team/app/tags/v1/rootfs");
     assert_eq!(
         fs::read_to_string(view.join("etc/hello.txt")).expect("first read"),
         "hello from the image\n"
     );
-    assert!(mnt.stats()["images"]["layers_indexed"].as_u64() >= Some(3));
+    assert_eq!(mnt.stats()["images"]["layers_indexed"].as_u64(), Some(3));
     let before = requests(&mnt);
     assert_eq!(
         fs::read_to_string(view.join("etc/os-release")).expect("second read"),
@@ -162,6 +165,19 @@ fn a_second_read_with_the_index_in_memory_is_one_or_two_range_requests() {
     );
     let used = requests(&mnt) - before;
     assert!(used <= 2, "a second file cost {used} blob requests");
+    drop(mnt);
+
+    // A new mount on the same disk cache finds the indexes there: no pass.
+    let mnt = Mount::start(&registry.url(), &args);
+    let view = mnt.path("team/app/tags/v1/rootfs");
+    assert_eq!(
+        fs::read_to_string(view.join("etc/os-release")).expect("read"),
+        "NAME=regfs-test\nID=regfs\n"
+    );
+    let images = &mnt.stats()["images"];
+    assert_eq!(images["layers_indexed"].as_u64(), Some(0), "{images}");
+    assert_eq!(images["indexes_from_disk"].as_u64(), Some(3), "{images}");
+    assert!(requests(&mnt) <= 2, "{}", mnt.stats());
 }
 
 #[test]

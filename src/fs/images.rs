@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 
+use super::block_source::BlockSource;
 use super::layer_source::LayerSource;
 use super::metadata::RegistryView;
 use super::node::{self, Kind, Node};
@@ -23,11 +24,13 @@ use crate::cache::{BlockCache, Memo};
 use crate::image::codec::Codec;
 use crate::image::content::{LayerContent, PieceCache, Readers};
 use crate::image::entry::{Entry, EntryKind, Xattrs};
+use crate::image::index::{DISK_KIND, IndexSource, LayerIndex};
 use crate::image::manifest::{ImageManifest, Layer, Platform, select};
 use crate::image::source::BlobSource;
+use crate::image::toc::TocRef;
 use crate::image::tree::{self, Origin, Tree};
 use crate::image::{self as image_mod};
-use crate::registry::{Digest, Error, RegistryClient, RepoName, Result, Tag};
+use crate::registry::{Digest, Error, RepoName, Result, Tag};
 use crate::stats::Stats;
 
 /// Layer indexes kept in memory (each holds its entries, checkpoints and span digests).
@@ -72,6 +75,36 @@ impl View {
         match &self.root {
             ViewRoot::Tag(_, d) | ViewRoot::Image(d) => TreeKey::Image(d.clone()),
             ViewRoot::Layer(d) => TreeKey::Layer(d.clone()),
+        }
+    }
+}
+
+/// What a layer index is of: the layer, and the TOC its manifest announced. A TOC is
+/// only as trustworthy as the manifest naming it, so the same blob announced with
+/// another TOC is another index (one registry's manifest cannot change the files that
+/// another registry's manifest shows for the same layer through the shared disk cache).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct IndexKey {
+    layer: Digest,
+    toc: Option<Digest>,
+}
+
+impl IndexKey {
+    fn of(layer: &Layer) -> IndexKey {
+        let toc = Codec::of_media_type(&layer.media_type)
+            .and_then(|codec| TocRef::from_annotations(codec, &layer.annotations))
+            .map(|t| t.digest().clone());
+        IndexKey {
+            layer: layer.digest.clone(),
+            toc,
+        }
+    }
+
+    /// Its name in the disk cache.
+    fn disk_key(&self) -> Digest {
+        match &self.toc {
+            None => self.layer.clone(),
+            Some(toc) => Digest::sha256_of(format!("{} {toc}", self.layer).as_bytes()),
         }
     }
 }
@@ -126,10 +159,10 @@ pub struct NodeAttr {
 pub struct Images {
     view: Arc<RegistryView>,
     cache: Arc<BlockCache>,
-    client: RegistryClient,
+    blocks: BlockSource,
     readers: Readers,
     platform: Platform,
-    layers: Memo<Digest, LayerOutcome>,
+    layers: Memo<IndexKey, LayerOutcome>,
     trees: Memo<TreeKey, Arc<ImageTree>>,
     descriptors: Memo<(RepoName, Digest), Layer>,
 }
@@ -276,13 +309,9 @@ fn to_system_time(secs: i64, nanos: u32) -> SystemTime {
 }
 
 impl Images {
-    pub fn new(
-        view: Arc<RegistryView>,
-        cache: Arc<BlockCache>,
-        client: RegistryClient,
-        platform: Platform,
-    ) -> Images {
-        let stats = client.stats().clone();
+    pub fn new(view: Arc<RegistryView>, blocks: BlockSource, platform: Platform) -> Images {
+        let stats = view.client().stats().clone();
+        let cache = blocks.cache().clone();
         let budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
         // The piece cache counts its hits apart from the block cache's.
         let pieces = Arc::new(PieceCache::new(
@@ -293,7 +322,7 @@ impl Images {
         Images {
             view,
             cache,
-            client,
+            blocks,
             readers: Readers { pieces, stats },
             platform,
             layers: Memo::new(KEPT_LAYERS, None),
@@ -382,30 +411,40 @@ impl Images {
         Ok(layers)
     }
 
-    /// A layer's index, made once (a pass or its TOC) and shared by every view.
+    /// A layer's index, made once (a pass or its TOC) and shared by every view; kept
+    /// in the disk cache too, so a later mount reads files without a pass.
     async fn layer(&self, repo: &RepoName, layer: &Layer) -> Result<Arc<Indexed>> {
-        let stats = self.readers.stats.clone();
+        let key = IndexKey::of(layer);
         self.layers
-            .get_or_fetch(&layer.digest, || async {
+            .get_or_fetch(&key, || async {
                 let source: Arc<dyn BlobSource> = Arc::new(LayerSource {
                     repo: repo.clone(),
                     digest: layer.digest.clone(),
                     size: layer.size,
                     cache: self.cache.clone(),
-                    client: self.client.clone(),
+                    blocks: self.blocks.clone(),
                 });
+                let disk = self.blocks.disk();
+                if let Some(disk) = disk {
+                    let kept = disk.get_meta(DISK_KIND, &key.disk_key()).await;
+                    if let Some(index) = kept.as_deref().and_then(LayerIndex::decode) {
+                        Stats::add(&self.readers.stats.indexes_from_disk, 1);
+                        return Ok(Ok(self.indexed(index, source)));
+                    }
+                }
                 match image_mod::index_layer(source.clone(), layer).await {
                     Ok(index) => {
-                        let bytes = index.heap_bytes() as u64;
-                        Stats::add(&stats.layers_indexed, 1);
-                        Stats::add(&stats.index_bytes, bytes);
-                        let content =
-                            LayerContent::new(Arc::new(index), source, self.readers.clone());
-                        Ok(Ok(Arc::new(Indexed {
-                            content,
-                            bytes,
-                            stats: stats.clone(),
-                        })))
+                        Stats::add(&self.readers.stats.layers_indexed, 1);
+                        if let Some(disk) = disk {
+                            if let Some(bytes) = index.encode() {
+                                disk.put_meta(DISK_KIND, &key.disk_key(), bytes.into());
+                            }
+                            if index.source == IndexSource::Pass {
+                                // The pass read the whole blob and it matched its digest.
+                                disk.verified(&layer.digest, layer.size, self.cache.block_size());
+                            }
+                        }
+                        Ok(Ok(self.indexed(index, source)))
                     }
                     // Worth trying again later: the registry was down, or said no.
                     Err(e)
@@ -418,6 +457,17 @@ impl Images {
                 }
             })
             .await?
+    }
+
+    fn indexed(&self, index: LayerIndex, source: Arc<dyn BlobSource>) -> Arc<Indexed> {
+        let bytes = index.heap_bytes() as u64;
+        let stats = self.readers.stats.clone();
+        Stats::add(&stats.index_bytes, bytes);
+        Arc::new(Indexed {
+            content: LayerContent::new(Arc::new(index), source, self.readers.clone()),
+            bytes,
+            stats,
+        })
     }
 
     /// The descriptor of a layer by digest: from a manifest of the repository that
@@ -453,7 +503,7 @@ impl Images {
             digest: digest.clone(),
             size,
             cache: self.cache.clone(),
-            client: self.client.clone(),
+            blocks: self.blocks.clone(),
         };
         let head = source.read(0, size.min(4)).await?;
         let codec = match &head[..] {

@@ -11,32 +11,33 @@ use tracing::debug;
 
 use super::blob::join_blocks;
 use super::blob_stream::BodyCursor;
+use super::block_source::{BlobAt, BlockSource};
 use crate::cache::BlockCache;
 use crate::image::source::BlobSource;
-use crate::registry::{Digest, Error, RegistryClient, RepoName, Result};
+use crate::registry::{Digest, Error, RepoName, Result};
 
 pub struct LayerSource {
     pub repo: RepoName,
     pub digest: Digest,
     pub size: u64,
     pub cache: Arc<BlockCache>,
-    pub client: RegistryClient,
+    /// Below the memory cache: the disk cache, then the registry.
+    pub blocks: BlockSource,
 }
 
 impl LayerSource {
-    /// Where block `index` starts, and its length.
-    fn span(&self, index: u64) -> (u64, u64) {
-        let bs = self.cache.block_size();
-        let start = index * bs;
-        (start, bs.min(self.size.saturating_sub(start)))
+    fn blob(&self) -> BlobAt<'_> {
+        BlobAt {
+            repo: &self.repo,
+            digest: &self.digest,
+            size: self.size,
+        }
     }
 
     async fn block(&self, index: u64) -> Result<Bytes> {
-        let (start, len) = self.span(index);
         self.cache
             .get(&(self.digest.clone(), index), || {
-                self.client
-                    .get_blob_range(&self.repo, &self.digest, start, len)
+                self.blocks.fetch(self.blob(), index)
             })
             .await
     }
@@ -49,26 +50,32 @@ impl LayerSource {
         if let Some(block) = self.cache.peek(&key) {
             return Ok(block);
         }
-        let (start, len) = self.span(index);
+        if self.blocks.on_disk(self.blob(), index) {
+            return self.block(index).await;
+        }
+        let (start, len) = self.blocks.span(self.size, index);
+        let client = self.blocks.client();
         self.cache
-            .get(&key, || async {
-                // Behind, or far ahead of what is cached: a new stream from here.
-                let far = 4 * self.cache.block_size();
-                if cursor.as_ref().is_none_or(|c| c.at() > start || start - c.at() > far) {
-                    *cursor = Some(BodyCursor::open(&self.client, &self.repo, &self.digest, start).await?);
-                }
-                let streamed = match cursor.as_mut() {
-                    Some(c) => c.block(&self.cache, start, len).await,
-                    None => Err(Error::Unavailable("no stream".into())),
-                };
-                match streamed {
-                    Ok(block) => Ok(block),
-                    Err(e) => {
-                        debug!(digest = %self.digest, block = index, "layer stream broke off ({e}); asking for the block");
-                        *cursor = None;
-                        self.client.get_blob_range(&self.repo, &self.digest, start, len).await
+            .get(&key, || {
+                self.blocks.fetch_with(self.blob(), index, || async {
+                    // Behind, or far ahead of what is cached: a new stream from here.
+                    let far = 4 * self.cache.block_size();
+                    if cursor.as_ref().is_none_or(|c| c.at() > start || start - c.at() > far) {
+                        *cursor = Some(BodyCursor::open(client, &self.repo, &self.digest, start).await?);
                     }
-                }
+                    let streamed = match cursor.as_mut() {
+                        Some(c) => c.block(&self.cache, start, len).await,
+                        None => Err(Error::Unavailable("no stream".into())),
+                    };
+                    match streamed {
+                        Ok(block) => Ok(block),
+                        Err(e) => {
+                            debug!(digest = %self.digest, block = index, "layer stream broke off ({e}); asking for the block");
+                            *cursor = None;
+                            client.get_blob_range(&self.repo, &self.digest, start, len).await
+                        }
+                    }
+                })
             })
             .await
     }
@@ -120,5 +127,8 @@ impl BlobSource for LayerSource {
 
     fn distrust(&self) {
         self.cache.forget(&self.digest);
+        if let Some(disk) = self.blocks.disk() {
+            disk.forget(&self.digest, self.cache.block_size());
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 mod blob;
 mod blob_stream;
+mod block_source;
 mod handles;
 pub mod images;
 mod layer_source;
@@ -24,12 +25,13 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tracing::{debug, warn};
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, DiskCache};
 use crate::image::manifest::Platform;
 use crate::image::tree::ROOT as VIEW_ROOT;
 use crate::registry::types::is_path_component;
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
 use blob::{BlobReads, OpenBlob};
+use block_source::BlockSource;
 use handles::Handles;
 use images::{ImageTree, Images, View, ViewRoot};
 use metadata::RegistryView;
@@ -134,6 +136,9 @@ pub struct Opened {
     /// Whether every read must come here, past the kernel's page cache and its idea of
     /// the file size (files made fresh at each open, like `/.regfs/stats`).
     pub direct_io: bool,
+    /// The content as a local file (a verified blob in the disk cache): the kernel may
+    /// read it directly (FUSE passthrough) instead of asking here.
+    pub local_file: Option<std::fs::File>,
 }
 
 pub struct Fs {
@@ -154,14 +159,24 @@ impl Fs {
         repos: Vec<RepoName>,
         tag_ttl: Duration,
         cache: Arc<BlockCache>,
+        disk: Option<DiskCache>,
         read_only: bool,
         platform: Platform,
     ) -> Fs {
-        let view = Arc::new(RegistryView::new(client.clone(), repos, tag_ttl));
+        let view = Arc::new(RegistryView::new(
+            client.clone(),
+            repos,
+            tag_ttl,
+            disk.clone(),
+        ));
         Fs {
-            images: Images::new(view.clone(), cache.clone(), client.clone(), platform),
-            blobs: BlobReads::new(cache, client.clone()),
-            writes: Writes::new(client, view.clone()),
+            images: Images::new(
+                view.clone(),
+                BlockSource::new(client.clone(), cache.clone(), disk.clone()),
+                platform,
+            ),
+            blobs: BlobReads::new(cache, client.clone(), disk.clone()),
+            writes: Writes::new(client, view.clone(), disk),
             read_only,
             view,
             inodes: Mutex::new(InodeTable::default()),
@@ -169,6 +184,21 @@ impl Fs {
             files: Handles::new(),
             tag_ttl,
         }
+    }
+
+    /// The disk cache, for content-addressed metadata (`get_meta` / `put_meta`).
+    pub fn disk_cache(&self) -> Option<&DiskCache> {
+        self.blobs.disk()
+    }
+
+    /// Pushes the indexes an earlier mount of this registry held (see `Writes`).
+    pub async fn resume_held(&self) {
+        self.writes.resume_held().await;
+    }
+
+    /// An open was answered with FUSE passthrough (counted in `/.regfs/stats`).
+    pub fn passthrough_opened(&self) {
+        crate::stats::Stats::add(&self.view.client().stats().passthrough_opens, 1);
     }
 
     /// `/.regfs/stats`: the counters as pretty JSON.
@@ -721,6 +751,7 @@ impl Fs {
                 fh: self.files.insert(OpenFile::Write(file)),
                 keep_cache: false,
                 direct_io: true,
+                local_file: None,
             });
         }
         if self.writes.file(&node).is_some() {
@@ -729,6 +760,7 @@ impl Fs {
             return Err(Errno::EINVAL);
         }
         let mut direct_io = false;
+        let mut local_file = None;
         let (file, keep_cache) = match &node {
             Node::TagManifest(repo, tag) => {
                 let m = self
@@ -758,6 +790,7 @@ impl Fs {
                     .map_err(|e| fail(&node, e))?;
                 let blob = self.blobs.open(repo.clone(), digest.clone(), size);
                 let keep = self.blobs.may_keep_pages(digest);
+                local_file = self.blobs.local_file(digest, size);
                 (OpenFile::Blob(Arc::new(blob)), keep)
             }
             Node::Stats => {
@@ -775,6 +808,7 @@ impl Fs {
             fh: self.files.insert(file),
             keep_cache,
             direct_io,
+            local_file,
         })
     }
 
@@ -852,6 +886,7 @@ impl Fs {
             fh: self.files.insert(OpenFile::Write(file)),
             keep_cache: false,
             direct_io: true,
+            local_file: None,
         };
         Ok((attr, opened))
     }

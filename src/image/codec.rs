@@ -1,10 +1,12 @@
 //! The compression of a layer, from its media type, and one decoder interface over
 //! tar (none), gzip and zstd that can start at the blob's beginning or at a checkpoint.
 
+use serde::{Deserialize, Serialize};
+
 use super::gzip::GzipDecoder;
 use super::zstd_frames::ZstdDecoder;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Codec {
     Tar,
     Gzip,
@@ -40,7 +42,7 @@ impl Codec {
 }
 
 /// Where decoding can start: the blob's first byte, or a place the index pass found.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     /// Bit offset in the blob (a multiple of 8 except inside a deflate stream).
     pub in_bit: u64,

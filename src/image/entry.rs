@@ -3,9 +3,11 @@
 
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
 /// What kind of file an entry is. Hardlinks are resolved to the file they name when
 /// layers are merged; they keep their own kind here so the merge can tell.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
     Dir,
     File,
@@ -17,7 +19,7 @@ pub enum EntryKind {
 }
 
 /// Where a regular file's bytes are.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataRef {
     /// No bytes (not a regular file, or empty).
     None,
@@ -30,7 +32,7 @@ pub enum DataRef {
 /// Extended attributes: (name, value) pairs.
 pub type Xattrs = Vec<(Box<[u8]>, Box<[u8]>)>;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Normalised path inside the layer: components joined by `/`, no leading `/`, no
     /// `.` or `..`, never empty except for the layer's root directory.

@@ -3,11 +3,13 @@
 
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
 use super::codec::{Checkpoint, Codec};
 use super::entry::Entry;
 
 /// How a layer's index was made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IndexSource {
     /// One streaming pass over the whole (verified) blob.
     Pass,
@@ -17,6 +19,7 @@ pub enum IndexSource {
     ZstdChunked,
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct LayerIndex {
     /// In layer order; later entries for the same path replace earlier ones.
     pub entries: Vec<Entry>,
@@ -25,6 +28,7 @@ pub struct LayerIndex {
 }
 
 /// Where file bytes are.
+#[derive(Serialize, Deserialize)]
 pub enum Content {
     /// Plain layers: offsets in the uncompressed tar stream, reached by decoding from
     /// the nearest checkpoint; every span of the blob is checked against the digest it
@@ -34,6 +38,7 @@ pub enum Content {
     Chunks(ChunkMap),
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct StreamMap {
     pub codec: Codec,
     /// Sorted by `out`; the first is [`Checkpoint::START`].
@@ -59,12 +64,13 @@ impl StreamMap {
     }
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct ChunkMap {
     pub codec: Codec,
     pub chunks: Vec<Chunk>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     /// The blob range holding the chunk's gzip member or zstd frame(s); may end later
     /// than the member (it is bounded by the next thing the TOC names).
@@ -78,7 +84,21 @@ pub struct Chunk {
     pub digest: Option<[u8; 32]>,
 }
 
+/// The disk cache's name for layer indexes; a new format gets a new number.
+pub const DISK_KIND: &str = "layer-index-v1";
+
 impl LayerIndex {
+    /// The index as bytes for the disk cache.
+    pub fn encode(&self) -> Option<Vec<u8>> {
+        postcard::to_allocvec(self).ok()
+    }
+
+    /// An index the disk cache kept (it checksums its entries; a damaged one never
+    /// gets here, and one that does not decode is ignored).
+    pub fn decode(bytes: &[u8]) -> Option<LayerIndex> {
+        postcard::from_bytes(bytes).ok()
+    }
+
     /// Approximate memory held, for the budget and `/.regfs/stats`.
     pub fn heap_bytes(&self) -> usize {
         let entries: usize = self.entries.iter().map(Entry::heap_bytes).sum();
@@ -113,6 +133,53 @@ impl LayerIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_round_trips_through_bytes() {
+        use crate::image::entry::{DataRef, Entry, EntryKind};
+        let entry = Entry {
+            path: b"etc/f\xff"[..].into(),
+            kind: EntryKind::File,
+            mode: 0o4755,
+            uid: 1,
+            gid: 2,
+            mtime: -5,
+            mtime_nsec: 7,
+            size: 9,
+            link: None,
+            rdev: (0, 0),
+            xattrs: vec![(b"user.a"[..].into(), b"\0v"[..].into())],
+            data: DataRef::Stream(512),
+        };
+        let index = LayerIndex {
+            entries: vec![entry.clone()],
+            content: Content::Stream(StreamMap {
+                codec: Codec::Gzip,
+                checkpoints: vec![
+                    Checkpoint::START,
+                    Checkpoint {
+                        in_bit: 8003,
+                        out: 1 << 22,
+                        window: Some(vec![1u8; 100].into()),
+                    },
+                ],
+                span_size: 1 << 20,
+                spans: vec![[3; 32]],
+                blob_size: 77,
+            }),
+            source: IndexSource::Pass,
+        };
+        let back = LayerIndex::decode(&index.encode().expect("encodes")).expect("decodes");
+        assert_eq!(back.entries, vec![entry]);
+        let (Content::Stream(a), Content::Stream(b)) = (&index.content, &back.content) else {
+            panic!("a stream map");
+        };
+        assert_eq!(
+            (&a.checkpoints, &a.spans, a.blob_size),
+            (&b.checkpoints, &b.spans, b.blob_size)
+        );
+        assert!(LayerIndex::decode(b"garbage").is_none());
+    }
 
     #[test]
     fn checkpoint_and_span_lookup() {

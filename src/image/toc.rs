@@ -63,6 +63,14 @@ pub enum TocRef {
 }
 
 impl TocRef {
+    /// The digest the TOC must match: what identifies this TOC.
+    pub fn digest(&self) -> &Digest {
+        match self {
+            TocRef::Estargz { toc_digest } => toc_digest,
+            TocRef::ZstdChunked { checksum, .. } => checksum,
+        }
+    }
+
     /// The TOC a layer descriptor announces, if any (and if its codec fits).
     pub fn from_annotations(
         codec: Codec,
