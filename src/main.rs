@@ -20,7 +20,8 @@ use tracing_subscriber::EnvFilter;
     about = "Mount a container registry as a folder",
     long_about = "regfs mounts an OCI / Docker registry (Distribution API v2) as a folder: \
 ls, grep, cat and rsync see repositories, tags, manifests and blobs as files. Blob reads \
-are lazy: a read fetches only the byte range it touches. Files written under a \
+are lazy: a read fetches only the byte range it touches. The files of every image are \
+under tags/<tag>/rootfs/, read lazily from its layers. Files written under a \
 repository become blob uploads and manifest pushes, committed when closed.",
     after_help = "\
 TREE:
@@ -30,6 +31,10 @@ TREE:
       blobs/<digest>             configs and layers of those manifests; others by lookup
       uploads/<name>             write area: a file written here becomes a blob upload,
                                  then a symlink to ../blobs/<digest>
+      tags/<tag>/rootfs/         the image's files, its layers applied (not listed;
+                                 open it by name; --platform picks from an index)
+      .images/<digest>/rootfs/   the same for any image manifest by digest
+      .layers/<digest>/          one layer, as an overlayfs lowerdir
   MOUNTPOINT/.regfs/stats        counters as JSON (not listed; open it by name)
 
 WRITING:
@@ -41,6 +46,7 @@ WRITING:
 EXAMPLES:
   regfs mount http://127.0.0.1:5000 /mnt/reg
   grep -rl linux/arm64 /mnt/reg/*/*/tags/*/manifest.json
+  cat /mnt/reg/team/app/tags/v1/rootfs/etc/os-release   (a file inside the image)
   rsync -a /mnt/reg/team/app/ /backup/app/        (back up; again later: only changes)
   mkdir -p /mnt/other/team/app && rsync -a /backup/app/ /mnt/other/team/app/   (restore)
   cp layer.tar /mnt/reg/team/app/uploads/
