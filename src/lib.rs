@@ -9,3 +9,4 @@ pub mod fuse;
 pub mod mount;
 pub mod registry;
 pub mod stats;
+pub mod unmount;

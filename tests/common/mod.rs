@@ -1770,6 +1770,33 @@ impl Mount {
         let dir = root.join("mnt");
         fs::create_dir(&dir).expect("create mountpoint");
         let log_path = root.join("regfs.log");
+        Mount::spawn(Some(tmp), dir, log_path, registry_url, extra_args, input)
+    }
+
+    /// Another `regfs mount` on the directory of `self` (whose regfs has exited or was
+    /// killed), logging to `<dir>/../regfs-<n>.log`. The directory stays `self`'s.
+    pub fn start_again(&self, registry_url: &str, extra_args: &[&str]) -> Result<Mount, String> {
+        let parent = self.dir.parent().expect("mountpoint has a parent");
+        let n = fs::read_dir(parent).map_or(0, |d| d.count());
+        let log_path = parent.join(format!("regfs-{n}.log"));
+        Mount::spawn(
+            None,
+            self.dir.clone(),
+            log_path,
+            registry_url,
+            extra_args,
+            &MountInput::default(),
+        )
+    }
+
+    fn spawn(
+        tmp: Option<TempDir>,
+        dir: PathBuf,
+        log_path: PathBuf,
+        registry_url: &str,
+        extra_args: &[&str],
+        input: &MountInput,
+    ) -> Result<Mount, String> {
         let log = File::create(&log_path).expect("create regfs log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regfs"));
         cmd.arg("mount")
@@ -1793,13 +1820,17 @@ impl Mount {
         }
         let mut mount = Mount {
             dir,
-            tmp: Some(tmp),
+            tmp,
             child: Some(child),
             log_path,
         };
 
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while !is_mounted(&mount.dir) {
+        // Mounted and answering: a dead mount left at the directory is listed in
+        // mountinfo too, but fails with ENOTCONN until regfs has replaced it. The stats
+        // file asks the daemon every time (no cached attributes) and not the registry.
+        let answers = |dir: &Path| fs::metadata(dir.join(".regfs/stats")).is_ok();
+        while !(is_mounted(&mount.dir) && answers(&mount.dir)) {
             let child = mount.child.as_mut().expect("child present while starting");
             let failure = match child.try_wait() {
                 Ok(Some(status)) => Some(format!("regfs exited with {status} before mounting")),
@@ -1838,6 +1869,33 @@ impl Mount {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL: the daemon dies without unmounting (as after a crash or the OOM
+    /// killer). Waits for it to be gone.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        send_signal(child, libc::SIGKILL);
+        wait_timeout(child, STARTUP_TIMEOUT)
+    }
+
+    /// The processes regfs started (e.g. fusermount3 watching the mount).
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.pid();
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&p| {
+                // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+                fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                        == Some(pid)
+                })
+            })
+            .collect()
     }
 
     /// Waits (bounded) for regfs to exit by itself, e.g. after `fusermount3 -u`.
