@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
     ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
     TimeOrNow, WriteFlags,
@@ -20,6 +20,7 @@ use tokio::runtime::Handle;
 use crate::fs::deadline::within;
 use crate::fs::node::Kind;
 use crate::fs::{Attr, Fs};
+use crate::passthrough::Passthrough;
 
 /// Asks the kernel for reads this large (with FUSE_MAX_PAGES) and lets it read ahead as
 /// far: fewer, larger range requests.
@@ -31,6 +32,7 @@ pub struct FuseAdapter {
     fs: Arc<Fs>,
     runtime: Handle,
     owner: Owner,
+    passthrough: Arc<Passthrough>,
 }
 
 /// Everything in the tree belongs to the user who mounted it.
@@ -73,7 +75,12 @@ impl FuseAdapter {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
         };
-        FuseAdapter { fs, runtime, owner }
+        FuseAdapter {
+            fs,
+            runtime,
+            owner,
+            passthrough: Arc::default(),
+        }
     }
 
     /// Runs `work` as a task on the runtime, so this thread can take the next request.
@@ -102,6 +109,14 @@ impl Filesystem for FuseAdapter {
         // Many readers at once should not queue behind each other in the kernel.
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // Verified blobs on disk are read by the kernel itself where it can (Linux ≥ 6.9).
+        // Stack depth 1: cache files on a plain filesystem, and this mount may still be
+        // a lower layer of an overlay.
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.enable();
+        }
         Ok(())
     }
 
@@ -178,10 +193,20 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let passthrough = self.passthrough.clone();
         self.spawn(move |fs, _| async move {
             let what = || format!("open of inode {}", ino.0);
             match within(fs.deadline(), what, fs.open(ino.0, write)).await {
-                Ok(opened) => {
+                Ok(mut opened) => {
+                    let local = opened.local_file.take();
+                    if let Some(id) = passthrough.open(&reply, ino.0, opened.fh, local) {
+                        fs.passthrough_opened();
+                        return reply.opened_passthrough(
+                            FileHandle(opened.fh),
+                            FopenFlags::empty(),
+                            &id,
+                        );
+                    }
                     let mut flags = FopenFlags::empty();
                     if opened.keep_cache {
                         flags |= FopenFlags::FOPEN_KEEP_CACHE;
@@ -227,6 +252,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        self.passthrough.release(fh.0);
         reply.ok();
     }
 

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod passthrough;
 pub mod registry;
 pub mod stats;
 pub mod unmount;

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use regfs::cache::disk::{self, admin};
 use regfs::daemon::{self, Readiness};
-use regfs::mount::{self, MountConfig};
+use regfs::mount::{self, DiskCacheConfig, MountConfig};
 use regfs::registry::{Credentials, RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
 
@@ -71,7 +72,45 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Mount REGISTRY at MOUNTPOINT and serve it until unmounted or sent SIGINT/SIGTERM
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
+    /// Look after the disk cache: what it holds, trim it, check it
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// How much the cache directory takes on disk, and of what
+    Du(CacheDir),
+    /// Every entry, least recently used first: size, last use, kind, digest
+    Ls(CacheDir),
+    /// Remove least recently used entries until the cache takes at most --max
+    Prune {
+        /// What may remain (e.g. 1GiB); 0, the default, empties the cache
+        #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_bytes)]
+        max: u64,
+        #[command(flatten)]
+        dir: CacheDir,
+    },
+    /// Check every entry against its digest or checksum, and remove the damaged ones
+    /// (mounts fetch them again); exit status 1 if any was damaged
+    Verify(CacheDir),
+}
+
+#[derive(Args)]
+struct CacheDir {
+    /// The cache directory [default: /var/cache/regfs for root, else
+    /// $XDG_CACHE_HOME/regfs]
+    #[arg(value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+impl CacheDir {
+    fn path(&self) -> Result<PathBuf, String> {
+        self.dir.clone().or_else(disk::default_dir).ok_or_else(|| {
+            "no cache directory: name one (neither XDG_CACHE_HOME nor HOME is set)".into()
+        })
+    }
 }
 
 #[derive(Args)]
@@ -131,6 +170,17 @@ struct MountArgs {
     /// registry operation, retries included; a body slower than 1 KiB/s counts as silent)
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
     timeout: Duration,
+    /// The disk cache directory, shared by every mount and kept across restarts
+    /// [default: /var/cache/regfs for root, else $XDG_CACHE_HOME/regfs]
+    #[arg(long, value_name = "DIR", conflicts_with = "no_disk_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Most the disk cache may take (least recently used entries go first)
+    /// [default: the smaller of 10GiB and 10% of its filesystem]
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, conflicts_with = "no_disk_cache")]
+    disk_cache_size: Option<u64>,
+    /// No disk cache: nothing is written to disk, every new mount starts cold
+    #[arg(long)]
+    no_disk_cache: bool,
 }
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
@@ -235,12 +285,58 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         ca_file: args.ca_file,
         insecure: args.insecure,
         timeout: args.timeout,
+        disk_cache: (!args.no_disk_cache).then_some(DiskCacheConfig {
+            dir: args.cache_dir,
+            size: args.disk_cache_size,
+        }),
     })
+}
+
+/// `regfs cache …`: prints its report; Ok(false) when `verify` found damage.
+fn cache_command(command: CacheCommand) -> Result<bool, String> {
+    match command {
+        CacheCommand::Du(dir) => println!("{}", admin::du(&dir.path()?)?),
+        CacheCommand::Ls(dir) => {
+            for line in admin::ls(&dir.path()?)? {
+                println!("{line}");
+            }
+        }
+        CacheCommand::Prune { max, dir } => {
+            let path = dir.path()?;
+            let (removed, used) = admin::prune(&path, max)?;
+            println!(
+                "removed {removed} entries; {} now takes {}",
+                path.display(),
+                admin::human(used)
+            );
+        }
+        CacheCommand::Verify(dir) => {
+            let (checked, damaged) = admin::verify(&dir.path()?)?;
+            for line in &damaged {
+                println!("{line}");
+            }
+            println!("{checked} entries checked, {} damaged", damaged.len());
+            return Ok(damaged.is_empty());
+        }
+    }
+    Ok(true)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Mount(args) = cli.command;
+    let args = match cli.command {
+        Command::Mount(args) => *args,
+        Command::Cache(command) => {
+            return match cache_command(command) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(msg) => {
+                    eprintln!("regfs: {msg}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let daemonize = args.daemon;
     let result = init_logging(cli.verbose, args.log_file.as_deref())
         .and_then(|()| mount_config(args))

@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 use url::Url;
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, DiskCache, disk};
 use crate::daemon::Readiness;
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
@@ -44,6 +44,15 @@ pub struct MountConfig {
     pub insecure: bool,
     /// Per operation (retries included) and per silence within a request.
     pub timeout: Duration,
+    /// The disk cache: its directory and budget (None: `--no-disk-cache`).
+    pub disk_cache: Option<DiskCacheConfig>,
+}
+
+pub struct DiskCacheConfig {
+    /// None: the default directory (`disk::default_dir`).
+    pub dir: Option<PathBuf>,
+    /// None: the default size (`disk::default_budget`).
+    pub size: Option<u64>,
 }
 
 /// Mounts and serves until the filesystem is unmounted. `readiness` is told once the
@@ -116,14 +125,21 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         }
     })?;
 
+    let disk = config
+        .disk_cache
+        .as_ref()
+        .and_then(|c| open_disk_cache(c, &config.registry, &stats));
     let cache = Arc::new(BlockCache::new(config.block_size, config.cache_size, stats));
     let fs = Arc::new(Fs::new(
         client,
         config.repos.clone(),
         config.tag_ttl,
         cache,
+        disk,
         config.read_only,
     ));
+    let resuming = fs.clone();
+    runtime.spawn(async move { resuming.resume_held().await });
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
     let mut fuse_config = Config::default();
     // Requests are answered from tokio tasks; a second thread reading /dev/fuse (on its
@@ -160,6 +176,28 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         mountpoint: canonical_mountpoint,
         watchdog,
     })
+}
+
+/// The disk cache, or none (with a warning) when its directory cannot be used: a mount
+/// without a disk cache still works.
+fn open_disk_cache(
+    config: &DiskCacheConfig,
+    registry: &Url,
+    stats: &Arc<Stats>,
+) -> Option<DiskCache> {
+    let Some(dir) = config.dir.clone().or_else(disk::default_dir) else {
+        warn!("no disk cache: no --cache-dir, and neither XDG_CACHE_HOME nor HOME is set");
+        return None;
+    };
+    let budget = config.size.unwrap_or_else(|| disk::default_budget(&dir));
+    let origin = registry.origin().ascii_serialization();
+    match DiskCache::open(&dir, budget, &origin, stats.clone()) {
+        Ok(disk) => Some(disk),
+        Err(e) => {
+            warn!(dir = %dir.display(), "no disk cache: {e}");
+            None
+        }
+    }
 }
 
 /// Blob blocks are allocated on one thread and freed on another; with glibc's default

@@ -52,6 +52,18 @@ pub struct Stats {
     pub pending_manifests: AtomicU64,
     /// Blob bytes sent in upload chunks (resent bytes count again).
     pub uploaded_bytes: AtomicU64,
+    /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
+    /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
+    /// entries evicted, blobs kept whole after their digest check, writes not done
+    /// (disk full, queue full, no room), opens answered with FUSE passthrough.
+    pub disk_hits: AtomicU64,
+    pub disk_misses: AtomicU64,
+    pub disk_bytes: AtomicU64,
+    pub disk_budget: AtomicU64,
+    pub disk_evictions: AtomicU64,
+    pub disk_verified: AtomicU64,
+    pub disk_dropped: AtomicU64,
+    pub passthrough_opens: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
 }
 
@@ -95,6 +107,16 @@ impl Stats {
                 budget,
                 block_size,
             },
+            disk: DiskSnapshot {
+                hits: get(&self.disk_hits),
+                misses: get(&self.disk_misses),
+                bytes: get(&self.disk_bytes),
+                budget: get(&self.disk_budget),
+                evictions: get(&self.disk_evictions),
+                verified_blobs: get(&self.disk_verified),
+                dropped_writes: get(&self.disk_dropped),
+                passthrough_opens: get(&self.passthrough_opens),
+            },
             fetched_bytes: get(&self.fetched_bytes),
             requests: RequestsSnapshot {
                 ping: req(RequestKind::Ping),
@@ -125,6 +147,7 @@ impl Stats {
 #[derive(Serialize, Debug)]
 pub struct Snapshot {
     pub cache: CacheSnapshot,
+    pub disk: DiskSnapshot,
     /// Blob bytes received from the registry (or the host it redirected to).
     pub fetched_bytes: u64,
     /// Blob bytes sent in upload chunks (resent bytes count again).
@@ -147,6 +170,21 @@ pub struct CacheSnapshot {
     pub bytes: u64,
     pub budget: u64,
     pub block_size: u64,
+}
+
+/// The disk cache; `budget` 0 means there is none (`--no-disk-cache`).
+#[derive(Serialize, Debug)]
+pub struct DiskSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    /// What the cache directory holds now (every mount sharing it), as `du` counts.
+    pub bytes: u64,
+    pub budget: u64,
+    pub evictions: u64,
+    /// Blobs kept whole on disk after a read matched their digest.
+    pub verified_blobs: u64,
+    pub dropped_writes: u64,
+    pub passthrough_opens: u64,
 }
 
 #[derive(Serialize, Debug)]

@@ -10,54 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Layout, Mount, Proxy, ProxyRules, Registry, noise, sha256_digest};
-
-/// A layer blob in the registry, with its bytes as the registry serves them.
-struct Layer {
-    repo: String,
-    digest: String,
-    bytes: Vec<u8>,
-}
-
-impl Layer {
-    fn path(&self, mnt: &Mount) -> std::path::PathBuf {
-        mnt.path(&format!("{}/blobs/{}", self.repo, self.digest))
-    }
-}
-
-/// Pushes one image per `(repo, size, seed)` whose only layer holds that much noise.
-fn layers(registry: &Registry, specs: &[(&str, usize, u32)]) -> Vec<Layer> {
-    let layout = Layout::new();
-    specs
-        .iter()
-        .map(|&(repo, size, seed)| {
-            let tag = format!("img{seed}");
-            layout.new_image(&tag, "amd64", &[("noise.bin", &noise(size, seed))]);
-            layout.push(&tag, registry, &format!("{repo}:v1"));
-            let (_, _, manifest) = common::get_manifest(registry, repo, "v1");
-            let json: serde_json::Value = serde_json::from_slice(&manifest).expect("JSON");
-            let digest = json["layers"][0]["digest"]
-                .as_str()
-                .expect("digest")
-                .to_owned();
-            let bytes = common::get_blob(registry, repo, &digest);
-            Layer {
-                repo: repo.to_owned(),
-                digest,
-                bytes,
-            }
-        })
-        .collect()
-}
-
-fn stat(mnt: &Mount, key: &[&str]) -> u64 {
-    let mut v = mnt.stats();
-    for k in key {
-        v = v[*k].clone();
-    }
-    v.as_u64()
-        .unwrap_or_else(|| panic!("stats {key:?} missing: {}", mnt.stats()))
-}
+use common::{Layout, Mount, Proxy, ProxyRules, Registry, layers, sha256_digest, stat};
 
 /// Drops the kernel's cached pages of a file, so the next read reaches regfs again.
 fn drop_page_cache(path: &std::path::Path) {

@@ -13,10 +13,11 @@ use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
 use super::blob_stream::{StreamPlan, stream_blocks};
+use super::block_source::{BlobAt, BlockSource};
 use super::readahead::ReadAhead;
 use super::verify::{ContentCheck, Verifier};
-use crate::cache::BlockCache;
 use crate::cache::memo::FAILURE_MEMORY;
+use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Result};
 
 /// Prefetch fetches in flight at once, over all open files. Reads a program is waiting
@@ -40,7 +41,7 @@ const STREAM_STALL: Duration = Duration::from_secs(10);
 pub struct BlobReads {
     cache: Arc<BlockCache>,
     verifier: Verifier,
-    client: RegistryClient,
+    source: BlockSource,
     prefetch_slots: Arc<Semaphore>,
     max_window: u64,
     /// Streams running now: they share the window (see blob_stream.rs).
@@ -91,6 +92,14 @@ impl OpenBlob {
         &self.digest
     }
 
+    fn at(&self) -> BlobAt<'_> {
+        BlobAt {
+            repo: &self.repo,
+            digest: &self.digest,
+            size: self.size,
+        }
+    }
+
     fn streaming(&self) -> bool {
         self.stream_progress().is_some()
     }
@@ -125,16 +134,33 @@ impl OpenBlob {
 }
 
 impl BlobReads {
-    pub fn new(cache: Arc<BlockCache>, client: RegistryClient) -> BlobReads {
+    pub fn new(
+        cache: Arc<BlockCache>,
+        client: RegistryClient,
+        disk: Option<DiskCache>,
+    ) -> BlobReads {
         let blocks_in_budget = cache.budget() / cache.block_size();
         BlobReads {
             max_window: MAX_WINDOW_BLOCKS.min(blocks_in_budget / 4),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
             streams: Arc::default(),
-            verifier: Verifier::new(cache.clone(), client.stats().clone()),
+            verifier: Verifier::new(cache.clone(), client.stats().clone(), disk.clone()),
+            source: BlockSource::new(client, cache.clone(), disk),
             cache,
-            client,
         }
+    }
+
+    pub fn disk(&self) -> Option<&DiskCache> {
+        self.source.disk()
+    }
+
+    /// The whole blob as a local file, for FUSE passthrough: only once it is on disk
+    /// whole and verified, and its content has not failed a check since.
+    pub fn local_file(&self, digest: &Digest, size: u64) -> Option<std::fs::File> {
+        if !self.verifier.trusted(digest) {
+            return None;
+        }
+        self.disk()?.whole_blob(digest, size)
     }
 
     pub fn cache(&self) -> &BlockCache {
@@ -170,7 +196,7 @@ impl BlobReads {
             return Ok(Bytes::new());
         }
         blob.recent_failure()?;
-        let limit = self.client.options().total_timeout;
+        let limit = self.source.client().options().total_timeout;
         let result = match tokio::time::timeout(limit, self.read_blocks(blob, offset, len)).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable(format!(
@@ -235,13 +261,6 @@ impl BlobReads {
         Ok(data)
     }
 
-    /// Where block `index` starts in the blob, and its length (the last may be short).
-    fn block_span(&self, blob: &OpenBlob, index: u64) -> (u64, u64) {
-        let bs = self.cache.block_size();
-        let start = index * bs;
-        (start, bs.min(blob.size - start))
-    }
-
     /// Block `index` of the blob, from the cache or the registry.
     async fn block(&self, blob: &OpenBlob, index: u64) -> Result<Bytes> {
         if let Some(mut progress) = blob.stream_progress() {
@@ -260,16 +279,14 @@ impl BlobReads {
                     }
                 }
             };
-            let patience = STREAM_STALL.min(self.client.options().total_timeout / 2);
+            let patience = STREAM_STALL.min(self.source.client().options().total_timeout / 2);
             if tokio::time::timeout(patience, delivered).await.is_err() {
                 warn!(digest = %blob.digest, block = index, "stream stalled; fetching the block directly");
             }
         }
-        let (start, len) = self.block_span(blob, index);
         self.cache
             .get(&(blob.digest.clone(), index), || {
-                self.client
-                    .get_blob_range(&blob.repo, &blob.digest, start, len)
+                self.source.fetch(blob.at(), index)
             })
             .await
     }
@@ -281,6 +298,7 @@ impl BlobReads {
         if window < STREAM_AFTER_WINDOW.min(self.max_window)
             || blob.stream_failures.load(Ordering::Relaxed) >= MAX_STREAM_FAILURES
             || self.cache.contains(&(blob.digest.clone(), ahead.start))
+            || self.source.on_disk(blob.at(), ahead.start)
         {
             return false;
         }
@@ -292,12 +310,12 @@ impl BlobReads {
             lead: self.max_window,
             running: self.streams.clone(),
         };
-        let (cache, client) = (self.cache.clone(), self.client.clone());
+        let (cache, source) = (self.cache.clone(), self.source.clone());
         let (reader_at, failures) = (blob.reader_at.subscribe(), blob.stream_failures.clone());
         let (progress, progress_rx) = watch::channel(plan.from_block);
         let task = tokio::spawn(async move {
             let (digest, from) = (plan.digest.clone(), plan.from_block);
-            if let Err(e) = stream_blocks(cache, client, plan, reader_at, progress).await {
+            if let Err(e) = stream_blocks(cache, source, plan, reader_at, progress).await {
                 // Readers fetch what the stream did not deliver themselves, with retries.
                 failures.fetch_add(1, Ordering::Relaxed);
                 debug!(%digest, from_block = from, "stream ended early: {e}");
@@ -316,13 +334,12 @@ impl BlobReads {
         if self.cache.contains(&key) {
             return;
         }
-        let (start, len) = self.block_span(blob, index);
-        let (cache, client, slots) = (
+        let (cache, source, slots) = (
             self.cache.clone(),
-            self.client.clone(),
+            self.source.clone(),
             self.prefetch_slots.clone(),
         );
-        let repo = blob.repo.clone();
+        let (repo, size) = (blob.repo.clone(), blob.size);
         tokio::spawn(async move {
             let Ok(_slot) = slots.acquire_owned().await else {
                 return;
@@ -332,9 +349,12 @@ impl BlobReads {
                 return;
             }
             let digest = key.0.clone();
-            let fetched = cache
-                .get(&key, || client.get_blob_range(&repo, &digest, start, len))
-                .await;
+            let at = BlobAt {
+                repo: &repo,
+                digest: &digest,
+                size,
+            };
+            let fetched = cache.get(&key, || source.fetch(at, key.1)).await;
             if let Err(e) = fetched {
                 // The reader that needs this block will fetch it (and report) itself.
                 debug!(%digest, block = key.1, "prefetch failed: {e}");

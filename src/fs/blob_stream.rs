@@ -25,8 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::block_source::{BlobAt, BlockSource};
 use crate::cache::BlockCache;
-use crate::registry::{BlobBody, Digest, Error, RegistryClient, RepoName, Result};
+use crate::registry::{BlobBody, Digest, Error, RepoName, Result};
 
 /// What a stream reads and where it starts.
 pub struct StreamPlan {
@@ -67,7 +68,7 @@ impl Drop for Running {
 /// stream ends when its sender is dropped.
 pub async fn stream_blocks(
     cache: Arc<BlockCache>,
-    client: RegistryClient,
+    source: BlockSource,
     plan: StreamPlan,
     mut reader_at: watch::Receiver<u64>,
     progress: watch::Sender<u64>,
@@ -79,7 +80,10 @@ pub async fn stream_blocks(
     if start >= plan.size {
         return Ok(());
     }
-    let body = client.stream_blob(&plan.repo, &plan.digest, start).await?;
+    let body = source
+        .client()
+        .stream_blob(&plan.repo, &plan.digest, start)
+        .await?;
     let mut cursor = BodyCursor {
         body,
         at: start,
@@ -110,9 +114,17 @@ pub async fn stream_blocks(
         cached_in_a_row = 0;
         let block_start = index * bs;
         let len = bs.min(plan.size - block_start);
-        // A block someone else is fetching is joined, and its bytes skipped in the body.
+        // A block someone else is fetching is joined, and one on disk read from there;
+        // either way its bytes are skipped in the body.
+        let at = BlobAt {
+            repo: &plan.repo,
+            digest: &plan.digest,
+            size: plan.size,
+        };
         cache
-            .get(&key, || cursor.block(&cache, block_start, len))
+            .get(&key, || {
+                source.fetch_with(at, index, || cursor.block(&cache, block_start, len))
+            })
             .await?;
         progress.send_replace(index + 1);
     }

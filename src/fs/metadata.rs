@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
-use crate::cache::Memo;
+use crate::cache::{DiskCache, Memo};
 use crate::registry::{
     Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result, Tag,
 };
@@ -46,10 +46,17 @@ pub struct RegistryView {
     manifests: Memo<(RepoName, Digest), Arc<FetchedManifest>>,
     blob_sizes: Memo<(RepoName, Digest), u64>,
     reachable: Memo<RepoName, Arc<Reachable>>,
+    /// Manifests by digest are kept on disk too (checked against the digest on read).
+    disk: Option<DiskCache>,
 }
 
 impl RegistryView {
-    pub fn new(client: RegistryClient, repos: Vec<RepoName>, tag_ttl: Duration) -> RegistryView {
+    pub fn new(
+        client: RegistryClient,
+        repos: Vec<RepoName>,
+        tag_ttl: Duration,
+        disk: Option<DiskCache>,
+    ) -> RegistryView {
         let ttl = Some(tag_ttl);
         // A registry that did not answer is not asked again at once for the same
         // thing: the kernel retries a failed lookup once per waiting process.
@@ -63,6 +70,7 @@ impl RegistryView {
             manifests: Memo::new(4096, None).keeping_failures(unanswered),
             blob_sizes: Memo::new(65_536, None).keeping_failures(unanswered),
             reachable: Memo::new(1024, ttl).keeping_failures(unanswered),
+            disk,
         }
     }
 
@@ -134,6 +142,7 @@ impl RegistryView {
             .get_or_fetch(&key, || async {
                 let reference = Reference::Tag(tag.clone());
                 let fetched = Arc::new(self.client.get_manifest(repo, &reference).await?);
+                self.keep_on_disk(&fetched);
                 // Fetched by tag, it is also the manifest for its digest.
                 self.manifests
                     .insert((repo.clone(), fetched.digest.clone()), fetched.clone());
@@ -147,12 +156,38 @@ impl RegistryView {
         self.manifests
             .get_or_fetch(&key, || async {
                 let reference = Reference::Digest(digest.clone());
-                self.client
-                    .get_manifest(repo, &reference)
-                    .await
-                    .map(Arc::new)
+                let fetched = Arc::new(self.client.get_manifest(repo, &reference).await?);
+                self.keep_on_disk(&fetched);
+                Ok(fetched)
             })
             .await
+    }
+
+    fn keep_on_disk(&self, m: &FetchedManifest) {
+        if let Some(disk) = &self.disk {
+            disk.put_manifest(&m.digest, &m.media_type, &m.bytes);
+        }
+    }
+
+    /// A child manifest of an index in `repo`: the registry has it (it accepted the
+    /// index), so the disk's copy serves without asking; else as `manifest`.
+    async fn index_child(&self, repo: &RepoName, digest: &Digest) -> Result<Arc<FetchedManifest>> {
+        let key = (repo.clone(), digest.clone());
+        if let Some(m) = self.manifests.peek(&key) {
+            return Ok(m);
+        }
+        if let Some(disk) = &self.disk {
+            if let Some((media_type, bytes)) = disk.manifest(digest).await {
+                let fetched = Arc::new(FetchedManifest {
+                    digest: digest.clone(),
+                    media_type,
+                    bytes,
+                });
+                self.manifests.insert(key, fetched.clone());
+                return Ok(fetched);
+            }
+        }
+        self.manifest(repo, digest).await
     }
 
     /// The exact size of a manifest by digest: from the walk if it has been done,
@@ -243,7 +278,8 @@ impl RegistryView {
                 warn!(%repo, "more than {MAX_REACHABLE_MANIFESTS} manifests reachable; listing stops there");
                 break;
             }
-            let fetched = bounded(children.iter().map(|digest| self.manifest(repo, digest))).await;
+            let fetched =
+                bounded(children.iter().map(|digest| self.index_child(repo, digest))).await;
             pending = usable(repo, fetched)?;
         }
         Ok(reach)

@@ -4,6 +4,7 @@
 
 mod blob;
 mod blob_stream;
+mod block_source;
 pub mod deadline;
 mod handles;
 pub mod metadata;
@@ -22,7 +23,7 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tracing::{debug, warn};
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, DiskCache};
 use crate::registry::types::is_path_component;
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
 use blob::{BlobReads, OpenBlob};
@@ -101,6 +102,9 @@ pub struct Opened {
     /// Whether every read must come here, past the kernel's page cache and its idea of
     /// the file size (files made fresh at each open, like `/.regfs/stats`).
     pub direct_io: bool,
+    /// The content as a local file (a verified blob in the disk cache): the kernel may
+    /// read it directly (FUSE passthrough) instead of asking here.
+    pub local_file: Option<std::fs::File>,
 }
 
 pub struct Fs {
@@ -120,12 +124,18 @@ impl Fs {
         repos: Vec<RepoName>,
         tag_ttl: Duration,
         cache: Arc<BlockCache>,
+        disk: Option<DiskCache>,
         read_only: bool,
     ) -> Fs {
-        let view = Arc::new(RegistryView::new(client.clone(), repos, tag_ttl));
+        let view = Arc::new(RegistryView::new(
+            client.clone(),
+            repos,
+            tag_ttl,
+            disk.clone(),
+        ));
         Fs {
-            blobs: BlobReads::new(cache, client.clone()),
-            writes: Writes::new(client, view.clone()),
+            blobs: BlobReads::new(cache, client.clone(), disk.clone()),
+            writes: Writes::new(client, view.clone(), disk),
             read_only,
             view,
             inodes: Mutex::new(InodeTable::default()),
@@ -133,6 +143,21 @@ impl Fs {
             files: Handles::new(),
             tag_ttl,
         }
+    }
+
+    /// The disk cache, for content-addressed metadata (`get_meta` / `put_meta`).
+    pub fn disk_cache(&self) -> Option<&DiskCache> {
+        self.blobs.disk()
+    }
+
+    /// Pushes the indexes an earlier mount of this registry held (see `Writes`).
+    pub async fn resume_held(&self) {
+        self.writes.resume_held().await;
+    }
+
+    /// An open was answered with FUSE passthrough (counted in `/.regfs/stats`).
+    pub fn passthrough_opened(&self) {
+        crate::stats::Stats::add(&self.view.client().stats().passthrough_opens, 1);
     }
 
     /// `/.regfs/stats`: the counters as pretty JSON.
@@ -572,6 +597,7 @@ impl Fs {
                 fh: self.files.insert(OpenFile::Write(file)),
                 keep_cache: false,
                 direct_io: true,
+                local_file: None,
             });
         }
         if self.writes.file(&node).is_some() {
@@ -580,6 +606,7 @@ impl Fs {
             return Err(Errno::EINVAL);
         }
         let mut direct_io = false;
+        let mut local_file = None;
         let (file, keep_cache) = match &node {
             Node::TagManifest(repo, tag) => {
                 let m = self
@@ -609,6 +636,7 @@ impl Fs {
                     .map_err(|e| fail(&node, e))?;
                 let blob = self.blobs.open(repo.clone(), digest.clone(), size);
                 let keep = self.blobs.may_keep_pages(digest);
+                local_file = self.blobs.local_file(digest, size);
                 (OpenFile::Blob(Arc::new(blob)), keep)
             }
             Node::Stats => {
@@ -621,6 +649,7 @@ impl Fs {
             fh: self.files.insert(file),
             keep_cache,
             direct_io,
+            local_file,
         })
     }
 
@@ -679,6 +708,7 @@ impl Fs {
             fh: self.files.insert(OpenFile::Write(file)),
             keep_cache: false,
             direct_io: true,
+            local_file: None,
         };
         Ok((attr, opened))
     }

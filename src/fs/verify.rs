@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, DigestHasher, Error, RepoName, Result};
 use crate::stats::Stats;
 
@@ -42,6 +42,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Verifier {
     cache: Arc<BlockCache>,
     stats: Arc<Stats>,
+    /// Told of every verdict: a verified blob may be kept whole, a wrong one is dropped.
+    disk: Option<DiskCache>,
     /// Blobs whose content failed the check: the kernel must not keep their pages
     /// between opens until a full read has passed the check again.
     suspect: Arc<Mutex<HashSet<Digest>>>,
@@ -122,10 +124,11 @@ impl ContentCheck {
 }
 
 impl Verifier {
-    pub fn new(cache: Arc<BlockCache>, stats: Arc<Stats>) -> Verifier {
+    pub fn new(cache: Arc<BlockCache>, stats: Arc<Stats>, disk: Option<DiskCache>) -> Verifier {
         Verifier {
             cache,
             stats,
+            disk,
             suspect: Arc::new(Mutex::new(HashSet::new())),
         }
     }
@@ -284,11 +287,17 @@ impl Hasher {
             lock(&verifier.suspect).remove(&shared.digest);
             Stats::add(&verifier.stats.verified, 1);
             debug!(digest = %shared.digest, "read to the end; content matches the digest");
+            if let Some(disk) = &verifier.disk {
+                disk.verified(&shared.digest, shared.size, verifier.cache.block_size());
+            }
             return;
         }
         shared.mismatch.store(true, Ordering::Release);
         Stats::add(&verifier.stats.verify_failures, 1);
         verifier.cache.forget(&shared.digest);
+        if let Some(disk) = &verifier.disk {
+            disk.forget(&shared.digest, verifier.cache.block_size());
+        }
         lock(&verifier.suspect).insert(shared.digest.clone());
         error!(
             digest = %shared.digest,
@@ -305,7 +314,7 @@ mod tests {
     fn verifier() -> (Verifier, Arc<Stats>) {
         let stats = Arc::new(Stats::default());
         let cache = Arc::new(BlockCache::new(4, 64, stats.clone()));
-        (Verifier::new(cache, stats.clone()), stats)
+        (Verifier::new(cache, stats.clone(), None), stats)
     }
 
     fn repo() -> RepoName {

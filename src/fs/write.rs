@@ -7,7 +7,8 @@
 //! rsync restore needs: rsync writes `manifests/` in name order, so an index may arrive
 //! before its child manifests. Such an index is held and pushed as soon as the children
 //! have been pushed through this mount (`pending_manifests` in `/.regfs/stats` counts
-//! what is still held).
+//! what is still held). Held indexes are kept in the disk cache too: a later mount of
+//! the same registry pushes them once their children are there.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,8 @@ use tracing::{info, warn};
 use super::Errno;
 use super::metadata::RegistryView;
 use super::node::{MANIFEST_JSON, Node};
+use crate::cache::DiskCache;
+use crate::cache::disk::HeldIndex as KeptIndex;
 use crate::registry::client::MAX_MANIFEST_BYTES;
 use crate::registry::upload::{MountOutcome, Upload};
 use crate::registry::{Digest, Error, ManifestLinks, Reference, RegistryClient, RepoName, Tag};
@@ -179,13 +182,25 @@ pub struct Writes {
     dirs: Mutex<BTreeSet<String>>,
     tag_dirs: Mutex<HashSet<(RepoName, Tag)>>,
     held: Mutex<Vec<HeldIndex>>,
+    disk: Option<DiskCache>,
+}
+
+impl HeldIndex {
+    fn kept(&self) -> KeptIndex {
+        KeptIndex {
+            repo: self.repo.clone(),
+            reference: self.reference.clone(),
+            body: self.body.clone(),
+        }
+    }
 }
 
 impl Writes {
-    pub fn new(client: RegistryClient, view: Arc<RegistryView>) -> Writes {
+    pub fn new(client: RegistryClient, view: Arc<RegistryView>, disk: Option<DiskCache>) -> Writes {
         Writes {
             client,
             view,
+            disk,
             files: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
             dirs: Mutex::new(BTreeSet::new()),
@@ -535,13 +550,17 @@ impl Writes {
                     %repo, %reference, missing = missing.len(),
                     "index held until its child manifests are pushed ({e})"
                 );
-                let mut held = lock(&self.held);
-                held.push(HeldIndex {
+                let index = HeldIndex {
                     repo: repo.clone(),
                     reference: reference.clone(),
                     body,
                     missing,
-                });
+                };
+                if let Some(disk) = &self.disk {
+                    disk.hold(&index.kept());
+                }
+                let mut held = lock(&self.held);
+                held.push(index);
                 self.count_held(held.len());
                 Ok(())
             }
@@ -613,6 +632,7 @@ impl Writes {
                 {
                     Ok(digest) => {
                         info!(%repo, %reference, "held index pushed: its children arrived");
+                        self.forget_kept(repo, &reference, &body);
                         self.after_manifest_push(repo, &reference);
                         arrived.push(digest);
                     }
@@ -631,6 +651,56 @@ impl Writes {
         let mut held = lock(&self.held);
         held.extend(refused);
         self.count_held(held.len());
+    }
+
+    fn forget_kept(&self, repo: &RepoName, reference: &Reference, body: &Bytes) {
+        if let Some(disk) = &self.disk {
+            disk.unhold(&KeptIndex {
+                repo: repo.clone(),
+                reference: reference.clone(),
+                body: body.clone(),
+            });
+        }
+    }
+
+    /// Takes up the indexes an earlier mount of this registry held: pushes those whose
+    /// children are there now, and holds the others again.
+    pub async fn resume_held(&self) {
+        let Some(disk) = &self.disk else {
+            return;
+        };
+        for kept in disk.held() {
+            let (repo, reference) = (&kept.repo, &kept.reference);
+            let missing = self.missing_children(repo, &kept.body).await;
+            if missing.is_empty() {
+                match self
+                    .client
+                    .put_manifest(repo, reference, kept.body.clone())
+                    .await
+                {
+                    Ok(digest) => {
+                        info!(%repo, %reference, "pushed an index an earlier mount held");
+                        disk.unhold(&kept);
+                        self.after_manifest_push(repo, reference);
+                        self.release_held(repo, digest).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(%repo, %reference, "an index an earlier mount held is still refused: {e}")
+                    }
+                }
+            } else {
+                info!(%repo, %reference, missing = missing.len(), "an index an earlier mount held still waits for its child manifests");
+            }
+            let mut held = lock(&self.held);
+            held.push(HeldIndex {
+                repo: kept.repo.clone(),
+                reference: kept.reference.clone(),
+                body: kept.body.clone(),
+                missing,
+            });
+            self.count_held(held.len());
+        }
     }
 
     fn count_held(&self, n: usize) {
@@ -666,11 +736,19 @@ impl Writes {
 impl Drop for Writes {
     fn drop(&mut self) {
         for held in lock(&self.held).iter() {
-            tracing::error!(
-                repo = %held.repo,
-                reference = %held.reference,
-                "unmounted while an index still waited for its child manifests: it was not pushed"
-            );
+            if self.disk.is_some() {
+                warn!(
+                    repo = %held.repo,
+                    reference = %held.reference,
+                    "unmounted while an index still waited for its child manifests: kept in the disk cache, the next mount of this registry pushes it"
+                );
+            } else {
+                tracing::error!(
+                    repo = %held.repo,
+                    reference = %held.reference,
+                    "unmounted while an index still waited for its child manifests: it was not pushed"
+                );
+            }
         }
     }
 }

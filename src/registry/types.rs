@@ -192,6 +192,16 @@ pub enum Reference {
     Digest(Digest),
 }
 
+impl Reference {
+    /// A digest if it parses as one, else a tag.
+    pub fn parse(s: &str) -> Option<Reference> {
+        match Digest::parse(s) {
+            Some(d) => Some(Reference::Digest(d)),
+            None => Tag::parse(s).map(Reference::Tag),
+        }
+    }
+}
+
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

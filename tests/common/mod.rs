@@ -1916,9 +1916,19 @@ impl Mount {
     ) -> Result<Mount, String> {
         let log = File::create(&log_path).expect("create regfs log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regfs"));
-        cmd.arg("mount")
-            .args(extra_args)
-            .arg(registry_url)
+        cmd.arg("mount").args(extra_args);
+        // Every mount gets a disk cache of its own unless the test says otherwise, so
+        // tests never share one (nor use the machine's).
+        if !extra_args
+            .iter()
+            .any(|a| *a == "--cache-dir" || *a == "--no-disk-cache")
+        {
+            // Next to the mountpoint: a mount started again there finds it, as a
+            // restarted daemon does.
+            let root = dir.parent().expect("mountpoint has a parent");
+            cmd.arg("--cache-dir").arg(root.join("cache"));
+        }
+        cmd.arg(registry_url)
             .arg(&dir)
             .env("RUST_LOG", "regfs=debug")
             .envs(input.env.iter().map(|(k, v)| (k, v)))
@@ -2198,4 +2208,64 @@ pub fn is_mounted(path: &Path) -> bool {
         let fs_type = after.split(' ').next().unwrap_or("");
         fs_type.starts_with("fuse") && mount_point.is_some_and(|p| Path::new(&p) == path)
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A layer blob in the registry, with its bytes as the registry serves them.
+pub struct Layer {
+    pub repo: String,
+    pub digest: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Layer {
+    pub fn path(&self, mnt: &Mount) -> PathBuf {
+        mnt.path(&format!("{}/blobs/{}", self.repo, self.digest))
+    }
+
+    /// Reads the whole blob through the mount and checks the bytes.
+    pub fn read_through(&self, mnt: &Mount) {
+        let got = fs::read(self.path(mnt)).expect("read blob through the mount");
+        assert!(
+            got == self.bytes,
+            "{}: wrong bytes through the mount",
+            self.digest
+        );
+    }
+}
+
+/// Pushes one image per `(repo, size, seed)` whose only layer holds that much noise.
+pub fn layers(registry: &Registry, specs: &[(&str, usize, u32)]) -> Vec<Layer> {
+    let layout = Layout::new();
+    specs
+        .iter()
+        .map(|&(repo, size, seed)| {
+            let tag = format!("img{seed}");
+            layout.new_image(&tag, "amd64", &[("noise.bin", &noise(size, seed))]);
+            layout.push(&tag, registry, &format!("{repo}:v1"));
+            let (_, _, manifest) = get_manifest(registry, repo, "v1");
+            let json: serde_json::Value = serde_json::from_slice(&manifest).expect("JSON");
+            let digest = json["layers"][0]["digest"]
+                .as_str()
+                .expect("digest")
+                .to_owned();
+            let bytes = get_blob(registry, repo, &digest);
+            Layer {
+                repo: repo.to_owned(),
+                digest,
+                bytes,
+            }
+        })
+        .collect()
+}
+
+/// A number in `/.regfs/stats`, by its path of keys.
+pub fn stat(mnt: &Mount, key: &[&str]) -> u64 {
+    let mut v = mnt.stats();
+    for k in key {
+        v = v[*k].clone();
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("stats {key:?} missing: {}", mnt.stats()))
 }
