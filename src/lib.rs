@@ -11,3 +11,4 @@ pub mod mount;
 pub mod passthrough;
 pub mod registry;
 pub mod stats;
+pub mod unmount;

@@ -9,12 +9,14 @@
 //! memory within bounds and rebuilt on demand (the same layers give the same node
 //! numbers, so inodes the kernel holds stay valid).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::future::try_join_all;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared, try_join_all};
 
 use super::block_source::BlockSource;
 use super::layer_source::LayerSource;
@@ -141,6 +143,10 @@ impl Drop for Indexed {
 /// fetched again at every lookup).
 type LayerOutcome = std::result::Result<Arc<Indexed>, Error>;
 
+/// An indexing task, awaited by every lookup that needs the layer; an `Err` is a
+/// failure worth trying again (the registry was down), and is not kept.
+type IndexJob = Shared<BoxFuture<'static, Result<LayerOutcome>>>;
+
 /// A directory's children: name, node, kind.
 pub type Children = Vec<(Box<[u8]>, u32, Kind)>;
 
@@ -162,7 +168,11 @@ pub struct Images {
     blocks: BlockSource,
     readers: Readers,
     platform: Platform,
-    layers: Memo<IndexKey, LayerOutcome>,
+    layers: Arc<Memo<IndexKey, LayerOutcome>>,
+    /// Layers being indexed. Indexing runs as a task of its own, so a pass goes on when
+    /// the lookup that started it gives up (`--timeout`, an interrupted `ls`); later
+    /// lookups wait for the same pass instead of starting another.
+    indexing: Arc<Mutex<HashMap<IndexKey, IndexJob>>>,
     trees: Memo<TreeKey, Arc<ImageTree>>,
     descriptors: Memo<(RepoName, Digest), Layer>,
 }
@@ -280,6 +290,17 @@ impl ImageTree {
     }
 }
 
+/// An index made ready for reads, counted in `index_bytes` while kept.
+fn indexed(index: LayerIndex, source: Arc<dyn BlobSource>, readers: &Readers) -> Arc<Indexed> {
+    let bytes = index.heap_bytes() as u64;
+    Stats::add(&readers.stats.index_bytes, bytes);
+    Arc::new(Indexed {
+        content: LayerContent::new(Arc::new(index), source, readers.clone()),
+        bytes,
+        stats: readers.stats.clone(),
+    })
+}
+
 fn kind_of(node: &tree::Node) -> Kind {
     if node.whiteout {
         return Kind::CharDev;
@@ -325,7 +346,8 @@ impl Images {
             blocks,
             readers: Readers { pieces, stats },
             platform,
-            layers: Memo::new(KEPT_LAYERS, None),
+            layers: Arc::new(Memo::new(KEPT_LAYERS, None)),
+            indexing: Arc::default(),
             trees: Memo::new(KEPT_TREES, None),
             descriptors: Memo::new(4096, None),
         }
@@ -415,36 +437,73 @@ impl Images {
     /// in the disk cache too, so a later mount reads files without a pass.
     async fn layer(&self, repo: &RepoName, layer: &Layer) -> Result<Arc<Indexed>> {
         let key = IndexKey::of(layer);
-        self.layers
-            .get_or_fetch(&key, || async {
-                let source: Arc<dyn BlobSource> = Arc::new(LayerSource {
-                    repo: repo.clone(),
-                    digest: layer.digest.clone(),
-                    size: layer.size,
-                    cache: self.cache.clone(),
-                    blocks: self.blocks.clone(),
-                });
-                let disk = self.blocks.disk();
-                if let Some(disk) = disk {
-                    let kept = disk.get_meta(DISK_KIND, &key.disk_key()).await;
-                    if let Some(index) = kept.as_deref().and_then(LayerIndex::decode) {
-                        Stats::add(&self.readers.stats.indexes_from_disk, 1);
-                        return Ok(Ok(self.indexed(index, source)));
-                    }
+        if let Some(outcome) = self.layers.peek(&key) {
+            return outcome;
+        }
+        let job = {
+            let mut indexing = self.indexing.lock().unwrap_or_else(PoisonError::into_inner);
+            match indexing.get(&key) {
+                Some(job) => job.clone(),
+                None => {
+                    let job = tokio::spawn(self.index_job(repo, layer, key.clone()))
+                        .map(|done| {
+                            done.unwrap_or_else(|e| {
+                                Err(Error::Unavailable(format!("indexing task failed: {e}")))
+                            })
+                        })
+                        .boxed()
+                        .shared();
+                    indexing.insert(key, job.clone());
+                    job
                 }
-                match image_mod::index_layer(source.clone(), layer).await {
+            }
+        };
+        job.await?
+    }
+
+    /// The task that indexes a layer: from the disk cache, else its TOC or a pass;
+    /// what it finds is kept (memory, disk) before the task ends.
+    fn index_job(
+        &self,
+        repo: &RepoName,
+        layer: &Layer,
+        key: IndexKey,
+    ) -> impl std::future::Future<Output = Result<LayerOutcome>> + Send + 'static {
+        let source: Arc<dyn BlobSource> = Arc::new(LayerSource {
+            repo: repo.clone(),
+            digest: layer.digest.clone(),
+            size: layer.size,
+            cache: self.cache.clone(),
+            blocks: self.blocks.clone(),
+        });
+        let (layer, readers) = (layer.clone(), self.readers.clone());
+        let disk = self.blocks.disk().cloned();
+        let (kept, indexing) = (self.layers.clone(), self.indexing.clone());
+        let block_size = self.cache.block_size();
+        async move {
+            let stats = readers.stats.clone();
+            let found = match &disk {
+                Some(disk) => disk.get_meta(DISK_KIND, &key.disk_key()).await,
+                None => None,
+            };
+            let result = match found.as_deref().and_then(LayerIndex::decode) {
+                Some(index) => {
+                    Stats::add(&stats.indexes_from_disk, 1);
+                    Ok(Ok(indexed(index, source, &readers)))
+                }
+                None => match image_mod::index_layer(source.clone(), &layer).await {
                     Ok(index) => {
-                        Stats::add(&self.readers.stats.layers_indexed, 1);
-                        if let Some(disk) = disk {
+                        Stats::add(&stats.layers_indexed, 1);
+                        if let Some(disk) = &disk {
                             if let Some(bytes) = index.encode() {
                                 disk.put_meta(DISK_KIND, &key.disk_key(), bytes.into());
                             }
                             if index.source == IndexSource::Pass {
                                 // The pass read the whole blob and it matched its digest.
-                                disk.verified(&layer.digest, layer.size, self.cache.block_size());
+                                disk.verified(&layer.digest, layer.size, block_size);
                             }
                         }
-                        Ok(Ok(self.indexed(index, source)))
+                        Ok(Ok(indexed(index, source, &readers)))
                     }
                     // Worth trying again later: the registry was down, or said no.
                     Err(e)
@@ -454,20 +513,17 @@ impl Images {
                         Err(e)
                     }
                     Err(e) => Ok(Err(e)),
-                }
-            })
-            .await?
-    }
-
-    fn indexed(&self, index: LayerIndex, source: Arc<dyn BlobSource>) -> Arc<Indexed> {
-        let bytes = index.heap_bytes() as u64;
-        let stats = self.readers.stats.clone();
-        Stats::add(&stats.index_bytes, bytes);
-        Arc::new(Indexed {
-            content: LayerContent::new(Arc::new(index), source, self.readers.clone()),
-            bytes,
-            stats,
-        })
+                },
+            };
+            if let Ok(outcome) = &result {
+                kept.insert(key.clone(), outcome.clone());
+            }
+            indexing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&key);
+            result
+        }
     }
 
     /// The descriptor of a layer by digest: from a manifest of the repository that

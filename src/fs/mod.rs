@@ -5,6 +5,7 @@
 mod blob;
 mod blob_stream;
 mod block_source;
+pub mod deadline;
 mod handles;
 pub mod images;
 mod layer_source;
@@ -46,6 +47,8 @@ pub use node::ROOT_INO;
 /// How long the kernel may keep entries and attributes of content-addressed files,
 /// which never change.
 const IMMUTABLE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an operation in an image view may wait for layers to be indexed.
+const VIEW_DEADLINE: Duration = Duration::from_secs(3600);
 /// Tag manifests fetched at once when a `tags/` directory is listed (people grep them next).
 const TAG_MANIFEST_WARMING: usize = 16;
 
@@ -63,6 +66,7 @@ impl Errno {
     pub const EINVAL: Errno = Errno(libc::EINVAL);
     pub const ENODATA: Errno = Errno(libc::ENODATA);
     pub const ERANGE: Errno = Errno(libc::ERANGE);
+    pub const EIO: Errno = Errno(libc::EIO);
 }
 
 /// Logs a registry error against the path it happened on, and gives its errno.
@@ -1103,6 +1107,23 @@ impl Fs {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// How long a program may wait for an operation that asks the registry (see
+    /// deadline.rs): `--timeout`, plus a little.
+    pub fn deadline(&self) -> Duration {
+        self.view.client().options().total_timeout + deadline::SLACK
+    }
+
+    /// The backstop for an operation on inode `ino`. In image views the first look
+    /// can be an index pass, a long stream that is not waiting on the registry (its
+    /// requests keep their own `--timeout` and trickle floor, so a stalled registry
+    /// still fails it): that may take as long as the layers take to read.
+    pub fn deadline_at(&self, ino: u64) -> Duration {
+        match self.node(ino) {
+            Ok(node) if in_view(&node) || matches!(node, Node::TagDir(..)) => VIEW_DEADLINE,
+            _ => self.deadline(),
+        }
     }
 }
 
