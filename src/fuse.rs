@@ -216,12 +216,13 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let pid = req.pid();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let passthrough = self.passthrough.clone();
         self.spawn(move |fs, _| async move {
             let what = || format!("open of inode {}", ino.0);
-            match within(fs.deadline_at(ino.0), what, fs.open(ino.0, write)).await {
+            match within(fs.deadline_at(ino.0), what, fs.open(ino.0, write, pid)).await {
                 Ok(mut opened) => {
                     let local = opened.local_file.take();
                     if let Some(id) = passthrough.open(&reply, ino.0, opened.fh, local) {
@@ -363,7 +364,7 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -371,9 +372,9 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let name = name.to_owned();
+        let (name, pid) = (name.to_owned(), req.pid());
         self.spawn(move |fs, a| async move {
-            match fs.create(parent.0, &name).await {
+            match fs.create(parent.0, &name, pid).await {
                 Ok((attr, opened)) => reply.created(
                     &attr.ttl,
                     &a.attr(&attr),
@@ -410,14 +411,15 @@ impl Filesystem for FuseAdapter {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let pid = req.pid();
         self.spawn(move |fs, _| async move {
-            match fs.flush(fh.0, lock_owner.0).await {
+            match fs.flush(fh.0, lock_owner.0, pid).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }

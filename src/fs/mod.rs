@@ -740,7 +740,8 @@ impl Fs {
         });
     }
 
-    pub async fn open(&self, ino: u64, write: bool) -> Result<Opened, Errno> {
+    /// `pid`: the process opening (as FUSE names it), for files opened for writing.
+    pub async fn open(&self, ino: u64, write: bool, pid: u32) -> Result<Opened, Errno> {
         let node = self.node(ino)?;
         if node.kind() == Kind::Dir {
             return Err(Errno::EISDIR);
@@ -750,7 +751,7 @@ impl Fs {
                 return Err(Errno::EROFS);
             }
             // Opening a file for writing starts it over: uploads are written whole.
-            let file = self.writes.create(node)?;
+            let file = self.writes.create(node, pid)?;
             return Ok(Opened {
                 fh: self.files.insert(OpenFile::Write(file)),
                 keep_cache: false,
@@ -874,7 +875,12 @@ impl Fs {
 
     /// Creates `name` in `parent` for writing: a final name (committed on close) or a
     /// temp name in a writable directory (committed when renamed onto a final name).
-    pub async fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, Opened), Errno> {
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        pid: u32,
+    ) -> Result<(Attr, Opened), Errno> {
         let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::EINVAL)?;
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
@@ -884,7 +890,7 @@ impl Fs {
             debug!(%dir, name, "nothing can be written here");
             Errno::EPERM
         })?;
-        let file = self.writes.create(node.clone())?;
+        let file = self.writes.create(node.clone(), pid)?;
         let attr = self.attr(&node).await?;
         let opened = Opened {
             fh: self.files.insert(OpenFile::Write(file)),
@@ -914,9 +920,9 @@ impl Fs {
     /// result is what close returns. `owner` tells whose close it is: a child process
     /// that inherited the descriptor closes it too (at exec), and that must not commit
     /// a file its parent is still writing.
-    pub async fn flush(&self, fh: u64, owner: u64) -> Result<(), Errno> {
+    pub async fn flush(&self, fh: u64, owner: u64, pid: u32) -> Result<(), Errno> {
         match self.files.get(fh) {
-            Some(OpenFile::Write(file)) => self.writes.flush(&file, owner).await,
+            Some(OpenFile::Write(file)) => self.writes.flush(&file, owner, pid).await,
             Some(_) => Ok(()),
             None => Err(Errno::EBADF),
         }

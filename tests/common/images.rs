@@ -273,15 +273,7 @@ pub fn build_rich_image(layout: &Layout, tag: &str, big: usize) {
     run(Command::new("umoci")
         .args(["repack", "--image", &image])
         .arg(&bundle));
-    run(Command::new("umoci").args([
-        "config",
-        "--image",
-        &image,
-        "--os",
-        "linux",
-        "--architecture",
-        "amd64",
-    ]));
+    layout.set_platform(tag, "amd64");
     let (tar, gz) = opaque_layer(&layout.scratch("opq"));
     add_layer(layout, tag, &tar, &gz, GZIP_LAYER);
     fs::remove_dir_all(&bundle).expect("remove bundle");

@@ -840,7 +840,14 @@ impl Layout {
         run(Command::new("umoci")
             .args(["repack", "--image", &image])
             .arg(&bundle));
-        // Without --tag, umoci config writes a new manifest and moves `tag` onto it.
+        self.set_platform(tag, arch);
+        fs::remove_dir_all(&bundle).unwrap_or_else(|e| panic!("remove {}: {e}", bundle.display()));
+    }
+
+    /// Makes `tag` a linux/`arch` image. Without --tag, umoci config writes a new
+    /// manifest and moves `tag` onto it.
+    pub fn set_platform(&self, tag: &str, arch: &str) {
+        let image = self.image(tag);
         run(Command::new("umoci").args([
             "config",
             "--image",
@@ -850,7 +857,6 @@ impl Layout {
             "--architecture",
             arch,
         ]));
-        fs::remove_dir_all(&bundle).unwrap_or_else(|e| panic!("remove {}: {e}", bundle.display()));
     }
 
     /// The descriptor (JSON) of the manifest that `tag` names in index.json.
