@@ -425,7 +425,10 @@ impl Store {
     /// This registry's partial file of the blob, opened (and created if `create`).
     fn partial(&self, digest: &Digest, block_size: u64, create: bool) -> Option<Arc<Partial>> {
         let key = (digest.clone(), block_size);
-        if let Some(p) = lock(&self.partials).get(&key).cloned() {
+        // Not `if let Some(p) = lock(..)..`: the guard would live through the block,
+        // and the `pop` below would wait for this thread's own lock forever.
+        let known = lock(&self.partials).get(&key).cloned();
+        if let Some(p) = known {
             if p.linked() {
                 return Some(p);
             }
