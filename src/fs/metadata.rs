@@ -20,6 +20,10 @@ use crate::registry::{
 const WALK_CONCURRENCY: usize = 8;
 /// A repository that reaches more manifests than this is not walked further.
 const MAX_REACHABLE_MANIFESTS: usize = 100_000;
+/// Indexes nested deeper than this below a tag are not walked further: real images
+/// nest one or two levels (an index of platform manifests, their referrers), and a
+/// hostile registry must not be able to send the walk down an endless chain.
+const MAX_INDEX_DEPTH: usize = 8;
 
 #[derive(Clone, Debug)]
 pub enum Catalog {
@@ -250,7 +254,13 @@ impl RegistryView {
         let top = bounded(tags.iter().map(|tag| self.tag_manifest(repo, tag))).await;
         let mut reach = Reachable::default();
         let mut pending = usable(repo, top)?;
+        let mut depth = 0;
         while !pending.is_empty() {
+            if depth > MAX_INDEX_DEPTH {
+                warn!(%repo, "indexes nest deeper than {MAX_INDEX_DEPTH} levels; listing stops there");
+                break;
+            }
+            depth += 1;
             let mut children = BTreeSet::new();
             for manifest in pending.drain(..) {
                 let size = manifest.bytes.len() as u64;
