@@ -123,6 +123,13 @@ impl RepoName {
     }
 }
 
+/// Sorted sets of names can be searched by `&str` (see fs/known_repos.rs).
+impl std::borrow::Borrow<str> for RepoName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Whether `s` can be one `/`-separated component of a repository name.
 pub fn is_path_component(s: &str) -> bool {
     let bytes = s.as_bytes();
