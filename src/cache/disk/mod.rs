@@ -44,7 +44,7 @@ use partial::{Partial, Written, with_lock};
 /// Writes waiting for the writer thread. A fetch whose block finds the queue full
 /// waits for room (the disk is normally faster than the network), but not longer than
 /// `QUEUE_WAIT`: then the block is not cached, and the reader goes on.
-const QUEUED_WRITES: usize = 16;
+const QUEUED_WRITES: usize = 8;
 const QUEUE_WAIT: Duration = Duration::from_millis(500);
 /// Partial files kept open.
 const OPEN_PARTIALS: usize = 64;
