@@ -1,10 +1,11 @@
 //! `--daemon`: detach from the terminal, but only after the mount is ready, so the
 //! exit status of `regfs mount --daemon` tells whether the mount worked.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 
-use nix::unistd::{ForkResult, fork, pipe, setsid};
+use nix::fcntl::OFlag;
+use nix::unistd::{ForkResult, fork, pipe2, setsid};
 
 /// Tells whoever waits for the mount how it went: the parent of a daemon through a
 /// pipe, or nobody when running in the foreground.
@@ -15,6 +16,11 @@ pub struct Readiness {
 impl Readiness {
     pub fn foreground() -> Readiness {
         Readiness { pipe: None }
+    }
+
+    /// Whether this process was detached by `--daemon`.
+    pub fn is_daemon(&self) -> bool {
+        self.pipe.is_some()
     }
 
     /// The mount works. A daemon also lets go of the caller's stdout and stderr here:
@@ -39,10 +45,17 @@ impl Readiness {
         }
     }
 
+    /// One line: the parent reads up to its end, not to the end of the pipe (the
+    /// watchdog, a fork of this process, holds the pipe open for the mount's life).
     fn send(self, msg: &[u8]) {
         if let Some(fd) = self.pipe {
+            let mut line: Vec<u8> = msg
+                .iter()
+                .map(|&b| if b == b'\n' { b' ' } else { b })
+                .collect();
+            line.push(b'\n');
             // If the parent is gone there is nobody left to tell.
-            let _ = std::fs::File::from(fd).write_all(msg);
+            let _ = std::fs::File::from(fd).write_all(&line);
         }
     }
 }
@@ -51,15 +64,17 @@ impl Readiness {
 /// 1 with the child's message otherwise); only the child returns. Must be called
 /// before any thread is started.
 pub fn detach() -> Result<Readiness, String> {
-    let (read_end, write_end) = pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    // Close-on-exec: no program the daemon starts may hold the parent's pipe open.
+    let (read_end, write_end) =
+        pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot create a pipe: {e}"))?;
     // SAFETY: no other thread exists yet (the caller's contract), so the child owns a
     // consistent copy of the process.
     match unsafe { fork() }.map_err(|e| format!("cannot fork: {e}"))? {
         ForkResult::Parent { .. } => {
             drop(write_end);
             let mut word = String::new();
-            let _ = std::fs::File::from(read_end).read_to_string(&mut word);
-            match word.as_str() {
+            let _ = BufReader::new(std::fs::File::from(read_end)).read_line(&mut word);
+            match word.trim_end_matches('\n') {
                 "ok" => std::process::exit(0),
                 "" => {
                     eprintln!("regfs: the mount daemon exited before the mount was ready");

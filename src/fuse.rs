@@ -1,7 +1,8 @@
 //! The thin fuser adapter: decode a kernel request, run it on the tokio runtime, reply.
 //!
 //! The FUSE thread never waits on the network: every operation that may ask the
-//! registry is spawned as a task, and the reply is sent from that task.
+//! registry is spawned as a task, and the reply is sent from that task. Those a program
+//! waits on for an answer are held to `--timeout` (fs/deadline.rs).
 
 use std::ffi::OsStr;
 use std::io;
@@ -16,6 +17,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
+use crate::fs::deadline::within;
 use crate::fs::node::Kind;
 use crate::fs::{Attr, Fs};
 use crate::passthrough::Passthrough;
@@ -121,7 +123,8 @@ impl Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
         self.spawn(move |fs, a| async move {
-            match fs.lookup(parent.0, &name).await {
+            let what = || format!("lookup of {name:?} in inode {}", parent.0);
+            match within(fs.deadline(), what, fs.lookup(parent.0, &name)).await {
                 Ok(attr) => reply.entry(&attr.ttl, &a.attr(&attr), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -130,7 +133,8 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.spawn(move |fs, a| async move {
-            match fs.getattr(ino.0).await {
+            let what = || format!("stat of inode {}", ino.0);
+            match within(fs.deadline(), what, fs.getattr(ino.0)).await {
                 Ok(attr) => reply.attr(&attr.ttl, &a.attr(&attr)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -139,7 +143,8 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs, _| async move {
-            match fs.opendir(ino.0).await {
+            let what = || format!("listing of inode {}", ino.0);
+            match within(fs.deadline(), what, fs.opendir(ino.0)).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
             }
@@ -190,7 +195,8 @@ impl Filesystem for FuseAdapter {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let passthrough = self.passthrough.clone();
         self.spawn(move |fs, _| async move {
-            match fs.open(ino.0, write).await {
+            let what = || format!("open of inode {}", ino.0);
+            match within(fs.deadline(), what, fs.open(ino.0, write)).await {
                 Ok(mut opened) => {
                     let local = opened.local_file.take();
                     if let Some(id) = passthrough.open(&reply, ino.0, opened.fh, local) {
@@ -227,7 +233,8 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         self.spawn(move |fs, _| async move {
-            match fs.read(fh.0, offset, size).await {
+            let what = || format!("read of {size} bytes at {offset} (handle {})", fh.0);
+            match within(fs.deadline(), what, fs.read(fh.0, offset, size)).await {
                 Ok(bytes) => reply.data(&bytes),
                 Err(e) => reply.error(errno(e)),
             }

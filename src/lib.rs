@@ -10,3 +10,4 @@ pub mod mount;
 pub mod passthrough;
 pub mod registry;
 pub mod stats;
+pub mod unmount;

@@ -174,8 +174,9 @@ struct MountArgs {
     /// path can read the credentials)
     #[arg(long)]
     insecure: bool,
-    /// Longest wait for one registry operation, retries included; also the longest
-    /// silence within one request. A read that cannot finish in time fails with EIO
+    /// What a program waits at most for a registry that does not answer: a stat,
+    /// listing, read or close that cannot be answered fails with EIO within it (one
+    /// registry operation, retries included; a body slower than 1 KiB/s counts as silent)
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
     timeout: Duration,
     /// The disk cache directory, shared by every mount and kept across restarts

@@ -16,6 +16,7 @@ use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
 use crate::registry::{ClientOptions, Credentials, RegistryClient, RepoName};
 use crate::stats::Stats;
+use crate::unmount::{self, Watchdog};
 
 /// How long the registry gets to answer `/v2/` before the mount is refused.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -57,10 +58,10 @@ pub struct DiskCacheConfig {
 /// Mounts and serves until the filesystem is unmounted. `readiness` is told once the
 /// mount is usable, or why it failed. Errors are one-line messages for the user.
 pub fn run(config: MountConfig, readiness: Readiness) -> Result<(), String> {
-    match prepare(&config) {
-        Ok((runtime, session)) => {
+    match prepare(&config, readiness.is_daemon()) {
+        Ok(prepared) => {
             readiness.ready();
-            serve(config, runtime, session)
+            serve(config, prepared)
         }
         Err(msg) => {
             readiness.failed(&msg);
@@ -69,10 +70,19 @@ pub fn run(config: MountConfig, readiness: Readiness) -> Result<(), String> {
     }
 }
 
-fn prepare(
-    config: &MountConfig,
-) -> Result<(tokio::runtime::Runtime, Session<FuseAdapter>), String> {
+/// A mounted session, ready to serve.
+struct Prepared {
+    runtime: tokio::runtime::Runtime,
+    session: Session<FuseAdapter>,
+    mountpoint: PathBuf,
+    watchdog: Watchdog,
+}
+
+/// `daemon`: running detached (`--daemon`), so the watchdog must let go of stderr.
+fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     let canonical_mountpoint = check_mountpoint(&config.mountpoint)?;
+    // Before any thread starts: both fork.
+    let mut watchdog = Watchdog::start(&canonical_mountpoint, !daemon)?;
     one_malloc_arena();
     // One TLS provider for the process; an error only means one is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -138,7 +148,8 @@ fn prepare(
     fuse_config.clone_fd = true;
     fuse_config.mount_options = vec![
         MountOption::FSName(format!(
-            "regfs:{}",
+            "{}{}",
+            unmount::SOURCE_PREFIX,
             config.registry.host_str().unwrap_or("registry")
         )),
         MountOption::Subtype("regfs".into()),
@@ -154,8 +165,17 @@ fn prepare(
     }
     let session = Session::new(adapter, &config.mountpoint, &fuse_config)
         .map_err(|e| format!("cannot mount at {}: {e}", config.mountpoint.display()))?;
+    match mount_device(&canonical_mountpoint) {
+        Some(device) => watchdog.watch(&device),
+        None => warn!("cannot find the new mount in mountinfo; no watchdog for it"),
+    }
     raise_kernel_readahead(&canonical_mountpoint);
-    Ok((runtime, session))
+    Ok(Prepared {
+        runtime,
+        session,
+        mountpoint: canonical_mountpoint,
+        watchdog,
+    })
 }
 
 /// The disk cache, or none (with a warning) when its directory cannot be used: a mount
@@ -209,18 +229,18 @@ fn raise_kernel_readahead(mountpoint: &Path) {
     }
 }
 
-fn serve(
-    config: MountConfig,
-    runtime: tokio::runtime::Runtime,
-    mut session: Session<FuseAdapter>,
-) -> Result<(), String> {
+fn serve(config: MountConfig, prepared: Prepared) -> Result<(), String> {
+    let Prepared {
+        runtime,
+        session,
+        mountpoint,
+        watchdog,
+    } = prepared;
     info!(
         registry = %config.registry,
         mountpoint = %config.mountpoint.display(),
         "mounted"
     );
-    let mut unmounter = session.unmount_callable();
-    let mountpoint = config.mountpoint.clone();
     runtime.spawn(async move {
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
@@ -233,18 +253,26 @@ fn serve(
             _ = term.recv() => info!("SIGTERM: unmounting"),
             _ = int.recv() => info!("SIGINT: unmounting"),
         }
-        let result = tokio::task::spawn_blocking(move || unmounter.unmount()).await;
-        if !matches!(result, Ok(Ok(()))) {
-            // Busy (a program holds a file open): detach now, so the name is free at
-            // once; the kernel ends the mount when the last file is closed.
-            warn!("{} is busy; detaching it lazily", mountpoint.display());
-            if let Err(e) = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH) {
-                warn!("lazy unmount of {} failed: {e}", mountpoint.display());
+        let path = mountpoint.clone();
+        let result = tokio::task::spawn_blocking(move || unmount::unmount(&path)).await;
+        match result {
+            // The session ends by itself once the kernel has let go.
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                // Busy (a program holds a file open): detach now, so the name is free
+                // at once; the kernel ends the mount when the last file is closed.
+                warn!("{} is busy; detaching it lazily", mountpoint.display());
+                if let Err(e) = unmount::detach(&mountpoint) {
+                    warn!("lazy unmount of {} failed: {e}", mountpoint.display());
+                }
+                std::process::exit(0);
             }
-            std::process::exit(0);
+            Ok(Err(e)) => warn!("{e}; unmount with `fusermount3 -u`"),
+            Err(e) => warn!("unmount task failed: {e}"),
         }
     });
     let result = session.run();
+    watchdog.disarm();
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => {
@@ -266,7 +294,8 @@ fn tls_hint(error: &str) -> &'static str {
 }
 
 /// Refuses, with a clear message, a mountpoint that is missing, not a directory,
-/// already mounted on, or a dead FUSE mount.
+/// already mounted on, or a dead FUSE mount that is not regfs's (a dead regfs mount
+/// is cleared, see crash.rs).
 /// Returns its canonical path.
 fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
     let shown = path.display();
@@ -278,14 +307,17 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
                 "mountpoint {shown} does not exist (create it with mkdir)"
             ));
         }
+        // A daemon that died without unmounting (and without its auto-unmount watcher).
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(format!(
-                "mountpoint {shown} is a dead FUSE mount; clear it with `fusermount3 -u {shown}`"
-            ));
+            return unmount::clear_dead_mount(path).and_then(|_| check_mountpoint(path));
         }
         Err(e) => return Err(format!("mountpoint {shown}: {e}")),
     }
     let canonical = std::fs::canonicalize(path).map_err(|e| format!("mountpoint {shown}: {e}"))?;
+    if is_mount_point(&canonical) && unmount::is_dead(&canonical) {
+        // A stat may have been answered from attributes the kernel cached.
+        return unmount::clear_dead_mount(path).and_then(|_| check_mountpoint(path));
+    }
     if is_mount_point(&canonical) {
         return Err(format!(
             "mountpoint {shown} is busy: something is already mounted there"
@@ -296,20 +328,45 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
 
 /// Whether `path` (canonical) is listed as a mount point in /proc/self/mountinfo.
 pub fn is_mount_point(path: &Path) -> bool {
-    mount_device(path).is_some()
+    mount_entry(path).is_some()
 }
 
-/// The device ("major:minor") of the topmost mount on `path` (canonical), from
-/// /proc/self/mountinfo: unlike `stat`, this does not ask the mounted filesystem.
-fn mount_device(path: &Path) -> Option<String> {
+/// The topmost mount on a path, as /proc/self/mountinfo lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// "major:minor"; for FUSE the minor is the connection's number in
+    /// /sys/fs/fuse/connections/.
+    pub device: String,
+    /// e.g. "fuse", "fuse.regfs", "ext4".
+    pub fs_type: String,
+    /// What was mounted: "regfs:<registry host>" for regfs.
+    pub source: String,
+}
+
+/// The topmost mount on `path` (canonical), from /proc/self/mountinfo: unlike `stat`,
+/// this does not ask the mounted filesystem (which may be dead).
+pub fn mount_entry(path: &Path) -> Option<MountEntry> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let wanted = path.to_string_lossy();
     info.lines().rev().find_map(|line| {
-        let mut fields = line.split(' ');
+        // "36 35 0:45 / /mnt/x rw,relatime shared:1 - fuse.regfs regfs:host rw,..."
+        let (before, after) = line.split_once(" - ")?;
+        let mut fields = before.split(' ');
         let device = fields.nth(2)?;
         let mount_point = fields.nth(1)?;
-        (unescape_mountinfo(mount_point) == wanted).then(|| device.to_owned())
+        let mut after = after.split(' ');
+        let (fs_type, source) = (after.next()?, after.next()?);
+        (unescape_mountinfo(mount_point) == wanted).then(|| MountEntry {
+            device: device.to_owned(),
+            fs_type: fs_type.to_owned(),
+            source: unescape_mountinfo(source),
+        })
     })
+}
+
+/// The device ("major:minor") of the topmost mount on `path` (canonical).
+fn mount_device(path: &Path) -> Option<String> {
+    mount_entry(path).map(|e| e.device)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.

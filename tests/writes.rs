@@ -11,13 +11,12 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use common::{
-    Layout, Mount, Proxy, ProxyRules, Registry, RssSampler, assert_success, blob_status, get_blob,
-    get_manifest, ls, manifest_status, noise, oci_manifest, push_blob, push_tiny_image,
+    Layout, Mount, Proxy, ProxyRules, Registry, RssSampler, assert_success, blob_status, close,
+    get_blob, get_manifest, ls, manifest_status, noise, oci_manifest, push_blob, push_tiny_image,
     sha256_digest, skopeo_copy_to_oci, skopeo_raw_manifest,
 };
 use sha2::{Digest as _, Sha256};
@@ -62,17 +61,6 @@ fn assert_failure(out: &Output, what: &str, message: &str) {
         "{what} failed ({}) without saying {message:?}:\n{stderr}",
         out.status
     );
-}
-
-/// close(2) with its result: what `File`'s drop throws away (the commit happens here).
-fn close(file: File) -> io::Result<()> {
-    let fd = file.into_raw_fd();
-    // SAFETY: `fd` was just released by `file`, so it is open and closed exactly once.
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// create + write + close, each step's error returned.

@@ -2,9 +2,10 @@
 //! in LRU order within a byte budget.
 //!
 //! - One fetch per block however many readers want it: later readers wait for the fetch
-//!   in flight instead of starting their own.
+//!   in flight instead of starting their own, and share its outcome, a failure too (a
+//!   stalled registry costs the readers of a block one `--timeout`, not one each).
 //! - No lock is held across network I/O: the map lock only guards bookkeeping.
-//! - A failed fetch leaves nothing behind: the next reader simply fetches again.
+//! - A failed fetch leaves nothing behind: the next reader to come simply fetches again.
 //! - Only finished blocks count against the budget and can be evicted; a block being
 //!   fetched is owned by its fetch.
 //!
@@ -19,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
-use crate::registry::Digest;
+use crate::registry::{Digest, Error};
 use crate::stats::Stats;
 
 pub type BlockKey = (Digest, u64);
@@ -28,27 +29,31 @@ pub type BlockKey = (Digest, u64);
 /// instead of faulting in fresh pages for every block.
 const SPARE_BUFFERS: usize = 4;
 
-pub struct BlockCache {
+/// `E`: the error a fetch fails with (the registry's, but for tests).
+pub struct BlockCache<E = Error> {
     block_size: u64,
     budget: u64,
     stats: Arc<Stats>,
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<E>>,
 }
 
-struct Inner {
+/// The outcome of one fetch, shared by everyone who waited for it.
+type Flight<E> = Arc<OnceCell<Result<Bytes, E>>>;
+
+struct Inner<E> {
     /// Finished blocks, least recently used first out.
     ready: LruCache<BlockKey, Bytes>,
     /// Bytes held in `ready`.
     bytes: u64,
-    /// Blocks being fetched; readers of the same block share the cell.
-    pending: HashMap<BlockKey, Arc<OnceCell<Bytes>>>,
+    /// Blocks being fetched; readers of the same block share the flight.
+    pending: HashMap<BlockKey, Flight<E>>,
     /// Buffers of evicted blocks nobody else held, ready for reuse.
     spare: Vec<BytesMut>,
 }
 
-impl BlockCache {
+impl<E: Clone> BlockCache<E> {
     /// `block_size` must be non-zero; a budget smaller than one block caches nothing.
-    pub fn new(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache {
+    pub fn new(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache<E> {
         BlockCache {
             block_size: block_size.max(1),
             budget,
@@ -70,19 +75,21 @@ impl BlockCache {
         self.budget
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner<E>> {
         // Nothing panics while holding the lock; recover the state if something did.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The block for `key`: from the cache, from a fetch already in flight, or from
-    /// `fetch`, which runs only when neither exists.
-    pub async fn get<E, F, Fut>(&self, key: &BlockKey, fetch: F) -> Result<Bytes, E>
+    /// The block for `key`: from the cache, from a fetch already in flight (whose
+    /// outcome, success or failure, is this caller's too), or from `fetch`, which runs
+    /// only when neither exists. If the caller running a fetch gives up on it (its
+    /// read was cancelled), one of those waiting runs its own.
+    pub async fn get<F, Fut>(&self, key: &BlockKey, fetch: F) -> Result<Bytes, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
     {
-        let cell = {
+        let flight = {
             let mut inner = self.lock();
             if let Some(block) = inner.ready.get(key) {
                 Stats::add(&self.stats.cache_hits, 1);
@@ -91,16 +98,14 @@ impl BlockCache {
             inner.pending.entry(key.clone()).or_default().clone()
         };
         let mut fetched_here = false;
-        let result = cell
-            .get_or_try_init(|| {
+        let result = flight
+            .get_or_init(|| {
                 fetched_here = true;
                 fetch()
             })
             .await
-            .cloned();
+            .clone();
         if !fetched_here {
-            // Only a successful fetch by someone else gets here (a failed one lets the
-            // next waiter run its own fetch).
             Stats::add(&self.stats.cache_joined, 1);
             return result;
         }
@@ -109,7 +114,7 @@ impl BlockCache {
         if inner
             .pending
             .get(key)
-            .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            .is_some_and(|f| Arc::ptr_eq(f, &flight))
         {
             inner.pending.remove(key);
         }
@@ -119,7 +124,7 @@ impl BlockCache {
         result
     }
 
-    fn store(&self, inner: &mut Inner, key: BlockKey, block: Bytes) {
+    fn store(&self, inner: &mut Inner<E>, key: BlockKey, block: Bytes) {
         let len = block.len() as u64;
         if len > self.budget {
             return;
@@ -200,7 +205,10 @@ mod tests {
         Digest::sha256_of(&[n])
     }
 
-    fn cache(budget: u64) -> (Arc<BlockCache>, Arc<Stats>) {
+    /// Fetches in these tests fail with a plain message.
+    type TestCache = BlockCache<&'static str>;
+
+    fn cache(budget: u64) -> (Arc<TestCache>, Arc<Stats>) {
         let stats = Arc::new(Stats::default());
         (Arc::new(BlockCache::new(4, budget, stats.clone())), stats)
     }
@@ -217,7 +225,7 @@ mod tests {
                     .get(&(digest(1), 0), || async {
                         fetches.fetch_add(1, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok::<_, ()>(Bytes::from_static(b"abcd"))
+                        Ok::<_, &str>(Bytes::from_static(b"abcd"))
                     })
                     .await
             }));
@@ -233,13 +241,71 @@ mod tests {
         assert_eq!((s.cache.misses, s.cache.hits + s.cache.joined), (1, 15));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failure_is_shared_by_everyone_waiting_and_not_kept() {
+        let (cache, _) = cache(64);
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (cache, fetches) = (cache.clone(), fetches.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(&(digest(4), 0), || async {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err::<Bytes, _>("stalled")
+                    })
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.ok(), Some(Err("stalled")));
+        }
+        // One fetch failed for all eight; the next reader tries again.
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        let again = cache
+            .get(&(digest(4), 0), || async {
+                Ok::<_, &str>(Bytes::from_static(b"ok"))
+            })
+            .await;
+        assert_eq!(again.as_deref(), Ok(&b"ok"[..]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_takes_over_when_the_fetching_reader_gives_up() {
+        let (cache, _) = cache(64);
+        let key = (digest(5), 0);
+        let slow = {
+            let cache = cache.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let fetch = cache.get(&key, || async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok::<_, &str>(Bytes::from_static(b"late"))
+                });
+                // This reader's deadline: it gives up, dropping its fetch.
+                tokio::time::timeout(Duration::from_millis(50), fetch)
+                    .await
+                    .is_err()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let waiter = cache
+            .get(&key, || async {
+                Ok::<_, &str>(Bytes::from_static(b"mine"))
+            })
+            .await;
+        assert_eq!(slow.await.ok(), Some(true));
+        assert_eq!(waiter.as_deref(), Ok(&b"mine"[..]));
+    }
+
     #[tokio::test]
     async fn budget_is_kept_by_evicting_least_recent() {
         let (cache, stats) = cache(8);
         for i in 0..3 {
             let got = cache
                 .get(&(digest(1), i), || async {
-                    Ok::<_, ()>(Bytes::from_static(b"wxyz"))
+                    Ok::<_, &str>(Bytes::from_static(b"wxyz"))
                 })
                 .await;
             assert!(got.is_ok());
@@ -279,7 +345,7 @@ mod tests {
         let (a, b) = (block(b"bbbb"), block(b"cccc"));
         for (i, bytes) in [first, a, b].into_iter().enumerate() {
             let got = cache
-                .get(&(digest(3), i as u64), || async { Ok::<_, ()>(bytes) })
+                .get(&(digest(3), i as u64), || async { Ok::<_, &str>(bytes) })
                 .await;
             assert!(got.is_ok());
         }
@@ -288,7 +354,7 @@ mod tests {
         drop(held);
         let d = block(b"dddd");
         let got = cache
-            .get(&(digest(3), 3), || async { Ok::<_, ()>(d) })
+            .get(&(digest(3), 3), || async { Ok::<_, &str>(d) })
             .await;
         assert!(got.is_ok());
         // Block 1 was evicted with nobody holding it: its buffer is kept for reuse.
@@ -304,7 +370,7 @@ mod tests {
         for d in [1, 2] {
             let got = cache
                 .get(&(digest(d), 0), || async {
-                    Ok::<_, ()>(Bytes::from_static(b"abcd"))
+                    Ok::<_, &str>(Bytes::from_static(b"abcd"))
                 })
                 .await;
             assert!(got.is_ok());

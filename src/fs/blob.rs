@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::try_join_all;
@@ -15,8 +16,9 @@ use super::blob_stream::{StreamPlan, stream_blocks};
 use super::block_source::{BlobAt, BlockSource};
 use super::readahead::ReadAhead;
 use super::verify::{ContentCheck, Verifier};
+use crate::cache::memo::FAILURE_MEMORY;
 use crate::cache::{BlockCache, DiskCache};
-use crate::registry::{Digest, RegistryClient, RepoName, Result};
+use crate::registry::{Digest, Error, RegistryClient, RepoName, Result};
 
 /// Prefetch fetches in flight at once, over all open files. Reads a program is waiting
 /// for do not queue here. A registry spends milliseconds per range request (distribution
@@ -31,9 +33,10 @@ const STREAM_AFTER_WINDOW: u64 = 4;
 /// Streams that broke off before a reader stops getting new ones (it still gets
 /// per-block prefetch, which retries).
 const MAX_STREAM_FAILURES: u32 = 3;
-/// A reader waiting for its stream to deliver a block gives up after this long and
-/// fetches the block itself (a stream answers in milliseconds unless the network fails).
-const STREAM_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A reader waiting for its stream to deliver a block gives up after this long (or half
+/// of `--timeout`, if less) and fetches the block itself (a stream answers in
+/// milliseconds unless the network fails).
+const STREAM_STALL: Duration = Duration::from_secs(10);
 
 pub struct BlobReads {
     cache: Arc<BlockCache>,
@@ -63,6 +66,11 @@ pub struct OpenBlob {
     reader_at: watch::Sender<u64>,
     stream: Mutex<Option<ActiveStream>>,
     stream_failures: Arc<AtomicU32>,
+    /// The last read that failed for want of an answer, and when: later reads of this
+    /// file fail at once for [`FAILURE_MEMORY`], as the kernel retries a failed
+    /// read-ahead with a read of its own, and a reader must get its EIO within
+    /// `--timeout`, not after one per retry.
+    last_failure: Mutex<Option<(Instant, Error)>>,
 }
 
 /// The stream feeding an open file: the task, and the next block it will deliver (the
@@ -109,6 +117,20 @@ impl OpenBlob {
             .as_ref()
             .filter(|s| !s.task.is_finished())
             .map(|s| s.progress.clone())
+    }
+
+    /// The error of a read that failed for want of an answer moments ago, if any.
+    fn recent_failure(&self) -> Result<()> {
+        match &*lock(&self.last_failure) {
+            Some((at, e)) if at.elapsed() < FAILURE_MEMORY => Err(e.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    fn remember_failure(&self, e: &Error) {
+        if e.is_transient() {
+            *lock(&self.last_failure) = Some((Instant::now(), e.clone()));
+        }
     }
 
     fn stop_stream(&self) {
@@ -174,17 +196,39 @@ impl BlobReads {
             reader_at: watch::Sender::new(0),
             stream: Mutex::new(None),
             stream_failures: Arc::new(AtomicU32::new(0)),
+            last_failure: Mutex::new(None),
             repo,
             digest,
             size,
         }
     }
 
-    /// Reads up to `len` bytes at `offset` (short only at the end of the blob).
+    /// Reads up to `len` bytes at `offset` (short only at the end of the blob), or
+    /// fails within `--timeout`: however many blocks it waits for, and whoever is
+    /// fetching them, the read gives up when its time is out (the fetches go on for the
+    /// readers that share them, each within its own time).
     pub async fn read(&self, blob: &OpenBlob, offset: u64, len: u64) -> Result<Bytes> {
         if offset >= blob.size || len == 0 {
             return Ok(Bytes::new());
         }
+        blob.recent_failure()?;
+        let limit = self.source.client().options().total_timeout;
+        let result = match tokio::time::timeout(limit, self.read_blocks(blob, offset, len)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable(format!(
+                "GET /v2/{}/blobs/{} at byte {offset}: no answer within {} (--timeout)",
+                blob.repo,
+                blob.digest,
+                humantime::format_duration(limit)
+            ))),
+        };
+        if let Err(e) = &result {
+            blob.remember_failure(e);
+        }
+        result
+    }
+
+    async fn read_blocks(&self, blob: &OpenBlob, offset: u64, len: u64) -> Result<Bytes> {
         // Do not fetch (and cache) more of a blob already known to come back wrong.
         blob.check.failed()?;
         let end = offset.saturating_add(len).min(blob.size);
@@ -251,7 +295,8 @@ impl BlobReads {
                     }
                 }
             };
-            if tokio::time::timeout(STREAM_STALL, delivered).await.is_err() {
+            let patience = STREAM_STALL.min(self.source.client().options().total_timeout / 2);
+            if tokio::time::timeout(patience, delivered).await.is_err() {
                 warn!(digest = %blob.digest, block = index, "stream stalled; fetching the block directly");
             }
         }

@@ -58,15 +58,18 @@ impl RegistryView {
         disk: Option<DiskCache>,
     ) -> RegistryView {
         let ttl = Some(tag_ttl);
+        // A registry that did not answer is not asked again at once for the same
+        // thing: the kernel retries a failed lookup once per waiting process.
+        let unanswered = Error::is_transient;
         RegistryView {
             client,
             extra_repos: Mutex::new(repos.into_iter().collect()),
-            catalog: Memo::new(1, ttl),
-            tags: Memo::new(4096, ttl),
-            tag_manifests: Memo::new(65_536, ttl),
-            manifests: Memo::new(4096, None),
-            blob_sizes: Memo::new(65_536, None),
-            reachable: Memo::new(1024, ttl),
+            catalog: Memo::new(1, ttl).keeping_failures(unanswered),
+            tags: Memo::new(4096, ttl).keeping_failures(unanswered),
+            tag_manifests: Memo::new(65_536, ttl).keeping_failures(unanswered),
+            manifests: Memo::new(4096, None).keeping_failures(unanswered),
+            blob_sizes: Memo::new(65_536, None).keeping_failures(unanswered),
+            reachable: Memo::new(1024, ttl).keeping_failures(unanswered),
             disk,
         }
     }

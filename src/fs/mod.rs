@@ -5,6 +5,7 @@
 mod blob;
 mod blob_stream;
 mod block_source;
+pub mod deadline;
 mod handles;
 pub mod metadata;
 pub mod node;
@@ -53,6 +54,7 @@ impl Errno {
     pub const EPERM: Errno = Errno(libc::EPERM);
     pub const EEXIST: Errno = Errno(libc::EEXIST);
     pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EIO: Errno = Errno(libc::EIO);
 }
 
 /// Logs a registry error against the path it happened on, and gives its errno.
@@ -887,6 +889,12 @@ impl Fs {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// How long a program may wait for an operation that asks the registry (see
+    /// deadline.rs): `--timeout`, plus a little.
+    pub fn deadline(&self) -> Duration {
+        self.view.client().options().total_timeout + deadline::SLACK
     }
 }
 

@@ -34,6 +34,10 @@ const MAX_REDIRECTS: usize = 5;
 const RESOLVED_URL_TTL: Duration = Duration::from_secs(600);
 /// A `Retry-After` longer than this is not waited for in full: a reader is blocked.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// A blob body that delivers less than this many bytes per second, averaged over a
+/// whole `--timeout`, counts as stalled (a registry that trickles is no better than one
+/// that is silent, and would otherwise hold a reader for ever).
+pub const TRICKLE_FLOOR: u64 = 1024;
 /// Upload chunk size unless told otherwise: see README, "Performance", for the measurement.
 pub const DEFAULT_CHUNK_SIZE: usize = 16 << 20;
 
@@ -787,7 +791,7 @@ impl RegistryClient {
         if let Some(url) = self.resolved_url(digest) {
             match self.open_at(&url, &what, &range, offset).await {
                 Ok(Opened::Body(resp, skip)) => {
-                    return Ok(BlobBody::new(resp, skip, what, in_flight));
+                    return Ok(self.blob_body(resp, skip, what, in_flight));
                 }
                 Ok(Opened::Redirect(_)) => debug!(%digest, "resolved URL redirects again"),
                 Err(e) => debug!(%digest, "resolved URL failed ({e}); asking the registry"),
@@ -801,7 +805,7 @@ impl RegistryClient {
                     if url.origin() != self.base.origin() {
                         self.remember_resolved(digest, url);
                     }
-                    return Ok(BlobBody::new(resp, skip, what, in_flight));
+                    return Ok(self.blob_body(resp, skip, what, in_flight));
                 }
                 Opened::Redirect(next) => {
                     // Never downgrade: an https registry may not send us to plain http.
@@ -818,6 +822,16 @@ impl RegistryClient {
         Err(Error::BadAnswer(format!(
             "{what}: more than {MAX_REDIRECTS} redirects"
         )))
+    }
+
+    fn blob_body(
+        &self,
+        resp: reqwest::Response,
+        skip: u64,
+        what: String,
+        in_flight: InFlight,
+    ) -> BlobBody {
+        BlobBody::new(resp, skip, what, in_flight, self.options.read_timeout)
     }
 
     fn resolved_url(&self, digest: &Digest) -> Option<Url> {
@@ -881,32 +895,88 @@ pub struct BlobBody {
     skip: u64,
     what: String,
     stats: Arc<Stats>,
+    pace: Pace,
     _in_flight: InFlight,
 }
 
+/// Bytes received while waiting, per window of `--timeout` spent waiting, held to
+/// [`TRICKLE_FLOOR`]. Only time spent waiting for the body counts: a stream that
+/// pauses because its reader is slow is not a registry that trickles.
+struct Pace {
+    window: Duration,
+    waited: Duration,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(window: Duration) -> Pace {
+        Pace {
+            window,
+            waited: Duration::ZERO,
+            bytes: 0,
+        }
+    }
+
+    /// How long the next wait may last before the window must be judged.
+    fn left(&self) -> Duration {
+        self.window.saturating_sub(self.waited)
+    }
+
+    /// After a wait of `waited` that brought `bytes`: at the end of a window, an error
+    /// if it brought too few, else a new window.
+    fn add(&mut self, waited: Duration, bytes: u64, what: &str) -> Result<()> {
+        self.waited += waited;
+        self.bytes += bytes;
+        if self.waited < self.window {
+            return Ok(());
+        }
+        let floor = TRICKLE_FLOOR.saturating_mul(self.window.as_secs().max(1));
+        if self.bytes < floor {
+            return Err(Error::Unavailable(format!(
+                "{what}: {} bytes in {}, slower than {TRICKLE_FLOOR} bytes/s (--timeout)",
+                self.bytes,
+                humantime::format_duration(self.window)
+            )));
+        }
+        *self = Pace::new(self.window);
+        Ok(())
+    }
+}
+
 impl BlobBody {
-    fn new(resp: reqwest::Response, skip: u64, what: String, in_flight: InFlight) -> BlobBody {
+    fn new(
+        resp: reqwest::Response,
+        skip: u64,
+        what: String,
+        in_flight: InFlight,
+        window: Duration,
+    ) -> BlobBody {
         BlobBody {
             stats: in_flight.stats().clone(),
             resp,
             skip,
             what,
+            pace: Pace::new(window),
             _in_flight: in_flight,
         }
     }
 
     /// The next bytes of the blob; `None` at the end of the answer. A connection that
-    /// breaks is a transient error.
+    /// breaks, or that trickles slower than [`TRICKLE_FLOOR`], is a transient error.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
         loop {
-            let Some(mut chunk) = self
-                .resp
-                .chunk()
-                .await
-                .map_err(|e| transport(&self.what, &e))?
-            else {
+            let started = tokio::time::Instant::now();
+            let next = tokio::time::timeout(self.pace.left(), self.resp.chunk()).await;
+            let waited = started.elapsed();
+            let Ok(next) = next else {
+                // The window is over without a byte in this wait: judge it.
+                self.pace.add(waited, 0, &self.what)?;
+                continue;
+            };
+            let Some(mut chunk) = next.map_err(|e| transport(&self.what, &e))? else {
                 return Ok(None);
             };
+            self.pace.add(waited, chunk.len() as u64, &self.what)?;
             Stats::add(&self.stats.fetched_bytes, chunk.len() as u64);
             if self.skip > 0 {
                 let n = self.skip.min(chunk.len() as u64);
@@ -995,6 +1065,24 @@ mod tests {
         assert!(parse_registry_url("ftp://x").is_err());
         assert!(parse_registry_url("http://x/some/path").is_err());
         assert!(parse_registry_url("http://").is_err());
+    }
+
+    #[test]
+    fn a_body_below_the_floor_for_a_whole_window_is_stalled() {
+        let window = Duration::from_secs(10);
+        let mut pace = Pace::new(window);
+        // Half a window of waiting is not judged yet.
+        assert!(pace.add(window / 2, 100, "GET x").is_ok());
+        let stalled = pace
+            .add(window / 2, 100, "GET x")
+            .expect_err("200 bytes in 10 s");
+        assert!(stalled.is_transient(), "{stalled}");
+        assert!(stalled.to_string().contains("slower than"), "{stalled}");
+        // 2 KiB/s is slow but above the floor: a new window starts.
+        let mut pace = Pace::new(window);
+        assert!(pace.add(window, 20 << 10, "GET x").is_ok());
+        assert_eq!((pace.waited, pace.bytes), (Duration::ZERO, 0));
+        assert_eq!(pace.left(), window);
     }
 
     #[test]

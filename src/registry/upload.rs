@@ -267,12 +267,16 @@ impl RegistryClient {
         Ok(())
     }
 
-    /// Runs `step` until it succeeds, fails for good, or the retries are spent. After a
-    /// transient failure it waits (backoff, or the registry's `Retry-After`) and the
-    /// next attempt asks where the upload stands first.
+    /// Runs `step` until it succeeds, fails for good, the retries are spent, or the
+    /// registry has let `--timeout` pass without taking a byte more (a stalled registry
+    /// fails close(2) within `--timeout`; a slow one that keeps taking bytes does not).
+    /// After a transient failure it waits (backoff, or the registry's `Retry-After`)
+    /// and the next attempt asks where the upload stands first.
     async fn resuming(&self, repo: &RepoName, session: &mut Session, step: Step<'_>) -> Result<()> {
         let mut waits = self.backoff();
         let mut resuming = false;
+        let patience = self.options().total_timeout;
+        let (mut progressed, mut confirmed) = (tokio::time::Instant::now(), session.confirmed);
         loop {
             let attempt = match step {
                 Step::Chunk { chunk, start } => {
@@ -294,6 +298,15 @@ impl RegistryClient {
                 return Err(e.with_note(&format!("gave up after {retries} retries")));
             };
             let wait = Self::retry_wait(&e, planned);
+            if session.confirmed > confirmed {
+                (progressed, confirmed) = (tokio::time::Instant::now(), session.confirmed);
+            }
+            if tokio::time::Instant::now() + wait >= progressed + patience {
+                return Err(e.with_note(&format!(
+                    "no progress within {} (--timeout)",
+                    humantime::format_duration(patience)
+                )));
+            }
             Stats::add(&self.stats().retries, 1);
             warn!(
                 "{e}; asking where the upload stands in {} ms",
@@ -524,7 +537,13 @@ impl Upload {
             }
             Err(e) => {
                 warn!(repo = %self.repo, "upload failed, cancelling it: {e}");
-                self.cancel_now().await;
+                if e.is_transient() {
+                    // In the background: a registry that did not answer the commit will
+                    // not answer the DELETE quickly either, and close(2) must not wait.
+                    tokio::spawn(async move { self.cancel_now().await });
+                } else {
+                    self.cancel_now().await;
+                }
                 Err(e)
             }
         }

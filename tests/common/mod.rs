@@ -651,6 +651,49 @@ pub fn push_tiny_image(registry: &Registry, repo: &str, tag: &str, seed: u32) ->
     (digest, config_digest)
 }
 
+/// An image over `layers` (raw bytes, pushed as they are) pushed with plain HTTP as
+/// `repo:tag`. Returns (manifest digest, layer digests).
+pub fn push_image(
+    registry: &Registry,
+    repo: &str,
+    tag: &str,
+    layers: &[&[u8]],
+) -> (String, Vec<String>) {
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [] },
+        "config": { "Labels": { "tag": tag } },
+    });
+    let config = serde_json::to_vec(&config).expect("serialize config");
+    let config_digest = push_blob(registry.addr, repo, &config);
+    let digests: Vec<String> = layers
+        .iter()
+        .map(|l| push_blob(registry.addr, repo, l))
+        .collect();
+    let described: Vec<(&str, usize)> = digests
+        .iter()
+        .zip(layers)
+        .map(|(d, l)| (d.as_str(), l.len()))
+        .collect();
+    let manifest = oci_manifest(&config_digest, config.len(), &described);
+    let digest = put_manifest(registry, repo, tag, OCI_MANIFEST, &manifest);
+    (digest, digests)
+}
+
+/// close(2) of a file, with its error (dropping a `File` ignores it): for a file
+/// written into a mount, this is the commit.
+pub fn close(file: File) -> io::Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = file.into_raw_fd();
+    // SAFETY: `fd` was just released by `file`, so it is open and closed exactly once.
+    if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The bytes of an OCI image manifest over a config and layers (digest, size).
 pub fn oci_manifest(config_digest: &str, config_size: usize, layers: &[(&str, usize)]) -> Vec<u8> {
     let layers: Vec<serde_json::Value> = layers
@@ -1052,6 +1095,9 @@ pub struct ProxyRules {
     pub decline_mounts: bool,
     /// Rewrites the `Location` of upload answers (`/blobs/uploads/`).
     pub upload_locations: Option<LocationRewrite>,
+    /// Answer bodies are sent at this many bytes per second (0: at full speed), like a
+    /// registry behind a link that barely moves.
+    pub trickle_bytes_per_sec: usize,
 }
 
 /// How [`ProxyRules::upload_locations`] rewrites an upload answer's `Location`.
@@ -1097,6 +1143,10 @@ struct ProxyShared {
     upload_locations: Option<LocationRewrite>,
     /// Every request answers 502, as a reverse proxy does when its registry is down.
     upstream_down: AtomicBool,
+    /// The registry stops answering: new requests are held, and answers being sent
+    /// stop in the middle of their bodies, until turned off (or 60 s).
+    stall_all: AtomicBool,
+    trickle_bytes_per_sec: AtomicUsize,
     stopping: AtomicBool,
     stall: Mutex<StallState>,
     stall_changed: Condvar,
@@ -1143,6 +1193,8 @@ impl Proxy {
             decline_mounts: AtomicBool::new(rules.decline_mounts),
             upload_locations: rules.upload_locations,
             upstream_down: AtomicBool::new(false),
+            stall_all: AtomicBool::new(false),
+            trickle_bytes_per_sec: AtomicUsize::new(rules.trickle_bytes_per_sec),
             stopping: AtomicBool::new(false),
             stall: Mutex::new(StallState::default()),
             stall_changed: Condvar::new(),
@@ -1246,6 +1298,20 @@ impl Proxy {
     /// While on, every request answers 502 Bad Gateway without reaching the registry.
     pub fn set_upstream_down(&self, on: bool) {
         self.shared.upstream_down.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, the registry stops answering altogether: requests are held and bodies
+    /// being sent stop where they are (a registry that hangs mid-transfer). Off lets
+    /// everything go on.
+    pub fn set_stall_all(&self, on: bool) {
+        self.shared.stall_all.store(on, Ordering::SeqCst);
+    }
+
+    /// Bodies from now on go at this many bytes per second (0: full speed).
+    pub fn set_trickle(&self, bytes_per_sec: usize) {
+        self.shared
+            .trickle_bytes_per_sec
+            .store(bytes_per_sec, Ordering::SeqCst);
     }
 
     pub fn set_corrupt_blob_gets(&self, on: bool) {
@@ -1398,7 +1464,8 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
                 *first ^= 0xff;
             }
         }
-        if write_response(&mut writer, &response, request.method == "HEAD", close).is_err() || close
+        let head = request.method == "HEAD";
+        if write_response_paced(Some(shared), &mut writer, &response, head, close).is_err() || close
         {
             return;
         }
@@ -1434,6 +1501,7 @@ fn write_cut_response(w: &mut impl Write, response: &Response, full: usize) -> i
 fn handle(shared: &ProxyShared, request: &Request) -> Response {
     let path = request.target.split('?').next().unwrap_or("");
     let get = request.method == "GET";
+    wait_while_stalled(shared);
     if shared.upstream_down.load(Ordering::SeqCst) {
         return json_response(
             502,
@@ -1688,8 +1756,54 @@ fn paginated_tags(shared: &ProxyShared, request: &Request, path: &str) -> Respon
     response
 }
 
+/// While `stall_all` is on (at most [`STALL_LIMIT`]), waits.
+fn wait_while_stalled(shared: &ProxyShared) {
+    let deadline = Instant::now() + STALL_LIMIT;
+    while shared.stall_all.load(Ordering::SeqCst)
+        && !shared.stopping.load(Ordering::SeqCst)
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes a body in pieces, pausing while the registry stalls and pacing it when it
+/// trickles.
+fn write_body(shared: &ProxyShared, w: &mut impl Write, body: &[u8]) -> io::Result<()> {
+    let mut rest = body;
+    while !rest.is_empty() {
+        wait_while_stalled(shared);
+        let rate = shared.trickle_bytes_per_sec.load(Ordering::SeqCst);
+        // Ten pieces a second when trickling; 64 KiB at a time otherwise.
+        let piece = if rate > 0 {
+            (rate / 10).max(1)
+        } else {
+            64 << 10
+        };
+        let (now, later) = rest.split_at(piece.min(rest.len()));
+        w.write_all(now)?;
+        w.flush()?;
+        rest = later;
+        if rate > 0 {
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
 /// Writes a buffered response, framed by Content-Length (HEAD keeps the upstream's).
 fn write_response(
+    w: &mut impl Write,
+    response: &Response,
+    head_request: bool,
+    close: bool,
+) -> io::Result<()> {
+    write_response_paced(None, w, response, head_request, close)
+}
+
+/// [`write_response`], the body paced by the proxy's stall and trickle rules.
+fn write_response_paced(
+    shared: Option<&ProxyShared>,
     w: &mut impl Write,
     response: &Response,
     head_request: bool,
@@ -1720,7 +1834,10 @@ fn write_response(
     out.push_str("\r\n");
     w.write_all(out.as_bytes())?;
     if !head_request && !bodiless_status {
-        w.write_all(&response.body)?;
+        match shared {
+            Some(shared) => write_body(shared, w, &response.body)?,
+            None => w.write_all(&response.body)?,
+        }
     }
     w.flush()
 }
@@ -1770,6 +1887,33 @@ impl Mount {
         let dir = root.join("mnt");
         fs::create_dir(&dir).expect("create mountpoint");
         let log_path = root.join("regfs.log");
+        Mount::spawn(Some(tmp), dir, log_path, registry_url, extra_args, input)
+    }
+
+    /// Another `regfs mount` on the directory of `self` (whose regfs has exited or was
+    /// killed), logging to `<dir>/../regfs-<n>.log`. The directory stays `self`'s.
+    pub fn start_again(&self, registry_url: &str, extra_args: &[&str]) -> Result<Mount, String> {
+        let parent = self.dir.parent().expect("mountpoint has a parent");
+        let n = fs::read_dir(parent).map_or(0, |d| d.count());
+        let log_path = parent.join(format!("regfs-{n}.log"));
+        Mount::spawn(
+            None,
+            self.dir.clone(),
+            log_path,
+            registry_url,
+            extra_args,
+            &MountInput::default(),
+        )
+    }
+
+    fn spawn(
+        tmp: Option<TempDir>,
+        dir: PathBuf,
+        log_path: PathBuf,
+        registry_url: &str,
+        extra_args: &[&str],
+        input: &MountInput,
+    ) -> Result<Mount, String> {
         let log = File::create(&log_path).expect("create regfs log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regfs"));
         cmd.arg("mount").args(extra_args);
@@ -1779,6 +1923,9 @@ impl Mount {
             .iter()
             .any(|a| *a == "--cache-dir" || *a == "--no-disk-cache")
         {
+            // Next to the mountpoint: a mount started again there finds it, as a
+            // restarted daemon does.
+            let root = dir.parent().expect("mountpoint has a parent");
             cmd.arg("--cache-dir").arg(root.join("cache"));
         }
         cmd.arg(registry_url)
@@ -1800,13 +1947,17 @@ impl Mount {
         }
         let mut mount = Mount {
             dir,
-            tmp: Some(tmp),
+            tmp,
             child: Some(child),
             log_path,
         };
 
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while !is_mounted(&mount.dir) {
+        // Mounted and answering: a dead mount left at the directory is listed in
+        // mountinfo too, but fails with ENOTCONN until regfs has replaced it. The stats
+        // file asks the daemon every time (no cached attributes) and not the registry.
+        let answers = |dir: &Path| fs::metadata(dir.join(".regfs/stats")).is_ok();
+        while !(is_mounted(&mount.dir) && answers(&mount.dir)) {
             let child = mount.child.as_mut().expect("child present while starting");
             let failure = match child.try_wait() {
                 Ok(Some(status)) => Some(format!("regfs exited with {status} before mounting")),
@@ -1845,6 +1996,33 @@ impl Mount {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL: the daemon dies without unmounting (as after a crash or the OOM
+    /// killer). Waits for it to be gone.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        send_signal(child, libc::SIGKILL);
+        wait_timeout(child, STARTUP_TIMEOUT)
+    }
+
+    /// The processes regfs started (e.g. fusermount3 watching the mount).
+    pub fn children(&self) -> Vec<u32> {
+        let pid = self.pid();
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&p| {
+                // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+                fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                        == Some(pid)
+                })
+            })
+            .collect()
     }
 
     /// Waits (bounded) for regfs to exit by itself, e.g. after `fusermount3 -u`.
