@@ -3,7 +3,7 @@
 #
 #   scripts/bench.sh                          full run (1 GiB blob, 3 runs per row)
 #   BENCH_SIZE_MIB=128 scripts/bench.sh       quick run while developing
-#   BENCH_ONLY=seq,random,grep,rss,upload     rows to run (default: all; random includes
+#   BENCH_ONLY=seq,random,grep,rss,upload,disk   rows to run (default: all; random includes
 #                                             the bytes-per-cold-read row)
 #   BENCH_RUNS=5                              runs per row (default 3; medians are reported)
 #   REGFS=/path/to/regfs                      binary to measure (default: cargo build --release here)
@@ -16,6 +16,10 @@
 # apt-get; one that cannot be installed or mounted is reported as n/a. The upload row
 # writes a BENCH_SIZE_MIB file with cp into a fresh mount's uploads/, against curl's
 # monolithic upload of the same file (POST, then one PUT ?digest= with the whole body).
+# Every regfs mount gets a fresh, empty disk cache (--cache-dir in the temp dir), so the
+# other rows stay cold; the disk rows reuse one on purpose, against a local file and
+# `rclone mount --vfs-cache-mode full` (page caches dropped with posix_fadvise, only for
+# the files measured).
 #
 # The report goes to stdout, progress to stderr. Everything started here (registry, nginx,
 # mounts, daemons, temp files) is torn down on any exit, and every wait has a timeout.
@@ -27,7 +31,7 @@ source scripts/lib/registry.sh
 
 runs=${BENCH_RUNS:-3}
 size_mib=${BENCH_SIZE_MIB:-1024}
-only=${BENCH_ONLY:-seq,random,grep,rss,upload}
+only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk}
 read_timeout=${BENCH_TIMEOUT:-600} # seconds for any single read/grep/pipeline
 size=$((size_mib * 1024 * 1024))
 random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per block of the blob)
@@ -37,7 +41,7 @@ repos=40 tags=10 # 400 manifests for the grep row
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_RUNS must be a positive integer" >&2; exit 2; }
 [[ $size_mib =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_SIZE_MIB must be a positive integer" >&2; exit 2; }
 for row in ${only//,/ }; do
-    case $row in seq | random | grep | rss | upload) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
+    case $row in seq | random | grep | rss | upload | disk) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
 done
 want() { [[ ,$only, == *,$1,* ]]; }
 
@@ -212,6 +216,14 @@ def cmd_random(path, ref, seed, count, size, block):
     cold, warm = passes
     print(f"{pct(cold, 50):.1f} {pct(cold, 99):.1f} {pct(warm, 50):.1f} {bad}")
 
+def cmd_drop(*paths):
+    """Drops the page cache of each file (posix_fadvise DONTNEED): the next read is from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)  # dirty pages would stay
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
 def rchar(pid):
     with open(f"/proc/{pid}/io") as f:
         return int(next(l for l in f if l.startswith("rchar:")).split()[1])
@@ -290,13 +302,22 @@ fi
 [[ -x $REGFS ]] || { echo "REGFS=$REGFS is not an executable" >&2; exit 1; }
 regfs_commit=$(git -C "$(dirname "$REGFS")" describe --always --dirty 2>/dev/null || echo unknown)
 mount_help=$("$REGFS" mount --help 2>&1 || true)
-has_cache_size='' has_block_size='' has_stats=''
+has_cache_size='' has_block_size='' has_stats='' has_disk_cache=''
 grep -q -- --cache-size <<<"$mount_help" && has_cache_size=1
+grep -q -- --cache-dir <<<"$mount_help" && has_disk_cache=1
 grep -q -- --block-size <<<"$mount_help" && has_block_size=1
 
-# regfs_mount [FLAGS...]: a fresh regfs on $mnt (empty cache), foreground as a background job.
+# regfs_mount [FLAGS...]: a fresh regfs on $mnt (empty caches unless FLAGS name a
+# --cache-dir or --no-disk-cache), foreground as a background job.
+mounts=0
 regfs_mount() {
-    "$REGFS" mount "$@" "http://$registry" "$mnt" 2>>"$tmp/regfs.log" &
+    local disk=()
+    mounts=$((mounts + 1))
+    if [[ -n $has_disk_cache && " $* " != *" --cache-dir "* && " $* " != *" --no-disk-cache "* ]]; then
+        rm -rf "$tmp/disk-cache-cold"
+        disk=(--cache-dir "$tmp/disk-cache-cold")
+    fi
+    "$REGFS" mount "${disk[@]}" "$@" "http://$registry" "$mnt" 2>>"$tmp/regfs.log" &
     regfs_pid=$!
     if ! wait_until 20 regfs_ready; then
         log "regfs did not mount within 20 s; its log:"
@@ -780,21 +801,135 @@ grep_row() {
     fi
 }
 
+# The disk cache: a first mount fills one cache directory, fresh mounts read from it.
+disk_rows() {
+    if [[ -z $has_disk_cache ]]; then
+        row "disk cache rows" "n/a (this regfs has no --cache-dir)" "—" "—" "—" "n/a"
+        return
+    fi
+    local dc=$tmp/disk-cache-warm i t out c50 w50 bad
+    local on=() off=() dcold=() dwarm=() lcold=() lwarm=() rwarm=() r_drop=() r_warm=() l_drop=()
+    local kept=$dc/blobs/$blob_digest
+    detect_block_size # random offsets one per block, as in the random rows
+    for ((i = 1; i <= runs; i++)); do
+        log "disk run $i/$runs: cold with the disk cache off/on, then disk-warm fresh mounts, a local file, rclone full cache"
+        rm -rf "$dc"
+        regfs_mount --no-disk-cache
+        t=$(read_seq "$mnt/$blob_path") || t=error
+        off+=("$t")
+        regfs_umount
+        regfs_mount --cache-dir "$dc"
+        t=$(read_seq "$mnt/$blob_path") || t=error
+        on+=("$t")
+        wait_until 60 test -f "$kept" || problems+=("disk run $i: the blob was not kept whole in the disk cache")
+        regfs_umount
+
+        pyh drop "$kept"
+        regfs_mount --cache-dir "$dc"
+        t=$(read_seq "$mnt/$blob_path") || t=error
+        dcold+=("$t")
+        regfs_umount
+        regfs_mount --cache-dir "$dc"
+        t=$(read_seq "$mnt/$blob_path") || t=error
+        dwarm+=("$t")
+        ((i > 1)) || verify_blob "$mnt/$blob_path" "regfs read from the disk cache"
+        regfs_umount
+
+        pyh drop "$kept"
+        regfs_mount --cache-dir "$dc"
+        if out=$(timeout -k 5 "$read_timeout" python3 "$py" random "$mnt/$blob_path" "$blob_data" "$((100 + i))" "$random_reads" "$size" "$block"); then
+            read -r c50 _ w50 bad <<<"$out"
+            r_drop+=("$c50") r_warm+=("$w50")
+            ((bad == 0)) || problems+=("disk-warm random reads, run $i: $bad preads returned wrong bytes")
+        else
+            r_drop+=(error) r_warm+=(error)
+        fi
+        regfs_umount
+
+        # The same file read locally: the registry's own copy of the blob.
+        pyh drop "$blob_data"
+        lcold+=("$(read_seq "$blob_data")")
+        lwarm+=("$(read_seq "$blob_data")")
+        pyh drop "$blob_data"
+        out=$(python3 "$py" random "$blob_data" "$blob_data" "$((100 + i))" "$random_reads" "$size" "$block")
+        l_drop+=("$(awk '{ print $1 }' <<<"$out")")
+
+        if [[ -z ${peer_na[rclone]:-} ]]; then
+            rm -rf "$tmp/rclone-cache"
+            RCLONE_CONFIG=$tmp/rclone.conf rclone mount :http: "$rclone_mnt" --http-url "http://127.0.0.1:$nginx_port/" \
+                --read-only --vfs-cache-mode full --cache-dir "$tmp/rclone-cache" 2>>"$tmp/rclone.log" &
+            rclone_pid=$!
+            wait_until 20 peer_ready "$rclone_mnt/blob.bin" "$rclone_pid" || true
+            if read_seq "$rclone_mnt/blob.bin" >/dev/null; then
+                t=$(read_seq "$rclone_mnt/blob.bin") || t=error
+                rwarm+=("$t")
+            else
+                rwarm+=(error)
+            fi
+            unmount "$rclone_mnt" "$rclone_pid"
+            rclone_pid=
+        fi
+    done
+    log "disk samples (s): off ${off[*]} | on ${on[*]} | disk-warm dropped ${dcold[*]} warm ${dwarm[*]} | local ${lcold[*]} / ${lwarm[*]} | rclone full warm ${rwarm[*]:-}"
+    log "disk random p50 (µs): regfs dropped ${r_drop[*]} warm ${r_warm[*]} | local dropped ${l_drop[*]}"
+
+    local a b label="${size_mib} MiB blob from the disk cache, fresh mount"
+    if all_numeric "${dcold[@]}" "${lcold[@]}"; then
+        a=$(median "${dcold[@]}") b=$(median "${lcold[@]}")
+        row "$label, page cache dropped, vs \`cat\` of a local file (dropped)" "$(secs "$a") ($(mibps "$a") MiB/s)" \
+            "local file: $(secs "$b") ($(mibps "$b") MiB/s)" "$(calc "$b / $a") × local" "≥ 0.9 ×" "$(verdict "$b / $a >= 0.9")"
+    else
+        row "$label, page cache dropped" "error (see log)" "—" "—" "≥ 0.9 ×" "**missed**"
+    fi
+    if all_numeric "${dwarm[@]}" "${lwarm[@]}"; then
+        a=$(median "${dwarm[@]}") b=$(median "${lwarm[@]}")
+        row "$label, page cache warm, vs a warm local file" "$(secs "$a") ($(mibps "$a") MiB/s)" \
+            "local file: $(secs "$b") ($(mibps "$b") MiB/s)" "$(calc "$b / $a") × local" "≥ 0.9 ×" "$(verdict "$b / $a >= 0.9")"
+        if [[ -n ${peer_na[rclone]:-} ]]; then
+            row "same warm case vs rclone --vfs-cache-mode full" "$(secs "$a")" "n/a (${peer_na[rclone]})" "—" "faster than rclone" "n/a"
+        elif all_numeric "${rwarm[@]}"; then
+            b=$(median "${rwarm[@]}")
+            row "same warm case vs rclone --vfs-cache-mode full (second read)" "$(secs "$a") ($(mibps "$a") MiB/s)" \
+                "rclone: $(secs "$b") ($(mibps "$b") MiB/s)" "$(calc "$b / $a") × rclone" "faster than rclone" "$(verdict "$b / $a > 1")"
+        else
+            row "same warm case vs rclone --vfs-cache-mode full" "$(secs "$a")" "n/a (rclone read failed, see log)" "—" "faster than rclone" "n/a"
+        fi
+    else
+        row "$label, page cache warm" "error (see log)" "—" "—" "≥ 0.9 ×" "**missed**"
+    fi
+    if all_numeric "${r_drop[@]}" "${r_warm[@]}" "${l_drop[@]}"; then
+        a=$(median "${r_drop[@]}") b=$(median "${l_drop[@]}")
+        row "random 4 KiB reads from the disk cache, fresh mount: p50 page cache dropped / same offsets again" \
+            "$(calc "$a" 1) µs / $(calc "$(median "${r_warm[@]}")" 1) µs" "local file, dropped: $(calc "$b" 1) µs" \
+            "$(calc "$a / $b") × local" "≤ 50 µs" "$(verdict "$a <= 50")"
+    else
+        row "random 4 KiB reads from the disk cache: p50" "error (see log)" "—" "—" "≤ 50 µs" "**missed**"
+    fi
+    if all_numeric "${on[@]}" "${off[@]}"; then
+        a=$(median "${on[@]}") b=$(median "${off[@]}")
+        row "cold sequential read, disk cache on vs \`--no-disk-cache\`" "on: $(secs "$a") ($(mibps "$a") MiB/s)" \
+            "off: $(secs "$b") ($(mibps "$b") MiB/s)" "$(calc "$b / $a") × off" "≥ 0.95 ×" "$(verdict "$b / $a >= 0.95")"
+    else
+        row "cold sequential read, disk cache on vs off" "error (see log)" "—" "—" "≥ 0.95 ×" "**missed**"
+    fi
+}
+
 # ---------------------------------------------------------------------------------------
 # Main
 
-want seq && bench_setup
+if want seq || want disk; then bench_setup; fi
 start_registry
 mkdir -p "$tmp/gen"
-if want seq || want random || want rss; then push_big_blob; fi
+if want seq || want random || want rss || want disk; then push_big_blob; fi
 want grep && push_manifests
-want seq && start_nginx
+if want seq || want disk; then start_nginx; fi
 
 want seq && seq_rows
 want random && random_rows
 want rss && rss_row
 want grep && grep_row
 want upload && upload_row
+want disk && disk_rows
 
 ((stats_retries == 0)) || notes+=("regfs retried $stats_retries requests in total (stats \`retries\`)")
 if [[ -s $tmp/regfs.log ]] && grep -qiE 'error|panic' "$tmp/regfs.log"; then
@@ -803,7 +938,7 @@ fi
 
 peers="curl $(curl --version | awk 'NR == 1 { print $2 }')"
 for p in nginx rclone httpfs2; do
-    if want seq && [[ -z ${peer_na[$p]:-} ]]; then
+    if { want seq || want disk; } && [[ -z ${peer_na[$p]:-} ]]; then
         case $p in
         nginx) peers+=", nginx $(nginx -v 2>&1 | sed 's|.*/||')" ;;
         rclone) peers+=", rclone $(rclone version 2>/dev/null | awk 'NR == 1 { print $2 }')" ;;

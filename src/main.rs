@@ -43,6 +43,14 @@ WRITING:
   result. mkdir makes repositories and tag directories; ln across repositories mounts
   a blob. Deleting is refused (EPERM); --read-only refuses every write (EROFS).
 
+DISK CACHE:
+  What a mount fetches is kept in --cache-dir (root: /var/cache/regfs, else
+  $XDG_CACHE_HOME/regfs), shared by every mount and restart, within --disk-cache-size
+  (least recently used first). Blobs that matched their digest serve every registry
+  and, as root on Linux >= 6.9, are read by the kernel directly (FUSE passthrough);
+  until then blocks are kept per registry. --no-disk-cache writes nothing.
+  regfs cache du|ls|prune [--max SIZE]|verify [DIR] look after it.
+
 EXAMPLES:
   regfs mount http://127.0.0.1:5000 /mnt/reg
   grep -rl linux/arm64 /mnt/reg/*/*/tags/*/manifest.json
@@ -54,6 +62,7 @@ EXAMPLES:
   regfs mount --repo library/alpine docker.io /mnt/hub
   echo \"$TOKEN\" | regfs mount --username me --password-stdin ghcr.io /mnt/ghcr
   fusermount3 -u /mnt/reg        (or Ctrl-C / SIGTERM on the regfs process)
+  regfs cache prune --max 2GiB   (trim the disk cache; regfs cache verify checks it)
 
 EXIT STATUS:
   0 after a clean unmount; 1 when the mount could not be made (the message says why).

@@ -455,3 +455,40 @@ fn cache_du_ls_and_prune() {
             .success()
     );
 }
+
+#[test]
+fn an_index_held_at_unmount_is_pushed_by_the_next_mount() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layout = common::Layout::new();
+    layout.new_image("one", "amd64", &[("a.txt", b"held index child")]);
+    let index = layout.add_index("multi", &["one"]);
+    let body = layout.blob(&index);
+    let cache = cache_dir();
+    let args = ["--cache-dir", arg(cache.path())];
+
+    let first = Mount::start(&registry.url(), &args);
+    fs::create_dir_all(first.path("team/dest")).expect("mkdir -p team/dest");
+    // Its child is not in team/dest yet: the index is held, and the write succeeds.
+    fs::write(first.path(&format!("team/dest/manifests/{index}")), &body).expect("write index");
+    assert_eq!(stat(&first, &["pending_manifests"]), 1);
+    first.terminate();
+    assert_eq!(
+        common::manifest_status(registry.addr, "team/dest", &index),
+        404
+    );
+    let du_line = || {
+        let out = regfs_cache(&["du", arg(cache.path())]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(du_line().contains("1 held indexes"), "{}", du_line());
+
+    // The child arrives by another way; the next mount of this registry pushes the index.
+    layout.push("one", &registry, "team/dest:one");
+    let second = Mount::start(&registry.url(), &args);
+    eventually("the held index pushed", || {
+        common::manifest_status(registry.addr, "team/dest", &index) == 200
+    });
+    assert_eq!(stat(&second, &["pending_manifests"]), 0);
+    assert!(du_line().contains("0 held indexes"), "{}", du_line());
+}

@@ -64,7 +64,14 @@ pub struct BlobReads {
     max_window: u64,
     /// Streams running now: they share the window (see blob_stream.rs).
     streams: Arc<std::sync::atomic::AtomicU64>,
+    /// Blobs this mount has served through the kernel's page cache: their pages are
+    /// likely there (`keep_cache`), so later opens keep using them instead of going to
+    /// the disk cache file by passthrough.
+    served: Mutex<lru::LruCache<Digest, ()>>,
 }
+
+/// Blobs remembered in `BlobReads::served`.
+const SERVED_BLOBS: usize = 16_384;
 
 /// One open blob: where to fetch it, and the reader's state.
 pub struct OpenBlob {
@@ -164,6 +171,9 @@ impl BlobReads {
             streams: Arc::default(),
             verifier: Verifier::new(cache.clone(), client.stats().clone(), disk.clone()),
             source: BlockSource::new(client, cache.clone(), disk),
+            served: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(SERVED_BLOBS).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             cache,
         }
     }
@@ -173,12 +183,18 @@ impl BlobReads {
     }
 
     /// The whole blob as a local file, for FUSE passthrough: only once it is on disk
-    /// whole and verified, and its content has not failed a check since.
+    /// whole and verified, its content has not failed a check since, and this mount has
+    /// not read it through the page cache already (see `served`).
     pub fn local_file(&self, digest: &Digest, size: u64) -> Option<std::fs::File> {
-        if !self.verifier.trusted(digest) {
+        let mut served = lock(&self.served);
+        if served.get(digest).is_some() || !self.verifier.trusted(digest) {
             return None;
         }
-        self.disk()?.whole_blob(digest, size)
+        let file = self.disk().and_then(|d| d.whole_blob(digest, size));
+        if file.is_none() {
+            served.put(digest.clone(), ());
+        }
+        file
     }
 
     pub fn cache(&self) -> &BlockCache {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
+use super::known_repos::KnownRepos;
 use crate::cache::{DiskCache, Memo};
 use crate::registry::{
     Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result, Tag,
@@ -20,6 +21,19 @@ use crate::registry::{
 const WALK_CONCURRENCY: usize = 8;
 /// A repository that reaches more manifests than this is not walked further.
 const MAX_REACHABLE_MANIFESTS: usize = 100_000;
+/// The most bytes the memos of manifests (by tag, and by digest) hold each, and of tag
+/// lists and walks: metadata is bounded by bytes, not by count, so a repository of
+/// 50,000 tags or large indexes cannot take the daemon's memory.
+const MANIFEST_MEMO_BYTES: usize = 16 << 20;
+const TAG_LIST_MEMO_BYTES: usize = 8 << 20;
+const REACHABLE_MEMO_BYTES: usize = 8 << 20;
+/// Roughly what an entry costs besides its own bytes (key, slot, map node).
+const ENTRY_OVERHEAD: usize = 128;
+
+/// Indexes nested deeper than this below a tag are not walked further: real images
+/// nest one or two levels (an index of platform manifests, their referrers), and a
+/// hostile registry must not be able to send the walk down an endless chain.
+const MAX_INDEX_DEPTH: usize = 8;
 
 #[derive(Clone, Debug)]
 pub enum Catalog {
@@ -39,7 +53,7 @@ pub struct Reachable {
 pub struct RegistryView {
     client: RegistryClient,
     /// Repositories named with `--repo`, plus those found by lookups.
-    extra_repos: Mutex<BTreeSet<RepoName>>,
+    extra_repos: Mutex<Arc<BTreeSet<RepoName>>>,
     catalog: Memo<(), Catalog>,
     tags: Memo<RepoName, Arc<Vec<Tag>>>,
     tag_manifests: Memo<(RepoName, Tag), Arc<FetchedManifest>>,
@@ -63,13 +77,21 @@ impl RegistryView {
         let unanswered = Error::is_transient;
         RegistryView {
             client,
-            extra_repos: Mutex::new(repos.into_iter().collect()),
+            extra_repos: Mutex::new(Arc::new(repos.into_iter().collect())),
             catalog: Memo::new(1, ttl).keeping_failures(unanswered),
-            tags: Memo::new(4096, ttl).keeping_failures(unanswered),
-            tag_manifests: Memo::new(65_536, ttl).keeping_failures(unanswered),
-            manifests: Memo::new(4096, None).keeping_failures(unanswered),
+            tags: Memo::new(4096, ttl)
+                .keeping_failures(unanswered)
+                .weighing(weigh_tags, TAG_LIST_MEMO_BYTES),
+            tag_manifests: Memo::new(65_536, ttl)
+                .keeping_failures(unanswered)
+                .weighing(weigh_manifest, MANIFEST_MEMO_BYTES),
+            manifests: Memo::new(65_536, None)
+                .keeping_failures(unanswered)
+                .weighing(weigh_manifest, MANIFEST_MEMO_BYTES),
             blob_sizes: Memo::new(65_536, None).keeping_failures(unanswered),
-            reachable: Memo::new(1024, ttl).keeping_failures(unanswered),
+            reachable: Memo::new(1024, ttl)
+                .keeping_failures(unanswered)
+                .weighing(weigh_reachable, REACHABLE_MEMO_BYTES),
             disk,
         }
     }
@@ -95,31 +117,35 @@ impl RegistryView {
 
     /// Every repository name regfs knows of, and whether that list is the registry's
     /// whole catalog (so a name missing from it does not exist).
-    pub async fn known_repos(&self) -> Result<(BTreeSet<RepoName>, bool)> {
-        let catalog = self.catalog().await?;
-        let mut names = self
+    pub async fn known_repos(&self) -> Result<KnownRepos> {
+        let listed = match self.catalog().await? {
+            Catalog::Listed(listed) => Some(listed),
+            Catalog::Refused => None,
+        };
+        let found = self
             .extra_repos
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let complete = match catalog {
-            Catalog::Listed(listed) => {
-                names.extend(listed.iter().cloned());
-                true
-            }
-            Catalog::Refused => false,
-        };
-        Ok((names, complete))
+        Ok(KnownRepos::new(listed, found))
+    }
+
+    /// Remembers that `repo` exists (copy on write: readers hold the old set).
+    fn found(&self, repo: &RepoName) {
+        let mut found = self
+            .extra_repos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !found.contains(repo) {
+            Arc::make_mut(&mut found).insert(repo.clone());
+        }
     }
 
     /// Asks the registry whether `repo` exists (its tag list answers), and remembers it.
     pub async fn probe_repo(&self, repo: &RepoName) -> Result<bool> {
         match self.tags(repo).await {
             Ok(_) => {
-                self.extra_repos
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(repo.clone());
+                self.found(repo);
                 Ok(true)
             }
             Err(Error::NotFound(_)) => Ok(false),
@@ -221,10 +247,7 @@ impl RegistryView {
     /// Forgets what a push through regfs changed in `repo`: its tags (and the one
     /// pushed), what they reach, and whether the repository exists.
     pub fn pushed(&self, repo: &RepoName, tag: Option<&Tag>) {
-        self.extra_repos
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(repo.clone());
+        self.found(repo);
         self.tags.forget(repo);
         self.reachable.forget(repo);
         if let Some(tag) = tag {
@@ -250,7 +273,13 @@ impl RegistryView {
         let top = bounded(tags.iter().map(|tag| self.tag_manifest(repo, tag))).await;
         let mut reach = Reachable::default();
         let mut pending = usable(repo, top)?;
+        let mut depth = 0;
         while !pending.is_empty() {
+            if depth > MAX_INDEX_DEPTH {
+                warn!(%repo, "indexes nest deeper than {MAX_INDEX_DEPTH} levels; listing stops there");
+                break;
+            }
+            depth += 1;
             let mut children = BTreeSet::new();
             for manifest in pending.drain(..) {
                 let size = manifest.bytes.len() as u64;
@@ -284,6 +313,21 @@ impl RegistryView {
         }
         Ok(reach)
     }
+}
+
+fn weigh_manifest(m: &Arc<FetchedManifest>) -> usize {
+    m.bytes.len() + m.media_type.len() + m.digest.as_str().len() + ENTRY_OVERHEAD
+}
+
+fn weigh_tags(tags: &Arc<Vec<Tag>>) -> usize {
+    tags.iter()
+        .map(|t| t.as_str().len() + std::mem::size_of::<Tag>())
+        .sum::<usize>()
+        + ENTRY_OVERHEAD
+}
+
+fn weigh_reachable(r: &Arc<Reachable>) -> usize {
+    (r.manifests.len() + r.blobs.len()) * ENTRY_OVERHEAD + ENTRY_OVERHEAD
 }
 
 type ManifestFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<FetchedManifest>>> + Send + 'a>>;

@@ -8,6 +8,7 @@ mod block_source;
 pub mod deadline;
 mod handles;
 pub mod images;
+pub mod known_repos;
 mod layer_source;
 pub mod metadata;
 pub mod node;
@@ -49,8 +50,11 @@ pub use node::ROOT_INO;
 const IMMUTABLE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long an operation in an image view may wait for layers to be indexed.
 const VIEW_DEADLINE: Duration = Duration::from_secs(3600);
-/// Tag manifests fetched at once when a `tags/` directory is listed (people grep them next).
+/// Tag manifests fetched at once when a `tags/` directory is listed (people grep them next),
+/// and the most tags of one listing warmed that way (a repository of 50,000 tags is
+/// read on demand beyond them, not all fetched because someone typed `ls`).
 const TAG_MANIFEST_WARMING: usize = 16;
+const TAG_MANIFEST_WARMING_MAX: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Errno(pub i32);
@@ -389,11 +393,8 @@ impl Fs {
         if self.writes.has_dir(&full) {
             return Ok(Node::Dir(full));
         }
-        let (known, complete) = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
-        let prefix = format!("{full}/");
-        let is_known =
-            known.contains(&repo) || known.iter().any(|r| r.as_str().starts_with(&prefix));
-        if is_known {
+        let known = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
+        if known.contains(&repo) || known.any_below(&full) {
             return Ok(Node::Dir(full));
         }
         // Not in our list: the catalog may be older than the repository, so ask.
@@ -402,7 +403,7 @@ impl Fs {
             .probe_repo(&repo)
             .await
             .map_err(|e| fail(&Node::Dir(full.clone()), e))?;
-        if exists || !complete {
+        if exists || !known.complete() {
             // Without a catalog, any valid name may be a namespace of repositories we
             // cannot list (`library` of `library/alpine`), so it is a directory.
             Ok(Node::Dir(full))
@@ -420,7 +421,7 @@ impl Fs {
             // Made with mkdir: a repository to be, until its first push.
             return Ok(Some(repo));
         }
-        let (known, _) = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
+        let known = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
         if known.contains(&repo) {
             return Ok(Some(repo));
         }
@@ -612,14 +613,14 @@ impl Fs {
     async fn children(&self, node: &Node) -> Result<Vec<(String, Node)>, Errno> {
         let out = match node {
             Node::Dir(path) => {
-                let (known, _) = self.view.known_repos().await.map_err(|e| fail(node, e))?;
+                let known = self.view.known_repos().await.map_err(|e| fail(node, e))?;
                 let prefix = if path.is_empty() {
                     String::new()
                 } else {
                     format!("{path}/")
                 };
                 let mut out: Vec<(String, Node)> = known
-                    .iter()
+                    .starting_with(&prefix)
                     .filter_map(|r| r.as_str().strip_prefix(&prefix))
                     .filter(|rest| !rest.is_empty())
                     .map(|rest| rest.split('/').next().unwrap_or(rest).to_owned())
@@ -727,7 +728,7 @@ impl Fs {
     fn warm_tag_manifests(&self, repo: &RepoName, tags: &Arc<Vec<Tag>>) {
         let (view, repo, tags) = (self.view.clone(), repo.clone(), tags.clone());
         tokio::spawn(async move {
-            stream::iter(tags.iter())
+            stream::iter(tags.iter().take(TAG_MANIFEST_WARMING_MAX))
                 .for_each_concurrent(TAG_MANIFEST_WARMING, |tag| {
                     let (view, repo) = (&view, &repo);
                     async move {

@@ -9,9 +9,9 @@
 //! registry's origin and to the realm its challenge named, and never into a log line.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
 use std::sync::PoisonError;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -23,6 +23,7 @@ use url::{Origin, Url};
 
 use super::credentials::{Credentials, Secret};
 use super::error::{Error, Result};
+use super::ssrf::Guard;
 
 /// Token lifetime when the token endpoint does not say (the token spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
@@ -248,11 +249,19 @@ pub struct Auth {
     /// One token fetch at a time: 16 parallel block reads hitting a 401 together
     /// should cost one token request, not 16.
     fetching: tokio::sync::Mutex<()>,
+    /// Where a challenge's realm may be (ssrf.rs).
+    guard: Arc<Guard>,
 }
 
 impl Auth {
-    pub fn new(registry: &Url, credentials: Credentials, token_http: reqwest::Client) -> Auth {
+    pub fn new(
+        registry: &Url,
+        credentials: Credentials,
+        token_http: reqwest::Client,
+        guard: Arc<Guard>,
+    ) -> Auth {
         Auth {
+            guard,
             registry: registry.origin(),
             registry_is_https: registry.scheme() == "https",
             credentials,
@@ -403,6 +412,7 @@ impl Auth {
                 )));
             }
         }
+        self.guard.check(what, "token realm", &realm_url)?;
         let scope_list = wanted.to_strings();
         let fetched = self
             .fetch_token(&realm_url, service, &scope_list)
@@ -691,5 +701,72 @@ mod tests {
         let h = bearer_header("secret-token").expect("header");
         assert!(h.is_sensitive());
         assert!(!format!("{h:?}").contains("secret-token"));
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// How a header writes an auth parameter value: quoted, with `\\` and `"`
+        /// escaped.
+        fn quoted(value: &str) -> String {
+            format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+
+        proptest! {
+            #[test]
+            fn auth_params_never_panic(s in any::<String>()) {
+                let _ = auth_params(&s);
+            }
+
+            #[test]
+            fn challenges_never_panic(values in prop::collection::vec("[ -~]{0,80}", 0..4)) {
+                let mut headers = HeaderMap::new();
+                for v in &values {
+                    if let Ok(v) = HeaderValue::from_str(v) {
+                        headers.append(header::WWW_AUTHENTICATE, v);
+                    }
+                }
+                let _ = challenge(&headers);
+            }
+
+            /// Parameters written as registries write them come back as they were.
+            #[test]
+            fn quoted_parameters_round_trip(
+                params in prop::collection::btree_map("[a-z]{1,10}", "[ -~]{0,40}", 1..6),
+                spaces in any::<bool>(),
+            ) {
+                let separator = if spaces { " , " } else { "," };
+                let written = params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", quoted(v)))
+                    .collect::<Vec<_>>()
+                    .join(separator);
+                let parsed = auth_params(&written);
+                for (k, v) in &params {
+                    prop_assert_eq!(parsed.get(k), Some(v), "{}", written);
+                }
+                prop_assert_eq!(parsed.len(), params.len());
+            }
+
+            #[test]
+            fn a_bearer_challenge_gives_its_realm_service_and_scope(
+                realm in "https://[a-z]{1,12}\\.example/[a-z/]{0,12}",
+                service in "[a-z.]{1,20}",
+                scope in "repository:[a-z/]{1,20}:pull(,push)?",
+            ) {
+                let value = format!(
+                    "Bearer realm={},service={},scope={}",
+                    quoted(&realm), quoted(&service), quoted(&scope)
+                );
+                let mut headers = HeaderMap::new();
+                headers.append(header::WWW_AUTHENTICATE, HeaderValue::from_str(&value).expect("header"));
+                prop_assert_eq!(
+                    challenge(&headers),
+                    Some(Challenge::Bearer { realm, service: Some(service), scope: Some(scope) })
+                );
+            }
+        }
     }
 }

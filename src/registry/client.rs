@@ -19,6 +19,7 @@ use url::Url;
 use super::auth::Auth;
 use super::credentials::Credentials;
 use super::error::{Error, Result};
+use super::ssrf::Guard;
 use super::types::{Digest, Reference, RepoName, Tag, media_type};
 use crate::stats::{InFlight, RequestKind, Stats};
 
@@ -102,6 +103,8 @@ pub struct RegistryClient {
     resolved: Arc<Mutex<LruCache<Digest, (Url, Instant)>>>,
     /// Every request goes through it (see `send`).
     auth: Arc<Auth>,
+    /// Where the registry may send us (redirects, realms): see ssrf.rs.
+    guard: Arc<Guard>,
 }
 
 /// What one blob GET produced: an answer (and how many leading bytes to drop, for a
@@ -171,6 +174,32 @@ pub fn next_link(header: &str) -> Option<&str> {
     }
 }
 
+/// Redirects reqwest follows by itself (manifests, HEADs, lists): at most
+/// [`MAX_REDIRECTS`], never from https to http, never into the machine's own network
+/// (ssrf.rs). reqwest drops `Authorization` when a redirect leaves the origin.
+fn guarded_redirects(guard: Arc<Guard>) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let from_https = attempt
+            .previous()
+            .first()
+            .is_some_and(|u| u.scheme() == "https");
+        let what = attempt
+            .previous()
+            .last()
+            .map_or_else(String::new, |u| format!("request to {}", u.path()));
+        if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+        } else if from_https && attempt.url().scheme() == "http" {
+            let to = attempt.url().origin().ascii_serialization();
+            attempt.error(format!("redirected from https to {to}"))
+        } else if let Err(e) = guard.check(&what, "redirect", attempt.url()) {
+            attempt.error(e.to_string())
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
 /// A transport error in a few words: what failed and its root cause ("cannot connect:
 /// Connection refused (os error 111)"), not reqwest's whole chain with the URL repeated.
 fn describe(e: &reqwest::Error) -> String {
@@ -234,12 +263,21 @@ impl RegistryClient {
         };
         let set_up =
             |e: reqwest::Error| Error::Unavailable(format!("HTTP client set-up: {}", describe(&e)));
-        let http = builder().build().map_err(set_up)?;
+        let guard = Arc::new(Guard::new(&base));
+        let http = builder()
+            .redirect(guarded_redirects(guard.clone()))
+            .build()
+            .map_err(set_up)?;
         let blob_http = builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(set_up)?;
-        let auth = Auth::new(&base, options.credentials.clone(), blob_http.clone());
+        let auth = Auth::new(
+            &base,
+            options.credentials.clone(),
+            blob_http.clone(),
+            guard.clone(),
+        );
         let resolved = LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN));
         Ok(RegistryClient {
             http,
@@ -249,6 +287,7 @@ impl RegistryClient {
             stats,
             resolved: Arc::new(Mutex::new(resolved)),
             auth: Arc::new(auth),
+            guard,
         })
     }
 
@@ -814,6 +853,7 @@ impl RegistryClient {
                             "{what}: redirected from https to {next}"
                         )));
                     }
+                    self.guard.check(&what, "redirect", &next)?;
                     debug!(%digest, to = %next.origin().ascii_serialization(), "blob redirected");
                     url = next;
                 }
@@ -1090,5 +1130,54 @@ mod tests {
         assert_eq!(content_range_start("bytes 100-199/1000"), Some(100));
         assert_eq!(content_range_start("bytes 0-0/*"), Some(0));
         assert_eq!(content_range_start("items 1-2/3"), None);
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A link target: a path and query, without the characters that end one.
+        fn target() -> impl Strategy<Value = String> {
+            "/v2/[a-z0-9/_.-]{1,30}(\\?[a-z]=[a-z0-9]{1,8}(&[a-z]=[a-z0-9]{1,8}){0,2})?"
+        }
+
+        proptest! {
+            #[test]
+            fn link_parsing_never_panics(header in any::<String>()) {
+                let _ = next_link(&header);
+            }
+
+            /// Several links, some `rel="next"`: the first of those is the answer.
+            #[test]
+            fn the_first_next_link_is_found(
+                links in prop::collection::vec((target(), prop::sample::select(vec!["next", "prev", "first", "last"]), any::<bool>()), 0..5)
+            ) {
+                let header = links
+                    .iter()
+                    .map(|(url, rel, quoted)| if *quoted {
+                        format!("<{url}>; rel=\"{rel}\"")
+                    } else {
+                        format!("<{url}>; rel={rel}")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let expected = links.iter().find(|(_, rel, _)| *rel == "next").map(|(u, _, _)| u.as_str());
+                prop_assert_eq!(next_link(&header), expected);
+            }
+
+            #[test]
+            fn content_range_never_panics(value in any::<String>()) {
+                let _ = content_range_start(&value);
+            }
+
+            #[test]
+            fn content_range_gives_its_first_byte(start in any::<u64>(), len in 0..u64::MAX / 2, total in any::<Option<u64>>()) {
+                let end = start.saturating_add(len);
+                let total = total.map_or_else(|| "*".to_owned(), |t| t.to_string());
+                prop_assert_eq!(content_range_start(&format!("bytes {start}-{end}/{total}")), Some(start));
+                prop_assert_eq!(content_range_start(&format!("items {start}-{end}/{total}")), None);
+            }
+        }
     }
 }

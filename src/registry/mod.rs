@@ -4,6 +4,7 @@ pub mod auth;
 pub mod client;
 pub mod credentials;
 pub mod error;
+pub mod ssrf;
 pub mod types;
 pub mod upload;
 

@@ -136,6 +136,13 @@ impl RepoName {
     }
 }
 
+/// Sorted sets of names can be searched by `&str` (see fs/known_repos.rs).
+impl std::borrow::Borrow<str> for RepoName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Whether `s` can be one `/`-separated component of a repository name.
 pub fn is_path_component(s: &str) -> bool {
     let bytes = s.as_bytes();
@@ -504,5 +511,78 @@ Evil: 1","manifests":[]}"#
         assert!(ManifestLinks::parse(bad_digest.as_bytes(), "").is_err());
         let negative = format!(r#"{{"layers":[{{"digest":"sha256:{HEX64}","size":-1}}]}}"#);
         assert!(ManifestLinks::parse(negative.as_bytes(), "").is_err());
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// The distribution spec's grammar of a repository path component.
+        const COMPONENT: &str = "[a-z0-9]{1,6}((\\.|_|__|-{1,3})[a-z0-9]{1,6}){0,3}";
+
+        proptest! {
+            #[test]
+            fn parsers_never_panic_and_keep_what_they_accept(s in any::<String>()) {
+                let kept = |parsed: Option<&str>| parsed.is_none_or(|p| p == s);
+                prop_assert!(kept(Digest::parse(&s).as_ref().map(Digest::as_str)));
+                prop_assert!(kept(Tag::parse(&s).as_ref().map(Tag::as_str)));
+                prop_assert!(kept(RepoName::parse(&s).as_ref().map(RepoName::as_str)));
+            }
+
+            #[test]
+            fn digests_are_sha256_or_sha512_in_lowercase_hex(hex in "[0-9a-f]{64}", long in "[0-9a-f]{128}", at in 0usize..64) {
+                let parses = |s: String| Digest::parse(&s).is_some();
+                let mut upper = hex.clone().into_bytes();
+                upper[at] = b'G';
+                let upper = String::from_utf8_lossy(&upper).into_owned();
+                let (short, wrong_length) = (format!("sha256:{}", &hex[1..]), format!("sha512:{hex}"));
+                prop_assert!(parses("sha256:".to_owned() + &hex));
+                prop_assert!(parses("sha512:".to_owned() + &long));
+                prop_assert!(!parses(wrong_length));
+                prop_assert!(!parses(short));
+                prop_assert!(!parses("md5:".to_owned() + &hex));
+                prop_assert!(!parses("sha256:".to_owned() + &upper));
+            }
+
+            #[test]
+            fn a_digest_matches_exactly_its_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256), flip in any::<prop::sample::Index>()) {
+                let digest = Digest::sha256_of(&bytes);
+                prop_assert!(Digest::parse(digest.as_str()).is_some());
+                prop_assert!(digest.matches(&bytes));
+                if !bytes.is_empty() {
+                    let mut other = bytes.clone();
+                    other[flip.index(bytes.len())] ^= 1;
+                    prop_assert!(!digest.matches(&other));
+                }
+            }
+
+            #[test]
+            fn tags_follow_the_grammar(tag in "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", bad in "[^A-Za-z0-9._-]") {
+                let parses = |s: String| Tag::parse(&s).is_some();
+                let too_long = tag.clone() + &"x".repeat(129 - tag.len());
+                prop_assert!(parses(tag.clone()));
+                prop_assert!(!parses(tag.clone() + &bad));
+                prop_assert!(!parses(".".to_owned() + &tag));
+                prop_assert!(!parses(too_long));
+            }
+
+            #[test]
+            fn repository_names_follow_the_grammar(
+                parts in prop::collection::vec(COMPONENT, 1..4),
+                bad in prop::sample::select(vec!["", ".", "..", "-a", "a-", "A", "a..b", "a___b", "a b"]),
+                at in any::<prop::sample::Index>(),
+            ) {
+                let name = parts.join("/");
+                prop_assume!(name.len() <= RepoName::MAX_LEN);
+                prop_assert!(RepoName::parse(&name).is_some(), "{}", name);
+                let mut broken = parts.clone();
+                broken[at.index(parts.len())] = bad.to_owned();
+                prop_assert!(RepoName::parse(&broken.join("/")).is_none(), "{:?}", broken);
+                let (leading, trailing) = ("/".to_owned() + &name, name.clone() + "/");
+                prop_assert!(RepoName::parse(&leading).is_none());
+                prop_assert!(RepoName::parse(&trailing).is_none());
+            }
+        }
     }
 }

@@ -704,4 +704,24 @@ mod tests {
         assert_eq!(stored_length(&format!("0-{}", u64::MAX), 0), None);
         assert_eq!(stored_length("garbage", 0), None);
     }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn range_headers_never_panic(range in any::<String>(), hint in any::<u64>()) {
+                let _ = stored_length(&range, hint);
+            }
+
+            #[test]
+            fn a_range_from_zero_is_its_length(last in 1..u64::MAX, prefix in any::<bool>(), hint in any::<u64>()) {
+                let range = if prefix { format!("bytes=0-{last}") } else { format!("0-{last}") };
+                prop_assert_eq!(stored_length(&range, hint), Some(last + 1));
+                prop_assert_eq!(stored_length(&format!("1-{last}"), hint), None);
+            }
+        }
+    }
 }

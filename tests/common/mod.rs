@@ -190,6 +190,25 @@ impl Response {
         header(&self.headers, name)
     }
 
+    /// Replaces (or adds) a header.
+    pub fn set_header(&mut self, name: &str, value: &str) {
+        self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.headers.push((name.to_string(), value.to_string()));
+    }
+
+    /// A response of its own (not the registry's), e.g. for a [`Tamper`] to answer.
+    pub fn new(status: u16, headers: &[(&str, &str)], body: Vec<u8>) -> Response {
+        Response {
+            status,
+            reason: "Tampered".into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body,
+        }
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -660,11 +679,43 @@ pub fn push_image(
     tag: &str,
     layers: &[&[u8]],
 ) -> (String, Vec<String>) {
+    let (manifest, digests) = image_manifest(registry, repo, tag, layers);
+    let digest = put_manifest(registry, repo, tag, OCI_MANIFEST, &manifest);
+    (digest, digests)
+}
+
+/// [`push_image`] without a tag (pushed by digest); `label` makes it unique. Returns
+/// (manifest digest, manifest bytes).
+pub fn push_untagged_image(
+    registry: &Registry,
+    repo: &str,
+    label: &str,
+    layers: &[&[u8]],
+) -> (String, Vec<u8>) {
+    let (manifest, _) = image_manifest(registry, repo, label, layers);
+    let digest = put_manifest(
+        registry,
+        repo,
+        &sha256_digest(&manifest),
+        OCI_MANIFEST,
+        &manifest,
+    );
+    (digest, manifest)
+}
+
+/// Pushes the blobs of an image (a config labelled `label`, and `layers`); returns the
+/// manifest over them, and the layer digests.
+fn image_manifest(
+    registry: &Registry,
+    repo: &str,
+    label: &str,
+    layers: &[&[u8]],
+) -> (Vec<u8>, Vec<String>) {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
         "rootfs": { "type": "layers", "diff_ids": [] },
-        "config": { "Labels": { "tag": tag } },
+        "config": { "Labels": { "tag": label } },
     });
     let config = serde_json::to_vec(&config).expect("serialize config");
     let config_digest = push_blob(registry.addr, repo, &config);
@@ -677,9 +728,10 @@ pub fn push_image(
         .zip(layers)
         .map(|(d, l)| (d.as_str(), l.len()))
         .collect();
-    let manifest = oci_manifest(&config_digest, config.len(), &described);
-    let digest = put_manifest(registry, repo, tag, OCI_MANIFEST, &manifest);
-    (digest, digests)
+    (
+        oci_manifest(&config_digest, config.len(), &described),
+        digests,
+    )
 }
 
 /// close(2) of a file, with its error (dropping a `File` ignores it): for a file
@@ -1110,6 +1162,33 @@ pub struct ProxyRules {
     /// Answer bodies are sent at this many bytes per second (0: at full speed), like a
     /// registry behind a link that barely moves.
     pub trickle_bytes_per_sec: usize,
+    /// Rewrites answers, last of all rules: a registry that lies.
+    pub tamper: Option<Tamper>,
+}
+
+/// A registry that lies: gets each request's method and target ("/v2/…?q") and the
+/// answer the registry gave (or the proxy's other rules made), and returns what the
+/// client gets instead. A response with header [`ANNOUNCE_LENGTH`] is framed by that
+/// length whatever its body, and the connection is closed after it.
+#[derive(Clone)]
+pub struct Tamper(pub Arc<TamperFn>);
+
+/// (method, target, the registry's answer) → the answer the client gets.
+pub type TamperFn = dyn Fn(&str, &str, Response) -> Response + Send + Sync;
+
+/// See [`Tamper`]: announce this Content-Length instead of the body's.
+pub const ANNOUNCE_LENGTH: &str = "X-Test-Announce-Length";
+
+impl Tamper {
+    pub fn new(f: impl Fn(&str, &str, Response) -> Response + Send + Sync + 'static) -> Tamper {
+        Tamper(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Tamper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tamper(..)")
+    }
 }
 
 /// How [`ProxyRules::upload_locations`] rewrites an upload answer's `Location`.
@@ -1159,6 +1238,7 @@ struct ProxyShared {
     /// stop in the middle of their bodies, until turned off (or 60 s).
     stall_all: AtomicBool,
     trickle_bytes_per_sec: AtomicUsize,
+    tamper: Option<Tamper>,
     stopping: AtomicBool,
     stall: Mutex<StallState>,
     stall_changed: Condvar,
@@ -1207,6 +1287,7 @@ impl Proxy {
             upstream_down: AtomicBool::new(false),
             stall_all: AtomicBool::new(false),
             trickle_bytes_per_sec: AtomicUsize::new(rules.trickle_bytes_per_sec),
+            tamper: rules.tamper,
             stopping: AtomicBool::new(false),
             stall: Mutex::new(StallState::default()),
             stall_changed: Condvar::new(),
@@ -1461,6 +1542,10 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
         let close =
             header(&request.headers, "connection").is_some_and(|c| c.eq_ignore_ascii_case("close"));
         let mut response = handle(shared, &request);
+        if let Some(tamper) = &shared.tamper {
+            response = (tamper.0)(&request.method, &request.target, response);
+        }
+        let close = close || response.header(ANNOUNCE_LENGTH).is_some();
         if is_blob_get(&request) && response.status / 100 == 2 {
             if take_one(&shared.cut_blob_gets) {
                 let full = response.body.len();
@@ -1830,10 +1915,13 @@ fn write_response_paced(
             "keep-alive",
             "transfer-encoding",
             "content-length",
+            ANNOUNCE_LENGTH,
         ],
     );
     let bodiless_status = response.status < 200 || response.status == 204 || response.status == 304;
-    if head_request {
+    if let Some(announced) = response.header(ANNOUNCE_LENGTH) {
+        out.push_str(&format!("Content-Length: {announced}\r\n"));
+    } else if head_request {
         if let Some(len) = response.header("content-length") {
             out.push_str(&format!("Content-Length: {len}\r\n"));
         }

@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::budget::{Budget, remove_entry};
+use super::budget::{Budget, remove_files};
 use super::layout::{self, Entry, Kind};
 use super::{entry, partial::Partial};
 use crate::registry::Digest;
@@ -164,7 +164,7 @@ pub fn verify(root: &Path) -> Result<(usize, Vec<String>), String> {
     let mut damaged = Vec::new();
     for entry in &entries {
         if let Some(why) = damage(entry) {
-            remove_entry(entry);
+            remove_files(&entry.paths);
             damaged.push(format!("{}: {why}; removed", entry.paths[0].display()));
         }
     }

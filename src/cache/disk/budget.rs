@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::layout::{self, Entry};
+use super::layout;
 use super::partial::with_lock;
 
 /// How far below the budget eviction goes once it has to run: 1/16 of the budget.
@@ -119,7 +119,7 @@ impl Budget {
             if keep.is_some_and(|k| entry.paths.iter().any(|p| p == k)) {
                 continue;
             }
-            used = used.saturating_sub(remove_entry(&entry));
+            used = used.saturating_sub(remove_files(&entry.paths));
             evicted += 1;
         }
         (used, evicted)
@@ -150,10 +150,10 @@ impl Budget {
     }
 }
 
-/// Deletes an entry's files; the bytes they took.
-pub fn remove_entry(entry: &Entry) -> u64 {
+/// Deletes files (an entry's); the bytes they took.
+pub fn remove_files(paths: &[PathBuf]) -> u64 {
     let mut freed = 0;
-    for path in &entry.paths {
+    for path in paths {
         if let Ok(meta) = fs::symlink_metadata(path) {
             if fs::remove_file(path).is_ok() {
                 freed += meta.blocks() * 512;

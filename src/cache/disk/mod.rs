@@ -45,7 +45,7 @@ use partial::{Partial, Written, with_lock};
 /// Writes waiting for the writer thread. A fetch whose block finds the queue full
 /// waits for room (the disk is normally faster than the network), but not longer than
 /// `QUEUE_WAIT`: then the block is not cached, and the reader goes on.
-const QUEUED_WRITES: usize = 16;
+const QUEUED_WRITES: usize = 8;
 const QUEUE_WAIT: Duration = Duration::from_millis(500);
 /// Partial files kept open.
 const OPEN_PARTIALS: usize = 64;
@@ -467,13 +467,14 @@ impl Store {
         let len = block_size.min(size - start);
         if let Some(file) = self.whole_blob(digest, size) {
             buffer.resize(len as usize, 0);
-            if file.read_exact_at(&mut buffer, start).is_ok() {
-                return Some(buffer.freeze());
-            }
-            return None;
+            file.read_exact_at(&mut buffer, start).ok()?;
+            budget::touch(&layout::blob_path(&self.root, digest));
+            return Some(buffer.freeze());
         }
-        self.partial(digest, block_size, false)?
-            .read(index, len, buffer)
+        let partial = self.partial(digest, block_size, false)?;
+        let block = partial.read(index, len, buffer)?;
+        budget::touch(&partial.data_path);
+        Some(block)
     }
 
     fn writing_off(&self) -> bool {
@@ -604,6 +605,9 @@ impl Store {
     /// read saw (partial.rs, `consistent`): durable first, then renamed into place.
     fn promote(&self, digest: &Digest, size: u64, block_size: u64) {
         if self.whole_blob(digest, size).is_some() {
+            // Kept whole already (from another registry's read): this one's blocks of
+            // it are not needed any more.
+            self.drop_partial(digest, block_size);
             return;
         }
         let Some(partial) = self.partial(digest, block_size, false) else {
@@ -652,25 +656,26 @@ impl Store {
     fn forget(&self, digest: &Digest, block_size: u64) {
         let at = self.forgets.fetch_add(1, Ordering::AcqRel) + 1;
         lock(&self.forgotten).insert(digest.clone(), at);
-        let data = layout::partial_path(&self.root, &self.origin_id, digest, block_size);
-        let mut paths = vec![
-            partial::log_path(&data),
-            data,
-            layout::blob_path(&self.root, digest),
-        ];
-        paths.retain(|p| p.exists());
-        if paths.is_empty() {
-            return;
+        let whole = self.remove(&[layout::blob_path(&self.root, digest)]);
+        if whole + self.drop_partial(digest, block_size) > 0 {
+            warn!(%digest, "dropped from the disk cache: its content did not match the digest");
         }
-        let freed = budget::remove_entry(&layout::Entry {
-            kind: layout::Kind::Blob(digest.clone()),
-            paths,
-            bytes: 0,
-            last_used: std::time::SystemTime::now(),
-        });
+    }
+
+    /// Removes this registry's partial file of the blob; the bytes freed.
+    fn drop_partial(&self, digest: &Digest, block_size: u64) -> u64 {
+        let data = layout::partial_path(&self.root, &self.origin_id, digest, block_size);
         lock(&self.partials).pop(&(digest.clone(), block_size));
-        self.release(freed);
-        warn!(%digest, "dropped from the disk cache: its content did not match the digest");
+        self.remove(&[partial::log_path(&data), data])
+    }
+
+    /// Removes files and gives their bytes back to the budget; the bytes freed.
+    fn remove(&self, paths: &[PathBuf]) -> u64 {
+        let freed = budget::remove_files(paths);
+        if freed > 0 {
+            self.release(freed);
+        }
+        freed
     }
 
     fn write_meta(&self, kind: &str, key: &Digest, body: &[u8]) {

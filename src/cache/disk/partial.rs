@@ -15,12 +15,17 @@
 //!
 //! The partial file is keyed by registry origin: what one registry served is never read
 //! for another until the whole blob has matched its digest (see `consistent`).
+//!
+//! Blocks are written with `O_DIRECT` where the filesystem allows it: a cold read then
+//! costs no page-cache copy of what it caches (measured: buffered writes tripled the CPU
+//! of a cold 1 GiB read on a VM whose fresh pages are expensive). Reads stay buffered.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -41,6 +46,8 @@ pub struct Partial {
     pub data_path: PathBuf,
     pub log_path: PathBuf,
     data: File,
+    /// The data file opened with O_DIRECT for writing, where the filesystem allows it.
+    direct: Mutex<Option<File>>,
     log: File,
     block_size: u64,
     state: Mutex<State>,
@@ -138,10 +145,16 @@ impl Partial {
             (Err(e), _) | (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             (Err(e), _) | (_, Err(e)) => return Err(e),
         };
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(data_path)
+            .ok();
         let partial = Partial {
             data_path: data_path.to_owned(),
             log_path,
             data,
+            direct: Mutex::new(direct),
             log,
             block_size,
             state: Mutex::new(State::default()),
@@ -224,7 +237,7 @@ impl Partial {
         if state.records.contains_key(&index) {
             return Ok(Written::AlreadyThere);
         }
-        self.data.write_all_at(block, index * self.block_size)?;
+        self.write_data(block, index * self.block_size)?;
         let record = Record {
             len,
             crc: crc32fast::hash(block),
@@ -234,6 +247,25 @@ impl Partial {
         state.records.insert(index, record);
         state.consistent.insert(index);
         Ok(Written::Stored(block.len() as u64))
+    }
+
+    /// Writes block bytes at `offset`: directly when block and offset are aligned and
+    /// the filesystem takes it (else, and from then on, through the page cache).
+    fn write_data(&self, block: &[u8], offset: u64) -> io::Result<()> {
+        let aligned = block.len() % PAGE == 0 && offset % PAGE as u64 == 0;
+        let mut direct = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
+        if let (true, Some(file)) = (aligned, direct.as_ref()) {
+            let written = ALIGNED.with(|buffer| {
+                let mut buffer = buffer.borrow_mut();
+                file.write_all_at(buffer.fill(block), offset)
+            });
+            match written {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
+                other => return other,
+            }
+        }
+        drop(direct);
+        self.data.write_all_at(block, offset)
     }
 
     /// Whether blocks `0..blocks` are all recorded, and whether they are all consistent
@@ -289,6 +321,38 @@ impl Partial {
     }
 }
 
+/// O_DIRECT's unit: buffer addresses, lengths and offsets are multiples of it.
+const PAGE: usize = 4096;
+
+#[repr(C, align(4096))]
+#[derive(Clone)]
+struct Page([u8; PAGE]);
+
+/// A page-aligned copy of a block, for O_DIRECT (the writer thread reuses one).
+#[derive(Default)]
+struct Aligned(Vec<Page>);
+
+thread_local! {
+    static ALIGNED: RefCell<Aligned> = RefCell::default();
+}
+
+impl Aligned {
+    /// `data` copied into aligned memory.
+    fn fill(&mut self, data: &[u8]) -> &[u8] {
+        let pages = data.len().div_ceil(PAGE);
+        if self.0.len() < pages {
+            self.0.resize(pages, Page([0; PAGE]));
+        }
+        for (page, chunk) in self.0.iter_mut().zip(data.chunks(PAGE)) {
+            page.0[..chunk.len()].copy_from_slice(chunk);
+        }
+        // SAFETY: `Page` is a plain 4096-byte array (repr C), so the Vec's pages are one
+        // contiguous, initialised region of at least `pages * PAGE >= data.len()` bytes,
+        // borrowed from `self` for the slice's lifetime.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), data.len()) }
+    }
+}
+
 /// The log that goes with a partial data file.
 pub fn log_path(data_path: &Path) -> PathBuf {
     let mut name = data_path.as_os_str().to_owned();
@@ -333,6 +397,22 @@ mod tests {
         assert_eq!(a.completeness(2), (true, true), "and a has read it back");
         assert_eq!(b.completeness(2), (true, false), "b never saw block 0");
         assert_eq!(b.completeness(3), (false, false));
+    }
+
+    #[test]
+    fn aligned_blocks_are_written_directly_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Partial::open(&dir.path().join("blob.4096"), 4096, true)
+            .expect("open")
+            .expect("created");
+        let block: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(p.write(3, &block, 1).ok(), Some(Written::Stored(4096)));
+        assert_eq!(p.write(4, b"tail", 1).ok(), Some(Written::Stored(4)));
+        assert_eq!(
+            p.read(3, 4096, BytesMut::new()).as_deref(),
+            Some(&block[..])
+        );
+        assert_eq!(p.read(4, 4, BytesMut::new()).as_deref(), Some(&b"tail"[..]));
     }
 
     #[test]

@@ -1,0 +1,148 @@
+//! regfs in front of a pull-through cache: distribution in `proxy:` mode, whose origin
+//! is another registry behind a slower link. A blob the cache does not hold yet is
+//! answered with 200 and the whole body whatever Range asked for; regfs must read it
+//! right, and as a stream, not a whole blob per block.
+
+mod common;
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+
+use common::{
+    Mount, Proxy, ProxyRules, Registry, RegistryOptions, noise, push_image, sha256_digest,
+};
+
+/// The origin's link to the cache: slow enough that the cache is still fetching a
+/// blob while regfs reads it (distribution then answers every GET of it whole).
+const LINK_BYTES_PER_SEC: usize = 16 << 20;
+
+struct PullThrough {
+    _origin: Registry,
+    _link: Proxy,
+    _cache: Registry,
+    /// In front of the cache, counting what regfs asks.
+    front: Proxy,
+    /// `team/app:v1`: (digest, bytes) of its two layers.
+    layers: Vec<(String, Vec<u8>)>,
+}
+
+fn pull_through() -> PullThrough {
+    common::require_tools();
+    let origin = Registry::start();
+    let (a, b) = (noise(40 << 20, 21), noise(24 << 20, 22));
+    let (_, digests) = push_image(&origin, "team/app", "v1", &[&a, &b]);
+    let link = Proxy::start(
+        origin.addr,
+        ProxyRules {
+            trickle_bytes_per_sec: LINK_BYTES_PER_SEC,
+            ..ProxyRules::default()
+        },
+    );
+    let cache = Registry::start_with(&RegistryOptions {
+        extra_config: format!("proxy:\n  remoteurl: {}\n", link.url()),
+        ..RegistryOptions::default()
+    });
+    let front = Proxy::start(cache.addr, ProxyRules::default());
+    PullThrough {
+        _origin: origin,
+        _link: link,
+        _cache: cache,
+        front,
+        layers: digests.into_iter().zip([a, b]).collect(),
+    }
+}
+
+fn fetched_bytes(mount: &Mount) -> u64 {
+    mount.stats()["fetched_bytes"]
+        .as_u64()
+        .expect("fetched_bytes")
+}
+
+/// Whether regfs's log shows a ranged GET of `digest` answered 200 (the whole blob).
+fn answered_whole(mount: &Mount, digest: &str) -> bool {
+    mount.log().lines().any(|l| {
+        l.contains(&format!("GET /v2/team/app/blobs/{digest} bytes=")) && l.contains("status=200")
+    })
+}
+
+#[test]
+fn a_cold_pull_through_cache_is_read_right_and_once_per_reader() {
+    let p = pull_through();
+    // A pull-through cache lists only what it holds: name the repository. No disk
+    // cache: every byte regfs reads comes over the network and is counted.
+    let args = [
+        "--repo",
+        "team/app",
+        "--no-disk-cache",
+        "--cache-size",
+        "64MiB",
+    ];
+    let mount = Mount::start(&p.front.url(), &args);
+    // Listing gives the sizes from the manifest (a HEAD would make distribution pull
+    // the whole blob into the cache before answering, warming it).
+    let listed = common::ls(&mount.path("team/app/blobs"));
+    let (digest, bytes) = &p.layers[0];
+    assert!(listed.contains(digest), "{listed:?}");
+    let path = mount.path(&format!("team/app/blobs/{digest}"));
+    let size = bytes.len() as u64;
+    assert_eq!(fs::metadata(&path).expect("stat").len(), size);
+
+    // A sequential reader, while the cache is still pulling the blob from its origin.
+    let before = fetched_bytes(&mount);
+    let out = Command::new("sha256sum")
+        .arg(&path)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hex = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(format!("sha256:{}", &hex[..64]), *digest);
+    assert!(
+        answered_whole(&mount, digest),
+        "the cache was warm already:\n{}",
+        mount.log()
+    );
+    let fetched = fetched_bytes(&mount) - before;
+    let gets = p
+        .front
+        .requests_matching(&format!("GET /v2/team/app/blobs/{digest}"));
+    // Once, plus the first blocks the kernel asked for at once, each of which the
+    // cache answered from byte 0; never a whole blob per block (20 of them).
+    assert!(
+        fetched <= size + size / 4 && gets <= 10,
+        "a sequential read of {size} bytes fetched {fetched} in {gets} GETs: {:?}",
+        p.front.ranges_seen()
+    );
+
+    // A reader at random places in the other blob, also cold: right bytes, and not a
+    // whole blob per read.
+    let (digest, bytes) = &p.layers[1];
+    let before = fetched_bytes(&mount);
+    let file = File::open(mount.path(&format!("team/app/blobs/{digest}"))).expect("open");
+    let mut seed = 0x9e37_79b9_u64;
+    for _ in 0..12 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let offset = seed % (bytes.len() as u64 - 4096);
+        let mut piece = vec![0; 4096];
+        file.read_exact_at(&mut piece, offset).expect("random read");
+        let at = offset as usize;
+        assert_eq!(piece, bytes[at..at + 4096], "bytes at {offset}");
+    }
+    assert!(answered_whole(&mount, digest), "the cache was warm already");
+    let fetched = fetched_bytes(&mount) - before;
+    assert!(
+        fetched <= 2 * bytes.len() as u64,
+        "12 random reads of a {} byte blob fetched {fetched}: {:?}",
+        bytes.len(),
+        p.front.ranges_seen()
+    );
+    // And whole, once warm (the cache has it by now and answers ranges).
+    let again = fs::read(mount.path(&format!("team/app/blobs/{digest}"))).expect("read");
+    assert_eq!(sha256_digest(&again), *digest);
+}
