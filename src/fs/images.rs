@@ -477,13 +477,7 @@ impl Images {
         layer: &Layer,
         key: IndexKey,
     ) -> impl std::future::Future<Output = Result<LayerOutcome>> + Send + 'static {
-        let source: Arc<dyn BlobSource> = Arc::new(LayerSource {
-            repo: repo.clone(),
-            digest: layer.digest.clone(),
-            size: layer.size,
-            cache: self.cache.clone(),
-            blocks: self.blocks.clone(),
-        });
+        let source: Arc<dyn BlobSource> = Arc::new(self.source(repo, &layer.digest, layer.size));
         let (layer, readers) = (layer.clone(), self.readers.clone());
         let disk = self.blocks.disk().cloned();
         let (kept, indexing) = (self.layers.clone(), self.indexing.clone());
@@ -534,6 +528,17 @@ impl Images {
         }
     }
 
+    /// A blob's bytes through the block cache, for the image code.
+    fn source(&self, repo: &RepoName, digest: &Digest, size: u64) -> LayerSource {
+        LayerSource {
+            repo: repo.clone(),
+            digest: digest.clone(),
+            size,
+            cache: self.cache.clone(),
+            blocks: self.blocks.clone(),
+        }
+    }
+
     /// The descriptor of a layer by digest: from a manifest of the repository that
     /// names it (media type and TOC annotations), else from its first bytes.
     async fn descriptor(&self, repo: &RepoName, digest: &Digest) -> Result<Layer> {
@@ -562,13 +567,7 @@ impl Images {
     /// A layer no manifest describes: its codec from its magic bytes.
     async fn sniffed(&self, repo: &RepoName, digest: &Digest) -> Result<Layer> {
         let size = self.view.blob_size(repo, digest).await?;
-        let source = LayerSource {
-            repo: repo.clone(),
-            digest: digest.clone(),
-            size,
-            cache: self.cache.clone(),
-            blocks: self.blocks.clone(),
-        };
+        let source = self.source(repo, digest, size);
         let head = source.read(0, size.min(4)).await?;
         let codec = match &head[..] {
             [0x1f, 0x8b, ..] => Codec::Gzip,
