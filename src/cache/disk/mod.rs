@@ -412,7 +412,10 @@ impl Store {
     /// This registry's partial file of the blob, opened (and created if `create`).
     fn partial(&self, digest: &Digest, block_size: u64, create: bool) -> Option<Arc<Partial>> {
         let key = (digest.clone(), block_size);
-        if let Some(p) = lock(&self.partials).get(&key).cloned() {
+        // The guard must be gone before the lock is taken again below (an `if let`
+        // on `lock(..).get(..)` would hold it through its block: a self-deadlock).
+        let known = lock(&self.partials).get(&key).cloned();
+        if let Some(p) = known {
             if p.linked() {
                 return Some(p);
             }
