@@ -4,8 +4,12 @@
 # Used by scripts/test.sh (CI), scripts/demo.sh and the Vagrant box.
 set -euo pipefail
 
-tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd)
-packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils)
+# Image-content tests also convert images (containerd + ctr-remote), run a rootfs
+# (busybox-static) and write hostile layers (python3).
+tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
+    containerd ctr-remote busybox python3 unshare)
+packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
+    containerd stargz-snapshotter busybox-static python3 util-linux)
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then

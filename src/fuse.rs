@@ -6,14 +6,15 @@
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 
@@ -35,20 +36,34 @@ pub struct FuseAdapter {
     passthrough: Arc<Passthrough>,
 }
 
-/// Everything in the tree belongs to the user who mounted it.
+/// Registry objects belong to the user who mounted; files inside images keep the
+/// owners their layers give them.
 #[derive(Clone, Copy)]
 struct Owner {
     uid: u32,
     gid: u32,
 }
 
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
 impl Owner {
     fn attr(&self, a: &Attr) -> FileAttr {
-        let (kind, nlink) = match a.kind {
-            Kind::Dir => (FileType::Directory, 2),
-            Kind::File => (FileType::RegularFile, 1),
-            Kind::Symlink => (FileType::Symlink, 1),
+        let kind = file_type(a.kind);
+        let nlink = match (a.nlink, a.kind) {
+            (0, Kind::Dir) => 2,
+            (0, _) => 1,
+            (n, _) => n,
         };
+        let (uid, gid) = a.owner.unwrap_or((self.uid, self.gid));
         FileAttr {
             ino: INodeNo(a.ino),
             size: a.size,
@@ -60,9 +75,9 @@ impl Owner {
             kind,
             perm: a.perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
+            uid,
+            gid,
+            rdev: a.rdev,
             blksize: 1 << 20,
             flags: 0,
         }
@@ -97,6 +112,15 @@ fn errno(e: crate::fs::Errno) -> Errno {
     Errno::from_i32(e.0)
 }
 
+/// An xattr answer: its size when asked for the size (0), the bytes if they fit.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    match u32::try_from(value.len()) {
+        Ok(len) if size == 0 => reply.size(len),
+        Ok(len) if len <= size => reply.data(value),
+        _ => reply.error(errno(crate::fs::Errno::ERANGE)),
+    }
+}
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
@@ -124,7 +148,7 @@ impl Filesystem for FuseAdapter {
         let name = name.to_owned();
         self.spawn(move |fs, a| async move {
             let what = || format!("lookup of {name:?} in inode {}", parent.0);
-            match within(fs.deadline(), what, fs.lookup(parent.0, &name)).await {
+            match within(fs.deadline_at(parent.0), what, fs.lookup(parent.0, &name)).await {
                 Ok(attr) => reply.entry(&attr.ttl, &a.attr(&attr), Generation(0)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -134,7 +158,7 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.spawn(move |fs, a| async move {
             let what = || format!("stat of inode {}", ino.0);
-            match within(fs.deadline(), what, fs.getattr(ino.0)).await {
+            match within(fs.deadline_at(ino.0), what, fs.getattr(ino.0)).await {
                 Ok(attr) => reply.attr(&attr.ttl, &a.attr(&attr)),
                 Err(e) => reply.error(errno(e)),
             }
@@ -144,7 +168,7 @@ impl Filesystem for FuseAdapter {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs, _| async move {
             let what = || format!("listing of inode {}", ino.0);
-            match within(fs.deadline(), what, fs.opendir(ino.0)).await {
+            match within(fs.deadline_at(ino.0), what, fs.opendir(ino.0)).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
             }
@@ -163,13 +187,14 @@ impl Filesystem for FuseAdapter {
         match self.fs.readdir(fh.0, offset) {
             Ok(entries) => {
                 for (i, e) in entries.iter().enumerate() {
-                    let kind = match e.kind {
-                        Kind::Dir => FileType::Directory,
-                        Kind::File => FileType::RegularFile,
-                        Kind::Symlink => FileType::Symlink,
-                    };
+                    let name = OsStr::from_bytes(&e.name);
                     // The offset handed back is where the next readdir should start.
-                    if reply.add(INodeNo(e.ino), offset + i as u64 + 1, kind, &e.name) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        offset + i as u64 + 1,
+                        file_type(e.kind),
+                        name,
+                    ) {
                         break;
                     }
                 }
@@ -191,12 +216,13 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let pid = req.pid();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         let passthrough = self.passthrough.clone();
         self.spawn(move |fs, _| async move {
             let what = || format!("open of inode {}", ino.0);
-            match within(fs.deadline(), what, fs.open(ino.0, write)).await {
+            match within(fs.deadline_at(ino.0), what, fs.open(ino.0, write, pid)).await {
                 Ok(mut opened) => {
                     let local = opened.local_file.take();
                     if let Some(id) = passthrough.open(&reply, ino.0, opened.fh, local) {
@@ -338,7 +364,7 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -346,9 +372,9 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let name = name.to_owned();
+        let (name, pid) = (name.to_owned(), req.pid());
         self.spawn(move |fs, a| async move {
-            match fs.create(parent.0, &name).await {
+            match fs.create(parent.0, &name, pid).await {
                 Ok((attr, opened)) => reply.created(
                     &attr.ttl,
                     &a.attr(&attr),
@@ -385,14 +411,15 @@ impl Filesystem for FuseAdapter {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let pid = req.pid();
         self.spawn(move |fs, _| async move {
-            match fs.flush(fh.0, lock_owner.0).await {
+            match fs.flush(fh.0, lock_owner.0, pid).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -467,9 +494,30 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
-            Ok(target) => reply.data(target.as_bytes()),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.spawn(move |fs, _| async move {
+            match fs.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.to_owned();
+        self.spawn(move |fs, _| async move {
+            match fs.getxattr(ino.0, &name).await {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.spawn(move |fs, _| async move {
+            match fs.listxattr(ino.0).await {
+                Ok(names) => reply_xattr(reply, size, &names),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 }

@@ -1,11 +1,12 @@
 //! regfs: a container registry as a folder.
 //!
-//! Dependencies point one way: `mount → fuse → fs → {cache, registry}` (see ARCHITECTURE.md).
+//! Dependencies point one way: `mount → fuse → fs → {image, cache, registry}` (see ARCHITECTURE.md).
 
 pub mod cache;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
+pub mod image;
 pub mod mount;
 pub mod passthrough;
 pub mod registry;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use regfs::cache::disk::{self, admin};
 use regfs::daemon::{self, Readiness};
+use regfs::image::manifest::Platform;
 use regfs::mount::{self, DiskCacheConfig, MountConfig};
 use regfs::registry::{Credentials, RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
@@ -19,7 +20,8 @@ use tracing_subscriber::EnvFilter;
     about = "Mount a container registry as a folder",
     long_about = "regfs mounts an OCI / Docker registry (Distribution API v2) as a folder: \
 ls, grep, cat and rsync see repositories, tags, manifests and blobs as files. Blob reads \
-are lazy: a read fetches only the byte range it touches. Files written under a \
+are lazy: a read fetches only the byte range it touches. The files of every image are \
+under tags/<tag>/rootfs/, read lazily from its layers. Files written under a \
 repository become blob uploads and manifest pushes, committed when closed.",
     after_help = "\
 TREE:
@@ -29,6 +31,10 @@ TREE:
       blobs/<digest>             configs and layers of those manifests; others by lookup
       uploads/<name>             write area: a file written here becomes a blob upload,
                                  then a symlink to ../blobs/<digest>
+      tags/<tag>/rootfs/         the image's files, its layers applied (not listed;
+                                 open it by name; --platform picks from an index)
+      .images/<digest>/rootfs/   the same for any image manifest by digest
+      .layers/<digest>/          one layer, as an overlayfs lowerdir
   MOUNTPOINT/.regfs/stats        counters as JSON (not listed; open it by name)
 
 WRITING:
@@ -48,6 +54,7 @@ DISK CACHE:
 EXAMPLES:
   regfs mount http://127.0.0.1:5000 /mnt/reg
   grep -rl linux/arm64 /mnt/reg/*/*/tags/*/manifest.json
+  cat /mnt/reg/team/app/tags/v1/rootfs/etc/os-release   (a file inside the image)
   rsync -a /mnt/reg/team/app/ /backup/app/        (back up; again later: only changes)
   mkdir -p /mnt/other/team/app && rsync -a /backup/app/ /mnt/other/team/app/   (restore)
   cp layer.tar /mnt/reg/team/app/uploads/
@@ -179,6 +186,10 @@ struct MountArgs {
     /// registry operation, retries included; a body slower than 1 KiB/s counts as silent)
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
     timeout: Duration,
+    /// The image of a multi-platform index that tags/<tag>/rootfs and
+    /// .images/<digest>/rootfs show, as os/arch[/variant] (default: this machine's)
+    #[arg(long, value_name = "OS/ARCH", value_parser = Platform::parse)]
+    platform: Option<Platform>,
     /// The disk cache directory, shared by every mount and kept across restarts
     /// [default: /var/cache/regfs for root, else $XDG_CACHE_HOME/regfs]
     #[arg(long, value_name = "DIR", conflicts_with = "no_disk_cache")]
@@ -294,6 +305,7 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         ca_file: args.ca_file,
         insecure: args.insecure,
         timeout: args.timeout,
+        platform: args.platform.unwrap_or_else(Platform::host),
         disk_cache: (!args.no_disk_cache).then_some(DiskCacheConfig {
             dir: args.cache_dir,
             size: args.disk_cache_size,

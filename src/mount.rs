@@ -14,6 +14,7 @@ use crate::cache::{BlockCache, DiskCache, disk};
 use crate::daemon::Readiness;
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
+use crate::image::manifest::Platform;
 use crate::registry::{ClientOptions, Credentials, RegistryClient, RepoName};
 use crate::stats::Stats;
 use crate::unmount::{self, Watchdog};
@@ -44,6 +45,8 @@ pub struct MountConfig {
     pub insecure: bool,
     /// Per operation (retries included) and per silence within a request.
     pub timeout: Duration,
+    /// Which image of a multi-platform index `tags/<tag>/rootfs` shows.
+    pub platform: Platform,
     /// The disk cache: its directory and budget (None: `--no-disk-cache`).
     pub disk_cache: Option<DiskCacheConfig>,
 }
@@ -137,6 +140,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         cache,
         disk,
         config.read_only,
+        config.platform.clone(),
     ));
     let resuming = fs.clone();
     runtime.spawn(async move { resuming.resume_held().await });

@@ -52,6 +52,13 @@ pub struct Stats {
     pub pending_manifests: AtomicU64,
     /// Blob bytes sent in upload chunks (resent bytes count again).
     pub uploaded_bytes: AtomicU64,
+    /// Image contents: layers indexed (by a pass or a TOC), memory their indexes hold,
+    /// decodes started from a checkpoint, and layer bytes fetched to read files.
+    pub layers_indexed: AtomicU64,
+    pub indexes_from_disk: AtomicU64,
+    pub index_bytes: AtomicU64,
+    pub content_decodes: AtomicU64,
+    pub content_fetched_bytes: AtomicU64,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
     /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
     /// entries evicted, blobs kept whole after their digest check, writes not done
@@ -140,6 +147,13 @@ impl Stats {
             verified_blobs: get(&self.verified),
             verify_failures: get(&self.verify_failures),
             pending_manifests: get(&self.pending_manifests),
+            images: ImagesSnapshot {
+                layers_indexed: get(&self.layers_indexed),
+                indexes_from_disk: get(&self.indexes_from_disk),
+                index_bytes: get(&self.index_bytes),
+                decodes: get(&self.content_decodes),
+                fetched_bytes: get(&self.content_fetched_bytes),
+            },
         }
     }
 }
@@ -158,6 +172,21 @@ pub struct Snapshot {
     pub verified_blobs: u64,
     pub verify_failures: u64,
     pub pending_manifests: u64,
+    pub images: ImagesSnapshot,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ImagesSnapshot {
+    /// Layers indexed since the mount (a pass or a TOC each).
+    pub layers_indexed: u64,
+    /// Layer indexes found in the disk cache instead.
+    pub indexes_from_disk: u64,
+    /// Memory held by the layer indexes kept now.
+    pub index_bytes: u64,
+    /// Decodes of plain layers started from a checkpoint.
+    pub decodes: u64,
+    /// Layer bytes fetched (or taken from the block cache) to read files.
+    pub fetched_bytes: u64,
 }
 
 #[derive(Serialize, Debug)]

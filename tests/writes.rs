@@ -423,6 +423,30 @@ fn a_child_closing_an_inherited_descriptor_does_not_commit() {
     );
 }
 
+/// The same before the first write: a child started right after the file was created
+/// closes its copy while nothing is written yet (what made uploads of other tests' files
+/// commit empty when they ran beside tests that spawn). Only the opener's close commits.
+#[test]
+fn a_child_closing_its_copy_before_the_first_write_does_not_commit() {
+    let (registry, mnt) = app_registry(&[]);
+    let data = noise(MIB, 46);
+    let mut file = File::create(mnt.path("team/app/uploads/early-fork")).expect("create");
+    let status = Command::new("true").status().expect("run true");
+    assert!(status.success());
+    file.write_all(&data)
+        .expect("write after a child closed its copy of the descriptor");
+    close(file).expect("close commits the file");
+    let digest = sha256_digest(&data);
+    assert_linked(&mnt, "team/app/uploads/early-fork", &digest);
+    assert_eq!(get_blob(&registry, "team/app", &digest), data);
+    let empty = sha256_digest(b"");
+    assert_eq!(
+        blob_status(registry.addr, "team/app", &empty),
+        404,
+        "an empty blob was committed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Faults (through the test proxy)
 // ---------------------------------------------------------------------------------------------

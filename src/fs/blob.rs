@@ -20,6 +20,24 @@ use crate::cache::memo::FAILURE_MEMORY;
 use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Result};
 
+/// Bytes `offset..end` of a blob, from its consecutive blocks starting at blob offset
+/// `start` (a slice of the block when one is enough, no copy).
+pub(super) fn join_blocks(blocks: &[Bytes], start: u64, offset: u64, end: u64) -> Bytes {
+    if let [block] = blocks {
+        let from = (offset - start) as usize;
+        return block.slice(from..from + (end - offset) as usize);
+    }
+    let mut out = BytesMut::with_capacity((end - offset) as usize);
+    let mut block_start = start;
+    for block in blocks {
+        let from = offset.saturating_sub(block_start) as usize;
+        let to = (end - block_start).min(block.len() as u64) as usize;
+        out.extend_from_slice(&block[from..to]);
+        block_start += block.len() as u64;
+    }
+    out.freeze()
+}
+
 /// Prefetch fetches in flight at once, over all open files. Reads a program is waiting
 /// for do not queue here. A registry spends milliseconds per range request (distribution
 /// 2.8: 2-5 ms on loopback), so many must be in flight to keep a sequential reader fed.
@@ -259,19 +277,7 @@ impl BlobReads {
         }
         let (first, last) = (offset / bs, (end - 1) / bs);
         let blocks = try_join_all((first..=last).map(|i| self.block(blob, i))).await?;
-        let data = if let [block] = blocks.as_slice() {
-            let start = (offset - first * bs) as usize;
-            block.slice(start..start + (end - offset) as usize)
-        } else {
-            let mut out = BytesMut::with_capacity((end - offset) as usize);
-            for (i, block) in (first..).zip(&blocks) {
-                let block_start = i * bs;
-                let from = offset.saturating_sub(block_start) as usize;
-                let to = (end - block_start).min(block.len() as u64) as usize;
-                out.extend_from_slice(&block[from..to]);
-            }
-            out.freeze()
-        };
+        let data = join_blocks(&blocks, first * bs, offset, end);
         // The read of the last byte waits for the verdict; others only hand over.
         blob.check.offer(offset, data.clone()).await?;
         Ok(data)

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::block_source::{BlobAt, BlockSource};
 use crate::cache::BlockCache;
-use crate::registry::{BlobBody, Digest, Error, RepoName, Result};
+use crate::registry::{BlobBody, Digest, Error, RegistryClient, RepoName, Result};
 
 /// What a stream reads and where it starts.
 pub struct StreamPlan {
@@ -80,15 +80,7 @@ pub async fn stream_blocks(
     if start >= plan.size {
         return Ok(());
     }
-    let body = source
-        .client()
-        .stream_blob(&plan.repo, &plan.digest, start)
-        .await?;
-    let mut cursor = BodyCursor {
-        body,
-        at: start,
-        carry: Bytes::new(),
-    };
+    let mut cursor = BodyCursor::open(source.client(), &plan.repo, &plan.digest, start).await?;
     let mut cached_in_a_row = 0;
     for index in plan.from_block..blocks {
         loop {
@@ -132,7 +124,7 @@ pub async fn stream_blocks(
 }
 
 /// Reads a body that starts at blob offset `at`, block by block.
-struct BodyCursor {
+pub(super) struct BodyCursor {
     body: BlobBody,
     /// The blob offset of the next byte: the first byte of `carry`, or of the body.
     at: u64,
@@ -141,9 +133,33 @@ struct BodyCursor {
 }
 
 impl BodyCursor {
+    /// One GET of the blob from `start` to its end.
+    pub(super) async fn open(
+        client: &RegistryClient,
+        repo: &RepoName,
+        digest: &Digest,
+        start: u64,
+    ) -> Result<BodyCursor> {
+        Ok(BodyCursor {
+            body: client.stream_blob(repo, digest, start).await?,
+            at: start,
+            carry: Bytes::new(),
+        })
+    }
+
+    /// The blob offset of the next byte it would deliver.
+    pub(super) fn at(&self) -> u64 {
+        self.at
+    }
+
     /// The `len` bytes at blob offset `start` (at or after the cursor: any bytes before
     /// it are skipped).
-    async fn block(&mut self, cache: &BlockCache, start: u64, len: u64) -> Result<Bytes> {
+    pub(super) async fn block(
+        &mut self,
+        cache: &BlockCache,
+        start: u64,
+        len: u64,
+    ) -> Result<Bytes> {
         let want = usize::try_from(len)
             .map_err(|_| Error::BadAnswer(format!("{}: block too large", self.body.what())))?;
         let mut out = cache.buffer(want);

@@ -39,6 +39,10 @@ impl BlockSource {
         &self.client
     }
 
+    pub fn cache(&self) -> &Arc<BlockCache> {
+        &self.cache
+    }
+
     pub fn disk(&self) -> Option<&DiskCache> {
         self.disk.as_ref()
     }

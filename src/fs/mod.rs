@@ -7,7 +7,9 @@ mod blob_stream;
 mod block_source;
 pub mod deadline;
 mod handles;
+pub mod images;
 pub mod known_repos;
+mod layer_source;
 pub mod metadata;
 pub mod node;
 pub mod readahead;
@@ -16,6 +18,7 @@ pub mod write;
 
 use std::ffi::OsStr;
 use std::fmt::Display;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -25,13 +28,18 @@ use futures_util::stream::{self, StreamExt};
 use tracing::{debug, warn};
 
 use crate::cache::{BlockCache, DiskCache};
+use crate::image::manifest::Platform;
+use crate::image::tree::ROOT as VIEW_ROOT;
 use crate::registry::types::is_path_component;
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
 use blob::{BlobReads, OpenBlob};
+use block_source::BlockSource;
 use handles::Handles;
+use images::{ImageTree, Images, View, ViewRoot};
 use metadata::RegistryView;
 use node::{
-    BLOBS, CONTROL, InodeTable, Kind, MANIFEST_JSON, MANIFESTS, Node, STATS, TAGS, UPLOADS,
+    BLOBS, CONTROL, IMAGES, InodeTable, Kind, LAYERS, MANIFEST_JSON, MANIFESTS, Node, ROOTFS,
+    STATS, TAGS, UPLOADS,
 };
 use write::{Writes, WrittenFile, final_node, writable_node};
 
@@ -40,6 +48,8 @@ pub use node::ROOT_INO;
 /// How long the kernel may keep entries and attributes of content-addressed files,
 /// which never change.
 const IMMUTABLE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long an operation in an image view may wait for layers to be indexed.
+const VIEW_DEADLINE: Duration = Duration::from_secs(3600);
 /// Tag manifests fetched at once when a `tags/` directory is listed (people grep them next),
 /// and the most tags of one listing warmed that way (a repository of 50,000 tags is
 /// read on demand beyond them, not all fetched because someone typed `ls`).
@@ -58,6 +68,8 @@ impl Errno {
     pub const EPERM: Errno = Errno(libc::EPERM);
     pub const EEXIST: Errno = Errno(libc::EEXIST);
     pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const ENODATA: Errno = Errno(libc::ENODATA);
+    pub const ERANGE: Errno = Errno(libc::ERANGE);
     pub const EIO: Errno = Errno(libc::EIO);
 }
 
@@ -80,13 +92,37 @@ pub struct Attr {
     pub perm: u16,
     /// How long the kernel may trust this answer.
     pub ttl: Duration,
+    /// Owner and group; `None`: the user who mounted (registry objects have none).
+    pub owner: Option<(u32, u32)>,
+    /// Names of the file; 0: the usual (1, or 2 for a directory).
+    pub nlink: u32,
+    /// Device number of a char or block device.
+    pub rdev: u32,
+}
+
+impl Attr {
+    /// An attribute of a registry object: owned by whoever mounted, one name.
+    fn plain(ino: u64, kind: Kind, size: u64, mtime: SystemTime, perm: u16, ttl: Duration) -> Attr {
+        Attr {
+            ino,
+            kind,
+            size,
+            mtime,
+            perm,
+            ttl,
+            owner: None,
+            nlink: 0,
+            rdev: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct DirEntry {
     pub ino: u64,
     pub kind: Kind,
-    pub name: String,
+    /// Bytes: names inside images need not be UTF-8.
+    pub name: Box<[u8]>,
 }
 
 /// An open file: its bytes, fixed at open (a tag that moves does not change an open
@@ -97,6 +133,8 @@ enum OpenFile {
     Blob(Arc<OpenBlob>),
     /// A file being written (DESIGN §2).
     Write(Arc<WrittenFile>),
+    /// A file of an image view: node `id` of the tree.
+    Image(Arc<ImageTree>, u32),
 }
 
 pub struct Opened {
@@ -114,6 +152,7 @@ pub struct Opened {
 pub struct Fs {
     view: Arc<RegistryView>,
     blobs: BlobReads,
+    images: Images,
     writes: Writes,
     read_only: bool,
     inodes: Mutex<InodeTable>,
@@ -130,6 +169,7 @@ impl Fs {
         cache: Arc<BlockCache>,
         disk: Option<DiskCache>,
         read_only: bool,
+        platform: Platform,
     ) -> Fs {
         let view = Arc::new(RegistryView::new(
             client.clone(),
@@ -138,6 +178,11 @@ impl Fs {
             disk.clone(),
         ));
         Fs {
+            images: Images::new(
+                view.clone(),
+                BlockSource::new(client.clone(), cache.clone(), disk.clone()),
+                platform,
+            ),
             blobs: BlobReads::new(cache, client.clone(), disk.clone()),
             writes: Writes::new(client, view.clone(), disk),
             read_only,
@@ -193,10 +238,38 @@ impl Fs {
 
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
         let parent = self.node(parent)?;
+        if let Node::InImage(view, dir, _) = &parent {
+            // Files in images may have any name, UTF-8 or not.
+            let child = self.image_child(view, *dir, name.as_bytes()).await?;
+            return self.attr(&child).await;
+        }
         // Names that are not UTF-8 can name nothing in a registry.
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         let child = self.child(&parent, name).await?;
         self.attr(&child).await
+    }
+
+    /// The node called `name` in directory `dir` of an image view.
+    async fn image_child(&self, view: &Arc<View>, dir: u32, name: &[u8]) -> Result<Node, Errno> {
+        let tree = self.view_tree(view).await?;
+        let (id, kind) = tree.child(dir, name).ok_or(Errno::ENOENT)?;
+        Ok(Node::InImage(view.clone(), id, kind))
+    }
+
+    async fn view_tree(&self, view: &View) -> Result<Arc<ImageTree>, Errno> {
+        self.images.tree(view).await.map_err(|e| {
+            let root = Node::InImage(Arc::new(view.clone()), VIEW_ROOT, Kind::Dir);
+            fail(&root, e)
+        })
+    }
+
+    /// The root of an image view.
+    fn view_root(repo: &RepoName, root: ViewRoot) -> Node {
+        let view = View {
+            repo: repo.clone(),
+            root,
+        };
+        Node::InImage(Arc::new(view), VIEW_ROOT, Kind::Dir)
     }
 
     /// The node called `name` inside `parent`, if it exists.
@@ -229,6 +302,34 @@ impl Fs {
             Node::TagDir(repo, tag) if name == MANIFEST_JSON => {
                 Node::TagManifest(repo.clone(), tag.clone())
             }
+            Node::TagDir(repo, tag) if name == ROOTFS && !self.writes.has_tag_dir(repo, tag) => {
+                let view = self
+                    .images
+                    .tag_view(repo, tag)
+                    .await
+                    .map_err(|e| fail(parent, e))?;
+                Node::InImage(view, VIEW_ROOT, Kind::Dir)
+            }
+            Node::ImagesDir(repo) => {
+                let digest = Digest::parse(name).ok_or(Errno::ENOENT)?;
+                let node = Node::ImageDir(repo.clone(), digest.clone());
+                self.view
+                    .manifest(repo, &digest)
+                    .await
+                    .map_err(|e| fail(&node, e))?;
+                node
+            }
+            Node::ImageDir(repo, digest) if name == ROOTFS => {
+                Self::view_root(repo, ViewRoot::Image(digest.clone()))
+            }
+            Node::LayersDir(repo) => {
+                let digest = Digest::parse(name).ok_or(Errno::ENOENT)?;
+                Self::view_root(repo, ViewRoot::Layer(digest))
+            }
+            Node::InImage(view, dir, _) => {
+                return self.image_child(view, *dir, name.as_bytes()).await;
+            }
+            Node::ImageDir(..) => return Err(Errno::ENOENT),
             Node::Uploads(repo) => {
                 let written = Node::Upload(repo.clone(), name.to_owned());
                 if self.writes.file(&written).is_some() {
@@ -268,12 +369,14 @@ impl Fs {
     }
 
     async fn dir_child(&self, path: &str, name: &str) -> Result<Node, Errno> {
-        if matches!(name, TAGS | MANIFESTS | BLOBS | UPLOADS) {
+        if matches!(name, TAGS | MANIFESTS | BLOBS | UPLOADS | IMAGES | LAYERS) {
             if let Some(repo) = self.repo_at(path).await? {
                 return Ok(match name {
                     TAGS => Node::Tags(repo),
                     MANIFESTS => Node::Manifests(repo),
                     BLOBS => Node::Blobs(repo),
+                    IMAGES => Node::ImagesDir(repo),
+                    LAYERS => Node::LayersDir(repo),
                     _ => Node::Uploads(repo),
                 });
             }
@@ -339,30 +442,26 @@ impl Fs {
         let ino = self.ino(node);
         if let Some(file) = self.writes.file(node) {
             // Being written: it changes with every write, so the kernel may not keep it.
-            return Ok(Attr {
+            let (size, created) = (file.written(), file.created());
+            return Ok(Attr::plain(
                 ino,
-                kind: Kind::File,
-                size: file.written(),
-                mtime: file.created(),
-                perm: 0o644,
-                ttl: Duration::ZERO,
-            });
+                Kind::File,
+                size,
+                created,
+                0o644,
+                Duration::ZERO,
+            ));
         }
-        let dir = Attr {
-            ino,
-            kind: Kind::Dir,
-            size: 0,
-            mtime: node::epoch(),
-            perm: 0o755,
-            ttl: self.tag_ttl,
-        };
-        let file = |size, digest: &Digest, ttl| Attr {
-            ino,
-            kind: Kind::File,
-            size,
-            mtime: node::content_mtime(digest),
-            perm: 0o444,
-            ttl,
+        let dir = Attr::plain(ino, Kind::Dir, 0, node::epoch(), 0o755, self.tag_ttl);
+        let file = |size, digest: &Digest, ttl| {
+            Attr::plain(
+                ino,
+                Kind::File,
+                size,
+                node::content_mtime(digest),
+                0o444,
+                ttl,
+            )
         };
         let attr = match node {
             Node::TagManifest(repo, tag) => {
@@ -386,14 +485,9 @@ impl Fs {
             }
             Node::UploadLink(repo, name) => {
                 let digest = self.writes.link(repo, name).ok_or(Errno::ENOENT)?;
-                Attr {
-                    ino,
-                    kind: Kind::Symlink,
-                    size: link_target(&digest).len() as u64,
-                    mtime: node::content_mtime(&digest),
-                    perm: 0o777,
-                    ttl: self.tag_ttl,
-                }
+                let size = link_target(&digest).len() as u64;
+                let mtime = node::content_mtime(&digest);
+                Attr::plain(ino, Kind::Symlink, size, mtime, 0o777, self.tag_ttl)
             }
             // Not being written (checked above): gone, or never there.
             Node::Upload(..) | Node::Scratch(..) => return Err(Errno::ENOENT),
@@ -405,14 +499,38 @@ impl Fs {
                     .map_err(|e| fail(node, e))?;
                 file(size, digest, IMMUTABLE_TTL)
             }
-            Node::Stats => Attr {
-                ino,
-                kind: Kind::File,
-                size: self.stats_json().len() as u64,
-                mtime: SystemTime::now(),
-                perm: 0o444,
-                ttl: Duration::ZERO,
-            },
+            Node::Stats => {
+                let size = self.stats_json().len() as u64;
+                Attr::plain(
+                    ino,
+                    Kind::File,
+                    size,
+                    SystemTime::now(),
+                    0o444,
+                    Duration::ZERO,
+                )
+            }
+            Node::InImage(view, id, _) => {
+                let tree = self.view_tree(view).await?;
+                let a = tree.attr(*id).map_err(|e| fail(node, e))?;
+                // Content-addressed like blobs; only which view `tags/<tag>/rootfs` is
+                // moves with the tag.
+                let ttl = match (&view.root, *id) {
+                    (ViewRoot::Tag(..), VIEW_ROOT) => self.tag_ttl,
+                    _ => IMMUTABLE_TTL,
+                };
+                Attr {
+                    ino,
+                    kind: a.kind,
+                    size: a.size,
+                    mtime: a.mtime,
+                    perm: a.perm,
+                    ttl,
+                    owner: Some((a.uid, a.gid)),
+                    nlink: a.nlink,
+                    rdev: a.rdev,
+                }
+            }
             _ => dir,
         };
         Ok(attr)
@@ -424,19 +542,29 @@ impl Fs {
         if node.kind() != Kind::Dir {
             return Err(Errno::ENOTDIR);
         }
-        let mut children = self.children(&node).await?;
-        children.sort_by(|a, b| a.0.cmp(&b.0));
-        children.dedup_by(|a, b| a.0 == b.0);
+        let (parent, children) = match &node {
+            Node::InImage(view, id, _) => self.view_listing(view, *id).await?,
+            _ => {
+                let mut children = self.children(&node).await?;
+                children.sort_by(|a, b| a.0.cmp(&b.0));
+                children.dedup_by(|a, b| a.0 == b.0);
+                let children = children
+                    .into_iter()
+                    .map(|(name, child)| (name.into_bytes().into_boxed_slice(), child))
+                    .collect();
+                (node.parent(), children)
+            }
+        };
         let mut entries = vec![
             DirEntry {
                 ino,
                 kind: Kind::Dir,
-                name: ".".into(),
+                name: b"."[..].into(),
             },
             DirEntry {
-                ino: self.ino(&node.parent()),
+                ino: self.ino(&parent),
                 kind: Kind::Dir,
-                name: "..".into(),
+                name: b".."[..].into(),
             },
         ];
         entries.extend(children.into_iter().map(|(name, child)| DirEntry {
@@ -445,6 +573,28 @@ impl Fs {
             name,
         }));
         Ok(self.dirs.insert(Arc::new(entries)))
+    }
+
+    /// The parent and children of a directory of an image view (names as the layer has
+    /// them, UTF-8 or not, sorted).
+    async fn view_listing(
+        &self,
+        view: &Arc<View>,
+        id: u32,
+    ) -> Result<(Node, Vec<(Box<[u8]>, Node)>), Errno> {
+        let tree = self.view_tree(view).await?;
+        let node = Node::InImage(view.clone(), id, Kind::Dir);
+        let (parent, children) = tree.list(id).map_err(|e| fail(&node, e))?;
+        let parent = if id == VIEW_ROOT {
+            view.holder()
+        } else {
+            Node::InImage(view.clone(), parent, Kind::Dir)
+        };
+        let children = children
+            .into_iter()
+            .map(|(name, child, kind)| (name, Node::InImage(view.clone(), child, kind)))
+            .collect();
+        Ok((parent, children))
     }
 
     /// The entries of a directory handle from position `offset` on.
@@ -551,13 +701,21 @@ impl Fs {
                 out
             }
             Node::Control => vec![(STATS.to_owned(), Node::Stats)],
+            // Views open by digest and list nothing: listing them would index every
+            // layer a `ls --color` stats.
+            Node::ImagesDir(_) | Node::LayersDir(_) => Vec::new(),
+            Node::ImageDir(repo, digest) => vec![(
+                ROOTFS.to_owned(),
+                Self::view_root(repo, ViewRoot::Image(digest.clone())),
+            )],
             Node::TagManifest(..)
             | Node::Manifest(..)
             | Node::Blob(..)
             | Node::Upload(..)
             | Node::UploadLink(..)
             | Node::Scratch(..)
-            | Node::Stats => {
+            | Node::Stats
+            | Node::InImage(..) => {
                 return Err(Errno::ENOTDIR);
             }
         };
@@ -583,17 +741,18 @@ impl Fs {
         });
     }
 
-    pub async fn open(&self, ino: u64, write: bool) -> Result<Opened, Errno> {
+    /// `pid`: the process opening (as FUSE names it), for files opened for writing.
+    pub async fn open(&self, ino: u64, write: bool, pid: u32) -> Result<Opened, Errno> {
         let node = self.node(ino)?;
         if node.kind() == Kind::Dir {
             return Err(Errno::EISDIR);
         }
         if write {
-            if self.read_only {
+            if self.read_only || in_view(&node) {
                 return Err(Errno::EROFS);
             }
             // Opening a file for writing starts it over: uploads are written whole.
-            let file = self.writes.create(node)?;
+            let file = self.writes.create(node, pid)?;
             return Ok(Opened {
                 fh: self.files.insert(OpenFile::Write(file)),
                 keep_cache: false,
@@ -644,6 +803,11 @@ impl Fs {
                 direct_io = true;
                 (OpenFile::Bytes(self.stats_json()), false)
             }
+            Node::InImage(view, id, Kind::File) => {
+                let tree = self.view_tree(view).await?;
+                (OpenFile::Image(tree, *id), true)
+            }
+            Node::InImage(..) => return Err(Errno::EINVAL),
             _ => return Err(Errno::EISDIR),
         };
         Ok(Opened {
@@ -674,6 +838,15 @@ impl Fs {
                     fail(&node, e)
                 }),
             OpenFile::Write(_) => Err(Errno::EINVAL),
+            OpenFile::Image(tree, id) => {
+                tree.read(id, offset, u64::from(size)).await.map_err(|e| {
+                    warn!(
+                        offset,
+                        size, "read of an image file (node {id}) failed: {e}"
+                    );
+                    Errno(e.errno())
+                })
+            }
         }
     }
 
@@ -690,11 +863,26 @@ impl Fs {
         Ok(())
     }
 
+    /// Like [`Self::writable`], for a change in directory (or of node) `ino`: image
+    /// views are read-only.
+    fn writable_at(&self, ino: u64) -> Result<Node, Errno> {
+        self.writable()?;
+        let node = self.node(ino)?;
+        if in_view(&node) {
+            return Err(Errno::EROFS);
+        }
+        Ok(node)
+    }
+
     /// Creates `name` in `parent` for writing: a final name (committed on close) or a
     /// temp name in a writable directory (committed when renamed onto a final name).
-    pub async fn create(&self, parent: u64, name: &OsStr) -> Result<(Attr, Opened), Errno> {
-        self.writable()?;
-        let dir = self.node(parent)?;
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        pid: u32,
+    ) -> Result<(Attr, Opened), Errno> {
+        let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::EINVAL)?;
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
             return Err(Errno::EINVAL);
@@ -703,7 +891,7 @@ impl Fs {
             debug!(%dir, name, "nothing can be written here");
             Errno::EPERM
         })?;
-        let file = self.writes.create(node.clone())?;
+        let file = self.writes.create(node.clone(), pid)?;
         let attr = self.attr(&node).await?;
         let opened = Opened {
             fh: self.files.insert(OpenFile::Write(file)),
@@ -733,9 +921,9 @@ impl Fs {
     /// result is what close returns. `owner` tells whose close it is: a child process
     /// that inherited the descriptor closes it too (at exec), and that must not commit
     /// a file its parent is still writing.
-    pub async fn flush(&self, fh: u64, owner: u64) -> Result<(), Errno> {
+    pub async fn flush(&self, fh: u64, owner: u64, pid: u32) -> Result<(), Errno> {
         match self.files.get(fh) {
-            Some(OpenFile::Write(file)) => self.writes.flush(&file, owner).await,
+            Some(OpenFile::Write(file)) => self.writes.flush(&file, owner, pid).await,
             Some(_) => Ok(()),
             None => Err(Errno::EBADF),
         }
@@ -745,8 +933,7 @@ impl Fs {
     /// kept (`rsync -a` and `cp -p` set them; a registry has nowhere to store them);
     /// a size can only be what the file has (0 for a file just opened for writing).
     pub async fn setattr(&self, ino: u64, size: Option<u64>) -> Result<Attr, Errno> {
-        self.writable()?;
-        let node = self.node(ino)?;
+        let node = self.writable_at(ino)?;
         let attr = self.attr(&node).await?;
         if let Some(size) = size {
             if size != attr.size {
@@ -764,8 +951,7 @@ impl Fs {
     /// mkdir: a repository (or namespace) directory, or a tag directory, held here until
     /// the first push into it.
     pub async fn mkdir(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
-        self.writable()?;
-        let dir = self.node(parent)?;
+        let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::EINVAL)?;
         if self.child(&dir, name).await.is_ok() {
             return Err(Errno::EEXIST);
@@ -803,8 +989,7 @@ impl Fs {
         new_parent: u64,
         new_name: &OsStr,
     ) -> Result<(), Errno> {
-        self.writable()?;
-        let (dir, new_dir) = (self.node(parent)?, self.node(new_parent)?);
+        let (dir, new_dir) = (self.writable_at(parent)?, self.writable_at(new_parent)?);
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         let new_name = new_name.to_str().ok_or(Errno::EINVAL)?;
         let from = self.child(&dir, name).await?;
@@ -821,8 +1006,7 @@ impl Fs {
 
     /// `ln a/blobs/<d> b/blobs/<d>`: a cross-repository blob mount.
     pub async fn link(&self, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<Attr, Errno> {
-        self.writable()?;
-        let (from, dir) = (self.node(ino)?, self.node(new_parent)?);
+        let (from, dir) = (self.writable_at(ino)?, self.writable_at(new_parent)?);
         let (Node::Blob(from_repo, digest), Node::Blobs(to_repo)) = (&from, &dir) else {
             return Err(Errno::EPERM);
         };
@@ -842,8 +1026,7 @@ impl Fs {
     /// before them are still being copied, and a link is a name kept by this mount only,
     /// nothing the registry stores.
     pub async fn symlink(&self, parent: u64, name: &OsStr, target: &Path) -> Result<Attr, Errno> {
-        self.writable()?;
-        let dir = self.node(parent)?;
+        let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::EINVAL)?;
         let Node::Uploads(repo) = &dir else {
             return Err(Errno::EPERM);
@@ -864,22 +1047,63 @@ impl Fs {
             .await
     }
 
-    pub fn readlink(&self, ino: u64) -> Result<String, Errno> {
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
         match self.node(ino)? {
             Node::UploadLink(repo, name) => self
                 .writes
                 .link(&repo, &name)
-                .map(|d| link_target(&d))
+                .map(|d| link_target(&d).into_bytes())
                 .ok_or(Errno::ENOENT),
+            node @ Node::InImage(..) => {
+                let Node::InImage(view, id, _) = &node else {
+                    return Err(Errno::EINVAL);
+                };
+                let tree = self.view_tree(view).await?;
+                tree.readlink(*id)
+                    .map(Vec::from)
+                    .map_err(|e| fail(&node, e))
+            }
             _ => Err(Errno::EINVAL),
         }
+    }
+
+    /// The extended attributes of a node: those an image file has; none elsewhere.
+    async fn xattrs(&self, ino: u64) -> Result<crate::image::entry::Xattrs, Errno> {
+        match self.node(ino)? {
+            node @ Node::InImage(..) => {
+                let Node::InImage(view, id, _) = &node else {
+                    return Ok(Vec::new());
+                };
+                let tree = self.view_tree(view).await?;
+                tree.xattrs(*id).map_err(|e| fail(&node, e))
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// getxattr: the value of `name`, or ENODATA.
+    pub async fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>, Errno> {
+        let all = self.xattrs(ino).await?;
+        all.into_iter()
+            .find(|(n, _)| &**n == name.as_bytes())
+            .map(|(_, v)| v.into_vec())
+            .ok_or(Errno::ENODATA)
+    }
+
+    /// listxattr: the names, each followed by a NUL.
+    pub async fn listxattr(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let mut out = Vec::new();
+        for (name, _) in self.xattrs(ino).await? {
+            out.extend_from_slice(&name);
+            out.push(0);
+        }
+        Ok(out)
     }
 
     /// unlink: only a file being written can go (rsync removes its temp file after a
     /// failure); deleting from the registry is not offered.
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
-        self.writable()?;
-        let dir = self.node(parent)?;
+        let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         let node = self.child(&dir, name).await?;
         if self.writes.file(&node).is_none() {
@@ -897,6 +1121,25 @@ impl Fs {
     pub fn deadline(&self) -> Duration {
         self.view.client().options().total_timeout + deadline::SLACK
     }
+
+    /// The backstop for an operation on inode `ino`. In image views the first look
+    /// can be an index pass, a long stream that is not waiting on the registry (its
+    /// requests keep their own `--timeout` and trickle floor, so a stalled registry
+    /// still fails it): that may take as long as the layers take to read.
+    pub fn deadline_at(&self, ino: u64) -> Duration {
+        match self.node(ino) {
+            Ok(node) if in_view(&node) || matches!(node, Node::TagDir(..)) => VIEW_DEADLINE,
+            _ => self.deadline(),
+        }
+    }
+}
+
+/// Whether a node is part of an image view (read-only, whatever the mount).
+fn in_view(node: &Node) -> bool {
+    matches!(
+        node,
+        Node::InImage(..) | Node::ImagesDir(_) | Node::ImageDir(..) | Node::LayersDir(_)
+    )
 }
 
 /// Where `uploads/<name>` points once committed.

@@ -2,8 +2,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::images::{View, ViewRoot};
 use crate::registry::{Digest, RepoName, Tag};
 
 /// The names of a repository's own directories. They shadow a child repository of the
@@ -18,6 +20,12 @@ pub const MANIFEST_JSON: &str = "manifest.json";
 /// it never hides one.
 pub const CONTROL: &str = ".regfs";
 pub const STATS: &str = "stats";
+/// Views of image contents (DESIGN §7). They open by name and are never listed, so
+/// `grep -r`, `find` and `rsync -a` of a repository see its objects once, not every
+/// image unpacked again. A dot cannot start a repository name, so they hide none.
+pub const IMAGES: &str = ".images";
+pub const LAYERS: &str = ".layers";
+pub const ROOTFS: &str = "rootfs";
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Node {
@@ -43,13 +51,25 @@ pub enum Node {
     Control,
     /// `/.regfs/stats`: counters as JSON, made fresh at every open.
     Stats,
+    /// `<repo>/.images`: image manifests by digest (not listed).
+    ImagesDir(RepoName),
+    /// `<repo>/.images/<digest>`: holds that image's `rootfs`.
+    ImageDir(RepoName, Digest),
+    /// `<repo>/.layers`: layers by digest (not listed).
+    LayersDir(RepoName),
+    /// A file or directory inside an image view: node `id` of the view's tree, and its
+    /// kind (fixed for a given view and id: trees are built the same way every time).
+    InImage(Arc<View>, u32, Kind),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     Dir,
     File,
     Symlink,
+    CharDev,
+    BlockDev,
+    Fifo,
 }
 
 impl Node {
@@ -66,6 +86,7 @@ impl Node {
             | Node::Scratch(..)
             | Node::Stats => Kind::File,
             Node::UploadLink(..) => Kind::Symlink,
+            Node::InImage(_, _, kind) => *kind,
             _ => Kind::Dir,
         }
     }
@@ -84,6 +105,10 @@ impl Node {
             Node::Scratch(dir, _) => (**dir).clone(),
             Node::Control => Node::root(),
             Node::Stats => Node::Control,
+            Node::ImagesDir(r) | Node::LayersDir(r) => repo_dir(r),
+            Node::ImageDir(r, _) => Node::ImagesDir(r.clone()),
+            // Only a view's root has its parent here; the tree knows the others'.
+            Node::InImage(view, _, _) => view.holder(),
         }
     }
 }
@@ -107,6 +132,23 @@ impl fmt::Display for Node {
             Node::Scratch(dir, name) => write!(f, "{dir}/{name}"),
             Node::Control => write!(f, "/{CONTROL}"),
             Node::Stats => write!(f, "/{CONTROL}/{STATS}"),
+            Node::ImagesDir(r) => write!(f, "/{r}/{IMAGES}"),
+            Node::ImageDir(r, d) => write!(f, "/{r}/{IMAGES}/{d}"),
+            Node::LayersDir(r) => write!(f, "/{r}/{LAYERS}"),
+            Node::InImage(view, id, _) => {
+                let r = &view.repo;
+                match &view.root {
+                    ViewRoot::Tag(t, _) => write!(f, "/{r}/{TAGS}/{t}/{ROOTFS}")?,
+                    ViewRoot::Image(d) => write!(f, "/{r}/{IMAGES}/{d}/{ROOTFS}")?,
+                    ViewRoot::Layer(d) => write!(f, "/{r}/{LAYERS}/{d}")?,
+                }
+                // Paths inside a view are not kept (hardlinks have several).
+                if *id != 0 {
+                    write!(f, " (node {id})")
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 }

@@ -129,6 +129,10 @@ pub struct WrittenFile {
     /// The kernel's lock owner (one per process's file table) of the first write: only
     /// that process's close commits the file.
     writer: Mutex<Option<u64>>,
+    /// The process (thread group) that opened it, for a close before any write: a
+    /// child that inherited the descriptor closes it at exec, possibly before the
+    /// opener's first write, and that must not commit an empty file.
+    opener: Option<u32>,
     state: tokio::sync::Mutex<WriteState>,
 }
 
@@ -329,7 +333,8 @@ impl Writes {
 
     /// Starts a file at `node` (a final name, or `Node::Scratch` in a writable
     /// directory). Whatever was being written there before is dropped.
-    pub fn create(&self, node: Node) -> Result<Arc<WrittenFile>, Errno> {
+    /// `pid`: the process opening it (as FUSE names it).
+    pub fn create(&self, node: Node, pid: u32) -> Result<Arc<WrittenFile>, Errno> {
         let (repo, blob) = destination(&node).ok_or(Errno(libc::EPERM))?;
         let file = Arc::new(WrittenFile {
             node: node.clone(),
@@ -337,6 +342,7 @@ impl Writes {
             created: SystemTime::now(),
             written: AtomicU64::new(0),
             writer: Mutex::new(None),
+            opener: process_of(pid),
             state: tokio::sync::Mutex::new(WriteState {
                 content: if blob {
                     Content::Blob(None)
@@ -426,11 +432,16 @@ impl Writes {
 
     /// Close of a file under its final name: commit it. A temp file waits for its
     /// rename; a file already committed (a second close of a dup'ed descriptor) is done.
-    pub async fn flush(&self, file: &Arc<WrittenFile>, owner: u64) -> Result<(), Errno> {
+    pub async fn flush(&self, file: &Arc<WrittenFile>, owner: u64, pid: u32) -> Result<(), Errno> {
         let Some(target) = Target::of(&file.node) else {
             return file.state.lock().await.failed.map_or(Ok(()), Err);
         };
-        if lock(&file.writer).is_some_and(|writer| writer != owner) {
+        let another = match *lock(&file.writer) {
+            Some(writer) => writer != owner,
+            // Nothing written yet: only the opener's close is the end.
+            None => file.opener.is_some() && process_of(pid) != file.opener,
+        };
+        if another {
             // Another process's copy of the descriptor (a child at exec): not the end.
             return Ok(());
         }
@@ -767,6 +778,15 @@ fn node_name(node: &Node) -> String {
 fn errno_of(node: &Node, e: Error) -> Errno {
     warn!(path = %node, "{e}");
     Errno(e.errno())
+}
+
+/// The thread group (process) of a thread FUSE names by its id: `Tgid` in procfs.
+fn process_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 #[cfg(test)]

@@ -60,6 +60,19 @@ impl Digest {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The 32 bytes of a sha256 digest (`None` for another algorithm).
+    pub fn sha256_bytes(&self) -> Option<[u8; 32]> {
+        if self.algorithm() != "sha256" {
+            return None;
+        }
+        let hex = self.encoded().as_bytes();
+        let mut out = [0u8; 32];
+        for (byte, pair) in out.iter_mut().zip(hex.chunks(2)) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(out)
+    }
 }
 
 /// Hashes content piece by piece with the algorithm of a [`Digest`].

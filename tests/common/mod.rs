@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod images;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -860,6 +861,11 @@ impl Layout {
         self.dir.path().join("oci")
     }
 
+    /// A path inside the layout's temp dir (not created), for bundles and such.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     fn image(&self, tag: &str) -> String {
         format!("{}:{tag}", self.oci_dir().display())
     }
@@ -886,7 +892,14 @@ impl Layout {
         run(Command::new("umoci")
             .args(["repack", "--image", &image])
             .arg(&bundle));
-        // Without --tag, umoci config writes a new manifest and moves `tag` onto it.
+        self.set_platform(tag, arch);
+        fs::remove_dir_all(&bundle).unwrap_or_else(|e| panic!("remove {}: {e}", bundle.display()));
+    }
+
+    /// Makes `tag` a linux/`arch` image. Without --tag, umoci config writes a new
+    /// manifest and moves `tag` onto it.
+    pub fn set_platform(&self, tag: &str, arch: &str) {
+        let image = self.image(tag);
         run(Command::new("umoci").args([
             "config",
             "--image",
@@ -896,7 +909,6 @@ impl Layout {
             "--architecture",
             arch,
         ]));
-        fs::remove_dir_all(&bundle).unwrap_or_else(|e| panic!("remove {}: {e}", bundle.display()));
     }
 
     /// The descriptor (JSON) of the manifest that `tag` names in index.json.

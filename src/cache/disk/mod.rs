@@ -23,6 +23,7 @@ mod partial;
 
 pub mod admin;
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -72,6 +73,11 @@ struct Store {
     /// Writing is off until then (the disk was full).
     full_until: Mutex<Option<Instant>>,
     temp_names: AtomicU64,
+    /// Blobs whose content turned out wrong, with the count of forgets when it did: a
+    /// block or promotion queued before that (the wrong bytes on their way to disk) is
+    /// dropped by the writer instead of landing after the forget.
+    forgotten: Mutex<HashMap<Digest, u64>>,
+    forgets: AtomicU64,
 }
 
 enum Job {
@@ -81,11 +87,14 @@ enum Job {
         block_size: u64,
         index: u64,
         bytes: Bytes,
+        /// `Store::forgets` when queued.
+        epoch: u64,
     },
     Verified {
         digest: Digest,
         size: u64,
         block_size: u64,
+        epoch: u64,
     },
     Meta {
         kind: String,
@@ -175,6 +184,8 @@ impl DiskCache {
             )),
             full_until: Mutex::new(None),
             temp_names: AtomicU64::new(0),
+            forgotten: Mutex::new(HashMap::new()),
+            forgets: AtomicU64::new(0),
         });
         let (jobs, mut queue) = mpsc::channel(QUEUED_WRITES);
         let writer = store.clone();
@@ -241,6 +252,7 @@ impl DiskCache {
             block_size,
             index,
             bytes,
+            epoch: self.store.forgets.load(Ordering::Acquire),
         };
         let queued = tokio::time::timeout(QUEUE_WAIT, self.jobs.send(job)).await;
         if !matches!(queued, Ok(Ok(()))) {
@@ -255,6 +267,7 @@ impl DiskCache {
             digest: digest.clone(),
             size,
             block_size,
+            epoch: self.store.forgets.load(Ordering::Acquire),
         };
         if let Err(mpsc::error::TrySendError::Full(job)) = self.jobs.try_send(job) {
             // Not to be dropped like a block: wait for room, off the reader's path.
@@ -412,8 +425,8 @@ impl Store {
     /// This registry's partial file of the blob, opened (and created if `create`).
     fn partial(&self, digest: &Digest, block_size: u64, create: bool) -> Option<Arc<Partial>> {
         let key = (digest.clone(), block_size);
-        // The guard must be gone before the lock is taken again below (an `if let`
-        // on `lock(..).get(..)` would hold it through its block: a self-deadlock).
+        // Not `if let Some(p) = lock(..)..`: the guard would live through the block,
+        // and the `pop` below would wait for this thread's own lock forever.
         let known = lock(&self.partials).get(&key).cloned();
         if let Some(p) = known {
             if p.linked() {
@@ -543,12 +556,22 @@ impl Store {
                 block_size,
                 index,
                 bytes,
-            } => self.write_block(&digest, size, block_size, index, &bytes),
+                epoch,
+            } => {
+                if !self.forgotten_since(&digest, epoch) {
+                    self.write_block(&digest, size, block_size, index, &bytes)
+                }
+            }
             Job::Verified {
                 digest,
                 size,
                 block_size,
-            } => self.promote(&digest, size, block_size),
+                epoch,
+            } => {
+                if !self.forgotten_since(&digest, epoch) {
+                    self.promote(&digest, size, block_size)
+                }
+            }
             Job::Meta { kind, key, body } => self.write_meta(&kind, &key, &body),
         }
     }
@@ -623,7 +646,16 @@ impl Store {
         }
     }
 
+    /// Whether `digest` was forgotten after a job queued at `epoch`.
+    fn forgotten_since(&self, digest: &Digest, epoch: u64) -> bool {
+        lock(&self.forgotten)
+            .get(digest)
+            .is_some_and(|&at| at > epoch)
+    }
+
     fn forget(&self, digest: &Digest, block_size: u64) {
+        let at = self.forgets.fetch_add(1, Ordering::AcqRel) + 1;
+        lock(&self.forgotten).insert(digest.clone(), at);
         let whole = self.remove(&[layout::blob_path(&self.root, digest)]);
         if whole + self.drop_partial(digest, block_size) > 0 {
             warn!(%digest, "dropped from the disk cache: its content did not match the digest");

@@ -1,0 +1,208 @@
+//! The compression of a layer, from its media type, and one decoder interface over
+//! tar (none), gzip and zstd that can start at the blob's beginning or at a checkpoint.
+
+use serde::{Deserialize, Serialize};
+
+use super::gzip::GzipDecoder;
+use super::zstd_frames::ZstdDecoder;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Codec {
+    Tar,
+    Gzip,
+    Zstd,
+}
+
+impl Codec {
+    /// The codec of a layer media type (OCI and Docker names); `None` for anything that
+    /// is not a tar layer regfs can read.
+    pub fn of_media_type(media_type: &str) -> Option<Codec> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Codec::Tar),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Codec::Gzip),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Codec::Zstd),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Tar => "tar",
+            Codec::Gzip => "tar+gzip",
+            Codec::Zstd => "tar+zstd",
+        }
+    }
+}
+
+/// Where decoding can start: the blob's first byte, or a place the index pass found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Bit offset in the blob (a multiple of 8 except inside a deflate stream).
+    pub in_bit: u64,
+    /// Offset in the uncompressed tar stream.
+    pub out: u64,
+    /// Inside a deflate stream: the window before this point (up to 32 KiB). `None` at
+    /// a point that needs no history: the start, a gzip member or zstd frame start.
+    pub window: Option<Box<[u8]>>,
+}
+
+impl Checkpoint {
+    pub const START: Checkpoint = Checkpoint {
+        in_bit: 0,
+        out: 0,
+        window: None,
+    };
+
+    /// The first blob byte decoding from here reads.
+    pub fn in_byte(&self) -> u64 {
+        self.in_bit / 8
+    }
+}
+
+/// What one [`Decoder::decode`] call did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub consumed: usize,
+    pub produced: usize,
+    /// Stopped where a checkpoint can be taken ([`Decoder::checkpoint`]).
+    pub boundary: bool,
+}
+
+pub enum Decoder {
+    /// Uncompressed: the output is the input.
+    Tar {
+        pos: u64,
+    },
+    Gzip(Box<GzipDecoder>),
+    Zstd(Box<ZstdDecoder>),
+}
+
+impl Decoder {
+    /// A decoder starting at `point` of a blob with this codec.
+    pub fn at(codec: Codec, point: &Checkpoint) -> Result<Decoder, String> {
+        Ok(match (codec, &point.window) {
+            (Codec::Tar, _) => Decoder::Tar {
+                pos: point.in_byte(),
+            },
+            (Codec::Gzip, None) => {
+                Decoder::Gzip(Box::new(GzipDecoder::start(point.in_byte(), point.out)?))
+            }
+            (Codec::Gzip, Some(window)) => Decoder::Gzip(Box::new(GzipDecoder::resume(
+                point.in_bit,
+                point.out,
+                window,
+            )?)),
+            (Codec::Zstd, _) => {
+                Decoder::Zstd(Box::new(ZstdDecoder::at(point.in_byte(), point.out)?))
+            }
+        })
+    }
+
+    /// Blob offset of the next byte to feed.
+    pub fn input_pos(&self) -> u64 {
+        match self {
+            Decoder::Tar { pos } => *pos,
+            Decoder::Gzip(d) => d.input_pos(),
+            Decoder::Zstd(d) => d.input_pos(),
+        }
+    }
+
+    /// Uncompressed offset of the next byte to come out.
+    pub fn output_pos(&self) -> u64 {
+        match self {
+            Decoder::Tar { pos } => *pos,
+            Decoder::Gzip(d) => d.output_pos(),
+            Decoder::Zstd(d) => d.output_pos(),
+        }
+    }
+
+    /// Decodes from `input` (blob bytes from [`Self::input_pos`]) into `out`.
+    pub fn decode(&mut self, input: &[u8], out: &mut [u8]) -> Result<Step, String> {
+        match self {
+            Decoder::Tar { pos } => {
+                let n = input.len().min(out.len());
+                out[..n].copy_from_slice(&input[..n]);
+                *pos += n as u64;
+                // Every offset is a place to start; no checkpoints are needed.
+                Ok(Step {
+                    consumed: n,
+                    produced: n,
+                    boundary: false,
+                })
+            }
+            Decoder::Gzip(d) => d.decode(input, out),
+            Decoder::Zstd(d) => d.decode(input, out),
+        }
+    }
+
+    /// The checkpoint here; only meaningful right after a step that reported a boundary.
+    pub fn checkpoint(&self) -> Checkpoint {
+        match self {
+            Decoder::Tar { pos } => Checkpoint {
+                in_bit: pos * 8,
+                out: *pos,
+                window: None,
+            },
+            Decoder::Gzip(d) => {
+                let (in_bit, out, window) = d.resume_point();
+                Checkpoint {
+                    in_bit,
+                    out,
+                    window: Some(window),
+                }
+            }
+            Decoder::Zstd(d) => Checkpoint {
+                in_bit: d.input_pos() * 8,
+                out: d.output_pos(),
+                window: None,
+            },
+        }
+    }
+
+    /// The input ended; an error unless the stream ended cleanly.
+    pub fn finish(&self) -> Result<(), String> {
+        match self {
+            Decoder::Tar { .. } => Ok(()),
+            Decoder::Gzip(d) => d.finish(),
+            Decoder::Zstd(d) => d.finish(),
+        }
+    }
+}
+
+/// Decodes `input`, the blob's bytes from a member or frame start, and returns output
+/// bytes `skip .. skip + want` (for a TOC chunk, or a TOC itself). Stops decoding as
+/// soon as it has them; too little output is an error.
+pub fn decode_range(codec: Codec, input: &[u8], skip: u64, want: usize) -> Result<Vec<u8>, String> {
+    let mut decoder = Decoder::at(codec, &Checkpoint::START)?;
+    let mut out = Vec::with_capacity(want);
+    let mut buf = vec![0u8; (64 << 10).min(want.max(4096) + 4096)];
+    let mut rest = input;
+    let end = skip.saturating_add(want as u64);
+    while (out.len() as u64) < want as u64 {
+        let before = decoder.output_pos();
+        let step = decoder.decode(rest, &mut buf)?;
+        rest = &rest[step.consumed..];
+        let produced = &buf[..step.produced];
+        // The part of this output that falls in skip..end.
+        let from = skip.saturating_sub(before).min(produced.len() as u64) as usize;
+        let to = end.saturating_sub(before).min(produced.len() as u64) as usize;
+        if from < to {
+            out.extend_from_slice(&produced[from..to]);
+        }
+        if rest.is_empty() && step.produced == 0 && step.consumed == 0 && !step.boundary {
+            return Err(format!(
+                "compressed data ends after {} of {} bytes",
+                out.len(),
+                want
+            ));
+        }
+    }
+    Ok(out)
+}

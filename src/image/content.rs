@@ -1,0 +1,393 @@
+//! Reading one file's bytes out of a layer, fetching only what that file needs.
+//!
+//! - Plain layers: the file is a range of the uncompressed tar stream. Decoding starts
+//!   at the nearest checkpoint before it (or carries on from a cursor a previous read
+//!   left there), fed span by span, each span checked against the digest the index
+//!   pass recorded before a byte of it is decoded. Cursors are shared by all readers
+//!   of a layer, so a file read front to back, or many files read in layer order (`tar
+//!   -c`, `cp -a`), decode the stream once; a single-frame zstd layer, whose only
+//!   checkpoint is its start, relies on that.
+//! - TOC layers: the file's chunks are decoded on their own, each checked against its
+//!   chunk digest before any of it is returned.
+//!
+//! Checked pieces (spans, decoded chunks) are kept in a small shared cache.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+
+use super::codec::{Checkpoint, Codec, Decoder};
+use super::entry::{DataRef, Entry};
+use super::index::{Chunk, Content, LayerIndex, StreamMap};
+use super::pass::unreadable;
+use super::source::BlobSource;
+use crate::cache::BlockCache;
+use crate::registry::{Digest, Error, Result};
+use crate::stats::Stats;
+
+/// Cursors kept per layer.
+const CURSORS: usize = 4;
+/// Decoder output buffer of a cursor.
+const SCRATCH: usize = 128 << 10;
+/// Decoded chunks up to this size are kept whole in the piece cache; larger ones are
+/// decoded for each read (they are rare: writers cut files into chunks of 4 MiB or less).
+const MAX_CACHED_CHUNK: u64 = 16 << 20;
+/// Compressed bytes fetched at a time while decoding a chunk.
+const FETCH_PIECE: u64 = 1 << 20;
+/// Keys of the piece cache: spans by index, decoded chunks by index with this bit set.
+const CHUNK_KEY: u64 = 1 << 63;
+
+/// Checked pieces of layers, shared by every layer of a mount.
+pub type PieceCache = BlockCache;
+
+/// A decoder somewhere in a layer's tar stream, with the input it has not used yet.
+struct Cursor {
+    decoder: Decoder,
+    /// Checked blob bytes from `decoder.input_pos()` on.
+    input: Bytes,
+    scratch: Vec<u8>,
+}
+
+impl Cursor {
+    /// Decodes the input it holds until it is used up or the output reaches `end`;
+    /// the part of the output inside `start..end` is appended to `out`.
+    fn advance(
+        &mut self,
+        start: u64,
+        end: u64,
+        out: &mut BytesMut,
+    ) -> std::result::Result<(), String> {
+        while self.decoder.output_pos() < end {
+            let before = self.decoder.output_pos();
+            let step = self.decoder.decode(&self.input, &mut self.scratch)?;
+            let _ = self.input.split_to(step.consumed);
+            let made = &self.scratch[..step.produced];
+            let from = start.saturating_sub(before).min(made.len() as u64) as usize;
+            let to = end.saturating_sub(before).min(made.len() as u64) as usize;
+            if from < to {
+                out.extend_from_slice(&made[from..to]);
+            }
+            if step.consumed == 0 && step.produced == 0 && !step.boundary {
+                break; // needs input
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a mount needs to read layer contents.
+#[derive(Clone)]
+pub struct Readers {
+    pub pieces: Arc<PieceCache>,
+    pub stats: Arc<Stats>,
+}
+
+/// The files of one indexed layer, readable.
+pub struct LayerContent {
+    index: Arc<LayerIndex>,
+    source: Arc<dyn BlobSource>,
+    readers: Readers,
+    cursors: Mutex<Vec<Cursor>>,
+}
+
+impl LayerContent {
+    pub fn new(
+        index: Arc<LayerIndex>,
+        source: Arc<dyn BlobSource>,
+        readers: Readers,
+    ) -> LayerContent {
+        LayerContent {
+            index,
+            source,
+            readers,
+            cursors: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn index(&self) -> &Arc<LayerIndex> {
+        &self.index
+    }
+
+    fn digest(&self) -> &Digest {
+        self.source.digest()
+    }
+
+    /// Up to `len` bytes of `entry`'s content at `offset` (short only at its end).
+    pub async fn read(&self, entry: &Entry, offset: u64, len: u64) -> Result<Bytes> {
+        if offset >= entry.size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let len = len.min(entry.size - offset);
+        let data = match (&entry.data, &self.index.content) {
+            (DataRef::Stream(at), Content::Stream(map)) => {
+                let start = at
+                    .checked_add(offset)
+                    .ok_or_else(|| unreadable(self.digest(), "file offset overflows"))?;
+                self.read_stream(map, start, start + len).await?
+            }
+            (DataRef::Chunks(range), Content::Chunks(_)) => {
+                let chunks = self.index.chunks(range);
+                self.read_chunks(range.start, chunks, offset, offset + len)
+                    .await?
+            }
+            _ => {
+                return Err(unreadable(
+                    self.digest(),
+                    "a file without content in the index",
+                ));
+            }
+        };
+        if data.len() as u64 != len {
+            return Err(unreadable(
+                self.digest(),
+                format!("read {} of {len} bytes", data.len()),
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Bytes `start..end` of the uncompressed tar stream.
+    async fn read_stream(&self, map: &StreamMap, start: u64, end: u64) -> Result<Bytes> {
+        if map.codec == Codec::Tar {
+            return self.blob_range(map, start, end).await;
+        }
+        let mut cursor = self.cursor(map, start)?;
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        let result = loop {
+            if cursor.decoder.output_pos() >= end {
+                break Ok(());
+            }
+            if cursor.input.is_empty() {
+                let pos = cursor.decoder.input_pos();
+                if pos >= map.blob_size {
+                    break Err(unreadable(
+                        self.digest(),
+                        "the layer ends before the file does",
+                    ));
+                }
+                let k = pos / map.span_size;
+                let span = self.span(map, k).await?;
+                let skip = (pos - map.span(k).start) as usize;
+                cursor.input = span.slice(skip.min(span.len())..);
+            }
+            let (c, o, r) = tokio::task::spawn_blocking(move || {
+                let r = cursor.advance(start, end, &mut out);
+                (cursor, out, r)
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("decoder task failed: {e}")))?;
+            (cursor, out) = (c, o);
+            if let Err(e) = r {
+                break Err(unreadable(self.digest(), e));
+            }
+        };
+        result?;
+        self.keep_cursor(cursor);
+        Ok(out.freeze())
+    }
+
+    /// A cursor at or before `start` that is no worse than the nearest checkpoint.
+    fn cursor(&self, map: &StreamMap, start: u64) -> Result<Cursor> {
+        let point = map.checkpoint_before(start);
+        let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+        let best = cursors
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| (point.out..=start).contains(&c.decoder.output_pos()))
+            .max_by_key(|(_, c)| c.decoder.output_pos())
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            return Ok(cursors.swap_remove(i));
+        }
+        drop(cursors);
+        Stats::add(&self.readers.stats.content_decodes, 1);
+        let decoder = Decoder::at(map.codec, point).map_err(|e| unreadable(self.digest(), e))?;
+        Ok(Cursor {
+            decoder,
+            input: Bytes::new(),
+            scratch: vec![0; SCRATCH],
+        })
+    }
+
+    fn keep_cursor(&self, cursor: Cursor) {
+        let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+        if cursors.len() >= CURSORS {
+            // Drop the one furthest behind: the others are likelier to be continued.
+            if let Some(i) = (0..cursors.len()).min_by_key(|&i| cursors[i].decoder.output_pos()) {
+                cursors.swap_remove(i);
+            }
+        }
+        cursors.push(cursor);
+    }
+
+    /// Blob bytes `start..end` of an uncompressed layer, from checked spans.
+    async fn blob_range(&self, map: &StreamMap, start: u64, end: u64) -> Result<Bytes> {
+        let (first, last) = (start / map.span_size, (end - 1) / map.span_size);
+        let mut out = BytesMut::new();
+        for k in first..=last {
+            let span = self.span(map, k).await?;
+            let range = map.span(k);
+            let from = start.max(range.start) - range.start;
+            let to = (end.min(range.end) - range.start).min(span.len() as u64);
+            if first == last {
+                return Ok(span.slice(from as usize..to as usize));
+            }
+            out.extend_from_slice(&span[from as usize..to as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Span `k` of the blob, checked against its recorded digest.
+    async fn span(&self, map: &StreamMap, k: u64) -> Result<Bytes> {
+        let expected = *map
+            .spans
+            .get(k as usize)
+            .ok_or_else(|| unreadable(self.digest(), "read beyond the indexed blob"))?;
+        let key = (self.digest().clone(), k);
+        self.readers
+            .pieces
+            .get(&key, || async {
+                let range = map.span(k);
+                let bytes = self
+                    .source
+                    .read(range.start, range.end - range.start)
+                    .await?;
+                Stats::add(
+                    &self.readers.stats.content_fetched_bytes,
+                    bytes.len() as u64,
+                );
+                if sha256(&bytes) != expected {
+                    self.source.distrust();
+                    return Err(unreadable(
+                        self.digest(),
+                        format!(
+                            "span {k} differs from what was verified when the layer was indexed"
+                        ),
+                    ));
+                }
+                Ok(bytes)
+            })
+            .await
+    }
+
+    /// Bytes `start..end` of a file made of `chunks` (TOC layers); `first` is the
+    /// index of its first chunk.
+    async fn read_chunks(
+        &self,
+        first: u32,
+        chunks: &[Chunk],
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes> {
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let c_end = chunk.file_offset + chunk.size;
+            if c_end <= start || chunk.file_offset >= end {
+                continue;
+            }
+            let from = start.max(chunk.file_offset) - chunk.file_offset;
+            let to = end.min(c_end) - chunk.file_offset;
+            if chunk.digest.is_none() {
+                out.resize(out.len() + (to - from) as usize, 0); // a hole
+                continue;
+            }
+            let piece = self.chunk(first + i as u32, chunk, from, to).await?;
+            out.extend_from_slice(&piece);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Bytes `from..to` of a chunk, after the whole chunk was checked.
+    async fn chunk(&self, index: u32, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
+        if chunk.size <= MAX_CACHED_CHUNK {
+            let key = (self.digest().clone(), CHUNK_KEY | u64::from(index));
+            let whole = self
+                .readers
+                .pieces
+                .get(&key, || self.decode_chunk(chunk, 0, chunk.size))
+                .await?;
+            return Ok(whole.slice(from as usize..(to as usize).min(whole.len())));
+        }
+        self.decode_chunk(chunk, from, to).await
+    }
+
+    /// Decodes a whole chunk, checks its digest, and returns bytes `from..to` of it.
+    async fn decode_chunk(&self, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
+        let Content::Chunks(map) = &self.index.content else {
+            return Err(unreadable(self.digest(), "not a TOC layer"));
+        };
+        let bad = |e: String| {
+            unreadable(
+                self.digest(),
+                format!("chunk at byte {}: {e}", chunk.compressed.start),
+            )
+        };
+        let mut decoder = Decoder::at(
+            map.codec,
+            &Checkpoint {
+                in_bit: chunk.compressed.start * 8,
+                out: 0,
+                window: None,
+            },
+        )
+        .map_err(bad)?;
+        // Incompressible data grows a little in gzip/zstd; more than this is not a chunk.
+        let limit = chunk
+            .compressed
+            .end
+            .min(chunk.compressed.start + chunk.size + chunk.size / 16 + (64 << 10));
+        let (skip, want) = (chunk.inner_offset, chunk.size);
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut out = BytesMut::with_capacity((to - from) as usize);
+        let mut scratch = vec![0u8; SCRATCH];
+        let mut got = 0u64; // chunk bytes decoded so far
+        let mut pos = chunk.compressed.start;
+        while got < want {
+            if pos >= limit {
+                return Err(bad("compressed data ends before the chunk does".into()));
+            }
+            let n = FETCH_PIECE.min(limit - pos);
+            let input = self.source.read(pos, n).await?;
+            Stats::add(
+                &self.readers.stats.content_fetched_bytes,
+                input.len() as u64,
+            );
+            pos += n;
+            let mut rest = &input[..];
+            loop {
+                let before = decoder.output_pos();
+                let step = decoder.decode(rest, &mut scratch).map_err(bad)?;
+                rest = &rest[step.consumed..];
+                let made = &scratch[..step.produced];
+                // Output positions are relative to the member start; the chunk is
+                // `skip .. skip + want` of it.
+                let lo = skip.saturating_sub(before).min(made.len() as u64) as usize;
+                let hi = (skip + want).saturating_sub(before).min(made.len() as u64) as usize;
+                if lo < hi {
+                    let piece = &made[lo..hi];
+                    sha2::Digest::update(&mut hasher, piece);
+                    let at = got;
+                    got += piece.len() as u64;
+                    let (a, b) = (from.max(at), to.min(got));
+                    if a < b {
+                        out.extend_from_slice(&piece[(a - at) as usize..(b - at) as usize]);
+                    }
+                }
+                if got >= want || (rest.is_empty() && step.produced == 0 && !step.boundary) {
+                    break;
+                }
+            }
+        }
+        let digest: [u8; 32] = sha2::Digest::finalize(hasher).into();
+        if Some(digest) != chunk.digest {
+            self.source.distrust();
+            return Err(bad("content does not match its chunk digest".into()));
+        }
+        Ok(out.freeze())
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(bytes).into()
+}

@@ -1,0 +1,683 @@
+//! Tar entries from a layer's uncompressed tar stream, fed a piece at a time.
+//!
+//! Header fields (octal and base-256 numbers, the ustar prefix, PAX records) are read
+//! by the `tar` crate; the sequencing of headers, GNU long names, PAX extensions and
+//! data is here, because a layer is untrusted: the crate's own reader holds a long name
+//! or PAX header of any claimed size in memory, and it pulls from a `Read` while our
+//! bytes are pushed out of a decompressor. Here every piece held is capped, and the
+//! parser never looks at file data, only skips it.
+//!
+//! Semantics follow Go's `archive/tar` (what built most images) and POSIX: the first
+//! all-zero block ends the archive; links, symlinks, devices, fifos and directories
+//! carry no data whatever their size field says; PAX `path`, `linkpath`, `size`,
+//! `uid`, `gid` and `mtime` override the header; `SCHILY.xattr.*` are xattrs.
+
+use tar::{EntryType, Header, PaxExtensions};
+
+use super::entry::{DataRef, Entry, EntryKind, Xattrs, normalise, shown};
+
+const BLOCK: u64 = 512;
+/// Longest GNU long name or long link accepted (Linux paths are at most 4 KiB).
+const MAX_LONG_NAME: u64 = 64 << 10;
+/// Largest PAX extended header accepted (xattrs live there; capabilities and ACLs are
+/// small).
+const MAX_PAX: u64 = 1 << 20;
+
+/// What the parser found, in stream order.
+#[derive(Debug)]
+pub enum TarItem {
+    Entry(Entry),
+    /// An entry that is not shown, and why (for the log).
+    Refused {
+        offset: u64,
+        reason: String,
+    },
+}
+
+/// The stream cannot be read as tar (a corrupt header, a truncated stream, a feature
+/// regfs does not support); the whole layer is unreadable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TarError(pub String);
+
+impl std::fmt::Display for TarError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Extension {
+    LongName,
+    LongLink,
+    Pax,
+    GlobalPax,
+}
+
+enum State {
+    /// Collecting a 512-byte header; `filled` bytes are in `block`.
+    Header { filled: usize },
+    /// Collecting the data of an extension header, then skipping its padding.
+    Extension {
+        kind: Extension,
+        left: u64,
+        pad: u64,
+        data: Vec<u8>,
+    },
+    /// Skipping file data and its padding.
+    Skip { left: u64 },
+    /// After the end-of-archive block: whatever follows is padding.
+    End,
+}
+
+/// Extension data waiting for the header it applies to.
+#[derive(Default)]
+struct Pending {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
+
+pub struct TarParser {
+    /// Stream offset of the next byte fed.
+    offset: u64,
+    state: State,
+    block: [u8; BLOCK as usize],
+    /// Stream offset of the header being parsed.
+    header_at: u64,
+    pending: Pending,
+}
+
+impl Default for TarParser {
+    fn default() -> Self {
+        TarParser {
+            offset: 0,
+            state: State::Header { filled: 0 },
+            block: [0; BLOCK as usize],
+            header_at: 0,
+            pending: Pending::default(),
+        }
+    }
+}
+
+fn corrupt(offset: u64, what: impl std::fmt::Display) -> TarError {
+    TarError(format!("tar stream at byte {offset}: {what}"))
+}
+
+/// `n` rounded up to whole blocks.
+fn padded(n: u64) -> Option<u64> {
+    n.checked_add(BLOCK - 1).map(|n| n / BLOCK * BLOCK)
+}
+
+impl TarParser {
+    /// Whether the end-of-archive block has been seen.
+    pub fn ended(&self) -> bool {
+        matches!(self.state, State::End)
+    }
+
+    /// Parses `data`, the stream's next bytes, handing each entry to `found`.
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        found: &mut impl FnMut(TarItem),
+    ) -> Result<(), TarError> {
+        while !data.is_empty() {
+            match &mut self.state {
+                State::End => {
+                    self.offset += data.len() as u64;
+                    return Ok(());
+                }
+                State::Skip { left } => {
+                    let n = (*left).min(data.len() as u64);
+                    *left -= n;
+                    if *left == 0 {
+                        self.state = State::Header { filled: 0 };
+                    }
+                    self.offset += n;
+                    data = &data[n as usize..];
+                }
+                State::Extension {
+                    kind,
+                    left,
+                    pad,
+                    data: buf,
+                } => {
+                    let n = (*left).min(data.len() as u64) as usize;
+                    buf.extend_from_slice(&data[..n]);
+                    *left -= n as u64;
+                    self.offset += n as u64;
+                    data = &data[n..];
+                    if *left == 0 {
+                        let (kind, pad, buf) = (*kind, *pad, std::mem::take(buf));
+                        match kind {
+                            Extension::LongName => self.pending.long_name = Some(buf),
+                            Extension::LongLink => self.pending.long_link = Some(buf),
+                            Extension::Pax => self.pending.pax = Some(buf),
+                            // Defaults for every later entry; no image tool writes them
+                            // for the fields that matter, so they are not applied.
+                            Extension::GlobalPax => {}
+                        }
+                        self.state = if pad > 0 {
+                            State::Skip { left: pad }
+                        } else {
+                            State::Header { filled: 0 }
+                        };
+                    }
+                }
+                State::Header { filled } => {
+                    if *filled == 0 {
+                        self.header_at = self.offset;
+                    }
+                    let n = (BLOCK as usize - *filled).min(data.len());
+                    self.block[*filled..*filled + n].copy_from_slice(&data[..n]);
+                    *filled += n;
+                    self.offset += n as u64;
+                    data = &data[n..];
+                    if *filled == BLOCK as usize {
+                        self.header(found)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream ended: fine at an entry boundary (an archive without its end blocks
+    /// is accepted, as `tar` does), an error inside an entry.
+    pub fn finish(&self) -> Result<(), TarError> {
+        match &self.state {
+            State::End | State::Header { filled: 0 } => Ok(()),
+            _ => Err(corrupt(
+                self.offset,
+                "the stream ends inside an entry (truncated layer)",
+            )),
+        }
+    }
+
+    /// A whole header is in `block`: work out what it is and what follows it.
+    fn header(&mut self, found: &mut impl FnMut(TarItem)) -> Result<(), TarError> {
+        let at = self.header_at;
+        if self.block.iter().all(|&b| b == 0) {
+            self.state = State::End;
+            return Ok(());
+        }
+        let header = Header::from_byte_slice(&self.block);
+        check_checksum(header).map_err(|e| corrupt(at, e))?;
+        let kind = header.entry_type();
+        let extension = match kind {
+            EntryType::GNULongName => Some((Extension::LongName, MAX_LONG_NAME)),
+            EntryType::GNULongLink => Some((Extension::LongLink, MAX_LONG_NAME)),
+            EntryType::XHeader => Some((Extension::Pax, MAX_PAX)),
+            EntryType::XGlobalHeader => Some((Extension::GlobalPax, MAX_PAX)),
+            _ => None,
+        };
+        let stored = header
+            .entry_size()
+            .map_err(|e| corrupt(at, format!("bad size field: {e}")))?;
+        if let Some((ext, max)) = extension {
+            if stored > max {
+                return Err(corrupt(
+                    at,
+                    format!("a {ext:?} header of {stored} bytes (at most {max} accepted)"),
+                ));
+            }
+            let pad = padded(stored).unwrap_or(stored) - stored;
+            self.state = if stored == 0 {
+                State::Header { filled: 0 }
+            } else {
+                State::Extension {
+                    kind: ext,
+                    left: stored,
+                    pad,
+                    data: Vec::with_capacity(stored as usize),
+                }
+            };
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let pax = match &pending.pax {
+            Some(bytes) => Pax::parse(bytes).map_err(|e| corrupt(at, e))?,
+            None => Pax::default(),
+        };
+        let size = pax.size.unwrap_or(stored);
+        let data_at = at + BLOCK;
+        match self.entry(header, &pending, pax, size, data_at) {
+            Ok(Some(entry)) => found(TarItem::Entry(entry)),
+            Ok(None) => {}
+            Err(reason) => found(TarItem::Refused { offset: at, reason }),
+        }
+        let has_data = data_after(kind);
+        let skip = if has_data {
+            padded(size).ok_or_else(|| corrupt(at, format!("a size of {size} bytes")))?
+        } else {
+            0
+        };
+        self.state = if skip > 0 {
+            State::Skip { left: skip }
+        } else {
+            State::Header { filled: 0 }
+        };
+        Ok(())
+    }
+
+    /// The entry a header describes, `None` for headers that describe no file (a volume
+    /// label), or why it is refused.
+    fn entry(
+        &self,
+        header: &Header,
+        pending: &Pending,
+        pax: Pax,
+        size: u64,
+        data_at: u64,
+    ) -> Result<Option<Entry>, String> {
+        let raw_path: Vec<u8> = match (pax.path, &pending.long_name) {
+            (Some(p), _) => p,
+            (None, Some(long)) => trim_nul(long).to_vec(),
+            (None, None) => header.path_bytes().into_owned(),
+        };
+        let kind = match header.entry_type() {
+            EntryType::Regular | EntryType::Continuous if raw_path.ends_with(b"/") => {
+                // Old (V7) archives mark directories by a trailing slash only.
+                EntryKind::Dir
+            }
+            EntryType::Regular | EntryType::Continuous => EntryKind::File,
+            EntryType::Link => EntryKind::Hardlink,
+            EntryType::Symlink => EntryKind::Symlink,
+            EntryType::Char => EntryKind::CharDev,
+            EntryType::Block => EntryKind::BlockDev,
+            EntryType::Directory => EntryKind::Dir,
+            // GNU dump directories ('D'): a directory with a listing as data.
+            other if other.as_byte() == b'D' => EntryKind::Dir,
+            EntryType::Fifo => EntryKind::Fifo,
+            // A GNU volume label ('V') names no file.
+            other if other.as_byte() == b'V' => return Ok(None),
+            other => {
+                return Err(format!(
+                    "{}: entry type {:?} is not supported",
+                    shown(&raw_path),
+                    other.as_byte() as char
+                ));
+            }
+        };
+        let path = normalise(&raw_path).map_err(|e| format!("{}: {e}", shown(&raw_path)))?;
+        if path.is_empty() && kind != EntryKind::Dir {
+            return Err(format!("{}: names the root", shown(&raw_path)));
+        }
+        let raw_link: Option<Vec<u8>> = match (pax.linkpath, &pending.long_link) {
+            (Some(l), _) => Some(l),
+            (None, Some(long)) => Some(trim_nul(long).to_vec()),
+            (None, None) => header.link_name_bytes().map(|l| l.into_owned()),
+        };
+        let link = match kind {
+            EntryKind::Symlink => {
+                let target = raw_link.unwrap_or_default();
+                if target.contains(&0) || target.is_empty() {
+                    return Err(format!("{}: bad symlink target", shown(&path)));
+                }
+                Some(target.into_boxed_slice())
+            }
+            EntryKind::Hardlink => {
+                let target = raw_link.unwrap_or_default();
+                let normal = normalise(&target)
+                    .map_err(|e| format!("{}: hardlink target: {e}", shown(&path)))?;
+                if normal.is_empty() {
+                    return Err(format!("{}: hardlink to the root", shown(&path)));
+                }
+                Some(normal)
+            }
+            _ => None,
+        };
+        let old = header.as_old();
+        let field = |what: &str, raw: &[u8], v: std::io::Result<u64>| -> Result<u32, String> {
+            numeric(raw, v)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| format!("{}: bad {what}", shown(&path)))
+        };
+        let uid = match pax.uid {
+            Some(uid) => uid,
+            None => field("uid", &old.uid, header.uid())?,
+        };
+        let gid = match pax.gid {
+            Some(gid) => gid,
+            None => field("gid", &old.gid, header.gid())?,
+        };
+        let mode = field("mode", &old.mode, header.mode().map(u64::from))? & 0o7777;
+        let (mtime, mtime_nsec) = match pax.mtime {
+            Some(t) => t,
+            None => {
+                let secs = numeric(&old.mtime, header.mtime())
+                    .ok_or_else(|| format!("{}: bad mtime", shown(&path)))?;
+                (i64::try_from(secs).unwrap_or(i64::MAX), 0)
+            }
+        };
+        let rdev = match kind {
+            EntryKind::CharDev | EntryKind::BlockDev => {
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                (major, minor)
+            }
+            _ => (0, 0),
+        };
+        let data = match kind {
+            EntryKind::File if size > 0 => DataRef::Stream(data_at),
+            _ => DataRef::None,
+        };
+        Ok(Some(Entry {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            size: if kind == EntryKind::File { size } else { 0 },
+            link,
+            rdev,
+            xattrs: pax.xattrs,
+            data,
+        }))
+    }
+}
+
+/// Whether the data of a header the parser does not show still follows it (it must be
+/// skipped to find the next header).
+fn data_after(kind: EntryType) -> bool {
+    !matches!(
+        kind,
+        EntryType::Link
+            | EntryType::Symlink
+            | EntryType::Char
+            | EntryType::Block
+            | EntryType::Directory
+            | EntryType::Fifo
+    )
+}
+
+/// A numeric header field: what the crate parsed, or 0 for a field left empty (all NULs
+/// or spaces), as Go's archive/tar reads it.
+fn numeric(raw: &[u8], parsed: std::io::Result<u64>) -> Option<u64> {
+    match parsed {
+        Ok(v) => Some(v),
+        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Some(0),
+        Err(_) => None,
+    }
+}
+
+fn trim_nul(bytes: &[u8]) -> &[u8] {
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    &bytes[..end]
+}
+
+/// The header checksum: the sum of its bytes with the checksum field read as spaces.
+fn check_checksum(header: &Header) -> Result<(), String> {
+    let bytes = header.as_bytes();
+    let sum: u32 = bytes[..148]
+        .iter()
+        .chain(&[b' '; 8])
+        .chain(&bytes[156..])
+        .map(|&b| u32::from(b))
+        .sum();
+    match header.cksum() {
+        Ok(stored) if stored == sum => Ok(()),
+        Ok(stored) => Err(format!(
+            "header checksum {stored} does not match {sum} (not a tar stream, or corrupt)"
+        )),
+        Err(e) => Err(format!("bad header checksum field: {e}")),
+    }
+}
+
+/// The PAX records regfs applies.
+#[derive(Default)]
+struct Pax {
+    path: Option<Vec<u8>>,
+    linkpath: Option<Vec<u8>>,
+    size: Option<u64>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mtime: Option<(i64, u32)>,
+    xattrs: Xattrs,
+}
+
+const XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
+/// Xattrs kept per file; more are dropped (the log of the pass says so).
+const MAX_XATTRS: usize = 128;
+
+impl Pax {
+    fn parse(bytes: &[u8]) -> Result<Pax, String> {
+        let mut pax = Pax::default();
+        for record in PaxExtensions::new(bytes) {
+            let record = record.map_err(|e| format!("malformed PAX header: {e}"))?;
+            let (key, value) = (record.key_bytes(), record.value_bytes());
+            let number = || {
+                std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| format!("bad PAX {}", shown(key)))
+            };
+            match key {
+                b"path" => pax.path = Some(value.to_vec()),
+                b"linkpath" => pax.linkpath = Some(value.to_vec()),
+                b"size" => pax.size = Some(number()?),
+                b"uid" => pax.uid = Some(u32::try_from(number()?).map_err(|e| e.to_string())?),
+                b"gid" => pax.gid = Some(u32::try_from(number()?).map_err(|e| e.to_string())?),
+                b"mtime" => pax.mtime = parse_pax_time(value),
+                k if k.starts_with(b"GNU.sparse.") => {
+                    return Err("GNU sparse files are not supported".into());
+                }
+                k if k.starts_with(XATTR_PREFIX) && pax.xattrs.len() < MAX_XATTRS => {
+                    let name = &k[XATTR_PREFIX.len()..];
+                    if !name.is_empty() && !name.contains(&0) {
+                        pax.xattrs.push((name.into(), value.into()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(pax)
+    }
+}
+
+/// A PAX time: decimal seconds, possibly negative, with an optional fraction.
+fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
+    let s = std::str::from_utf8(value).ok()?.trim();
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let nanos: u32 = digits.parse().ok()?;
+    if secs < 0 && nanos > 0 {
+        // "-1.5" is half a second before -1: one second earlier plus the complement.
+        return Some((secs - 1, 1_000_000_000 - nanos));
+    }
+    Some((secs, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(path: &str, kind: EntryType, size: u64) -> Header {
+        let mut h = Header::new_gnu();
+        h.set_path(path).expect("short path");
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_uid(1000);
+        h.set_gid(100);
+        h.set_mtime(1_600_000_000);
+        h.set_cksum();
+        h
+    }
+
+    fn pad(data: &mut Vec<u8>) {
+        while data.len() % 512 != 0 {
+            data.push(0);
+        }
+    }
+
+    /// Parses `stream` fed in pieces of `piece` bytes.
+    fn parse(stream: &[u8], piece: usize) -> Result<Vec<TarItem>, TarError> {
+        let mut parser = TarParser::default();
+        let mut items = Vec::new();
+        for chunk in stream.chunks(piece.max(1)) {
+            parser.feed(chunk, &mut |item| items.push(item))?;
+        }
+        parser.finish()?;
+        Ok(items)
+    }
+
+    fn entries(items: &[TarItem]) -> Vec<&Entry> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                TarItem::Entry(e) => Some(e),
+                TarItem::Refused { .. } => None,
+            })
+            .collect()
+    }
+
+    fn sample() -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(header("etc/", EntryType::Directory, 0).as_bytes());
+        s.extend_from_slice(header("etc/hosts", EntryType::Regular, 5).as_bytes());
+        s.extend_from_slice(b"hello");
+        pad(&mut s);
+        let mut link = header("etc/hard", EntryType::Link, 0);
+        link.set_link_name("etc/hosts").expect("link name");
+        link.set_cksum();
+        s.extend_from_slice(link.as_bytes());
+        s.extend_from_slice(&[0; 1024]);
+        s
+    }
+
+    #[test]
+    fn entries_in_order_whatever_the_pieces() {
+        let stream = sample();
+        for piece in [1, 7, 511, 512, 513, 100_000] {
+            let items = parse(&stream, piece).expect("valid tar");
+            let e = entries(&items);
+            assert_eq!(e.len(), 3, "piece {piece}");
+            assert_eq!(&*e[0].path, b"etc");
+            assert_eq!(e[0].kind, EntryKind::Dir);
+            assert_eq!(&*e[1].path, b"etc/hosts");
+            assert_eq!(e[1].data, DataRef::Stream(1024));
+            assert_eq!(
+                (e[1].size, e[1].uid, e[1].gid, e[1].mode),
+                (5, 1000, 100, 0o644)
+            );
+            assert_eq!(&stream[1024..1029], b"hello");
+            assert_eq!(e[2].kind, EntryKind::Hardlink);
+            assert_eq!(e[2].link.as_deref(), Some(&b"etc/hosts"[..]));
+        }
+    }
+
+    #[test]
+    fn gnu_long_names_and_pax_records() {
+        let long = format!("{}/{}", "d".repeat(200), "f".repeat(200));
+        let mut s = Vec::new();
+        let mut ln = header(
+            "././@LongLink",
+            EntryType::GNULongName,
+            long.len() as u64 + 1,
+        );
+        ln.set_cksum();
+        s.extend_from_slice(ln.as_bytes());
+        s.extend_from_slice(long.as_bytes());
+        s.push(0);
+        pad(&mut s);
+        s.extend_from_slice(header("short", EntryType::Regular, 0).as_bytes());
+        let mut records = Vec::new();
+        for (k, v) in [
+            ("path", "pax/ünïcode name"),
+            ("mtime", "1700000000.25"),
+            ("uid", "70000"),
+            ("SCHILY.xattr.user.note", "v\u{1}x"),
+        ] {
+            let line_len = k.len() + v.len() + 3;
+            let digits = (line_len + 2).to_string().len();
+            let n = line_len + digits;
+            records.extend_from_slice(format!("{n} {k}={v}\n").as_bytes());
+        }
+        s.extend_from_slice(
+            header("PaxHeaders/x", EntryType::XHeader, records.len() as u64).as_bytes(),
+        );
+        s.extend_from_slice(&records);
+        pad(&mut s);
+        s.extend_from_slice(header("ignored", EntryType::Regular, 0).as_bytes());
+        s.extend_from_slice(&[0; 1024]);
+        let items = parse(&s, 100).expect("valid tar");
+        let e = entries(&items);
+        assert_eq!(e[0].path.as_ref(), long.as_bytes());
+        assert_eq!(e[1].path.as_ref(), "pax/ünïcode name".as_bytes());
+        assert_eq!((e[1].mtime, e[1].mtime_nsec), (1_700_000_000, 250_000_000));
+        assert_eq!(e[1].uid, 70000);
+        assert_eq!(
+            e[1].xattrs,
+            vec![(b"user.note"[..].into(), b"v\x01x"[..].into())]
+        );
+    }
+
+    #[test]
+    fn hostile_headers_are_errors_or_refusals() {
+        // A long name claiming a gigabyte: refused before anything is buffered.
+        let mut s = header("././@LongLink", EntryType::GNULongName, 1 << 30)
+            .as_bytes()
+            .to_vec();
+        s.extend_from_slice(&[b'a'; 512]);
+        assert!(parse(&s, 512).is_err());
+
+        // A corrupt checksum.
+        let mut h = header("x", EntryType::Regular, 0).as_bytes().to_vec();
+        h[0] ^= 1;
+        assert!(parse(&h, 512).is_err());
+
+        // Truncated inside file data.
+        let mut t = header("x", EntryType::Regular, 4096).as_bytes().to_vec();
+        t.extend_from_slice(&[1; 100]);
+        assert!(parse(&t, 64).is_err());
+
+        // `..` and absolute names: `..` refused (data skipped), `/abs` made relative.
+        let mut dotdot = header("x", EntryType::Regular, 3);
+        dotdot.as_gnu_mut().expect("gnu").name[..17].copy_from_slice(b"../../etc/passwd\0");
+        dotdot.set_cksum();
+        let mut s = dotdot.as_bytes().to_vec();
+        s.extend_from_slice(b"bad");
+        pad(&mut s);
+        let mut abs = Header::new_gnu();
+        abs.as_gnu_mut().expect("gnu").name[..8].copy_from_slice(b"/abs/ok\0");
+        abs.set_entry_type(EntryType::Regular);
+        abs.set_size(0);
+        abs.set_mode(0o600);
+        abs.set_cksum();
+        s.extend_from_slice(abs.as_bytes());
+        s.extend_from_slice(&[0; 1024]);
+        let items = parse(&s, 512).expect("the archive itself is fine");
+        assert!(matches!(items[0], TarItem::Refused { offset: 0, .. }));
+        let e = entries(&items);
+        assert_eq!(e.len(), 1);
+        assert_eq!(&*e[0].path, b"abs/ok");
+    }
+
+    #[test]
+    fn sparse_files_are_unsupported() {
+        let mut records = b"30 GNU.sparse.major=1\n".to_vec();
+        records.extend_from_slice(b"30 GNU.sparse.minor=0\n");
+        let mut s = header("P/x", EntryType::XHeader, records.len() as u64)
+            .as_bytes()
+            .to_vec();
+        s.extend_from_slice(&records);
+        pad(&mut s);
+        s.extend_from_slice(header("sparse", EntryType::Regular, 0).as_bytes());
+        assert!(parse(&s, 512).is_err());
+    }
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
+        assert_eq!(parse_pax_time(b"12.5"), Some((12, 500_000_000)));
+        assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
+        assert_eq!(parse_pax_time(b"1.1234567891"), Some((1, 123_456_789)));
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
+}
