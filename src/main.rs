@@ -60,6 +60,7 @@ EXAMPLES:
   cp layer.tar /mnt/reg/team/app/uploads/
   regfs mount --repo library/alpine --daemon registry.example.com /mnt/reg
   regfs mount --repo library/alpine docker.io /mnt/hub
+  regfs mount --mirror http://cache.internal:5000 reg.example /mnt/reg   (pull-through cache)
   echo \"$TOKEN\" | regfs mount --username me --password-stdin ghcr.io /mnt/ghcr
   fusermount3 -u /mnt/reg        (or Ctrl-C / SIGTERM on the regfs process)
   regfs cache prune --max 2GiB   (trim the disk cache; regfs cache verify checks it)
