@@ -11,6 +11,7 @@ pub mod images;
 pub mod known_repos;
 mod layer_source;
 pub mod metadata;
+mod mirror_blobs;
 pub mod node;
 pub mod readahead;
 mod verify;
@@ -184,7 +185,8 @@ impl Fs {
                 platform,
             ),
             blobs: BlobReads::new(cache, client.clone(), disk.clone()),
-            writes: Writes::new(client, view.clone(), disk),
+            // Writes, and the reads that decide them, must see the origin.
+            writes: Writes::new(client.origin_only(), view.clone(), disk),
             read_only,
             view,
             inodes: Mutex::new(InodeTable::default()),

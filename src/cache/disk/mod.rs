@@ -557,21 +557,15 @@ impl Store {
                 index,
                 bytes,
                 epoch,
-            } => {
-                if !self.forgotten_since(&digest, epoch) {
-                    self.write_block(&digest, size, block_size, index, &bytes)
-                }
-            }
+            } => self.unless_forgotten(&digest, epoch, || {
+                self.write_block(&digest, size, block_size, index, &bytes)
+            }),
             Job::Verified {
                 digest,
                 size,
                 block_size,
                 epoch,
-            } => {
-                if !self.forgotten_since(&digest, epoch) {
-                    self.promote(&digest, size, block_size)
-                }
-            }
+            } => self.unless_forgotten(&digest, epoch, || self.promote(&digest, size, block_size)),
             Job::Meta { kind, key, body } => self.write_meta(&kind, &key, &body),
         }
     }
@@ -646,16 +640,22 @@ impl Store {
         }
     }
 
-    /// Whether `digest` was forgotten after a job queued at `epoch`.
-    fn forgotten_since(&self, digest: &Digest, epoch: u64) -> bool {
-        lock(&self.forgotten)
-            .get(digest)
-            .is_some_and(|&at| at > epoch)
+    /// Runs the write of a job queued at `epoch`, unless `digest` was forgotten since.
+    /// Under the lock `forget` holds while it removes files: a write that checked
+    /// before the forget would otherwise land after it, in a new partial file, and the
+    /// next reader would get the wrong bytes back from the disk.
+    fn unless_forgotten(&self, digest: &Digest, epoch: u64, write: impl FnOnce()) {
+        let forgotten = lock(&self.forgotten);
+        if forgotten.get(digest).is_some_and(|&at| at > epoch) {
+            return;
+        }
+        write();
     }
 
     fn forget(&self, digest: &Digest, block_size: u64) {
+        let mut forgotten = lock(&self.forgotten);
         let at = self.forgets.fetch_add(1, Ordering::AcqRel) + 1;
-        lock(&self.forgotten).insert(digest.clone(), at);
+        forgotten.insert(digest.clone(), at);
         let whole = self.remove(&[layout::blob_path(&self.root, digest)]);
         if whole + self.drop_partial(digest, block_size) > 0 {
             warn!(%digest, "dropped from the disk cache: its content did not match the digest");
