@@ -6,11 +6,13 @@
 # BENCH_WAN_TOTAL (200MB) per second for all connections together — a registry 20 ms
 # away over a link whose single TCP connection is rate-bound. Everything measured goes
 # through the shaper: regfs, curl, the xargs -P 8 curl pipeline, rclone over nginx.
+# BENCH_WAN_FLAGS: extra flags for these rows' regfs mounts (e.g. --block-size 256KiB).
 # Uses bench.sh's helpers: log, row, secs, calc, holds, verdict, median, regfs_mount …
 
 wan_rtt=${BENCH_WAN_RTT:-40ms}
 wan_conn=${BENCH_WAN_CONN:-25MB}
 wan_total=${BENCH_WAN_TOTAL:-200MB}
+read -r -a wan_flags <<<"${BENCH_WAN_FLAGS:-}" # extra regfs mount flags, e.g. --block-size 256KiB
 wan_pids=()
 
 # rtt_ms: the round trip in milliseconds (from BENCH_WAN_RTT, e.g. 40ms or 0.04s).
@@ -55,16 +57,16 @@ wan_rows() {
         log "wan run $i/$runs: curl, regfs, rclone (sequential), first byte, random reads"
         c_curl+=("$(curl -fsS -o /dev/null -w '%{time_total}' --max-time "$read_timeout" "$url")")
         curl_ttfb+=("$(curl -fsS -o /dev/null -r 0-4095 -w '%{time_starttransfer}' --max-time 30 "$url")")
-        regfs_mount
+        regfs_mount "${wan_flags[@]}"
         t=$(timeout -k 5 60 python3 "$py" first "$mnt/$blob_path") || t=error
         ttfb+=("$t")
         regfs_umount
-        regfs_mount
+        regfs_mount "${wan_flags[@]}"
         t=$(read_seq "$mnt/$blob_path") || t=error
         c_regfs+=("$t")
         ((i > 1)) || verify_blob "$mnt/$blob_path" "regfs sequential read over the WAN"
         regfs_umount
-        regfs_mount
+        regfs_mount "${wan_flags[@]}"
         if out=$(timeout -k 5 "$read_timeout" python3 "$py" random "$mnt/$blob_path" "$blob_data" "$i" 50 "$size" "$block"); then
             read -r c50 c99 w50 bad <<<"$out"
             cold50+=("$c50")
@@ -132,7 +134,7 @@ wan_rows() {
             t0=$(now_us)
             n=$(grep_pipeline | grep -c .) || n=0
             c_pipe+=("$(($(now_us) - t0))")
-            regfs_mount
+            regfs_mount "${wan_flags[@]}"
             t0=$(now_us)
             # shellcheck disable=SC2016 # $1 is expanded by the inner bash
             if n=$(timeout -k 5 "$read_timeout" bash -c 'grep -rl arm64 "$1"/bench/r*/tags | wc -l' _ "$mnt"); then
