@@ -148,6 +148,11 @@ struct MountArgs {
     /// Mount read-only: every write fails with EROFS
     #[arg(long)]
     read_only: bool,
+    /// Let rm delete from the registry: rm tags/<tag>/manifest.json (or rm -r
+    /// tags/<tag>) untags, rm manifests/<digest> and rm blobs/<digest> delete. Without
+    /// it every delete is EPERM
+    #[arg(long, conflicts_with = "read_only")]
+    allow_delete: bool,
     /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf unless root)
     #[arg(long)]
     allow_other: bool,
@@ -297,6 +302,7 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         tag_ttl: args.tag_ttl,
         page_size: args.page_size,
         read_only: args.read_only,
+        allow_delete: args.allow_delete,
         allow_other: args.allow_other,
         cache_size: args.cache_size,
         block_size: args.block_size,

@@ -3,7 +3,9 @@
 pub mod auth;
 pub mod client;
 pub mod credentials;
+pub mod delete;
 pub mod error;
+pub mod referrers;
 pub mod ssrf;
 pub mod types;
 pub mod upload;
