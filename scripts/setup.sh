@@ -11,6 +11,11 @@ tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
     containerd stargz-snapshotter busybox-static python3 util-linux)
 
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+    sudo=(sudo)
+fi
+
 missing=()
 for t in "${tools[@]}"; do
     command -v "$t" >/dev/null 2>&1 || missing+=("$t")
@@ -18,10 +23,6 @@ done
 
 if ((${#missing[@]} > 0)); then
     echo "setup.sh: missing ${missing[*]}; installing ${packages[*]}" >&2
-    sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        sudo=(sudo)
-    fi
     "${sudo[@]}" apt-get update
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
 fi
@@ -32,4 +33,11 @@ if [[ ! -c /dev/fuse ]]; then
     echo "  Load the module (modprobe fuse) or, in a container, run it with --device /dev/fuse" >&2
     echo "  (and --cap-add SYS_ADMIN)." >&2
     exit 1
+fi
+
+# The kernel's FUSE connection counters (/sys/fs/fuse/connections/*/waiting, read by
+# tests/soak.rs) need the fusectl filesystem; systemd mounts it, containers often not.
+if [[ -d /sys/fs/fuse/connections ]] && ! grep -q " /sys/fs/fuse/connections fusectl " /proc/mounts; then
+    "${sudo[@]}" mount -t fusectl fusectl /sys/fs/fuse/connections ||
+        echo "setup.sh: warning: cannot mount fusectl on /sys/fs/fuse/connections" >&2
 fi

@@ -22,9 +22,16 @@ use crate::stats::Stats;
 
 /// Read pieces queued for a hasher; reads wait (briefly) when it falls this far behind.
 const QUEUED_PIECES: usize = 64;
-/// Bytes of out-of-order pieces a hasher keeps; beyond that it gives up on this open
-/// file (the blob is then read without a check, and the log says so).
-const MAX_STASH: u64 = 64 << 20;
+/// Bytes of out-of-order pieces a hasher keeps, and all hashers together; beyond that
+/// a hasher gives up on its open file (the blob is then read without a check, and the
+/// log says so). Stashed pieces are copies: a slice of a cached block would keep the
+/// whole block alive (a 1-byte read pinning 2 MiB), however small the stash looked.
+const MAX_STASH: u64 = 8 << 20;
+const MAX_STASH_ALL: u64 = 32 << 20;
+/// A piece that starts further than this ahead of the hash is not a read-ahead finishing
+/// out of order but a reader that is not going from first byte to last (a random one):
+/// its check is given up at once rather than stashed for nothing.
+const STASH_REACH: u64 = 8 << 20;
 /// When the last byte is read while at most this much before it is still on its way
 /// (read-ahead finishing out of order), its read waits for those bytes, so the verdict
 /// comes with it. A reader with larger gaps (a random one) does not wait.
@@ -47,6 +54,8 @@ pub struct Verifier {
     /// Blobs whose content failed the check: the kernel must not keep their pages
     /// between opens until a full read has passed the check again.
     suspect: Arc<Mutex<HashSet<Digest>>>,
+    /// Bytes stashed by all hashers (MAX_STASH_ALL).
+    stashed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The check of one open file: a line to its hasher task.
@@ -130,6 +139,7 @@ impl Verifier {
             stats,
             disk,
             suspect: Arc::new(Mutex::new(HashSet::new())),
+            stashed: Arc::default(),
         }
     }
 
@@ -177,6 +187,13 @@ struct Hasher {
     last_read: Option<oneshot::Sender<()>>,
 }
 
+/// A file closed with pieces still stashed gives their share of MAX_STASH_ALL back.
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        self.clear_stash();
+    }
+}
+
 impl Hasher {
     async fn run(mut self, mut queue: mpsc::Receiver<Piece>) {
         while let Some(piece) = queue.recv().await {
@@ -212,15 +229,22 @@ impl Hasher {
             self.fill_from_cache(offset);
         }
         if offset > self.hashed {
-            self.stashed += data.len() as u64;
-            self.stash.insert(offset, data);
-            if self.stashed > MAX_STASH {
+            let len = data.len() as u64;
+            let all = &self.verifier.stashed;
+            if offset - self.hashed > STASH_REACH
+                || self.stashed + len > MAX_STASH
+                || all.load(Ordering::Relaxed) + len > MAX_STASH_ALL
+            {
                 debug!(
                     digest = %self.shared.digest,
                     "reads too far out of order to hash on the way; this read is not checked"
                 );
                 self.give_up();
+                return;
             }
+            self.stashed += len;
+            all.fetch_add(len, Ordering::Relaxed);
+            self.stash.insert(offset, Bytes::copy_from_slice(&data));
             return;
         }
         self.hash(offset, &data);
@@ -229,7 +253,7 @@ impl Hasher {
                 break;
             }
             let (at, piece) = entry.remove_entry();
-            self.stashed -= piece.len() as u64;
+            self.unstash(piece.len() as u64);
             self.hash(at, &piece);
         }
         if self.hashed >= self.shared.size {
@@ -271,17 +295,27 @@ impl Hasher {
         }
     }
 
+    fn unstash(&mut self, len: u64) {
+        self.stashed -= len;
+        self.verifier.stashed.fetch_sub(len, Ordering::Relaxed);
+    }
+
     fn give_up(&mut self) {
         self.hasher = None;
+        self.clear_stash();
+    }
+
+    fn clear_stash(&mut self) {
         self.stash.clear();
-        self.stashed = 0;
+        let held = std::mem::take(&mut self.stashed);
+        self.verifier.stashed.fetch_sub(held, Ordering::Relaxed);
     }
 
     fn verdict(&mut self) {
         let Some(done) = self.hasher.take() else {
             return;
         };
-        self.stash.clear();
+        self.clear_stash();
         let (shared, verifier) = (&self.shared, &self.verifier);
         if done.matches(&shared.digest) {
             lock(&verifier.suspect).remove(&shared.digest);

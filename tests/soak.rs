@@ -1,0 +1,249 @@
+//! A bounded soak: 32 readers at random offsets across several blobs, listers, and
+//! uploads, all at once through one mount, with a block cache and a disk cache both
+//! smaller than the blobs (so both evict all the time). Every byte read is checked,
+//! every upload is committed or fails loudly, the daemon's memory stays within the
+//! cache budget plus a fixed margin, and when it is over nothing is left waiting in
+//! the kernel's FUSE connection.
+//!
+//! `REGFS_SOAK_SECS` sets the length (default 30 s; the README's figures come from a
+//! 60 s run).
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Mount, Registry, RssSampler, blob_status, ls, noise, push_image, sha256_digest};
+
+const READERS: usize = 32;
+const LISTERS: usize = 2;
+const UPLOADERS: usize = 2;
+const BLOBS: usize = 6;
+const BLOB_SIZE: usize = 24 << 20;
+const CACHE_MIB: u64 = 32;
+/// What the daemon may hold besides its block cache: 32 readers each waiting on up to
+/// two 2 MiB blocks of their own (128 MiB), the hash checks' stash of out-of-order
+/// pieces (at most 32 MiB), the disk cache's write queue, two upload chunks per
+/// writer, the runtime.
+const MARGIN_MIB: u64 = 160;
+
+/// A small xorshift, so each thread's choices differ and a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    reads: AtomicU64,
+    bytes_read: AtomicU64,
+    listings: AtomicU64,
+    uploads: AtomicU64,
+    bytes_uploaded: AtomicU64,
+}
+
+/// The FUSE connection of the mount at `dir`: its number is the minor of the mount's
+/// device ("0:NN" in mountinfo).
+fn connection_waiting(dir: &Path) -> Option<u64> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = dir.to_string_lossy();
+    let device = info.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let device = fields.nth(2)?;
+        let mount_point = fields.nth(1)?;
+        (regfs::mount::unescape_mountinfo(mount_point) == wanted).then(|| device.to_owned())
+    })?;
+    let minor = device.split_once(':')?.1;
+    fs::read_to_string(format!("/sys/fs/fuse/connections/{minor}/waiting"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
+    common::require_tools();
+    assert!(
+        fs::read_to_string("/proc/mounts")
+            .is_ok_and(|m| m.contains(" /sys/fs/fuse/connections fusectl ")),
+        "fusectl is not mounted on /sys/fs/fuse/connections: run scripts/setup.sh"
+    );
+    let secs: u64 = std::env::var("REGFS_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let registry = Registry::start();
+    let contents: Vec<Vec<u8>> = (0..BLOBS)
+        .map(|i| noise(BLOB_SIZE, 100 + i as u32))
+        .collect();
+    let layers: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
+    let (_, digests) = push_image(&registry, "soak/app", "v1", &layers);
+    let mount = Mount::start(
+        &registry.url(),
+        &[
+            "--cache-size",
+            &format!("{CACHE_MIB}MiB"),
+            "--disk-cache-size",
+            "64MiB",
+            "--chunk-size",
+            "1MiB",
+            "--timeout",
+            "30s",
+        ],
+    );
+    let blobs: Arc<Vec<(PathBuf, Vec<u8>)>> = Arc::new(
+        digests
+            .iter()
+            .zip(contents)
+            .map(|(d, bytes)| (mount.path(&format!("soak/app/blobs/{d}")), bytes))
+            .collect(),
+    );
+    let manifest = common::get_manifest(&registry, "soak/app", "v1").2;
+    let rss = RssSampler::start(mount.pid());
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut workers = Vec::new();
+
+    for r in 0..READERS {
+        let (blobs, tally, stop) = (blobs.clone(), tally.clone(), stop.clone());
+        workers.push(thread::spawn(move || {
+            let mut rng = Rng(0x5eed_0000 + r as u64);
+            let files: Vec<File> = blobs
+                .iter()
+                .map(|(p, _)| File::open(p).expect("open a blob"))
+                .collect();
+            while !stop.load(Ordering::Relaxed) {
+                let which = rng.below(BLOBS as u64) as usize;
+                let len = 1 + rng.below(256 << 10) as usize;
+                let offset = rng.below((BLOB_SIZE - len) as u64) as usize;
+                let mut buf = vec![0; len];
+                files[which]
+                    .read_exact_at(&mut buf, offset as u64)
+                    .unwrap_or_else(|e| panic!("reader {r}: blob {which} at {offset}+{len}: {e}"));
+                assert!(
+                    buf == blobs[which].1[offset..offset + len],
+                    "reader {r}: wrong bytes in blob {which} at {offset}+{len}"
+                );
+                tally.reads.fetch_add(1, Ordering::Relaxed);
+                tally.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    for l in 0..LISTERS {
+        let (tally, stop) = (tally.clone(), stop.clone());
+        let (root, manifest, digests) = (mount.dir.clone(), manifest.clone(), digests.clone());
+        workers.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                assert_eq!(ls(&root.join("soak/app/tags")), ["v1"], "lister {l}");
+                let listed = ls(&root.join("soak/app/blobs"));
+                assert!(
+                    digests.iter().all(|d| listed.contains(d)),
+                    "lister {l}: {listed:?}"
+                );
+                let read = fs::read(root.join("soak/app/tags/v1/manifest.json")).expect("manifest");
+                assert_eq!(read, manifest, "lister {l}");
+                let size = fs::metadata(root.join(format!("soak/app/blobs/{}", digests[l])))
+                    .expect("stat")
+                    .len();
+                assert_eq!(size, BLOB_SIZE as u64, "lister {l}");
+                tally.listings.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for u in 0..UPLOADERS {
+        let (tally, stop) = (tally.clone(), stop.clone());
+        let (uploads, addr) = (mount.path("soak/app/uploads"), registry.addr);
+        workers.push(thread::spawn(move || {
+            let mut rng = Rng(0xfeed_0000 + u as u64);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let len = (64 << 10) + rng.below(3 << 20) as usize;
+                let content = noise(len, (u * 100_000 + n) as u32);
+                let digest = sha256_digest(&content);
+                let path = uploads.join(format!("u{u}-{n}.bin"));
+                let mut file = File::create(&path).expect("create an upload");
+                // Written in pieces of odd sizes, as programs do.
+                for piece in content.chunks(100_000 + u * 7) {
+                    file.write_all(piece).expect("write an upload");
+                }
+                match common::close(file) {
+                    Ok(()) => assert_eq!(
+                        blob_status(addr, "soak/app", &digest),
+                        200,
+                        "upload {u}-{n}"
+                    ),
+                    // A healthy registry: any failure is a bug, and it is loud.
+                    Err(e) => panic!("upload {u}-{n} failed: {e}"),
+                }
+                tally.uploads.fetch_add(1, Ordering::Relaxed);
+                tally
+                    .bytes_uploaded
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                n += 1;
+            }
+        }));
+    }
+
+    while Instant::now() < deadline && !workers.iter().any(|w| w.is_finished()) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        if let Err(panic) = w.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+    let peak = rss.stop();
+
+    // Nothing left in the kernel's queue for the daemon.
+    let settled = Instant::now() + Duration::from_secs(10);
+    let mut waiting = connection_waiting(&mount.dir);
+    while waiting != Some(0) && Instant::now() < settled {
+        thread::sleep(Duration::from_millis(50));
+        waiting = connection_waiting(&mount.dir);
+    }
+    assert_eq!(
+        waiting,
+        Some(0),
+        "requests left waiting in the FUSE connection"
+    );
+
+    let stats = mount.stats();
+    eprintln!(
+        "soak ({secs} s): {} reads, {} MiB read and checked, {} listings, {} uploads ({} MiB), \
+         peak RSS {} MiB (cache {CACHE_MIB} MiB), fetched {} MiB, disk cache hits {}",
+        tally.reads.load(Ordering::Relaxed),
+        tally.bytes_read.load(Ordering::Relaxed) >> 20,
+        tally.listings.load(Ordering::Relaxed),
+        tally.uploads.load(Ordering::Relaxed),
+        tally.bytes_uploaded.load(Ordering::Relaxed) >> 20,
+        peak.peak_mib(),
+        stats["fetched_bytes"].as_u64().unwrap_or(0) >> 20,
+        stats["disk"]["hits"],
+    );
+    assert!(tally.reads.load(Ordering::Relaxed) > 0 && tally.uploads.load(Ordering::Relaxed) > 0);
+    assert!(
+        peak.peak_mib() < CACHE_MIB + MARGIN_MIB,
+        "peak RSS {} MiB with a {CACHE_MIB} MiB cache",
+        peak.peak_mib()
+    );
+    assert!(!mount.log().contains("panicked"), "{}", mount.log());
+}
