@@ -35,13 +35,24 @@ TREE:
                                  open it by name; --platform picks from an index)
       .images/<digest>/rootfs/   the same for any image manifest by digest
       .layers/<digest>/          one layer, as an overlayfs lowerdir
+      .referrers/<digest>/       manifests whose subject is <digest> (links), and
+                                 index.json with their artifactType
+      .oci/                      the repository as a read-only OCI image layout
+                                 (skopeo copy oci:MNT/<repo>/.oci:<tag> ...)
   MOUNTPOINT/.regfs/stats        counters as JSON (not listed; open it by name)
 
 WRITING:
   Writing blobs/<digest>, manifests/<digest> or tags/<tag>/manifest.json pushes it;
   close (or the rename of a temp file, as rsync does) is the commit and returns its
   result. mkdir makes repositories and tag directories; ln across repositories mounts
-  a blob. Deleting is refused (EPERM); --read-only refuses every write (EROFS).
+  a blob. --read-only refuses every write (EROFS).
+
+DELETING (only with --allow-delete; else EPERM):
+  rm tags/<tag>/manifest.json, or rm -r tags/<tag>, untags; rm manifests/<digest>
+  deletes a manifest (and the tags naming it); rm blobs/<digest> a blob. A delete
+  never takes more than it names: EBUSY while another tag still reaches the object
+  (a registry that can only untag by deleting the digest, an index naming a child,
+  an image using a blob); the log names the tags. A registry refusal is EPERM.
 
 DISK CACHE:
   What a mount fetches is kept in --cache-dir (root: /var/cache/regfs, else
