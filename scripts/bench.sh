@@ -3,8 +3,9 @@
 #
 #   scripts/bench.sh                          full run (1 GiB blob, 3 runs per row)
 #   BENCH_SIZE_MIB=128 scripts/bench.sh       quick run while developing
-#   BENCH_ONLY=seq,random,grep,rss,upload,disk   rows to run (default: all; random includes
-#                                             the bytes-per-cold-read row)
+#   BENCH_ONLY=seq,random,grep,rss,upload,disk,image   rows to run (default: all; random
+#                                             includes the bytes-per-cold-read row)
+#   BENCH_IMAGE_MIB=512                       size of the image of the image rows
 #   BENCH_RUNS=5                              runs per row (default 3; medians are reported)
 #   REGFS=/path/to/regfs                      binary to measure (default: cargo build --release here)
 #   BENCH_KEEP=1                              keep the temp dir (logs of regfs, registry, peers)
@@ -28,10 +29,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 # shellcheck source=scripts/lib/registry.sh
 source scripts/lib/registry.sh
+# shellcheck source=scripts/lib/bench_image.sh
+source scripts/lib/bench_image.sh
 
 runs=${BENCH_RUNS:-3}
 size_mib=${BENCH_SIZE_MIB:-1024}
-only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk}
+only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk,image}
 read_timeout=${BENCH_TIMEOUT:-600} # seconds for any single read/grep/pipeline
 size=$((size_mib * 1024 * 1024))
 random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per block of the blob)
@@ -41,7 +44,7 @@ repos=40 tags=10 # 400 manifests for the grep row
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_RUNS must be a positive integer" >&2; exit 2; }
 [[ $size_mib =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_SIZE_MIB must be a positive integer" >&2; exit 2; }
 for row in ${only//,/ }; do
-    case $row in seq | random | grep | rss | upload | disk) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
+    case $row in seq | random | grep | rss | upload | disk | image) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
 done
 want() { [[ ,$only, == *,$1,* ]]; }
 
@@ -930,6 +933,7 @@ want rss && rss_row
 want grep && grep_row
 want upload && upload_row
 want disk && disk_rows
+want image && image_rows
 
 ((stats_retries == 0)) || notes+=("regfs retried $stats_retries requests in total (stats \`retries\`)")
 if [[ -s $tmp/regfs.log ]] && grep -qiE 'error|panic' "$tmp/regfs.log"; then

@@ -35,10 +35,14 @@ use crate::image::{self as image_mod};
 use crate::registry::{Digest, Error, RepoName, Result, Tag};
 use crate::stats::Stats;
 
-/// Layer indexes kept in memory (each holds its entries, checkpoints and span digests).
-const KEPT_LAYERS: usize = 64;
-/// Merged trees kept in memory.
-const KEPT_TREES: usize = 32;
+/// Layer indexes kept in memory (each holds its entries, checkpoints and span digests),
+/// at most, and the memory they may hold together; least recently used go first (a
+/// later look finds them in the disk cache, or indexes again).
+const KEPT_LAYERS: usize = 256;
+const INDEX_MEMORY: usize = 256 << 20;
+/// Merged trees kept in memory, at most, and their memory.
+const KEPT_TREES: usize = 64;
+const TREE_MEMORY: usize = 128 << 20;
 /// Layers an image may have (docker stops at 127).
 const MAX_LAYERS: usize = 1000;
 /// Memory for checked layer pieces (spans, decoded chunks), from the cache budget.
@@ -290,6 +294,10 @@ impl ImageTree {
     }
 }
 
+fn outcome_bytes(outcome: &LayerOutcome) -> usize {
+    outcome.as_ref().map_or(0, |i| i.bytes as usize)
+}
+
 /// An index made ready for reads, counted in `index_bytes` while kept.
 fn indexed(index: LayerIndex, source: Arc<dyn BlobSource>, readers: &Readers) -> Arc<Indexed> {
     let bytes = index.heap_bytes() as u64;
@@ -346,9 +354,9 @@ impl Images {
             blocks,
             readers: Readers { pieces, stats },
             platform,
-            layers: Arc::new(Memo::new(KEPT_LAYERS, None)),
+            layers: Arc::new(Memo::new(KEPT_LAYERS, None).weighing(outcome_bytes, INDEX_MEMORY)),
             indexing: Arc::default(),
-            trees: Memo::new(KEPT_TREES, None),
+            trees: Memo::new(KEPT_TREES, None).weighing(|t| t.tree.heap_bytes(), TREE_MEMORY),
             descriptors: Memo::new(4096, None),
         }
     }
@@ -469,13 +477,7 @@ impl Images {
         layer: &Layer,
         key: IndexKey,
     ) -> impl std::future::Future<Output = Result<LayerOutcome>> + Send + 'static {
-        let source: Arc<dyn BlobSource> = Arc::new(LayerSource {
-            repo: repo.clone(),
-            digest: layer.digest.clone(),
-            size: layer.size,
-            cache: self.cache.clone(),
-            blocks: self.blocks.clone(),
-        });
+        let source: Arc<dyn BlobSource> = Arc::new(self.source(repo, &layer.digest, layer.size));
         let (layer, readers) = (layer.clone(), self.readers.clone());
         let disk = self.blocks.disk().cloned();
         let (kept, indexing) = (self.layers.clone(), self.indexing.clone());
@@ -526,6 +528,17 @@ impl Images {
         }
     }
 
+    /// A blob's bytes through the block cache, for the image code.
+    fn source(&self, repo: &RepoName, digest: &Digest, size: u64) -> LayerSource {
+        LayerSource {
+            repo: repo.clone(),
+            digest: digest.clone(),
+            size,
+            cache: self.cache.clone(),
+            blocks: self.blocks.clone(),
+        }
+    }
+
     /// The descriptor of a layer by digest: from a manifest of the repository that
     /// names it (media type and TOC annotations), else from its first bytes.
     async fn descriptor(&self, repo: &RepoName, digest: &Digest) -> Result<Layer> {
@@ -554,13 +567,7 @@ impl Images {
     /// A layer no manifest describes: its codec from its magic bytes.
     async fn sniffed(&self, repo: &RepoName, digest: &Digest) -> Result<Layer> {
         let size = self.view.blob_size(repo, digest).await?;
-        let source = LayerSource {
-            repo: repo.clone(),
-            digest: digest.clone(),
-            size,
-            cache: self.cache.clone(),
-            blocks: self.blocks.clone(),
-        };
+        let source = self.source(repo, digest, size);
         let head = source.read(0, size.min(4)).await?;
         let codec = match &head[..] {
             [0x1f, 0x8b, ..] => Codec::Gzip,

@@ -1113,14 +1113,11 @@ impl Fs {
             Node::Referrers(_, RefPath::Link(_, digest)) => {
                 Ok(referrers::link_target(&digest).into_bytes())
             }
-            node @ Node::InImage(..) => {
-                let Node::InImage(view, id, _) = &node else {
-                    return Err(Errno::EINVAL);
-                };
-                let tree = self.view_tree(view).await?;
-                tree.readlink(*id)
+            Node::InImage(view, id, kind) => {
+                let tree = self.view_tree(&view).await?;
+                tree.readlink(id)
                     .map(Vec::from)
-                    .map_err(|e| fail(&node, e))
+                    .map_err(|e| fail(&Node::InImage(view, id, kind), e))
             }
             _ => Err(Errno::EINVAL),
         }
@@ -1129,12 +1126,10 @@ impl Fs {
     /// The extended attributes of a node: those an image file has; none elsewhere.
     async fn xattrs(&self, ino: u64) -> Result<crate::image::entry::Xattrs, Errno> {
         match self.node(ino)? {
-            node @ Node::InImage(..) => {
-                let Node::InImage(view, id, _) = &node else {
-                    return Ok(Vec::new());
-                };
-                let tree = self.view_tree(view).await?;
-                tree.xattrs(*id).map_err(|e| fail(&node, e))
+            Node::InImage(view, id, kind) => {
+                let tree = self.view_tree(&view).await?;
+                tree.xattrs(id)
+                    .map_err(|e| fail(&Node::InImage(view, id, kind), e))
             }
             _ => Ok(Vec::new()),
         }

@@ -69,6 +69,8 @@ impl Node {
 
 pub struct Tree {
     nodes: Vec<Node>,
+    /// Memory held, roughly (set when the tree is finished).
+    bytes: usize,
 }
 
 /// How entries are applied.
@@ -84,7 +86,10 @@ impl Tree {
     fn empty() -> Tree {
         let mut root = Node::new(Origin::Implicit, EntryKind::Dir, ROOT);
         root.nlink = 2;
-        Tree { nodes: vec![root] }
+        Tree {
+            nodes: vec![root],
+            bytes: 0,
+        }
     }
 
     /// The image's files: `layers` from the lowest to the highest.
@@ -144,6 +149,11 @@ impl Tree {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Approximate memory held (for the budget of kept trees).
+    pub fn heap_bytes(&self) -> usize {
+        self.bytes
     }
 
     fn whiteout(&mut self, entry: &Entry, target: &[u8]) {
@@ -262,6 +272,14 @@ impl Tree {
     }
 
     fn finish(&mut self) {
+        // A node, and per child name its bytes and a B-tree slot.
+        self.bytes = self.nodes.len() * std::mem::size_of::<Node>()
+            + self
+                .nodes
+                .iter()
+                .flat_map(|n| n.children.keys())
+                .map(|name| name.len() + 48)
+                .sum::<usize>();
         for i in 0..self.nodes.len() {
             if self.nodes[i].alive && self.nodes[i].is_dir() {
                 let subdirs = self.nodes[i]
