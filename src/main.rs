@@ -27,7 +27,8 @@ repository become blob uploads and manifest pushes, committed when closed.",
 TREE:
   MOUNTPOINT/<namespace>/.../<repo>/
       tags/<tag>/manifest.json   the manifest the tag points at, byte for byte
-      manifests/<digest>         every manifest reachable from the tags (index children too)
+      manifests/<digest>         every manifest reachable from the tags (index children
+                                 and referrers too)
       blobs/<digest>             configs and layers of those manifests; others by lookup
       uploads/<name>             write area: a file written here becomes a blob upload,
                                  then a symlink to ../blobs/<digest>
@@ -45,7 +46,9 @@ WRITING:
   Writing blobs/<digest>, manifests/<digest> or tags/<tag>/manifest.json pushes it;
   close (or the rename of a temp file, as rsync does) is the commit and returns its
   result. mkdir makes repositories and tag directories; ln across repositories mounts
-  a blob. --read-only refuses every write (EROFS).
+  a blob. A manifest with a subject (a signature) is added to its subject's
+  sha256-<hex> referrers index where the registry has no referrers API.
+  --read-only refuses every write (EROFS).
 
 DELETING (only with --allow-delete; else EPERM):
   rm tags/<tag>/manifest.json, or rm -r tags/<tag>, untags; rm manifests/<digest>

@@ -109,10 +109,7 @@ impl Error {
         retry_after: Option<&str>,
         body: &[u8],
     ) -> Error {
-        match Error::from_status_with(what, status, retry_after, body) {
-            Error::BadAnswer(msg) if (400..500).contains(&status) => Error::Refused(msg),
-            err => err,
-        }
+        Error::refusal(what, status, retry_after, body, Error::Refused)
     }
 
     /// Like [`Error::from_status_with`], for the answer to a DELETE: a 4xx that is not
@@ -123,8 +120,19 @@ impl Error {
         retry_after: Option<&str>,
         body: &[u8],
     ) -> Error {
+        Error::refusal(what, status, retry_after, body, Error::NotPermitted)
+    }
+
+    /// [`Error::from_status_with`], with `as_refusal` for a 4xx it has no other name for.
+    fn refusal(
+        what: &str,
+        status: u16,
+        retry_after: Option<&str>,
+        body: &[u8],
+        as_refusal: fn(String) -> Error,
+    ) -> Error {
         match Error::from_status_with(what, status, retry_after, body) {
-            Error::BadAnswer(msg) if (400..500).contains(&status) => Error::NotPermitted(msg),
+            Error::BadAnswer(msg) if (400..500).contains(&status) => as_refusal(msg),
             err => err,
         }
     }

@@ -1095,7 +1095,7 @@ pub fn skopeo_raw_manifest(addr: SocketAddr, reference: &str) -> Vec<u8> {
 }
 
 /// `skopeo copy --all [options] src dest`; panics if skopeo fails.
-fn skopeo_copy(options: &[&str], src: &str, dest: &str) {
+pub fn skopeo_copy(options: &[&str], src: &str, dest: &str) {
     run(Command::new("skopeo")
         .args([
             // The policy is irrelevant here; this also works without /etc/containers/policy.json.
