@@ -75,7 +75,9 @@ struct Store {
     temp_names: AtomicU64,
     /// Blobs whose content turned out wrong, with the count of forgets when it did: a
     /// block or promotion queued before that (the wrong bytes on their way to disk) is
-    /// dropped by the writer instead of landing after the forget.
+    /// dropped by the writer instead of landing after the forget. The writer holds it
+    /// from its check to the end of the write, and a forget while removing, so a write
+    /// that passed the check is finished before the forget removes it.
     forgotten: Mutex<HashMap<Digest, u64>>,
     forgets: AtomicU64,
 }
@@ -113,6 +115,11 @@ pub struct HeldIndex {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether `digest` was forgotten after a job queued at `epoch`.
+fn forgotten_since(forgotten: &HashMap<Digest, u64>, digest: &Digest, epoch: u64) -> bool {
+    forgotten.get(digest).is_some_and(|&at| at > epoch)
 }
 
 /// `--cache-dir`'s default: `/var/cache/regfs` for root, else `$XDG_CACHE_HOME/regfs`
@@ -558,7 +565,8 @@ impl Store {
                 bytes,
                 epoch,
             } => {
-                if !self.forgotten_since(&digest, epoch) {
+                let forgotten = lock(&self.forgotten);
+                if !forgotten_since(&forgotten, &digest, epoch) {
                     self.write_block(&digest, size, block_size, index, &bytes)
                 }
             }
@@ -568,7 +576,8 @@ impl Store {
                 block_size,
                 epoch,
             } => {
-                if !self.forgotten_since(&digest, epoch) {
+                let forgotten = lock(&self.forgotten);
+                if !forgotten_since(&forgotten, &digest, epoch) {
                     self.promote(&digest, size, block_size)
                 }
             }
@@ -646,16 +655,10 @@ impl Store {
         }
     }
 
-    /// Whether `digest` was forgotten after a job queued at `epoch`.
-    fn forgotten_since(&self, digest: &Digest, epoch: u64) -> bool {
-        lock(&self.forgotten)
-            .get(digest)
-            .is_some_and(|&at| at > epoch)
-    }
-
     fn forget(&self, digest: &Digest, block_size: u64) {
+        let mut forgotten = lock(&self.forgotten);
         let at = self.forgets.fetch_add(1, Ordering::AcqRel) + 1;
-        lock(&self.forgotten).insert(digest.clone(), at);
+        forgotten.insert(digest.clone(), at);
         let whole = self.remove(&[layout::blob_path(&self.root, digest)]);
         if whole + self.drop_partial(digest, block_size) > 0 {
             warn!(%digest, "dropped from the disk cache: its content did not match the digest");
