@@ -93,22 +93,6 @@ fn without_allow_delete_every_delete_is_eperm() {
     assert_eq!(manifest_status(registry.addr, "team/app", &untagged), 200);
     assert_eq!(blob_status(registry.addr, "team/app", &stray), 200);
     assert!(ls(&mnt.path("team/app/tags")).contains(&"v1".to_string()));
-
-    // An uploads/ link is the mount's own name, not a registry object: it goes, the
-    // blob stays.
-    let bytes = noise(2048, 9);
-    let link = mnt.path("team/app/uploads/notes.bin");
-    let mut file = fs::File::create(&link).expect("create uploads/notes.bin");
-    io::Write::write_all(&mut file, &bytes).expect("write");
-    common::close(file).expect("close (commit) of uploads/notes.bin");
-    let digest = common::sha256_digest(&bytes);
-    assert_eq!(
-        fs::read_link(&link).expect("readlink"),
-        Path::new("../blobs").join(&digest)
-    );
-    fs::remove_file(&link).expect("rm uploads/notes.bin without --allow-delete");
-    assert!(!ls(&mnt.path("team/app/uploads")).contains(&"notes.bin".to_string()));
-    assert_eq!(blob_status(registry.addr, "team/app", &digest), 200);
 }
 
 #[test]
@@ -217,6 +201,21 @@ fn each_form_of_delete_and_what_it_refuses() {
     fs::remove_file(mnt.path(&format!("team/app/blobs/{v2_config}")))
         .expect("rm of a blob no tag uses any more");
     assert_eq!(blob_status(registry.addr, "team/app", &v2_config), 404);
+    // An uploads/ link is the mount's own name, not a registry object: it goes, the
+    // blob stays.
+    let bytes = noise(2048, 9);
+    let link = mnt.path("team/app/uploads/notes.bin");
+    let mut file = fs::File::create(&link).expect("create uploads/notes.bin");
+    io::Write::write_all(&mut file, &bytes).expect("write");
+    common::close(file).expect("close (commit) of uploads/notes.bin");
+    let digest = common::sha256_digest(&bytes);
+    assert_eq!(
+        fs::read_link(&link).expect("readlink"),
+        Path::new("../blobs").join(&digest)
+    );
+    fs::remove_file(&link).expect("rm uploads/notes.bin");
+    assert!(!ls(&mnt.path("team/app/uploads")).contains(&"notes.bin".to_string()));
+    assert_eq!(blob_status(registry.addr, "team/app", &digest), 200);
 }
 
 #[test]

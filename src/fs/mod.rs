@@ -1164,15 +1164,14 @@ impl Fs {
         if self.writes.file(&node).is_some() {
             return self.writes.discard(&node).await;
         }
-        if let Node::UploadLink(repo, name) = &node {
-            // A name this mount keeps, not a registry object: the blob stays, so this
-            // needs no --allow-delete.
-            self.writes.remove_link(repo, name);
-            return Ok(());
-        }
         if !self.allow_delete {
             debug!(path = %node, "deleting from the registry needs --allow-delete");
             return Err(Errno::EPERM);
+        }
+        if let Node::UploadLink(repo, name) = &node {
+            // A name this mount keeps, not a registry object: the blob stays.
+            self.writes.remove_link(repo, name);
+            return Ok(());
         }
         let what = Deletion::of(&node).ok_or(Errno::EPERM)?;
         self.deletes.delete(&node, &what).await?;
