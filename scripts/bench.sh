@@ -227,6 +227,13 @@ def cmd_drop(*paths):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 
+def cmd_cpu(pid):
+    """CPU seconds (user + system) the process has used so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    print(f"{ticks / os.sysconf('SC_CLK_TCK'):.2f}")
+
 def rchar(pid):
     with open(f"/proc/{pid}/io") as f:
         return int(next(l for l in f if l.startswith("rchar:")).split()[1])
@@ -287,6 +294,17 @@ mibps() { calc "$size / 1048576 / $1" 0; } # seconds → MiB/s for the test blob
 human_bytes() {
     set -- "${1%.*}"
     if (($1 >= 1048576)); then echo "$(calc "$1 / 1048576" 2) MiB"; elif (($1 >= 1024)); then echo "$(calc "$1 / 1024" 1) KiB"; else echo "$1 B"; fi
+}
+
+# now_us: a clock in microseconds.
+now_us() { echo "${EPOCHREALTIME//[!0-9]/}"; }
+
+# elapsed_s CMD...: runs CMD (its stdout discarded), prints the seconds it took; fails with it.
+elapsed_s() {
+    local t0
+    t0=$(now_us)
+    timeout -k 5 "$read_timeout" "$@" >/dev/null || return 1
+    calc "($(now_us) - $t0) / 1000000" 6
 }
 
 rows=() notes=() problems=()
@@ -492,9 +510,17 @@ EOF
 peer_ready() { timeout -k 2 5 test -f "$1" || ! alive "$2"; }
 
 # peer_mount NAME MOUNTPOINT: start rclone or httpfs2 (pid in ${NAME}_pid); false if it failed.
+# The file a peer mount shows the blob as.
+peer_file() { if [[ $1 == httpfs2-registry ]]; then echo "$blob_digest"; else echo blob.bin; fi; }
+
 peer_mount() {
     local pid
     case $1 in
+    httpfs2-registry)
+        httpfs2 -f "$blob_url" "$2" >>"$tmp/httpfs2.log" 2>&1 &
+        pid=$!
+        httpfs_pid=$pid
+        ;;
     rclone)
         RCLONE_CONFIG=$tmp/rclone.conf rclone mount :http: "$2" \
             --http-url "http://127.0.0.1:$nginx_port/" --read-only 2>>"$tmp/rclone.log" &
@@ -507,8 +533,8 @@ peer_mount() {
         httpfs_pid=$pid
         ;;
     esac
-    wait_until 20 peer_ready "$2/blob.bin" "$pid" || true
-    if ! timeout -k 2 5 test -f "$2/blob.bin"; then
+    wait_until 20 peer_ready "$2/$(peer_file "$1")" "$pid" || true
+    if ! timeout -k 2 5 test -f "$2/$(peer_file "$1")"; then
         peer_na[$1]="mount failed: $(tail -1 "$tmp/$1.log" 2>/dev/null || echo 'no blob.bin after 20 s')"
         unmount "$2" "$pid"
         return 1
@@ -534,26 +560,50 @@ verify_blob() {
 # ---------------------------------------------------------------------------------------
 # Rows
 
+# cpu_of PID: its CPU seconds so far ("error" if it is gone).
+cpu_of() { pyh cpu "$1" 2>/dev/null || echo error; }
+# per_gib BEFORE AFTER: CPU seconds per GiB of the test blob.
+per_gib() { if all_numeric "$1" "$2"; then calc "($2 - $1) * 1073741824 / $size" 3; else echo error; fi; }
+
 seq_rows() {
-    local i t c_curl=() c_regfs=() c_warm=() c_rclone=() c_httpfs=() peer
+    local i t c0 c_curl=() c_regfs=() c_warm=() c_rclone=() c_httpfs=() c_nodisk=() c_dgst=() c_httpreg=() peer
+    local u_regfs=() u_nodisk=() u_rclone=() u_httpfs=() u_httpreg=() u_registry=()
     for ((i = 1; i <= runs; i++)); do
-        log "seq run $i/$runs: curl, regfs cold+warm, rclone, httpfs2"
+        log "seq run $i/$runs: curl, regfs cold+warm, regfs --no-disk-cache, rclone, httpfs2"
         c_curl+=("$(curl_seq)")
+        c_dgst+=("$(elapsed_s sh -c "curl -fsS '$blob_url' | openssl dgst -sha256" || echo error)")
         regfs_mount
+        c0=$(cpu_of "$regfs_pid")
+        local r0
+        r0=$(cpu_of "$registry_pid")
         t=$(read_seq "$mnt/$blob_path") || t=error
         c_regfs+=("$t")
+        u_regfs+=("$(per_gib "$c0" "$(cpu_of "$regfs_pid")")")
+        u_registry+=("$(per_gib "$r0" "$(cpu_of "$registry_pid")")")
         t=$(read_seq "$mnt/$blob_path") || t=error
         c_warm+=("$t")
         ((i > 1)) || verify_blob "$mnt/$blob_path" "regfs sequential read"
         regfs_umount
-        for peer in rclone httpfs2; do
-            [[ -z ${peer_na[$peer]:-} ]] || continue
-            local pm=$rclone_mnt
+        regfs_mount --no-disk-cache
+        c0=$(cpu_of "$regfs_pid")
+        t=$(read_seq "$mnt/$blob_path") || t=error
+        c_nodisk+=("$t")
+        u_nodisk+=("$(per_gib "$c0" "$(cpu_of "$regfs_pid")")")
+        regfs_umount
+        for peer in rclone httpfs2 httpfs2-registry; do
+            [[ -z ${peer_na[${peer%-registry}]:-} ]] || continue
+            local pm=$rclone_mnt ppid
             [[ $peer == rclone ]] || pm=$httpfs_mnt
             peer_mount "$peer" "$pm" || continue
-            t=$(read_seq "$pm/blob.bin") || t=error
-            if [[ $peer == rclone ]]; then c_rclone+=("$t"); else c_httpfs+=("$t"); fi
-            ((i > 1)) || verify_blob "$pm/blob.bin" "$peer"
+            if [[ $peer == rclone ]]; then ppid=$rclone_pid; else ppid=$httpfs_pid; fi
+            c0=$(cpu_of "$ppid")
+            t=$(read_seq "$pm/$(peer_file "$peer")") || t=error
+            case $peer in
+            rclone) c_rclone+=("$t") u_rclone+=("$(per_gib "$c0" "$(cpu_of "$ppid")")") ;;
+            httpfs2) c_httpfs+=("$t") u_httpfs+=("$(per_gib "$c0" "$(cpu_of "$ppid")")") ;;
+            *) c_httpreg+=("$t") u_httpreg+=("$(per_gib "$c0" "$(cpu_of "$ppid")")") ;;
+            esac
+            ((i > 1)) || verify_blob "$pm/$(peer_file "$peer")" "$peer"
             if [[ $peer == rclone ]]; then unmount "$pm" "$rclone_pid"; rclone_pid=; else unmount "$pm" "$httpfs_pid"; httpfs_pid=; fi
         done
     done
@@ -588,6 +638,41 @@ seq_rows() {
                 "$(calc "$peer_s / $regfs_s") × $name speed" "faster than $name" "$(verdict "$peer_s / $regfs_s > 1")"
         fi
     done
+
+    if [[ -n ${regfs_s:-} ]] && all_numeric "${c_dgst[@]}"; then
+        local d
+        d=$(median "${c_dgst[@]}")
+        row "$label vs \`curl | openssl dgst -sha256\` (a verified download)" "$regfs_cell" \
+            "curl | openssl: $(secs "$d") ($(mibps "$d") MiB/s)" "$(calc "$d / $regfs_s") × faster" \
+            "≥ 1.5 × faster" "$(verdict "$d / $regfs_s >= 1.5")"
+    fi
+    if all_numeric "${c_nodisk[@]}"; then
+        local n
+        n=$(median "${c_nodisk[@]}")
+        row "same, \`--no-disk-cache\`" "$(secs "$n") ($(mibps "$n") MiB/s)" "regfs with the disk cache: ${regfs_cell}" \
+            "$(calc "$n / ${regfs_s:-$n}") × the time" "—" "—"
+    fi
+    if all_numeric "${c_httpreg[@]}"; then
+        local h
+        h=$(median "${c_httpreg[@]}")
+        row "httpfs2 pointed at the registry's blob URL (what a user could point it at)" "$regfs_cell" \
+            "httpfs2 on the registry: $(secs "$h") ($(mibps "$h") MiB/s)" "$(calc "$h / ${regfs_s:-$h}") × httpfs2 speed" "report" "—"
+    fi
+    if all_numeric "${u_regfs[@]}"; then
+        local ur un uh=n/a urc=n/a uhr=n/a ureg limit
+        ur=$(median "${u_regfs[@]}")
+        un=$(median "${u_nodisk[@]}")
+        all_numeric "${u_httpfs[@]}" && uh=$(calc "$(median "${u_httpfs[@]}")" 2)
+        all_numeric "${u_rclone[@]}" && urc=$(calc "$(median "${u_rclone[@]}")" 2)
+        all_numeric "${u_httpreg[@]}" && uhr=$(calc "$(median "${u_httpreg[@]}")" 2)
+        ureg=$(median "${u_registry[@]}")
+        limit=1.0
+        numeric "$uh" && holds "$uh + 0.6 < 1.0" && limit=$(calc "$uh + 0.6" 2)
+        row "daemon CPU seconds per GiB, cold sequential (user + sys)" \
+            "regfs $(calc "$ur" 2) s ($(calc "$un" 2) s with \`--no-disk-cache\`)" \
+            "httpfs2 $uh s, on the registry $uhr s; rclone $urc s; the registry itself $(calc "$ureg" 2) s" \
+            "—" "regfs ≤ $limit s (≤ 1.0, ≤ httpfs2 + the hash's 0.6)" "$(verdict "$un <= $limit")"
+    fi
 
     if [[ -n ${regfs_s:-} ]] && all_numeric "${c_warm[@]}"; then
         warm_s=$(median "${c_warm[@]}")

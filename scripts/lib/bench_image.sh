@@ -11,17 +11,6 @@
 image_mib=${BENCH_IMAGE_MIB:-512}
 image_repo=bench/image
 
-# now_us: a clock in microseconds.
-now_us() { echo "${EPOCHREALTIME//[!0-9]/}"; }
-
-# elapsed_s CMD...: runs CMD (its stdout discarded), prints the seconds it took; fails with it.
-elapsed_s() {
-    local t0
-    t0=$(now_us)
-    timeout -k 5 "$read_timeout" "$@" >/dev/null || return 1
-    calc "($(now_us) - $t0) / 1000000" 6
-}
-
 # stat_json FILTER: a value of the mounted regfs's /.regfs/stats.
 stat_json() { timeout -k 2 10 cat "$(stats_file)" | jq -r "$1"; }
 blob_requests() { stat_json '.requests.blob_range + .requests.blob_stream'; }

@@ -125,10 +125,6 @@ impl OpenBlob {
         }
     }
 
-    fn streaming(&self) -> bool {
-        self.stream_progress().is_some()
-    }
-
     /// Where the stream stands, if one is running.
     fn stream_progress(&self) -> Option<watch::Receiver<u64>> {
         lock(&self.stream)
@@ -242,6 +238,10 @@ impl BlobReads {
         };
         if let Err(e) = &result {
             blob.remember_failure(e);
+            if blob.check.failed().is_err() {
+                // Wrong bytes, maybe a mirror's: the next open reads from the origin.
+                self.source.client().distrust_mirrors(&blob.digest);
+            }
         }
         result
     }
@@ -269,8 +269,7 @@ impl BlobReads {
         });
         if window == 0 {
             blob.stop_stream(); // a random reader: fetch only what it touches
-        } else if !ahead.is_empty() && !blob.streaming() && !self.start_stream(blob, &ahead, window)
-        {
+        } else if !ahead.is_empty() && !self.stream_ahead(blob, &ahead, window) {
             for index in ahead {
                 self.prefetch(blob, index);
             }
@@ -313,14 +312,23 @@ impl BlobReads {
             .await
     }
 
-    /// Starts a streaming GET from the first block of `ahead` for a reader that has
-    /// earned it; false if it has not (or the block is already cached or on its way,
-    /// as on a warm re-read, where a stream would only download what is there).
-    fn start_stream(&self, blob: &OpenBlob, ahead: &std::ops::Range<u64>, window: u64) -> bool {
+    /// Whether a stream feeds the reader: one already running, or one started now with a
+    /// streaming GET from the first block of `ahead` for a reader that has earned it.
+    /// False if it has not (or the block is already cached or on its way, as on a warm
+    /// re-read, where a stream would only download what is there).
+    fn stream_ahead(&self, blob: &OpenBlob, ahead: &std::ops::Range<u64>, window: u64) -> bool {
+        // Checked and started under one lock: the kernel's read-ahead requests come in
+        // several at once, and two streams of one reader would each find the other's
+        // blocks cached, end, and leave the reader to ranges.
+        let mut stream = lock(&blob.stream);
+        if stream.as_ref().is_some_and(|s| !s.task.is_finished()) {
+            return true;
+        }
         if window < STREAM_AFTER_WINDOW.min(self.max_window)
             || blob.stream_failures.load(Ordering::Relaxed) >= MAX_STREAM_FAILURES
             || self.cache.contains(&(blob.digest.clone(), ahead.start))
             || self.source.on_disk(blob.at(), ahead.start)
+            || self.source.checks_whole(blob.at())
         {
             return false;
         }
@@ -343,7 +351,7 @@ impl BlobReads {
                 debug!(%digest, from_block = from, "stream ended early: {e}");
             }
         });
-        *lock(&blob.stream) = Some(ActiveStream {
+        *stream = Some(ActiveStream {
             task: task.abort_handle(),
             progress: progress_rx,
         });

@@ -12,6 +12,7 @@ pub mod images;
 pub mod known_repos;
 mod layer_source;
 pub mod metadata;
+mod mirror_blobs;
 pub mod node;
 pub mod oci_layout;
 pub mod readahead;
@@ -207,8 +208,9 @@ impl Fs {
                 options.platform,
             ),
             blobs: BlobReads::new(cache, client.clone(), disk.clone()),
-            deletes: Deletes::new(client.clone(), view.clone()),
-            writes: Writes::new(client, view.clone(), disk),
+            // Writes and deletes, and the reads that decide them, must see the origin.
+            deletes: Deletes::new(client.origin_only(), view.clone()),
+            writes: Writes::new(client.origin_only(), view.clone(), disk),
             read_only: options.read_only,
             allow_delete: options.allow_delete,
             view,

@@ -5,11 +5,11 @@
 //! random readers fetch only the blocks they touch. The kernel may deliver its own
 //! read-ahead requests slightly out of order, so "right after" allows a little slack.
 
-/// How far a read may land from where the previous one ended and still count as
-/// sequential, once the reader has shown it is: the kernel keeps several 1 MiB
-/// read-ahead requests in flight and they can arrive in any order. A reader not yet
-/// known to be sequential gets one kernel request (or one block) of slack, so that a
-/// single read near the start of a file is not taken for the start of a stream.
+/// How far a read may land from where the reader got (ahead, once it has shown it is
+/// sequential; behind, always) and still count as sequential: the kernel keeps several
+/// 1 MiB read-ahead requests in flight and they can arrive in any order. Ahead, a reader
+/// not yet known to be sequential gets one kernel request (or one block) of slack, so
+/// that a single read near the start of a file is not taken for the start of a stream.
 const REORDER_SLACK: u64 = 4 << 20;
 const START_SLACK: u64 = 1 << 20;
 
@@ -45,13 +45,17 @@ impl ReadAhead {
     /// the block indexes to prefetch now (none for a random reader).
     pub fn on_read(&mut self, offset: u64, len: u64, size: u64) -> std::ops::Range<u64> {
         let end = offset.saturating_add(len).min(size);
-        let slack = self.block_size.max(if self.window > 0 {
+        let ahead_slack = self.block_size.max(if self.window > 0 {
             REORDER_SLACK
         } else {
             START_SLACK
         });
-        let sequential =
-            offset <= self.next.saturating_add(slack) && offset.saturating_add(slack) >= self.next;
+        // Behind where the reader got is a request the kernel reordered (its read-ahead
+        // runs several at once, and a loaded machine serves them in any order), from the
+        // first read on: only a jump further back is a new position.
+        let behind_slack = self.block_size.max(REORDER_SLACK);
+        let sequential = offset <= self.next.saturating_add(ahead_slack)
+            && offset.saturating_add(behind_slack) >= self.next;
         if sequential {
             // Start at two blocks, double, never beyond the maximum (which may be 0).
             self.window = (self.window * 2).max(2).min(self.max_blocks);
@@ -138,6 +142,30 @@ mod tests {
         }
         ra.on_read(900 * MB, MB, size);
         assert_eq!(ra.window(), 0, "a real jump");
+    }
+
+    #[test]
+    fn the_first_reads_arriving_out_of_order_are_not_jumps() {
+        // fs::read of a file with 64 KiB blocks on a loaded machine: the kernel's
+        // read-ahead requests served in the order its threads got to them.
+        let mut ra = ReadAhead::new(64 << 10, 32);
+        let size = 16 * MB;
+        let k = 128 << 10;
+        for (i, at) in [8 * k, 0, 2 * k, k, 4 * k, 3 * k, 6 * k, 5 * k, 7 * k]
+            .into_iter()
+            .enumerate()
+        {
+            ra.on_read(at, k, size);
+            assert!(ra.window() > 0, "read {i} at {at} counted as a jump");
+        }
+        assert_eq!(ra.window(), 32, "the window grew to its maximum");
+        ra.on_read(0, k, size);
+        assert!(
+            ra.window() > 0,
+            "a re-read of the start, 1 MiB back, is not a jump"
+        );
+        ra.on_read(12 * MB, k, size);
+        assert_eq!(ra.window(), 0, "a jump 11 MiB ahead is");
     }
 
     #[test]

@@ -227,12 +227,18 @@ impl LayerContent {
         for k in first..=last {
             let span = self.span(map, k).await?;
             let range = map.span(k);
-            let from = start.max(range.start) - range.start;
-            let to = (end.min(range.end) - range.start).min(span.len() as u64);
+            let from = (start.max(range.start) - range.start) as usize;
+            let to = ((end.min(range.end) - range.start) as usize).min(span.len());
+            let Some(piece) = span.get(from..to) else {
+                return Err(unreadable(
+                    self.digest(),
+                    "a file beyond the end of the layer",
+                ));
+            };
             if first == last {
-                return Ok(span.slice(from as usize..to as usize));
+                return Ok(span.slice(from..to));
             }
-            out.extend_from_slice(&span[from as usize..to as usize]);
+            out.extend_from_slice(piece);
         }
         Ok(out.freeze())
     }

@@ -75,9 +75,7 @@ struct Store {
     temp_names: AtomicU64,
     /// Blobs whose content turned out wrong, with the count of forgets when it did: a
     /// block or promotion queued before that (the wrong bytes on their way to disk) is
-    /// dropped by the writer instead of landing after the forget. The writer holds it
-    /// from its check to the end of the write, and a forget while removing, so a write
-    /// that passed the check is finished before the forget removes it.
+    /// dropped by the writer instead of landing after the forget.
     forgotten: Mutex<HashMap<Digest, u64>>,
     forgets: AtomicU64,
 }
@@ -115,11 +113,6 @@ pub struct HeldIndex {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Whether `digest` was forgotten after a job queued at `epoch`.
-fn forgotten_since(forgotten: &HashMap<Digest, u64>, digest: &Digest, epoch: u64) -> bool {
-    forgotten.get(digest).is_some_and(|&at| at > epoch)
 }
 
 /// `--cache-dir`'s default: `/var/cache/regfs` for root, else `$XDG_CACHE_HOME/regfs`
@@ -564,23 +557,15 @@ impl Store {
                 index,
                 bytes,
                 epoch,
-            } => {
-                let forgotten = lock(&self.forgotten);
-                if !forgotten_since(&forgotten, &digest, epoch) {
-                    self.write_block(&digest, size, block_size, index, &bytes)
-                }
-            }
+            } => self.unless_forgotten(&digest, epoch, || {
+                self.write_block(&digest, size, block_size, index, &bytes)
+            }),
             Job::Verified {
                 digest,
                 size,
                 block_size,
                 epoch,
-            } => {
-                let forgotten = lock(&self.forgotten);
-                if !forgotten_since(&forgotten, &digest, epoch) {
-                    self.promote(&digest, size, block_size)
-                }
-            }
+            } => self.unless_forgotten(&digest, epoch, || self.promote(&digest, size, block_size)),
             Job::Meta { kind, key, body } => self.write_meta(&kind, &key, &body),
         }
     }
@@ -653,6 +638,18 @@ impl Store {
             }
             Err(e) => self.write_failed(&e, "keeping a verified blob"),
         }
+    }
+
+    /// Runs the write of a job queued at `epoch`, unless `digest` was forgotten since.
+    /// Under the lock `forget` holds while it removes files: a write that checked
+    /// before the forget would otherwise land after it, in a new partial file, and the
+    /// next reader would get the wrong bytes back from the disk.
+    fn unless_forgotten(&self, digest: &Digest, epoch: u64, write: impl FnOnce()) {
+        let forgotten = lock(&self.forgotten);
+        if forgotten.get(digest).is_some_and(|&at| at > epoch) {
+            return;
+        }
+        write();
     }
 
     fn forget(&self, digest: &Digest, block_size: u64) {
