@@ -34,7 +34,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use regfs::cache::BlockCache;
 use regfs::fs::deadline::within;
 use regfs::fs::node::Kind;
-use regfs::fs::{Errno, Fs, ROOT_INO};
+use regfs::fs::{Errno, Fs, FsOptions, ROOT_INO};
 use regfs::image::manifest::Platform;
 use regfs::registry::{ClientOptions, RegistryClient, parse_registry_url};
 use regfs::stats::Stats;
@@ -955,15 +955,14 @@ fn direct_fs(url: &str) -> Direct {
         .expect("client")
     });
     let cache = Arc::new(BlockCache::new(64 << 10, 4 << 20, stats));
-    let fs = Fs::new(
-        client,
-        Vec::new(),
-        Duration::from_secs(3600),
-        cache,
-        None,
-        false,
-        Platform::host(),
-    );
+    let options = FsOptions {
+        repos: Vec::new(),
+        tag_ttl: Duration::from_secs(3600),
+        read_only: false,
+        allow_delete: false,
+        platform: Platform::host(),
+    };
+    let fs = Fs::new(client, cache, None, options);
     Direct {
         fs: Arc::new(fs),
         runtime,

@@ -426,6 +426,8 @@ pub struct RegistryOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Serve this storage directory (e.g. another registry's) instead of a fresh one.
     pub storage: Option<PathBuf>,
+    /// Refuse deletes (`storage.delete.enabled: false`, distribution's default).
+    pub delete_disabled: bool,
 }
 
 impl Registry {
@@ -469,9 +471,10 @@ impl Registry {
         let config = format!(
             "version: 0.1\n\
              log:\n  level: error\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: {delete}\n\
              http:\n  addr: {addr}\n{tls}{extra}",
             storage = storage.display(),
+            delete = !options.delete_disabled,
             extra = options.extra_config,
         );
         let config_path = dir.path().join("config.yml");
@@ -1093,7 +1096,7 @@ pub fn skopeo_raw_manifest(addr: SocketAddr, reference: &str) -> Vec<u8> {
 }
 
 /// `skopeo copy --all [options] src dest`; panics if skopeo fails.
-fn skopeo_copy(options: &[&str], src: &str, dest: &str) {
+pub fn skopeo_copy(options: &[&str], src: &str, dest: &str) {
     run(Command::new("skopeo")
         .args([
             // The policy is irrelevant here; this also works without /etc/containers/policy.json.
