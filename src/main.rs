@@ -10,7 +10,7 @@ use regfs::cache::disk::{self, admin};
 use regfs::daemon::{self, Readiness};
 use regfs::image::manifest::Platform;
 use regfs::mount::{self, DiskCacheConfig, MountConfig};
-use regfs::registry::{Credentials, RepoName, parse_registry_url};
+use regfs::registry::{Credentials, MirrorSpec, RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -60,6 +60,7 @@ EXAMPLES:
   cp layer.tar /mnt/reg/team/app/uploads/
   regfs mount --repo library/alpine --daemon registry.example.com /mnt/reg
   regfs mount --repo library/alpine docker.io /mnt/hub
+  regfs mount --mirror http://cache.internal:5000 reg.example /mnt/reg   (pull-through cache)
   echo \"$TOKEN\" | regfs mount --username me --password-stdin ghcr.io /mnt/ghcr
   fusermount3 -u /mnt/reg        (or Ctrl-C / SIGTERM on the regfs process)
   regfs cache prune --max 2GiB   (trim the disk cache; regfs cache verify checks it)
@@ -201,6 +202,12 @@ struct MountArgs {
     /// No disk cache: nothing is written to disk, every new mount starts cold
     #[arg(long)]
     no_disk_cache: bool,
+    /// A mirror of the registry (a pull-through cache, Harbor proxy project, Spegel,
+    /// Dragonfly), repeatable, tried in order: blobs and manifests by digest are read
+    /// from it first, checked, and from the registry if it fails; tags and writes
+    /// always go to the registry. A path in the URL goes before repository names
+    #[arg(long = "mirror", value_name = "URL", value_parser = MirrorSpec::parse)]
+    mirrors: Vec<MirrorSpec>,
 }
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
@@ -292,6 +299,7 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         .collect::<Result<Vec<_>, _>>()?;
     Ok(MountConfig {
         registry,
+        mirrors: args.mirrors,
         mountpoint: args.mountpoint,
         repos,
         tag_ttl: args.tag_ttl,

@@ -15,7 +15,7 @@ use crate::daemon::Readiness;
 use crate::fs::Fs;
 use crate::fuse::FuseAdapter;
 use crate::image::manifest::Platform;
-use crate::registry::{ClientOptions, Credentials, RegistryClient, RepoName};
+use crate::registry::{ClientOptions, Credentials, MirrorSpec, RegistryClient, RepoName};
 use crate::stats::Stats;
 use crate::unmount::{self, Watchdog};
 
@@ -28,6 +28,8 @@ const KERNEL_READAHEAD_KB: u32 = 1024;
 
 pub struct MountConfig {
     pub registry: Url,
+    /// `--mirror`s, in order: content-addressed reads try them first.
+    pub mirrors: Vec<MirrorSpec>,
     pub mountpoint: PathBuf,
     pub repos: Vec<RepoName>,
     pub tag_ttl: Duration,
@@ -112,6 +114,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     };
     let stats = Arc::new(Stats::default());
     let client = RegistryClient::new(config.registry.clone(), options, stats.clone())
+        .and_then(|client| client.with_mirrors(config.mirrors.clone()))
         .map_err(|e| e.to_string())?;
     let registry = config.registry.as_str().trim_end_matches('/');
     runtime.block_on(async {

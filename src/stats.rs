@@ -1,8 +1,9 @@
 //! Counters of what the mount did, shown as JSON in `/.regfs/stats` so users and
 //! benchmarks can see cache behaviour and traffic without a debugger.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
@@ -72,6 +73,24 @@ pub struct Stats {
     pub disk_dropped: AtomicU64,
     pub passthrough_opens: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
+    /// Traffic per registry host (the origin and each `--mirror`), in the order added.
+    hosts: Mutex<Vec<Arc<HostCounters>>>,
+}
+
+/// What one host was asked and how it answered.
+#[derive(Default)]
+pub struct HostCounters {
+    url: String,
+    role: &'static str,
+    /// Requests sent to it (token requests to an auth realm are not counted).
+    pub requests: AtomicU64,
+    /// Requests that got no answer, or a 5xx / 429.
+    pub failures: AtomicU64,
+    /// Blob bytes it sent.
+    pub fetched_bytes: AtomicU64,
+    /// Reads it could not serve (error, 404, wrong bytes, resting) that went on to the
+    /// next host.
+    pub passed_on: AtomicU64,
 }
 
 /// Holds one request's place in `in_flight` until dropped.
@@ -99,6 +118,38 @@ impl Stats {
         Self::add(&self.requests[kind as usize], 1);
         Self::add(&self.in_flight, 1);
         InFlight(self.clone())
+    }
+
+    /// The counters of a host (`role`: "origin" or "mirror"), shown under `hosts`.
+    pub fn host(&self, url: &str, role: &'static str) -> Arc<HostCounters> {
+        let counters = Arc::new(HostCounters {
+            url: url.to_owned(),
+            role,
+            ..HostCounters::default()
+        });
+        self.hosts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(counters.clone());
+        counters
+    }
+
+    fn hosts_snapshot(&self) -> BTreeMap<String, HostSnapshot> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shown: BTreeMap<String, HostSnapshot> = BTreeMap::new();
+        for h in hosts.iter() {
+            // The same host twice (a mirror that is also the origin): one entry.
+            let entry = shown.entry(h.url.clone()).or_insert_with(|| HostSnapshot {
+                role: h.role,
+                ..HostSnapshot::default()
+            });
+            entry.requests += get(&h.requests);
+            entry.failures += get(&h.failures);
+            entry.fetched_bytes += get(&h.fetched_bytes);
+            entry.passed_on += get(&h.passed_on);
+        }
+        shown
     }
 
     pub fn snapshot(&self, budget: u64, block_size: u64) -> Snapshot {
@@ -154,6 +205,7 @@ impl Stats {
                 decodes: get(&self.content_decodes),
                 fetched_bytes: get(&self.content_fetched_bytes),
             },
+            hosts: self.hosts_snapshot(),
         }
     }
 }
@@ -173,6 +225,18 @@ pub struct Snapshot {
     pub verify_failures: u64,
     pub pending_manifests: u64,
     pub images: ImagesSnapshot,
+    /// Per registry host, by URL: the origin and each mirror.
+    pub hosts: BTreeMap<String, HostSnapshot>,
+}
+
+#[derive(Serialize, Debug, Default)]
+pub struct HostSnapshot {
+    /// "origin" or "mirror".
+    pub role: &'static str,
+    pub requests: u64,
+    pub failures: u64,
+    pub fetched_bytes: u64,
+    pub passed_on: u64,
 }
 
 #[derive(Serialize, Debug)]

@@ -830,6 +830,9 @@ fn mkdir_makes_repositories_and_deleting_is_refused() {
         ["blobs", "manifests", "tags", "uploads"]
     );
     assert!(ls(&mnt.dir).contains(&"org".to_string()));
+    // The directories above it are its namespace, not repositories.
+    assert_eq!(ls(&mnt.path("org")), ["team"]);
+    assert_eq!(ls(&mnt.path("org/team")), ["svc"]);
     fs::create_dir(mnt.path("org/team/svc/tags/next")).expect("mkdir tags/next");
     assert!(mnt.path("org/team/svc/tags/next").is_dir());
     let perms = fs::metadata(mnt.path("org/team/svc"))

@@ -151,6 +151,15 @@ impl<E: Clone> BlockCache<E> {
         self.buffers.take(capacity)
     }
 
+    /// Puts in a block fetched along with another (a whole blob checked at once), unless
+    /// it is cached or being fetched already.
+    pub fn insert(&self, key: BlockKey, block: Bytes) {
+        let mut inner = self.lock();
+        if !inner.ready.contains(&key) && !inner.pending.contains_key(&key) {
+            self.store(&mut inner, key, block);
+        }
+    }
+
     /// Whether the block is cached or being fetched.
     pub fn contains(&self, key: &BlockKey) -> bool {
         let inner = self.lock();

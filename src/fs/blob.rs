@@ -238,6 +238,10 @@ impl BlobReads {
         };
         if let Err(e) = &result {
             blob.remember_failure(e);
+            if blob.check.failed().is_err() {
+                // Wrong bytes, maybe a mirror's: the next open reads from the origin.
+                self.source.client().distrust_mirrors(&blob.digest);
+            }
         }
         result
     }
@@ -324,6 +328,7 @@ impl BlobReads {
             || blob.stream_failures.load(Ordering::Relaxed) >= MAX_STREAM_FAILURES
             || self.cache.contains(&(blob.digest.clone(), ahead.start))
             || self.source.on_disk(blob.at(), ahead.start)
+            || self.source.checks_whole(blob.at())
         {
             return false;
         }

@@ -1,13 +1,15 @@
 //! Where a blob block comes from when the memory cache does not have it: the disk cache
 //! (`--cache-dir`), else the registry, whose answer then goes to the disk cache too.
 //! Every fetch below the memory cache (a reader's, prefetch, a stream's) goes through
-//! here, so a blob on disk is never fetched again.
+//! here, so a blob on disk is never fetched again. A small blob a mirror may serve is
+//! fetched from it whole and checked first (mirror_blobs.rs).
 
 use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::mirror_blobs::MirrorBlobs;
 use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, RegistryClient, RepoName, Result};
 
@@ -16,6 +18,7 @@ pub struct BlockSource {
     client: RegistryClient,
     cache: Arc<BlockCache>,
     disk: Option<DiskCache>,
+    mirror_blobs: Arc<MirrorBlobs>,
 }
 
 /// One blob, as the source needs to know it.
@@ -32,6 +35,7 @@ impl BlockSource {
             client,
             cache,
             disk,
+            mirror_blobs: Arc::default(),
         }
     }
 
@@ -61,6 +65,13 @@ impl BlockSource {
             .is_some_and(|d| d.has_block(blob.digest, blob.size, self.cache.block_size(), index))
     }
 
+    /// Whether this blob's blocks come from a mirror that is checked whole first
+    /// (mirror_blobs.rs): a stream of it would only fetch it a second time.
+    pub fn checks_whole(&self, blob: BlobAt<'_>) -> bool {
+        self.mirror_blobs
+            .checks_whole(&self.client, &self.cache, blob)
+    }
+
     /// Block `index` by a range request, unless the disk has it.
     pub async fn fetch(&self, blob: BlobAt<'_>, index: u64) -> Result<Bytes> {
         let (start, len) = self.span(blob.size, index);
@@ -86,6 +97,15 @@ impl BlockSource {
             if let Some(block) = disk.block(blob.digest, blob.size, bs, index, buffer).await {
                 return Ok(block);
             }
+        }
+        if self.checks_whole(blob)
+            && let Some(block) = self
+                .mirror_blobs
+                .block(&self.client, &self.cache, self.disk.as_ref(), blob, index)
+                .await
+        {
+            // On the disk already, with the rest of the blob.
+            return Ok(block);
         }
         let block = fetch().await?;
         if let Some(disk) = &self.disk {

@@ -50,7 +50,7 @@ impl LayerSource {
         if let Some(block) = self.cache.peek(&key) {
             return Ok(block);
         }
-        if self.blocks.on_disk(self.blob(), index) {
+        if self.blocks.on_disk(self.blob(), index) || self.blocks.checks_whole(self.blob()) {
             return self.block(index).await;
         }
         let (start, len) = self.blocks.span(self.size, index);
@@ -126,6 +126,7 @@ impl BlobSource for LayerSource {
     }
 
     fn distrust(&self) {
+        self.blocks.client().distrust_mirrors(&self.digest);
         self.cache.forget(&self.digest);
         if let Some(disk) = self.blocks.disk() {
             disk.forget(&self.digest, self.cache.block_size());

@@ -11,6 +11,7 @@ pub mod images;
 pub mod known_repos;
 mod layer_source;
 pub mod metadata;
+mod mirror_blobs;
 pub mod node;
 pub mod readahead;
 mod verify;
@@ -184,7 +185,8 @@ impl Fs {
                 platform,
             ),
             blobs: BlobReads::new(cache, client.clone(), disk.clone()),
-            writes: Writes::new(client, view.clone(), disk),
+            // Writes, and the reads that decide them, must see the origin.
+            writes: Writes::new(client.origin_only(), view.clone(), disk),
             read_only,
             view,
             inodes: Mutex::new(InodeTable::default()),
@@ -417,8 +419,9 @@ impl Fs {
         let Some(repo) = RepoName::parse(path) else {
             return Ok(None);
         };
-        if self.writes.has_dir(path) {
-            // Made with mkdir: a repository to be, until its first push.
+        if self.writes.has_dir(path) && self.writes.dirs_below(path).is_empty() {
+            // Made with mkdir: a repository to be, until its first push. One with
+            // directories made below it is their namespace (`mkdir -p team/app`).
             return Ok(Some(repo));
         }
         let known = self.view.known_repos().await.map_err(|e| fail(&"/", e))?;
@@ -1014,11 +1017,16 @@ impl Fs {
             debug!(%from, %dir, "a blob keeps its digest as its name");
             return Err(Errno::EPERM);
         }
-        if from_repo != to_repo {
-            self.writes.link_blob(from_repo, to_repo, digest).await?;
+        // link(2) to a name that exists is EEXIST (the kernel checks first; this is
+        // for callers that do not).
+        let target = Node::Blob(to_repo.clone(), digest.clone());
+        match self.attr(&target).await {
+            Ok(_) => return Err(Errno::EEXIST),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
         }
-        self.attr(&Node::Blob(to_repo.clone(), digest.clone()))
-            .await
+        self.writes.link_blob(from_repo, to_repo, digest).await?;
+        self.attr(&target).await
     }
 
     /// `uploads/<name> -> ../blobs/<digest>`: how a backup of `uploads/` comes back. Only

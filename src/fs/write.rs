@@ -182,6 +182,10 @@ pub struct Writes {
     files: Mutex<HashMap<Node, Arc<WrittenFile>>>,
     /// `uploads/<name>` committed in this mount → the blob it became.
     links: Mutex<HashMap<(RepoName, String), Digest>>,
+    /// Blobs pushed into a repository through this mount (uploads, `blobs/<digest>`,
+    /// `ln`): the registry cannot list a repository's blobs, so these are listed in
+    /// `blobs/` from here.
+    pushed_blobs: Mutex<HashSet<(RepoName, Digest)>>,
     /// Repository (and namespace) paths made with mkdir, not yet pushed to.
     dirs: Mutex<BTreeSet<String>>,
     tag_dirs: Mutex<HashSet<(RepoName, Tag)>>,
@@ -207,6 +211,7 @@ impl Writes {
             disk,
             files: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
+            pushed_blobs: Mutex::new(HashSet::new()),
             dirs: Mutex::new(BTreeSet::new()),
             tag_dirs: Mutex::new(HashSet::new()),
             held: Mutex::new(Vec::new()),
@@ -253,14 +258,26 @@ impl Writes {
         lock(&self.links).insert((repo.clone(), name.to_owned()), digest);
     }
 
-    /// The blobs `uploads/` links point at in `repo`: listed in `blobs/` too, so that a
-    /// backup of the repository holds what its links point at.
+    /// The blobs pushed into `repo` through this mount, and those its `uploads/` links
+    /// point at: listed in `blobs/` too, so that a backup of the repository holds what
+    /// was put there and what its links point at.
     pub fn linked_blobs(&self, repo: &RepoName) -> Vec<Digest> {
-        lock(&self.links)
+        let mut blobs: Vec<Digest> = lock(&self.links)
             .iter()
             .filter(|((r, _), _)| r == repo)
             .map(|(_, d)| d.clone())
-            .collect()
+            .collect();
+        blobs.extend(
+            lock(&self.pushed_blobs)
+                .iter()
+                .filter(|(r, _)| r == repo)
+                .map(|(_, d)| d.clone()),
+        );
+        blobs
+    }
+
+    fn blob_pushed(&self, repo: &RepoName, digest: &Digest) {
+        lock(&self.pushed_blobs).insert((repo.clone(), digest.clone()));
     }
 
     pub fn links_in(&self, repo: &RepoName) -> Vec<String> {
@@ -477,6 +494,9 @@ impl Writes {
     async fn commit(&self, file: &Arc<WrittenFile>, target: &Target) -> Result<(), Errno> {
         let mut state = file.state.lock().await;
         if let Some(e) = state.failed {
+            // A write failed (out of order, or the upload did): never committed, and
+            // not left behind under its final name either.
+            self.let_go(file);
             return Err(e);
         }
         if state.done {
@@ -500,6 +520,7 @@ impl Writes {
                 match upload {
                     Ok(up) => match up.commit(expected.as_ref()).await {
                         Ok(digest) => {
+                            self.blob_pushed(repo, &digest);
                             if let Some(name) = upload_name {
                                 lock(&self.links).insert((repo.clone(), name.clone()), digest);
                             }
@@ -522,16 +543,20 @@ impl Writes {
         };
         // Under its final name, the file is the registry's now (a temp file is
         // removed by its rename).
-        let mut files = lock(&self.files);
-        if files.get(&file.node).is_some_and(|f| Arc::ptr_eq(f, file)) {
-            files.remove(&file.node);
-        }
-        drop(files);
+        self.let_go(file);
         result.map_err(|e| {
             let errno = errno_of(&file.node, e);
             state.failed = Some(errno);
             errno
         })
+    }
+
+    /// Forgets `file` under its name (unless another file took the name meanwhile).
+    fn let_go(&self, file: &Arc<WrittenFile>) {
+        let mut files = lock(&self.files);
+        if files.get(&file.node).is_some_and(|f| Arc::ptr_eq(f, file)) {
+            files.remove(&file.node);
+        }
     }
 
     /// Pushes a manifest; an index whose child manifests are missing is held (see the
@@ -739,6 +764,7 @@ impl Writes {
             Err(e) => Err(e),
         };
         result.map_err(|e| errno_of(&node, e))?;
+        self.blob_pushed(to, digest);
         self.view.pushed(to, None);
         Ok(())
     }

@@ -19,9 +19,10 @@ use url::Url;
 use super::auth::Auth;
 use super::credentials::Credentials;
 use super::error::{Error, Result};
+use super::hosts::{HostShape, Hosts};
 use super::ssrf::Guard;
 use super::types::{Digest, Reference, RepoName, Tag, media_type};
-use crate::stats::{InFlight, RequestKind, Stats};
+use crate::stats::{HostCounters, InFlight, RequestKind, Stats};
 
 /// Manifests larger than this are refused: the distribution spec lets registries cap
 /// them at 4 MiB, and nothing legitimate comes close.
@@ -105,6 +106,12 @@ pub struct RegistryClient {
     auth: Arc<Auth>,
     /// Where the registry may send us (redirects, realms): see ssrf.rs.
     guard: Arc<Guard>,
+    /// The mirrors content-addressed reads try first (hosts.rs); none for a mirror's
+    /// own client.
+    pub(super) hosts: Arc<Hosts>,
+    /// How this host is addressed (a mirror's path prefix and `ns=`), and its counters.
+    shape: HostShape,
+    host: Arc<HostCounters>,
 }
 
 /// What one blob GET produced: an answer (and how many leading bytes to drop, for a
@@ -245,6 +252,16 @@ struct ListPage {
 
 impl RegistryClient {
     pub fn new(base: Url, options: ClientOptions, stats: Arc<Stats>) -> Result<RegistryClient> {
+        Self::build(base, options, stats, HostShape::origin())
+    }
+
+    /// A client of one host: the origin, or a mirror (`shape`).
+    pub(super) fn build(
+        base: Url,
+        options: ClientOptions,
+        stats: Arc<Stats>,
+        shape: HostShape,
+    ) -> Result<RegistryClient> {
         // One TLS provider for the process (reqwest panics without one); an error only
         // means one is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -279,6 +296,7 @@ impl RegistryClient {
             guard.clone(),
         );
         let resolved = LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN));
+        let host = stats.host(&shape.shown(&base), shape.role());
         Ok(RegistryClient {
             http,
             blob_http,
@@ -288,6 +306,9 @@ impl RegistryClient {
             resolved: Arc::new(Mutex::new(resolved)),
             auth: Arc::new(auth),
             guard,
+            hosts: Arc::new(Hosts::none()),
+            shape,
+            host,
         })
     }
 
@@ -375,10 +396,22 @@ impl RegistryClient {
         &self.base
     }
 
+    /// This host as stats and logs name it (a mirror's prefix included).
+    pub fn host_name(&self) -> String {
+        self.shape.shown(&self.base)
+    }
+
+    pub(super) fn host_counters(&self) -> &Arc<HostCounters> {
+        &self.host
+    }
+
     pub(super) fn url(&self, path: &str) -> Result<Url> {
-        self.base
-            .join(path)
-            .map_err(|e| Error::BadAnswer(format!("cannot build URL for {path}: {e}")))
+        let mut url = self
+            .base
+            .join(&self.shape.path(path))
+            .map_err(|e| Error::BadAnswer(format!("cannot build URL for {path}: {e}")))?;
+        self.shape.add_query(&mut url);
+        Ok(url)
     }
 
     /// Sends a request, authenticated (see `auth.rs`). A 401/403 that survives
@@ -388,10 +421,19 @@ impl RegistryClient {
         what: &str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response> {
-        let resp = self.auth.send(what, req).await?;
+        Stats::add(&self.host.requests, 1);
+        let resp = self.auth.send(what, req).await.inspect_err(|_| {
+            Stats::add(&self.host.failures, 1);
+        })?;
+        let status = resp.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            Stats::add(&self.host.failures, 1);
+        }
         debug!(
             request = what,
-            status = resp.status().as_u16(),
+            host = %self.base.origin().ascii_serialization(),
+            status = status.as_u16(),
+            version = ?resp.version(),
             "registry answered"
         );
         if matches!(
@@ -586,8 +628,19 @@ impl RegistryClient {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<FetchedManifest> {
-        self.retrying(|| self.get_manifest_once(repo, reference))
-            .await
+        match reference {
+            // Content-addressed: a mirror may answer (the digest is checked).
+            Reference::Digest(digest) => {
+                self.content_read(digest, |host| {
+                    Box::pin(host.get_manifest_once(repo, reference))
+                })
+                .await
+            }
+            Reference::Tag(_) => {
+                self.retrying(|| self.get_manifest_once(repo, reference))
+                    .await
+            }
+        }
     }
 
     async fn get_manifest_once(
@@ -631,8 +684,18 @@ impl RegistryClient {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<(Digest, u64)> {
-        self.retrying(|| self.head_manifest_once(repo, reference))
-            .await
+        match reference {
+            Reference::Digest(digest) => {
+                self.content_read(digest, |host| {
+                    Box::pin(host.head_manifest_once(repo, reference))
+                })
+                .await
+            }
+            Reference::Tag(_) => {
+                self.retrying(|| self.head_manifest_once(repo, reference))
+                    .await
+            }
+        }
     }
 
     async fn head_manifest_once(
@@ -729,7 +792,8 @@ impl RegistryClient {
 
     /// HEAD a blob: its exact size.
     pub async fn head_blob(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
-        self.retrying(|| self.head_blob_once(repo, digest)).await
+        self.content_read(digest, |host| Box::pin(host.head_blob_once(repo, digest)))
+            .await
     }
 
     async fn head_blob_once(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
@@ -759,8 +823,10 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        self.retrying(|| self.get_blob_range_once(repo, digest, offset, len))
-            .await
+        self.content_read(digest, |host| {
+            Box::pin(host.get_blob_range_once(repo, digest, offset, len))
+        })
+        .await
     }
 
     async fn get_blob_range_once(
@@ -804,9 +870,11 @@ impl RegistryClient {
         digest: &Digest,
         offset: u64,
     ) -> Result<BlobBody> {
-        self.retrying(|| {
-            let in_flight = self.stats.request(RequestKind::BlobStream);
-            self.open_blob(repo, digest, offset, None, in_flight)
+        self.content_read(digest, |host| {
+            Box::pin(async move {
+                let in_flight = host.stats.request(RequestKind::BlobStream);
+                host.open_blob(repo, digest, offset, None, in_flight).await
+            })
         })
         .await
     }
@@ -814,7 +882,7 @@ impl RegistryClient {
     /// A GET of the blob from `offset` (`len` bytes, or to the end), positioned at
     /// `offset`: from the URL it resolved to earlier, else from the registry, following
     /// its redirects.
-    async fn open_blob(
+    pub(super) async fn open_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
@@ -871,7 +939,14 @@ impl RegistryClient {
         what: String,
         in_flight: InFlight,
     ) -> BlobBody {
-        BlobBody::new(resp, skip, what, in_flight, self.options.read_timeout)
+        BlobBody::new(
+            resp,
+            skip,
+            what,
+            in_flight,
+            self.host.clone(),
+            self.options.read_timeout,
+        )
     }
 
     fn resolved_url(&self, digest: &Digest) -> Option<Url> {
@@ -935,6 +1010,7 @@ pub struct BlobBody {
     skip: u64,
     what: String,
     stats: Arc<Stats>,
+    host: Arc<HostCounters>,
     pace: Pace,
     _in_flight: InFlight,
 }
@@ -989,10 +1065,12 @@ impl BlobBody {
         skip: u64,
         what: String,
         in_flight: InFlight,
+        host: Arc<HostCounters>,
         window: Duration,
     ) -> BlobBody {
         BlobBody {
             stats: in_flight.stats().clone(),
+            host,
             resp,
             skip,
             what,
@@ -1018,6 +1096,7 @@ impl BlobBody {
             };
             self.pace.add(waited, chunk.len() as u64, &self.what)?;
             Stats::add(&self.stats.fetched_bytes, chunk.len() as u64);
+            Stats::add(&self.host.fetched_bytes, chunk.len() as u64);
             if self.skip > 0 {
                 let n = self.skip.min(chunk.len() as u64);
                 self.skip -= n;

@@ -93,6 +93,12 @@ impl Credentials {
         }
         from_docker_config(&docker_server_key(registry))
     }
+
+    /// A mirror's credentials: only what the docker config names for the mirror's own
+    /// host. `--username` and `REGFS_*` are the registry's and never go to a mirror.
+    pub fn for_mirror(mirror: &Url) -> Credentials {
+        from_docker_config(&docker_server_key(mirror))
+    }
 }
 
 /// The key docker uses for a registry in config.json and with credential helpers:
