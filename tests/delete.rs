@@ -13,8 +13,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    Mount, Registry, RegistryOptions, blob_status, ls, manifest_status, noise, push_blob,
-    push_tiny_image, push_untagged_image, put_manifest, run,
+    Mount, Proxy, ProxyRules, Registry, RegistryOptions, Response, Tamper, blob_status, ls,
+    manifest_status, noise, push_blob, push_tiny_image, push_untagged_image, put_manifest, run,
 };
 
 fn assert_errno<T: std::fmt::Debug>(result: io::Result<T>, errno: i32, what: &str) {
@@ -250,4 +250,44 @@ fn a_registry_that_refuses_deletes_gives_eperm_and_its_reason() {
     assert_eq!(manifest_status(registry.addr, "team/app", &v1), 200);
     assert_eq!(blob_status(registry.addr, "team/app", &stray), 200);
     assert_eq!(skopeo_tags(&registry, "team/app"), ["shared", "v1", "v2"]);
+}
+
+#[test]
+fn a_registry_that_deletes_tags_is_asked_to_untag_only() {
+    common::require_tools();
+    let registry = Registry::start();
+    let (_, v2, _, _, _) = populated(&registry);
+    // distribution 2.8 refuses DELETE by tag (400); the proxy makes it a registry that
+    // takes it (202), as distribution 3 and most hosted registries do.
+    let proxy = Proxy::start(
+        registry.addr,
+        ProxyRules {
+            tamper: Some(Tamper::new(|method, target, response| {
+                let by_tag =
+                    target.starts_with("/v2/team/app/manifests/") && !target.contains("sha256:");
+                if method == "DELETE" && by_tag {
+                    Response::new(202, &[], Vec::new())
+                } else {
+                    response
+                }
+            })),
+            ..ProxyRules::default()
+        },
+    );
+    let mnt = Mount::start(&proxy.url(), &["--allow-delete"]);
+    // v2 shares its manifest with `shared`, but only the tag is asked to go.
+    fs::remove_file(mnt.path("team/app/tags/v2/manifest.json"))
+        .expect("rm tags/v2/manifest.json where the registry deletes by tag");
+    assert_eq!(
+        proxy.requests_matching("DELETE /v2/team/app/manifests/v2"),
+        1
+    );
+    assert_eq!(
+        proxy.requests_matching("DELETE /v2/team/app/manifests/sha256:"),
+        0,
+        "{:?}",
+        proxy.requests()
+    );
+    assert_eq!(manifest_status(registry.addr, "team/app", &v2), 200);
+    assert_eq!(manifest_status(registry.addr, "team/app", "shared"), 200);
 }

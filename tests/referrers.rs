@@ -68,6 +68,14 @@ impl Artifact {
         })
     }
 
+    /// Writes its blobs (the empty config, the payload) through the mount into `repo`.
+    fn write_blobs(&self, mnt: &Mount, repo: &str) {
+        for blob in [&b"{}"[..], &self.payload] {
+            let name = format!("{repo}/blobs/{}", sha256_digest(blob));
+            write_through(&mnt.path(&name), blob);
+        }
+    }
+
     /// Pushes its blobs and manifest (by digest) with plain HTTP, as oras does.
     fn push(&self, addr: SocketAddr, repo: &str) {
         push_blob(addr, repo, b"{}");
@@ -181,11 +189,16 @@ fn rsync(from: &Path, to: &Path) {
     assert_success(&out, &format!("rsync -a {from:?} {to:?}"));
 }
 
+/// team/app:v1, an image to sign: its digest and manifest size.
+fn subject(registry: &Registry) -> (String, usize) {
+    let (v1, _) = push_tiny_image(registry, "team/app", "v1", 1);
+    (v1.clone(), get_manifest(registry, "team/app", &v1).2.len())
+}
+
 /// team/app:v1 with a signature and an SBOM pushed as oras does on a registry without the
 /// referrers API: each manifest, then the fallback index naming both.
 fn signed(registry: &Registry) -> (String, Artifact, Artifact) {
-    let (v1, _) = push_tiny_image(registry, "team/app", "v1", 1);
-    let size = get_manifest(registry, "team/app", "v1").2.len();
+    let (v1, size) = subject(registry);
     let sig = Artifact::new(SIGNATURE, b"signature of v1", (&v1, size));
     let sbom = Artifact::new(SBOM, br#"{"spdxVersion":"SPDX-2.3"}"#, (&v1, size));
     sig.push(registry.addr, "team/app");
@@ -234,16 +247,12 @@ fn referrers_pushed_as_oras_does_are_listed() {
 fn a_referrer_written_through_the_mount_keeps_the_fallback_index_current() {
     common::require_tools();
     let registry = Registry::start();
-    let (v1, _) = push_tiny_image(&registry, "team/app", "v1", 1);
-    let size = get_manifest(&registry, "team/app", "v1").2.len();
+    let (v1, size) = subject(&registry);
     let mnt = Mount::start(&registry.url(), &["--allow-delete"]);
     let sig = Artifact::new(SIGNATURE, b"signature of v1", (&v1, size));
     let sbom = Artifact::new(SBOM, br#"{"spdxVersion":"SPDX-2.3"}"#, (&v1, size));
     for artifact in [&sig, &sbom] {
-        for blob in [&b"{}"[..], &artifact.payload] {
-            let name = format!("team/app/blobs/{}", sha256_digest(blob));
-            write_through(&mnt.path(&name), blob);
-        }
+        artifact.write_blobs(&mnt, "team/app");
         write_through(
             &mnt.path(&format!("team/app/manifests/{}", artifact.digest)),
             &artifact.manifest,
@@ -293,8 +302,7 @@ fn an_rsync_backup_restored_into_an_empty_registry_keeps_the_signature() {
 fn the_referrers_api_is_used_where_the_registry_has_it() {
     common::require_tools();
     let registry = Registry::start();
-    let (v1, _) = push_tiny_image(&registry, "team/app", "v1", 1);
-    let size = get_manifest(&registry, "team/app", "v1").2.len();
+    let (v1, size) = subject(&registry);
     // Pushed without a fallback index: only the API knows of it.
     let sig = Artifact::new(SIGNATURE, b"signature of v1", (&v1, size));
     sig.push(registry.addr, "team/app");
@@ -345,4 +353,34 @@ fn the_referrers_api_is_used_where_the_registry_has_it() {
     rsync(&backup, &mnt_b.path("team/app"));
     assert_eq!(fallback_listing(b.addr, "team/app", &v1), expected);
     assert_eq!(referrers_seen(&mnt_b, "team/app", &v1), expected);
+}
+
+#[test]
+fn referrers_written_at_once_are_all_in_the_fallback_index() {
+    common::require_tools();
+    let registry = Registry::start();
+    let (v1, size) = subject(&registry);
+    let mnt = Mount::start(&registry.url(), &[]);
+    let artifacts: Vec<Artifact> = (0..6)
+        .map(|n| {
+            let payload = format!("signature {n} of v1").into_bytes();
+            Artifact::new(SIGNATURE, &payload, (&v1, size))
+        })
+        .collect();
+    for artifact in &artifacts {
+        artifact.write_blobs(&mnt, "team/app");
+    }
+    // Several signers at once (parallel cp): each push reads, changes and writes the
+    // one fallback index, and none may undo another's.
+    std::thread::scope(|s| {
+        for artifact in &artifacts {
+            let path = mnt.path(&format!("team/app/manifests/{}", artifact.digest));
+            s.spawn(move || write_through(&path, &artifact.manifest));
+        }
+    });
+    let all: Vec<&Artifact> = artifacts.iter().collect();
+    assert_eq!(
+        fallback_listing(registry.addr, "team/app", &v1),
+        by_type(&all)
+    );
 }

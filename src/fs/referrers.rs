@@ -83,6 +83,10 @@ enum Api {
 pub struct ReferrersState {
     api: AtomicU8,
     lists: Memo<(RepoName, Digest), Arc<Vec<Referrer>>>,
+    /// Held across each read-change-push of a fallback index: two pushes at once
+    /// (parallel `cp` of signatures) would otherwise each push the index without the
+    /// other's referrer. Such pushes are rare, so one lock for all is enough.
+    fallback_updates: tokio::sync::Mutex<()>,
 }
 
 impl ReferrersState {
@@ -90,6 +94,7 @@ impl ReferrersState {
         ReferrersState {
             api: AtomicU8::new(Api::Unknown as u8),
             lists: Memo::new(KEPT_LISTS, Some(ttl)).keeping_failures(Error::is_transient),
+            fallback_updates: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -243,6 +248,7 @@ impl RegistryView {
         let Some(tag) = fallback_tag(subject) else {
             return Ok(());
         };
+        let _one_at_a_time = self.referrers.fallback_updates.lock().await;
         let reference = Reference::Tag(tag.clone());
         let mut list = match self.client().get_manifest(repo, &reference).await {
             Ok(index) => parse_index(&index.bytes)
