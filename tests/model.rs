@@ -64,6 +64,8 @@ struct RepoModel {
     links: BTreeMap<String, String>,
     /// uploads/<name> of temp files written and closed, waiting for a rename: size
     temps: BTreeMap<String, u64>,
+    /// tags/<tag> made with mkdir and not pushed to (empty directories)
+    tag_dirs: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,7 +114,7 @@ impl Model {
                     None => return None,
                 };
                 match *dir {
-                    "tags" => r.tags.keys().cloned().collect(),
+                    "tags" => r.tags.keys().chain(r.tag_dirs.iter()).cloned().collect(),
                     "manifests" => r.manifests.keys().cloned().collect(),
                     "blobs" => r.blobs.keys().cloned().collect(),
                     "uploads" => r.links.keys().chain(r.temps.keys()).cloned().collect(),
@@ -122,6 +124,7 @@ impl Model {
             [repo, "tags", tag] if self.repos.get(*repo)?.tags.contains_key(*tag) => {
                 vec!["manifest.json".to_owned()]
             }
+            [repo, "tags", tag] if self.repos.get(*repo)?.tag_dirs.contains(*tag) => vec![],
             _ => return None,
         };
         let mut names = names;
@@ -173,6 +176,10 @@ impl Model {
             let base = format!("{}/{name}", self.ns);
             out.push(base.clone());
             out.extend(["tags", "manifests", "blobs", "uploads"].map(|d| format!("{base}/{d}")));
+            if let Some(r) = self.repos.get(&name) {
+                let tags = r.tags.keys().chain(r.tag_dirs.iter());
+                out.extend(tags.map(|t| format!("{base}/tags/{t}")));
+            }
         }
         out
     }
@@ -215,6 +222,13 @@ enum Op {
     Mkdir { id: u8 },
     /// `ln <a>/blobs/<d> <b>/blobs/<d>` of one of a's blobs.
     Link { from: usize, blob: usize, to: usize },
+    /// `mkdir <repo>/tags/<new>`, then a manifest over two of the repository's blobs
+    /// written into its `manifest.json`: a tag pushed as rsync restores one.
+    Tag {
+        repo: usize,
+        config: usize,
+        layer: usize,
+    },
     /// One of the above while the registry answers every request with 502.
     Faulty(Box<Op>),
 }
@@ -229,6 +243,7 @@ fn plain_op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), 1..200_000usize).prop_map(|(repo, size)| Op::TempAndRename { repo, size }),
         1 => (0..3u8).prop_map(|id| Op::Mkdir { id }),
         1 => (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(from, blob, to)| Op::Link { from, blob, to }),
+        1 => (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(repo, config, layer)| Op::Tag { repo, config, layer }),
     ]
 }
 
@@ -826,6 +841,59 @@ impl<'a> Run<'a> {
                     Err(libc::EIO) if faulty || self.lenient() => Ok(()),
                     other => Err(TestCaseError::fail(format!(
                         "ln {from}/blobs/{digest} {to}/blobs/: {other:?}"
+                    ))),
+                }
+            }
+            Op::Tag {
+                repo,
+                config,
+                layer,
+            } => {
+                let repo = self.repo(*repo);
+                let Some(r) = self.model.repos.get(&repo) else {
+                    return Ok(());
+                };
+                let blobs: Vec<(String, usize)> =
+                    r.blobs.iter().map(|(d, b)| (d.clone(), b.len())).collect();
+                let (Some(config), Some(layer)) =
+                    (Self::pick(&blobs, *config), Self::pick(&blobs, *layer))
+                else {
+                    return Ok(());
+                };
+                let manifest = common::oci_manifest(&config.0, config.1, &[(&layer.0, layer.1)]);
+                let tag = self.fresh("t");
+                let dir = format!("{}/{repo}/tags/{tag}", self.model.ns);
+                let may_fail = faulty || self.lenient();
+                match tree.mkdir(&dir) {
+                    Ok(()) => {}
+                    Err(libc::EIO) if may_fail => return Ok(()),
+                    other => return self.check(&format!("mkdir {dir}"), other, Ok(())),
+                }
+                let made = self.model.repos.entry(repo.clone()).or_default();
+                made.tag_dirs.insert(tag.clone());
+                let result = tree.write(&format!("{dir}/manifest.json"), &[(0, &manifest)]);
+                let full = format!("{}/{repo}", self.model.ns);
+                match result {
+                    Ok(()) => {
+                        prop_assert_eq!(
+                            common::manifest_status(self.registry.addr, &full, &tag),
+                            200,
+                            "{}/manifest.json: committed, but the registry lacks the tag",
+                            dir
+                        );
+                        let r = self.model.repos.entry(repo).or_default();
+                        r.tag_dirs.remove(&tag);
+                        r.tags.insert(tag, manifest.clone());
+                        r.manifests.insert(sha256_digest(&manifest), manifest);
+                        Ok(())
+                    }
+                    Err(libc::EIO) if may_fail => {
+                        let status = common::manifest_status(self.registry.addr, &full, &tag);
+                        prop_assert_eq!(status, 404, "a failed manifest write pushed {}", tag);
+                        Ok(())
+                    }
+                    other => Err(TestCaseError::fail(format!(
+                        "{dir}/manifest.json: {other:?}"
                     ))),
                 }
             }
