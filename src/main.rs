@@ -28,7 +28,8 @@ repository become blob uploads and manifest pushes, committed when closed.",
 TREE:
   MOUNTPOINT/<namespace>/.../<repo>/
       tags/<tag>/manifest.json   the manifest the tag points at, byte for byte
-      manifests/<digest>         every manifest reachable from the tags (index children too)
+      manifests/<digest>         every manifest reachable from the tags (index children
+                                 and referrers too)
       blobs/<digest>             configs and layers of those manifests; others by lookup
       uploads/<name>             write area: a file written here becomes a blob upload,
                                  then a symlink to ../blobs/<digest>
@@ -36,13 +37,26 @@ TREE:
                                  open it by name; --platform picks from an index)
       .images/<digest>/rootfs/   the same for any image manifest by digest
       .layers/<digest>/          one layer, as an overlayfs lowerdir
+      .referrers/<digest>/       manifests whose subject is <digest> (links), and
+                                 index.json with their artifactType
+      .oci/                      the repository as a read-only OCI image layout
+                                 (skopeo copy oci:MNT/<repo>/.oci:<tag> ...)
   MOUNTPOINT/.regfs/stats        counters as JSON (not listed; open it by name)
 
 WRITING:
   Writing blobs/<digest>, manifests/<digest> or tags/<tag>/manifest.json pushes it;
   close (or the rename of a temp file, as rsync does) is the commit and returns its
   result. mkdir makes repositories and tag directories; ln across repositories mounts
-  a blob. Deleting is refused (EPERM); --read-only refuses every write (EROFS).
+  a blob. A manifest with a subject (a signature) is added to its subject's
+  sha256-<hex> referrers index where the registry has no referrers API.
+  --read-only refuses every write (EROFS).
+
+DELETING (only with --allow-delete; else EPERM):
+  rm tags/<tag>/manifest.json, or rm -r tags/<tag>, untags; rm manifests/<digest>
+  deletes a manifest (and the tags naming it); rm blobs/<digest> a blob. A delete
+  never takes more than it names: EBUSY while another tag still reaches the object
+  (a registry that can only untag by deleting the digest, an index naming a child,
+  an image using a blob); the log names the tags. A registry refusal is EPERM.
 
 DISK CACHE:
   What a mount fetches is kept in --cache-dir (root: /var/cache/regfs, else
@@ -150,6 +164,11 @@ struct MountArgs {
     /// Mount read-only: every write fails with EROFS
     #[arg(long)]
     read_only: bool,
+    /// Let rm delete from the registry: rm tags/<tag>/manifest.json (or rm -r
+    /// tags/<tag>) untags, rm manifests/<digest> and rm blobs/<digest> delete. Without
+    /// it every delete is EPERM
+    #[arg(long, conflicts_with = "read_only")]
+    allow_delete: bool,
     /// Let other users see the mount (needs user_allow_other in /etc/fuse.conf unless root)
     #[arg(long)]
     allow_other: bool,
@@ -306,6 +325,7 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         tag_ttl: args.tag_ttl,
         page_size: args.page_size,
         read_only: args.read_only,
+        allow_delete: args.allow_delete,
         allow_other: args.allow_other,
         cache_size: args.cache_size,
         block_size: args.block_size,

@@ -12,7 +12,7 @@ use url::Url;
 
 use crate::cache::{BlockCache, DiskCache, disk};
 use crate::daemon::Readiness;
-use crate::fs::Fs;
+use crate::fs::{Fs, FsOptions};
 use crate::fuse::FuseAdapter;
 use crate::image::manifest::Platform;
 use crate::registry::{ClientOptions, Credentials, MirrorSpec, RegistryClient, RepoName};
@@ -35,6 +35,8 @@ pub struct MountConfig {
     pub tag_ttl: Duration,
     pub page_size: u32,
     pub read_only: bool,
+    /// `rm` deletes tags, manifests and blobs from the registry.
+    pub allow_delete: bool,
     pub allow_other: bool,
     /// Byte budget of the block cache, and its block size.
     pub cache_size: u64,
@@ -136,15 +138,14 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         .as_ref()
         .and_then(|c| open_disk_cache(c, &config.registry, &stats));
     let cache = Arc::new(BlockCache::new(config.block_size, config.cache_size, stats));
-    let fs = Arc::new(Fs::new(
-        client,
-        config.repos.clone(),
-        config.tag_ttl,
-        cache,
-        disk,
-        config.read_only,
-        config.platform.clone(),
-    ));
+    let options = FsOptions {
+        repos: config.repos.clone(),
+        tag_ttl: config.tag_ttl,
+        read_only: config.read_only,
+        allow_delete: config.allow_delete,
+        platform: config.platform.clone(),
+    };
+    let fs = Arc::new(Fs::new(client, cache, disk, options));
     let resuming = fs.clone();
     runtime.spawn(async move { resuming.resume_held().await });
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());

@@ -31,9 +31,13 @@ pub enum RequestKind {
     /// POST `?mount=&from=`: a cross-repository blob mount.
     BlobMount,
     ManifestPut,
+    /// DELETE of a manifest (by tag or digest) or a blob (`--allow-delete`).
+    Delete,
+    /// GET of the referrers API (`/v2/<name>/referrers/<digest>`).
+    Referrers,
 }
 
-const REQUEST_KINDS: usize = RequestKind::ManifestPut as usize + 1;
+const REQUEST_KINDS: usize = RequestKind::Referrers as usize + 1;
 
 #[derive(Default)]
 pub struct Stats {
@@ -191,6 +195,8 @@ impl Stats {
                 upload_cancel: req(RequestKind::UploadCancel),
                 blob_mount: req(RequestKind::BlobMount),
                 manifest_put: req(RequestKind::ManifestPut),
+                delete: req(RequestKind::Delete),
+                referrers: req(RequestKind::Referrers),
             },
             uploaded_bytes: get(&self.uploaded_bytes),
             retries: get(&self.retries),
@@ -296,4 +302,6 @@ pub struct RequestsSnapshot {
     pub upload_cancel: u64,
     pub blob_mount: u64,
     pub manifest_put: u64,
+    pub delete: u64,
+    pub referrers: u64,
 }

@@ -16,24 +16,26 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
+use super::buffer::{BlockBuf, BufferPool};
 use crate::registry::{Digest, Error};
 use crate::stats::Stats;
 
 pub type BlockKey = (Digest, u64);
 
-/// Evicted block buffers kept for the next blocks, so a long read recycles its memory
-/// instead of faulting in fresh pages for every block.
-const SPARE_BUFFERS: usize = 4;
+/// Free block buffers kept for the next blocks (see buffer.rs), so a long read recycles
+/// its memory instead of faulting in fresh pages for every block.
+const POOLED_BUFFERS: usize = 8;
 
 /// `E`: the error a fetch fails with (the registry's, but for tests).
 pub struct BlockCache<E = Error> {
     block_size: u64,
     budget: u64,
     stats: Arc<Stats>,
+    buffers: Arc<BufferPool>,
     inner: Mutex<Inner<E>>,
 }
 
@@ -47,8 +49,6 @@ struct Inner<E> {
     bytes: u64,
     /// Blocks being fetched; readers of the same block share the flight.
     pending: HashMap<BlockKey, Flight<E>>,
-    /// Buffers of evicted blocks nobody else held, ready for reuse.
-    spare: Vec<BytesMut>,
 }
 
 impl<E: Clone> BlockCache<E> {
@@ -58,11 +58,11 @@ impl<E: Clone> BlockCache<E> {
             block_size: block_size.max(1),
             budget,
             stats,
+            buffers: BufferPool::new(block_size, POOLED_BUFFERS),
             inner: Mutex::new(Inner {
                 ready: LruCache::unbounded(),
                 bytes: 0,
                 pending: HashMap::new(),
-                spare: Vec::new(),
             }),
         }
     }
@@ -139,13 +139,6 @@ impl<E: Clone> BlockCache<E> {
             };
             inner.bytes -= evicted.len() as u64;
             Stats::add(&self.stats.cache_evictions, 1);
-            if inner.spare.len() < SPARE_BUFFERS && evicted.len() as u64 == self.block_size {
-                // Reusable only if no reader still holds a slice of it.
-                if let Ok(mut buffer) = evicted.try_into_mut() {
-                    buffer.clear();
-                    inner.spare.push(buffer);
-                }
-            }
         }
         self.stats
             .cache_bytes
@@ -153,13 +146,9 @@ impl<E: Clone> BlockCache<E> {
     }
 
     /// An empty buffer for a block of up to `capacity` bytes: a recycled one if there is
-    /// one large enough.
-    pub fn buffer(&self, capacity: usize) -> BytesMut {
-        let mut inner = self.lock();
-        match inner.spare.iter().position(|b| b.capacity() >= capacity) {
-            Some(i) => inner.spare.swap_remove(i),
-            None => BytesMut::with_capacity(capacity),
-        }
+    /// one (its memory goes back to the pool when the block is dropped, wherever).
+    pub fn buffer(&self, capacity: usize) -> BlockBuf {
+        self.buffers.take(capacity)
     }
 
     /// Puts in a block fetched along with another (a whole blob checked at once), unless
@@ -342,7 +331,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn evicted_buffers_are_recycled_unless_still_held() {
+    async fn evicted_buffers_are_recycled_once_nobody_holds_them() {
         let (cache, _) = cache(8);
         let block = |b: &[u8]| {
             let mut buf = cache.buffer(4);
@@ -358,19 +347,17 @@ mod tests {
                 .await;
             assert!(got.is_ok());
         }
-        // Block 0 was evicted while `held` still pointed into it: not recycled.
-        assert!(cache.lock().spare.is_empty());
+        // Block 0 was evicted while `held` still pointed into it: not back yet.
+        assert_eq!(cache.buffers.free_buffers(), 0);
         drop(held);
-        let d = block(b"dddd");
-        let got = cache
-            .get(&(digest(3), 3), || async { Ok::<_, &str>(d) })
-            .await;
-        assert!(got.is_ok());
-        // Block 1 was evicted with nobody holding it: its buffer is kept for reuse.
-        assert_eq!(cache.lock().spare.len(), 1);
+        assert_eq!(
+            cache.buffers.free_buffers(),
+            1,
+            "back when the last holder let go"
+        );
         let reused = cache.buffer(4);
-        assert!(reused.is_empty() && reused.capacity() >= 4);
-        assert!(cache.lock().spare.is_empty());
+        assert!(reused.is_empty());
+        assert_eq!(cache.buffers.free_buffers(), 0);
     }
 
     #[tokio::test]

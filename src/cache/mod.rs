@@ -2,6 +2,7 @@
 //! memory) and the disk cache under it (shared by mounts and restarts).
 
 pub mod blocks;
+pub mod buffer;
 pub mod disk;
 pub mod memo;
 

@@ -12,6 +12,7 @@ use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
 use super::known_repos::KnownRepos;
+use super::referrers::ReferrersState;
 use crate::cache::{DiskCache, Memo};
 use crate::registry::{
     Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result, Tag,
@@ -62,6 +63,8 @@ pub struct RegistryView {
     reachable: Memo<RepoName, Arc<Reachable>>,
     /// Manifests by digest are kept on disk too (checked against the digest on read).
     disk: Option<DiskCache>,
+    /// Referrers lists, and whether the registry has the referrers API (referrers.rs).
+    pub(super) referrers: ReferrersState,
 }
 
 impl RegistryView {
@@ -93,6 +96,7 @@ impl RegistryView {
                 .keeping_failures(unanswered)
                 .weighing(weigh_reachable, REACHABLE_MEMO_BYTES),
             disk,
+            referrers: ReferrersState::new(tag_ttl),
         }
     }
 
@@ -255,13 +259,35 @@ impl RegistryView {
         }
     }
 
+    /// Forgets what a delete through regfs changed in `repo`: its tags (and the one
+    /// untagged), what they reach, and what is known of the deleted digest.
+    pub fn deleted(&self, repo: &RepoName, tag: Option<&Tag>, digest: Option<&Digest>) {
+        self.tags.forget(repo);
+        self.reachable.forget(repo);
+        if let Some(tag) = tag {
+            self.tag_manifests.forget(&(repo.clone(), tag.clone()));
+        }
+        if let Some(digest) = digest {
+            let key = (repo.clone(), digest.clone());
+            self.manifests.forget(&key);
+            self.blob_sizes.forget(&key);
+        }
+    }
+
+    /// What `repo`'s tags reach, if the walk has been done and is fresh; never walks.
+    pub fn reachable_known(&self, repo: &RepoName) -> Option<Arc<Reachable>> {
+        self.reachable.peek(repo)
+    }
+
     pub async fn reachable(&self, repo: &RepoName) -> Result<Arc<Reachable>> {
         self.reachable
             .get_or_fetch(repo, || async { self.walk(repo).await.map(Arc::new) })
             .await
     }
 
-    /// Walks tags → manifests → index children, collecting every manifest and blob.
+    /// Walks tags → manifests → index children and referrers, collecting every manifest
+    /// and blob. (Referrers come from the API where the registry has it; elsewhere
+    /// their fallback indexes are tags, walked like any other.)
     /// A manifest that vanished or is malformed is skipped with a warning; a registry
     /// that fails is an error (a silently partial listing would mislead a backup).
     async fn walk(&self, repo: &RepoName) -> Result<Reachable> {
@@ -281,6 +307,17 @@ impl RegistryView {
             }
             depth += 1;
             let mut children = BTreeSet::new();
+            let level: Vec<Digest> = pending
+                .iter()
+                .map(|m| m.digest.clone())
+                .filter(|d| !reach.manifests.contains_key(d))
+                .collect();
+            children.extend(
+                self.api_referrers(repo, &level)
+                    .await?
+                    .into_iter()
+                    .map(|r| r.digest),
+            );
             for manifest in pending.drain(..) {
                 let size = manifest.bytes.len() as u64;
                 if reach
@@ -330,17 +367,18 @@ fn weigh_reachable(r: &Arc<Reachable>) -> usize {
     (r.manifests.len() + r.blobs.len()) * ENTRY_OVERHEAD + ENTRY_OVERHEAD
 }
 
-type ManifestFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<FetchedManifest>>> + Send + 'a>>;
+type BoxedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Runs the fetches, at most WALK_CONCURRENCY at once. The futures are boxed so the
-/// compiler can see they are Send (a known limit of its inference for closures in
-/// stream adapters).
-async fn bounded<'a, F>(fetches: impl Iterator<Item = F>) -> Vec<Result<Arc<FetchedManifest>>>
+/// Runs the futures, at most WALK_CONCURRENCY at once, and gives their outputs (in the
+/// order they finish). The futures are boxed so the compiler can see they are Send (a
+/// known limit of its inference for closures in stream adapters).
+pub(super) async fn bounded<'a, T, F>(futures: impl Iterator<Item = F>) -> Vec<T>
 where
-    F: Future<Output = Result<Arc<FetchedManifest>>> + Send + 'a,
+    F: Future<Output = T> + Send + 'a,
+    T: 'a,
 {
-    let boxed: Vec<ManifestFuture<'a>> =
-        fetches.map(|f| Box::pin(f) as ManifestFuture<'a>).collect();
+    let boxed: Vec<BoxedFuture<'a, T>> =
+        futures.map(|f| Box::pin(f) as BoxedFuture<'a, T>).collect();
     stream::iter(boxed)
         .buffer_unordered(WALK_CONCURRENCY)
         .collect()

@@ -6,6 +6,7 @@ mod blob;
 mod blob_stream;
 mod block_source;
 pub mod deadline;
+pub mod delete;
 mod handles;
 pub mod images;
 pub mod known_repos;
@@ -14,7 +15,9 @@ mod link;
 pub mod metadata;
 mod mirror_blobs;
 pub mod node;
+pub mod oci_layout;
 pub mod readahead;
+pub mod referrers;
 mod verify;
 pub mod write;
 
@@ -36,13 +39,16 @@ use crate::registry::types::is_path_component;
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
 use blob::{BlobReads, OpenBlob};
 use block_source::BlockSource;
+use delete::{Deletes, Deletion};
 use handles::Handles;
 use images::{ImageTree, Images, View, ViewRoot};
 use metadata::RegistryView;
 use node::{
-    BLOBS, CONTROL, IMAGES, InodeTable, Kind, LAYERS, MANIFEST_JSON, MANIFESTS, Node, ROOTFS,
-    STATS, TAGS, UPLOADS,
+    BLOBS, CONTROL, IMAGES, InodeTable, Kind, LAYERS, MANIFEST_JSON, MANIFESTS, Node, OCI,
+    REFERRERS, ROOTFS, STATS, TAGS, UPLOADS,
 };
+use oci_layout::OciPath;
+use referrers::RefPath;
 use write::{Writes, WrittenFile, final_node, writable_node};
 
 pub use node::ROOT_INO;
@@ -81,6 +87,8 @@ impl Errno {
     pub const ENODATA: Errno = Errno(libc::ENODATA);
     pub const ERANGE: Errno = Errno(libc::ERANGE);
     pub const EIO: Errno = Errno(libc::EIO);
+    pub const EBUSY: Errno = Errno(libc::EBUSY);
+    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
 }
 
 /// Logs a registry error against the path it happened on, and gives its errno.
@@ -164,44 +172,61 @@ pub struct Fs {
     blobs: BlobReads,
     images: Images,
     writes: Writes,
+    deletes: Deletes,
     read_only: bool,
+    /// `--allow-delete`: `rm` deletes from the registry (else EPERM).
+    allow_delete: bool,
     inodes: Mutex<InodeTable>,
     dirs: Handles<Arc<Vec<DirEntry>>>,
     files: Handles<OpenFile>,
     tag_ttl: Duration,
 }
 
+/// What the command line decides about the tree.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// Repositories to show even when the catalog is refused (`--repo`).
+    pub repos: Vec<RepoName>,
+    /// How long tag lists and tag → manifest answers are trusted (`--tag-ttl`).
+    pub tag_ttl: Duration,
+    /// Every write is EROFS (`--read-only`).
+    pub read_only: bool,
+    /// `rm` deletes from the registry (`--allow-delete`; else EPERM).
+    pub allow_delete: bool,
+    /// Which image of an index `rootfs` shows (`--platform`).
+    pub platform: Platform,
+}
+
 impl Fs {
     pub fn new(
         client: RegistryClient,
-        repos: Vec<RepoName>,
-        tag_ttl: Duration,
         cache: Arc<BlockCache>,
         disk: Option<DiskCache>,
-        read_only: bool,
-        platform: Platform,
+        options: FsOptions,
     ) -> Fs {
         let view = Arc::new(RegistryView::new(
             client.clone(),
-            repos,
-            tag_ttl,
+            options.repos,
+            options.tag_ttl,
             disk.clone(),
         ));
         Fs {
             images: Images::new(
                 view.clone(),
                 BlockSource::new(client.clone(), cache.clone(), disk.clone()),
-                platform,
+                options.platform,
             ),
             blobs: BlobReads::new(cache, client.clone(), disk.clone()),
-            // Writes, and the reads that decide them, must see the origin.
+            // Writes and deletes, and the reads that decide them, must see the origin.
+            deletes: Deletes::new(client.origin_only(), view.clone()),
             writes: Writes::new(client.origin_only(), view.clone(), disk),
-            read_only,
+            read_only: options.read_only,
+            allow_delete: options.allow_delete,
             view,
             inodes: Mutex::new(InodeTable::default()),
             dirs: Handles::new(),
             files: Handles::new(),
-            tag_ttl,
+            tag_ttl: options.tag_ttl,
         }
     }
 
@@ -340,6 +365,10 @@ impl Fs {
             Node::InImage(view, dir, _) => {
                 return self.image_child(view, *dir, name.as_bytes()).await;
             }
+            Node::Oci(repo, path) => return oci_layout::child(&self.view, repo, path, name).await,
+            Node::Referrers(repo, path) => {
+                return referrers::child(&self.view, repo, path, name).await;
+            }
             Node::ImageDir(..) => return Err(Errno::ENOENT),
             Node::Uploads(repo) => {
                 let written = Node::Upload(repo.clone(), name.to_owned());
@@ -380,7 +409,10 @@ impl Fs {
     }
 
     async fn dir_child(&self, path: &str, name: &str) -> Result<Node, Errno> {
-        if matches!(name, TAGS | MANIFESTS | BLOBS | UPLOADS | IMAGES | LAYERS) {
+        if matches!(
+            name,
+            TAGS | MANIFESTS | BLOBS | UPLOADS | IMAGES | LAYERS | OCI | REFERRERS
+        ) {
             if let Some(repo) = self.repo_at(path).await? {
                 return Ok(match name {
                     TAGS => Node::Tags(repo),
@@ -388,6 +420,8 @@ impl Fs {
                     BLOBS => Node::Blobs(repo),
                     IMAGES => Node::ImagesDir(repo),
                     LAYERS => Node::LayersDir(repo),
+                    OCI => Node::Oci(repo, OciPath::Root),
+                    REFERRERS => Node::Referrers(repo, RefPath::Root),
                     _ => Node::Uploads(repo),
                 });
             }
@@ -452,6 +486,11 @@ impl Fs {
 
     async fn attr(&self, node: &Node) -> Result<Attr, Errno> {
         let ino = self.ino(node);
+        if let Some(object) = oci_layout::object(node) {
+            // A layout file is a registry object under another name.
+            let attr = Box::pin(self.attr(&object)).await?;
+            return Ok(Attr { ino, ..attr });
+        }
         if let Some(file) = self.writes.file(node) {
             // Being written: it changes with every write, so the kernel may not keep it.
             let (size, created) = (file.written(), file.created());
@@ -542,6 +581,12 @@ impl Fs {
                     nlink: a.nlink,
                     rdev: a.rdev,
                 }
+            }
+            Node::Oci(repo, path) => {
+                return oci_layout::attr(&self.view, repo, path, ino, self.tag_ttl).await;
+            }
+            Node::Referrers(repo, path) => {
+                return referrers::attr(&self.view, repo, path, ino, self.tag_ttl).await;
             }
             _ => dir,
         };
@@ -730,6 +775,8 @@ impl Fs {
                 ROOTFS.to_owned(),
                 Self::view_root(repo, ViewRoot::Image(digest.clone())),
             )],
+            Node::Oci(repo, path) => oci_layout::children(&self.view, repo, path).await?,
+            Node::Referrers(repo, path) => referrers::children(&self.view, repo, path).await?,
             Node::TagManifest(..)
             | Node::Manifest(..)
             | Node::Blob(..)
@@ -802,6 +849,7 @@ impl Fs {
             debug!(path = %node, "a file being written cannot be read until it is committed");
             return Err(Errno::EINVAL);
         }
+        let node = oci_layout::object(&node).unwrap_or(node);
         let mut direct_io = false;
         let mut local_file = None;
         let (file, keep_cache) = match &node {
@@ -845,6 +893,14 @@ impl Fs {
                 (OpenFile::Image(tree, *id), true)
             }
             Node::InImage(..) => return Err(Errno::EINVAL),
+            Node::Oci(repo, path) => {
+                let bytes = oci_layout::file_bytes(&self.view, repo, path).await?;
+                (OpenFile::Bytes(bytes), *path == OciPath::Layout)
+            }
+            Node::Referrers(repo, RefPath::Index(subject)) => {
+                let bytes = referrers::index_json(&self.view, repo, subject).await?;
+                (OpenFile::Bytes(bytes), false)
+            }
             _ => return Err(Errno::EISDIR),
         };
         Ok(Opened {
@@ -1096,6 +1152,9 @@ impl Fs {
                 .link(&repo, &name)
                 .map(|d| link_target(&d).into_bytes())
                 .ok_or(Errno::ENOENT),
+            Node::Referrers(_, RefPath::Link(_, digest)) => {
+                Ok(referrers::link_target(&digest).into_bytes())
+            }
             Node::InImage(view, id, kind) => {
                 let tree = self.view_tree(&view).await?;
                 tree.readlink(id)
@@ -1137,16 +1196,55 @@ impl Fs {
         Ok(out)
     }
 
-    /// unlink: only a file being written can go (rsync removes its temp file after a
-    /// failure); deleting from the registry is not offered.
+    /// unlink: a file being written is dropped (rsync removes its temp file after a
+    /// failure). Anything else is a delete (delete.rs), only with `--allow-delete`.
+    /// An untagged tag's directory stays, empty, until rmdir (as after mkdir).
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
         let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         let node = self.child(&dir, name).await?;
-        if self.writes.file(&node).is_none() {
+        if self.writes.file(&node).is_some() {
+            return self.writes.discard(&node).await;
+        }
+        if !self.allow_delete {
+            debug!(path = %node, "deleting from the registry needs --allow-delete");
             return Err(Errno::EPERM);
         }
-        self.writes.discard(&node).await
+        if let Node::UploadLink(repo, name) = &node {
+            // A name this mount keeps, not a registry object: the blob stays.
+            self.writes.remove_link(repo, name);
+            return Ok(());
+        }
+        let what = Deletion::of(&node).ok_or(Errno::EPERM)?;
+        self.deletes.delete(&node, &what).await?;
+        if let Deletion::Untag(repo, tag) = what {
+            self.writes.make_tag_dir(&repo, &tag);
+        }
+        Ok(())
+    }
+
+    /// rmdir: only of an empty tag directory (made with mkdir, or left by an untag) or
+    /// a repository directory made with mkdir and not pushed to: names held here.
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        let dir = self.writable_at(parent)?;
+        let name = name.to_str().ok_or(Errno::ENOENT)?;
+        match self.child(&dir, name).await? {
+            Node::TagDir(repo, tag) if self.writes.has_tag_dir(&repo, &tag) => {
+                if !self
+                    .writes
+                    .files_in(&Node::TagDir(repo.clone(), tag.clone()))
+                    .is_empty()
+                {
+                    return Err(Errno::ENOTEMPTY);
+                }
+                self.writes.remove_tag_dir(&repo, &tag);
+                Ok(())
+            }
+            // It holds manifest.json.
+            Node::TagDir(..) => Err(Errno::ENOTEMPTY),
+            Node::Dir(path) if self.writes.has_dir(&path) => self.writes.remove_dir(&path),
+            _ => Err(Errno::EPERM),
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -1165,14 +1263,20 @@ impl Fs {
     /// still fails it): that may take as long as the layers take to read.
     pub fn deadline_at(&self, ino: u64) -> Duration {
         match self.node(ino) {
-            Ok(node) if in_view(&node) || matches!(node, Node::TagDir(..)) => VIEW_DEADLINE,
+            Ok(node) if in_image(&node) || matches!(node, Node::TagDir(..)) => VIEW_DEADLINE,
             _ => self.deadline(),
         }
     }
 }
 
-/// Whether a node is part of an image view (read-only, whatever the mount).
+/// Whether a node is part of a view (read-only, whatever the mount).
 fn in_view(node: &Node) -> bool {
+    in_image(node) || matches!(node, Node::Oci(..) | Node::Referrers(..))
+}
+
+/// Whether a node is part of an image view (DESIGN §7), where a first look may index
+/// layers.
+fn in_image(node: &Node) -> bool {
     matches!(
         node,
         Node::InImage(..) | Node::ImagesDir(_) | Node::ImageDir(..) | Node::LayersDir(_)

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::images::{View, ViewRoot};
+use super::oci_layout::OciPath;
+use super::referrers::RefPath;
 use crate::registry::{Digest, RepoName, Tag};
 
 /// The names of a repository's own directories. They shadow a child repository of the
@@ -26,6 +28,10 @@ pub const STATS: &str = "stats";
 pub const IMAGES: &str = ".images";
 pub const LAYERS: &str = ".layers";
 pub const ROOTFS: &str = "rootfs";
+/// The repository as an OCI image layout (oci_layout.rs), and the referrers of its
+/// manifests (referrers.rs): views too, opened by name only.
+pub const OCI: &str = ".oci";
+pub const REFERRERS: &str = ".referrers";
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Node {
@@ -60,6 +66,10 @@ pub enum Node {
     /// A file or directory inside an image view: node `id` of the view's tree, and its
     /// kind (fixed for a given view and id: trees are built the same way every time).
     InImage(Arc<View>, u32, Kind),
+    /// Under `<repo>/.oci` (see oci_layout.rs).
+    Oci(RepoName, OciPath),
+    /// Under `<repo>/.referrers` (see referrers.rs).
+    Referrers(RepoName, RefPath),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -87,6 +97,8 @@ impl Node {
             | Node::Stats => Kind::File,
             Node::UploadLink(..) => Kind::Symlink,
             Node::InImage(_, _, kind) => *kind,
+            Node::Oci(_, p) => p.kind(),
+            Node::Referrers(_, p) => p.kind(),
             _ => Kind::Dir,
         }
     }
@@ -109,6 +121,8 @@ impl Node {
             Node::ImageDir(r, _) => Node::ImagesDir(r.clone()),
             // Only a view's root has its parent here; the tree knows the others'.
             Node::InImage(view, _, _) => view.holder(),
+            Node::Oci(r, p) => p.parent(r),
+            Node::Referrers(r, p) => p.parent(r),
         }
     }
 }
@@ -135,6 +149,8 @@ impl fmt::Display for Node {
             Node::ImagesDir(r) => write!(f, "/{r}/{IMAGES}"),
             Node::ImageDir(r, d) => write!(f, "/{r}/{IMAGES}/{d}"),
             Node::LayersDir(r) => write!(f, "/{r}/{LAYERS}"),
+            Node::Oci(r, p) => write!(f, "/{r}/{}", p.show()),
+            Node::Referrers(r, p) => write!(f, "/{r}/{}", p.show()),
             Node::InImage(view, id, _) => {
                 let r = &view.repo;
                 match &view.root {

@@ -346,6 +346,30 @@ impl Writes {
         lock(&self.tag_dirs).insert((repo.clone(), tag.clone()));
     }
 
+    // ---- removing what is held here (rmdir, rm of an uploads/ link) --------------------
+
+    pub fn remove_tag_dir(&self, repo: &RepoName, tag: &Tag) {
+        lock(&self.tag_dirs).remove(&(repo.clone(), tag.clone()));
+    }
+
+    /// Removes a directory made with mkdir; ENOTEMPTY while it has one below it, or a
+    /// file is being written into it.
+    pub fn remove_dir(&self, path: &str) -> Result<(), Errno> {
+        let writing = lock(&self.files)
+            .values()
+            .any(|f| f.repo.as_str() == path || f.repo.as_str().starts_with(&format!("{path}/")));
+        if writing || !self.dirs_below(path).is_empty() {
+            return Err(Errno(libc::ENOTEMPTY));
+        }
+        lock(&self.dirs).remove(path);
+        Ok(())
+    }
+
+    /// Forgets `uploads/<name>`; the blob it named stays.
+    pub fn remove_link(&self, repo: &RepoName, name: &str) {
+        lock(&self.links).remove(&(repo.clone(), name.to_owned()));
+    }
+
     // ---- writing -----------------------------------------------------------------------------
 
     /// Starts a file at `node` (a final name, or `Node::Scratch` in a writable
@@ -574,6 +598,9 @@ impl Writes {
         {
             Ok(digest) => {
                 self.after_manifest_push(repo, reference);
+                // A referrer must be findable before its push counts as done (a restore
+                // that lost its signatures would not be a restore).
+                self.view.add_referrer(repo, &body, &digest).await?;
                 self.release_held(repo, digest).await;
                 Ok(())
             }

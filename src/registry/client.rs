@@ -452,7 +452,11 @@ impl RegistryClient {
     }
 
     /// Reads a whole answer body, refusing more than `limit` bytes.
-    async fn body(what: &str, mut resp: reqwest::Response, limit: usize) -> Result<Bytes> {
+    pub(super) async fn body(
+        what: &str,
+        mut resp: reqwest::Response,
+        limit: usize,
+    ) -> Result<Bytes> {
         if content_length(resp.headers()).is_some_and(|n| n > limit as u64) {
             return Err(Error::BadAnswer(format!(
                 "{what}: answer larger than {limit} bytes"
@@ -478,6 +482,11 @@ impl RegistryClient {
     /// [`Self::fail`] for the answer to a write: a 4xx is the registry's refusal.
     pub(super) async fn refusal(what: &str, resp: reqwest::Response) -> Error {
         Self::answer_error(what, resp, Error::from_write_status).await
+    }
+
+    /// [`Self::fail`] for the answer to a DELETE: a 4xx is the registry not permitting it.
+    pub(super) async fn delete_refusal(what: &str, resp: reqwest::Response) -> Error {
+        Self::answer_error(what, resp, Error::from_delete_status).await
     }
 
     async fn answer_error(
@@ -608,7 +617,7 @@ impl RegistryClient {
         Ok((next, Self::body(what, resp, 64 << 20).await?))
     }
 
-    fn manifest_request(
+    pub(super) fn manifest_request(
         &self,
         method: Method,
         repo: &RepoName,

@@ -29,6 +29,9 @@ pub enum Error {
     /// What was to be pushed is refused before any request: not a manifest, too large,
     /// a digest algorithm uploads cannot produce.
     Invalid(String),
+    /// The registry refused a delete (405 `UNSUPPORTED` where deleting is disabled, or
+    /// another 4xx). Carries the registry's text.
+    NotPermitted(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -45,6 +48,7 @@ impl Error {
             | Error::Mismatch(_)
             | Error::Refused(_) => libc::EIO,
             Error::Invalid(_) => libc::EINVAL,
+            Error::NotPermitted(_) => libc::EPERM,
         }
     }
 
@@ -68,6 +72,7 @@ impl Error {
             Error::Mismatch(m) => Error::Mismatch(add(m)),
             Error::Refused(m) => Error::Refused(add(m)),
             Error::Invalid(m) => Error::Invalid(add(m)),
+            Error::NotPermitted(m) => Error::NotPermitted(add(m)),
         }
     }
 
@@ -104,8 +109,30 @@ impl Error {
         retry_after: Option<&str>,
         body: &[u8],
     ) -> Error {
+        Error::refusal(what, status, retry_after, body, Error::Refused)
+    }
+
+    /// Like [`Error::from_status_with`], for the answer to a DELETE: a 4xx that is not
+    /// about auth, existence or rate is the registry not permitting it.
+    pub fn from_delete_status(
+        what: &str,
+        status: u16,
+        retry_after: Option<&str>,
+        body: &[u8],
+    ) -> Error {
+        Error::refusal(what, status, retry_after, body, Error::NotPermitted)
+    }
+
+    /// [`Error::from_status_with`], with `as_refusal` for a 4xx it has no other name for.
+    fn refusal(
+        what: &str,
+        status: u16,
+        retry_after: Option<&str>,
+        body: &[u8],
+        as_refusal: fn(String) -> Error,
+    ) -> Error {
         match Error::from_status_with(what, status, retry_after, body) {
-            Error::BadAnswer(msg) if (400..500).contains(&status) => Error::Refused(msg),
+            Error::BadAnswer(msg) if (400..500).contains(&status) => as_refusal(msg),
             err => err,
         }
     }
@@ -138,6 +165,7 @@ impl fmt::Display for Error {
             Error::Mismatch(m) => write!(f, "digest mismatch: {m}"),
             Error::Refused(m) => write!(f, "registry refused: {m}"),
             Error::Invalid(m) => write!(f, "refused before sending: {m}"),
+            Error::NotPermitted(m) => write!(f, "registry does not permit it: {m}"),
         }
     }
 }
@@ -213,6 +241,24 @@ mod tests {
             Error::NotFound(_)
         ));
         assert!(Error::from_write_status("x", 503, None, b"").is_transient());
+    }
+
+    #[test]
+    fn a_refused_delete_is_eperm_with_the_registry_text() {
+        let body =
+            br#"{"errors":[{"code":"UNSUPPORTED","message":"The operation is unsupported."}]}"#;
+        let e = Error::from_delete_status("DELETE m", 405, None, body);
+        assert!(matches!(e, Error::NotPermitted(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("UNSUPPORTED: The operation is unsupported.")
+        );
+        assert_eq!(e.errno(), libc::EPERM);
+        assert_eq!(
+            Error::from_delete_status("x", 404, None, b"").errno(),
+            libc::ENOENT
+        );
+        assert!(Error::from_delete_status("x", 503, None, b"").is_transient());
     }
 
     #[test]

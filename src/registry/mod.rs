@@ -3,8 +3,10 @@
 pub mod auth;
 pub mod client;
 pub mod credentials;
+pub mod delete;
 pub mod error;
 pub mod hosts;
+pub mod referrers;
 pub mod ssrf;
 pub mod types;
 pub mod upload;

@@ -205,6 +205,13 @@ macro_rules! display_as_str {
 }
 display_as_str!(Digest, RepoName, Tag);
 
+/// A digest is written as its string (`sha256:<hex>`) in JSON regfs makes.
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 /// What a manifest is fetched by: a tag or a digest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Reference {

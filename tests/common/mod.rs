@@ -426,6 +426,8 @@ pub struct RegistryOptions {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Serve this storage directory (e.g. another registry's) instead of a fresh one.
     pub storage: Option<PathBuf>,
+    /// Refuse deletes (`storage.delete.enabled: false`, distribution's default).
+    pub delete_disabled: bool,
 }
 
 impl Registry {
@@ -469,9 +471,10 @@ impl Registry {
         let config = format!(
             "version: 0.1\n\
              log:\n  level: error\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: {delete}\n\
              http:\n  addr: {addr}\n{tls}{extra}",
             storage = storage.display(),
+            delete = !options.delete_disabled,
             extra = options.extra_config,
         );
         let config_path = dir.path().join("config.yml");
@@ -1093,7 +1096,7 @@ pub fn skopeo_raw_manifest(addr: SocketAddr, reference: &str) -> Vec<u8> {
 }
 
 /// `skopeo copy --all [options] src dest`; panics if skopeo fails.
-fn skopeo_copy(options: &[&str], src: &str, dest: &str) {
+pub fn skopeo_copy(options: &[&str], src: &str, dest: &str) {
     run(Command::new("skopeo")
         .args([
             // The policy is irrelevant here; this also works without /etc/containers/policy.json.
@@ -1238,6 +1241,10 @@ struct ProxyShared {
     /// The registry stops answering: new requests are held, and answers being sent
     /// stop in the middle of their bodies, until turned off (or 60 s).
     stall_all: AtomicBool,
+    /// A stall planned at a point of the traffic: how many more body bytes go before
+    /// `stall_all` turns itself on, and when it did.
+    stall_after: Mutex<Option<u64>>,
+    stalled_at: Mutex<Option<Instant>>,
     trickle_bytes_per_sec: AtomicUsize,
     tamper: Option<Tamper>,
     stopping: AtomicBool,
@@ -1287,6 +1294,8 @@ impl Proxy {
             upload_locations: rules.upload_locations,
             upstream_down: AtomicBool::new(false),
             stall_all: AtomicBool::new(false),
+            stall_after: Mutex::new(None),
+            stalled_at: Mutex::new(None),
             trickle_bytes_per_sec: AtomicUsize::new(rules.trickle_bytes_per_sec),
             tamper: rules.tamper,
             stopping: AtomicBool::new(false),
@@ -1399,6 +1408,19 @@ impl Proxy {
     /// everything go on.
     pub fn set_stall_all(&self, on: bool) {
         self.shared.stall_all.store(on, Ordering::SeqCst);
+    }
+
+    /// Stalls as [`Proxy::set_stall_all`] does once `bytes` more bytes of answer bodies
+    /// have been sent: a registry that hangs at a known point of a transfer, however
+    /// fast the client happens to read. [`Proxy::stalled_at`] says when.
+    pub fn stall_after_bytes(&self, bytes: u64) {
+        *self.shared.stalled_at.lock().expect("stall lock") = None;
+        *self.shared.stall_after.lock().expect("stall lock") = Some(bytes);
+    }
+
+    /// When the stall planned by [`Proxy::stall_after_bytes`] began.
+    pub fn stalled_at(&self) -> Option<Instant> {
+        *self.shared.stalled_at.lock().expect("stall lock")
     }
 
     /// Bodies from now on go at this many bytes per second (0: full speed).
@@ -1865,6 +1887,27 @@ fn wait_while_stalled(shared: &ProxyShared) {
     }
 }
 
+/// How many of `want` body bytes may be sent now: all, unless a stall is planned
+/// ([`Proxy::stall_after_bytes`]); when the planned bytes are spent, the stall begins
+/// (a piece already past the wait of another connection may still go).
+fn take_before_stall(shared: &ProxyShared, want: usize) -> usize {
+    let mut left = shared.stall_after.lock().expect("stall lock");
+    match *left {
+        None => want,
+        Some(0) => {
+            *left = None;
+            shared.stall_all.store(true, Ordering::SeqCst);
+            *shared.stalled_at.lock().expect("stall lock") = Some(Instant::now());
+            0
+        }
+        Some(n) => {
+            let take = want.min(usize::try_from(n).unwrap_or(usize::MAX));
+            *left = Some(n - take as u64);
+            take
+        }
+    }
+}
+
 /// Writes a body in pieces, pausing while the registry stalls and pacing it when it
 /// trickles.
 fn write_body(shared: &ProxyShared, w: &mut impl Write, body: &[u8]) -> io::Result<()> {
@@ -1878,7 +1921,12 @@ fn write_body(shared: &ProxyShared, w: &mut impl Write, body: &[u8]) -> io::Resu
         } else {
             64 << 10
         };
-        let (now, later) = rest.split_at(piece.min(rest.len()));
+        let take = take_before_stall(shared, piece.min(rest.len()));
+        if take == 0 {
+            // The planned stall has begun: wait at the top.
+            continue;
+        }
+        let (now, later) = rest.split_at(take);
         w.write_all(now)?;
         w.flush()?;
         rest = later;

@@ -32,11 +32,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use lru::LruCache;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::cache::buffer::BlockBuf;
 use crate::registry::{Digest, Reference, RepoName};
 use crate::stats::Stats;
 use budget::{Budget, allocated};
@@ -212,7 +213,7 @@ impl DiskCache {
         size: u64,
         block_size: u64,
         index: u64,
-        buffer: BytesMut,
+        buffer: BlockBuf,
     ) -> Option<Bytes> {
         let (store, digest) = (self.store.clone(), digest.clone());
         let found = tokio::task::spawn_blocking(move || {
@@ -458,7 +459,7 @@ impl Store {
         size: u64,
         block_size: u64,
         index: u64,
-        mut buffer: BytesMut,
+        mut buffer: BlockBuf,
     ) -> Option<Bytes> {
         let start = index.checked_mul(block_size)?;
         if start >= size {
@@ -466,8 +467,8 @@ impl Store {
         }
         let len = block_size.min(size - start);
         if let Some(file) = self.whole_blob(digest, size) {
-            buffer.resize(len as usize, 0);
-            file.read_exact_at(&mut buffer, start).ok()?;
+            file.read_exact_at(buffer.fill(usize::try_from(len).ok()?), start)
+                .ok()?;
             budget::touch(&layout::blob_path(&self.root, digest));
             return Some(buffer.freeze());
         }
@@ -702,6 +703,10 @@ impl Store {
 mod tests {
     use super::*;
 
+    fn buf() -> crate::cache::buffer::BlockBuf {
+        crate::cache::buffer::BufferPool::new(4096, 1).take(0)
+    }
+
     fn cache(dir: &Path, origin: &str) -> (DiskCache, Arc<Stats>) {
         let stats = Arc::new(Stats::default());
         let cache = DiskCache::open(dir, 64 << 20, origin, stats.clone()).expect("open");
@@ -732,23 +737,23 @@ mod tests {
         }
         settle(&a).await;
         assert_eq!(
-            a.block(&digest, 10, 4, 1, BytesMut::new()).await.as_deref(),
+            a.block(&digest, 10, 4, 1, buf()).await.as_deref(),
             Some(&b"4567"[..])
         );
         assert!(
-            b.block(&digest, 10, 4, 1, BytesMut::new()).await.is_none(),
+            b.block(&digest, 10, 4, 1, buf()).await.is_none(),
             "another registry does not see unverified blocks"
         );
         a.verified(&digest, 10, 4);
         settle(&a).await;
         assert!(a.whole_blob(&digest, 10).is_some());
         assert_eq!(
-            b.block(&digest, 10, 4, 2, BytesMut::new()).await.as_deref(),
+            b.block(&digest, 10, 4, 2, buf()).await.as_deref(),
             Some(&b"89"[..]),
             "verified: shared"
         );
         assert_eq!(
-            b.block(&digest, 10, 3, 1, BytesMut::new()).await.as_deref(),
+            b.block(&digest, 10, 3, 1, buf()).await.as_deref(),
             Some(&b"345"[..]),
             "at any block size"
         );

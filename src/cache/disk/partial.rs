@@ -29,7 +29,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use crate::cache::buffer::{BlockBuf, PAGE, Page, page_aligned, page_bytes, page_bytes_mut};
 
 const RECORD: usize = 32;
 
@@ -205,7 +207,7 @@ impl Partial {
     }
 
     /// Block `index` (`len` bytes long), if it is recorded and its bytes match.
-    pub fn read(&self, index: u64, len: u64, buffer: BytesMut) -> Option<Bytes> {
+    pub fn read(&self, index: u64, len: u64, buffer: BlockBuf) -> Option<Bytes> {
         let record = {
             let mut state = self.lock();
             if !state.records.contains_key(&index) {
@@ -217,11 +219,11 @@ impl Partial {
             return None;
         }
         let mut buffer = buffer;
-        buffer.resize(len as usize, 0);
+        let bytes = buffer.fill(usize::try_from(len).ok()?);
         self.data
-            .read_exact_at(&mut buffer, index * self.block_size)
+            .read_exact_at(bytes, index * self.block_size)
             .ok()?;
-        if crc32fast::hash(&buffer) != record.crc {
+        if crc32fast::hash(bytes) != record.crc {
             return None;
         }
         self.lock().consistent.insert(index);
@@ -255,10 +257,16 @@ impl Partial {
         let aligned = block.len() % PAGE == 0 && offset % PAGE as u64 == 0;
         let mut direct = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
         if let (true, Some(file)) = (aligned, direct.as_ref()) {
-            let written = ALIGNED.with(|buffer| {
-                let mut buffer = buffer.borrow_mut();
-                file.write_all_at(buffer.fill(block), offset)
-            });
+            // Block buffers are page-aligned (buffer.rs); a block from elsewhere (a
+            // range answer) is copied into aligned memory first.
+            let written = if page_aligned(block) {
+                file.write_all_at(block, offset)
+            } else {
+                ALIGNED.with(|buffer| {
+                    let mut buffer = buffer.borrow_mut();
+                    file.write_all_at(buffer.fill(block), offset)
+                })
+            };
             match written {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
                 other => return other,
@@ -321,13 +329,6 @@ impl Partial {
     }
 }
 
-/// O_DIRECT's unit: buffer addresses, lengths and offsets are multiples of it.
-const PAGE: usize = 4096;
-
-#[repr(C, align(4096))]
-#[derive(Clone)]
-struct Page([u8; PAGE]);
-
 /// A page-aligned copy of a block, for O_DIRECT (the writer thread reuses one).
 #[derive(Default)]
 struct Aligned(Vec<Page>);
@@ -343,13 +344,8 @@ impl Aligned {
         if self.0.len() < pages {
             self.0.resize(pages, Page([0; PAGE]));
         }
-        for (page, chunk) in self.0.iter_mut().zip(data.chunks(PAGE)) {
-            page.0[..chunk.len()].copy_from_slice(chunk);
-        }
-        // SAFETY: `Page` is a plain 4096-byte array (repr C), so the Vec's pages are one
-        // contiguous, initialised region of at least `pages * PAGE >= data.len()` bytes,
-        // borrowed from `self` for the slice's lifetime.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), data.len()) }
+        page_bytes_mut(&mut self.0)[..data.len()].copy_from_slice(data);
+        &page_bytes(&self.0)[..data.len()]
     }
 }
 
@@ -364,6 +360,10 @@ pub fn log_path(data_path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    fn buf() -> crate::cache::buffer::BlockBuf {
+        crate::cache::buffer::BufferPool::new(4096, 1).take(0)
+    }
+
     fn partial(dir: &Path) -> Partial {
         Partial::open(&dir.join("blob.4"), 4, true)
             .expect("open")
@@ -377,11 +377,11 @@ mod tests {
         let b = partial(dir.path()); // another daemon, its own descriptors
         assert_eq!(a.write(1, b"efgh", 7).ok(), Some(Written::Stored(4)));
         assert_eq!(b.write(1, b"XXXX", 8).ok(), Some(Written::AlreadyThere));
-        assert_eq!(b.read(1, 4, BytesMut::new()).as_deref(), Some(&b"efgh"[..]));
-        assert_eq!(b.read(0, 4, BytesMut::new()), None, "never written");
+        assert_eq!(b.read(1, 4, buf()).as_deref(), Some(&b"efgh"[..]));
+        assert_eq!(b.read(0, 4, buf()), None, "never written");
         // A flipped byte in the data file is a miss, not wrong bytes.
         a.data.write_all_at(b"Z", 5).expect("flip");
-        assert_eq!(b.read(1, 4, BytesMut::new()), None);
+        assert_eq!(b.read(1, 4, buf()), None);
         assert_eq!(a.damaged_blocks(), vec![1]);
     }
 
@@ -393,7 +393,7 @@ mod tests {
         assert!(a.write(0, b"abcd", 1).is_ok());
         assert!(b.write(1, b"ef", 2).is_ok());
         assert_eq!(a.completeness(2), (true, false), "block 1 was written by b");
-        assert!(a.read(1, 2, BytesMut::new()).is_some());
+        assert!(a.read(1, 2, buf()).is_some());
         assert_eq!(a.completeness(2), (true, true), "and a has read it back");
         assert_eq!(b.completeness(2), (true, false), "b never saw block 0");
         assert_eq!(b.completeness(3), (false, false));
@@ -408,11 +408,8 @@ mod tests {
         let block: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         assert_eq!(p.write(3, &block, 1).ok(), Some(Written::Stored(4096)));
         assert_eq!(p.write(4, b"tail", 1).ok(), Some(Written::Stored(4)));
-        assert_eq!(
-            p.read(3, 4096, BytesMut::new()).as_deref(),
-            Some(&block[..])
-        );
-        assert_eq!(p.read(4, 4, BytesMut::new()).as_deref(), Some(&b"tail"[..]));
+        assert_eq!(p.read(3, 4096, buf()).as_deref(), Some(&block[..]));
+        assert_eq!(p.read(4, 4, buf()).as_deref(), Some(&b"tail"[..]));
     }
 
     #[test]
