@@ -1050,7 +1050,7 @@ fn registry_behind_a_proxy() -> (Registry, Proxy) {
 #[test]
 fn the_tree_and_its_writes_follow_the_model_without_a_kernel() {
     let (registry, proxy) = registry_behind_a_proxy();
-    let mut runner = runner("REGFS_MODEL_CASES", 8, 32);
+    let mut runner = runner("REGFS_MODEL_CASES", 6, 32);
     let result = runner.run(&prop::collection::vec(op(), 1..12), |ops| {
         // A fresh daemon state and namespace for each sequence.
         let mut tree = direct_fs(&proxy.url());
@@ -1126,7 +1126,7 @@ fn sequences_that_failed_once_stay_fixed() {
 #[test]
 fn the_same_through_a_real_mount() {
     let (registry, proxy) = registry_behind_a_proxy();
-    let mut runner = runner("REGFS_MODEL_KERNEL_CASES", 5, 16);
+    let mut runner = runner("REGFS_MODEL_KERNEL_CASES", 4, 16);
     let args = [
         "--timeout",
         "5s",
