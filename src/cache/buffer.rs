@@ -56,10 +56,14 @@ impl BufferPool {
         })
     }
 
-    /// An empty buffer for up to `capacity` bytes: a recycled block if it fits one.
+    /// An empty buffer for up to `capacity` bytes: a recycled block if that is most of
+    /// one, else exactly as many pages as asked for (a small block, the tail of a blob,
+    /// must not hold a whole block's memory while it is cached: the cache counts its
+    /// length, not its capacity).
     pub fn take(self: &Arc<Self>, capacity: usize) -> BlockBuf {
         let want = capacity.div_ceil(PAGE).max(1);
-        let recycled = (want <= self.pages)
+        let block_sized = want <= self.pages && want * 2 > self.pages;
+        let recycled = block_sized
             .then(|| {
                 self.free
                     .lock()
@@ -67,7 +71,10 @@ impl BufferPool {
                     .pop()
             })
             .flatten();
-        let pages = recycled.unwrap_or_else(|| vec![Page([0; PAGE]); want.max(self.pages)]);
+        let pages = recycled.unwrap_or_else(|| {
+            let pages = if block_sized { self.pages } else { want };
+            vec![Page([0; PAGE]); pages]
+        });
         BlockBuf {
             pages,
             len: 0,
@@ -173,7 +180,7 @@ mod tests {
         assert_eq!(&slice[..], b"cd");
         drop(slice);
         assert_eq!(pool.free_buffers(), 1);
-        let again = pool.take(100);
+        let again = pool.take(3 * PAGE);
         assert!(again.is_empty(), "a recycled buffer starts empty");
         assert_eq!(pool.free_buffers(), 0);
     }
@@ -185,6 +192,21 @@ mod tests {
         let big = pool.take(5 * PAGE).freeze();
         drop((a, b, big));
         assert_eq!(pool.free_buffers(), 1);
+    }
+
+    #[test]
+    fn a_small_block_holds_only_its_own_pages() {
+        let pool = BufferPool::new(64 * PAGE as u64, 4);
+        drop(pool.take(64 * PAGE).freeze());
+        assert_eq!(pool.free_buffers(), 1);
+        let small = pool.take(10);
+        assert_eq!(small.pages.len(), 1, "one page, not a recycled block");
+        assert_eq!(pool.free_buffers(), 1);
+        drop(small);
+        assert_eq!(pool.free_buffers(), 1, "and it is not pooled");
+        let most = pool.take(40 * PAGE);
+        assert_eq!(most.pages.len(), 64, "most of a block takes a recycled one");
+        assert_eq!(pool.free_buffers(), 0);
     }
 
     #[test]
