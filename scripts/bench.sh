@@ -3,7 +3,7 @@
 #
 #   scripts/bench.sh                          full run (1 GiB blob, 3 runs per row)
 #   BENCH_SIZE_MIB=128 scripts/bench.sh       quick run while developing
-#   BENCH_ONLY=seq,random,grep,rss,upload,disk,image   rows to run (default: all; random
+#   BENCH_ONLY=seq,random,grep,rss,upload,disk,image,wan   rows to run (default: all; random
 #                                             includes the bytes-per-cold-read row)
 #   BENCH_IMAGE_MIB=512                       size of the image of the image rows
 #   BENCH_RUNS=5                              runs per row (default 3; medians are reported)
@@ -31,10 +31,12 @@ root=$PWD
 source scripts/lib/registry.sh
 # shellcheck source=scripts/lib/bench_image.sh
 source scripts/lib/bench_image.sh
+# shellcheck source=scripts/lib/bench_wan.sh
+source scripts/lib/bench_wan.sh
 
 runs=${BENCH_RUNS:-3}
 size_mib=${BENCH_SIZE_MIB:-1024}
-only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk,image}
+only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk,image,wan}
 read_timeout=${BENCH_TIMEOUT:-600} # seconds for any single read/grep/pipeline
 size=$((size_mib * 1024 * 1024))
 random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per block of the blob)
@@ -44,7 +46,7 @@ repos=40 tags=10 # 400 manifests for the grep row
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_RUNS must be a positive integer" >&2; exit 2; }
 [[ $size_mib =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_SIZE_MIB must be a positive integer" >&2; exit 2; }
 for row in ${only//,/ }; do
-    case $row in seq | random | grep | rss | upload | disk | image) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
+    case $row in seq | random | grep | rss | upload | disk | image | wan) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
 done
 want() { [[ ,$only, == *,$1,* ]]; }
 
@@ -140,6 +142,7 @@ cleanup() {
     unmount "$mnt" "$regfs_pid"
     unmount "$rclone_mnt" "$rclone_pid"
     unmount "$httpfs_mnt" "$httpfs_pid"
+    stop_wan
     stop_pid "$nginx_pid"
     stop_pid "$registry_pid"
     # Never recurse into a mount that refused to go away.
@@ -197,6 +200,15 @@ def cmd_seq(path, expect):
     if n != int(expect):
         sys.exit(f"short read of {path}: {n} of {expect} bytes")
     print(f"{dt:.6f}")
+
+def cmd_first(path):
+    """Seconds to open PATH and read its first 4 KiB (the time to the first byte)."""
+    t0 = time.perf_counter_ns()
+    fd = os.open(path, os.O_RDONLY)
+    if len(os.pread(fd, 4096, 0)) == 0:
+        sys.exit(f"nothing read from {path}")
+    os.close(fd)
+    print(f"{(time.perf_counter_ns() - t0) / 1e9:.6f}")
 
 def cmd_random(path, ref, seed, count, size, block):
     """Cold then warm pass of 4 KiB preads at the same offsets; latencies in microseconds.
@@ -1005,12 +1017,12 @@ disk_rows() {
 # ---------------------------------------------------------------------------------------
 # Main
 
-if want seq || want disk; then bench_setup; fi
+if want seq || want disk || want wan; then bench_setup; fi
 start_registry
 mkdir -p "$tmp/gen"
-if want seq || want random || want rss || want disk; then push_big_blob; fi
-want grep && push_manifests
-if want seq || want disk; then start_nginx; fi
+if want seq || want random || want rss || want disk || want wan; then push_big_blob; fi
+if want grep || want wan; then push_manifests; fi
+if want seq || want disk || want wan; then start_nginx; fi
 
 want seq && seq_rows
 want random && random_rows
@@ -1019,6 +1031,10 @@ want grep && grep_row
 want upload && upload_row
 want disk && disk_rows
 want image && image_rows
+if want wan; then
+    detect_block_size
+    wan_rows
+fi
 
 ((stats_retries == 0)) || notes+=("regfs retried $stats_retries requests in total (stats \`retries\`)")
 if [[ -s $tmp/regfs.log ]] && grep -qiE 'error|panic' "$tmp/regfs.log"; then
@@ -1027,7 +1043,7 @@ fi
 
 peers="curl $(curl --version | awk 'NR == 1 { print $2 }')"
 for p in nginx rclone httpfs2; do
-    if { want seq || want disk; } && [[ -z ${peer_na[$p]:-} ]]; then
+    if { want seq || want disk || want wan; } && [[ -z ${peer_na[$p]:-} ]]; then
         case $p in
         nginx) peers+=", nginx $(nginx -v 2>&1 | sed 's|.*/||')" ;;
         rclone) peers+=", rclone $(rclone version 2>/dev/null | awk 'NR == 1 { print $2 }')" ;;

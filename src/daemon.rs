@@ -28,6 +28,9 @@ impl Readiness {
     /// wait for as long as the mount lives. Logs meant to outlive this go to `--log-file`.
     pub fn ready(self) {
         let daemon = self.pipe.is_some();
+        if !daemon {
+            notify_systemd();
+        }
         self.send(b"ok");
         if daemon && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
             let _ = nix::unistd::dup2_stdout(&null);
@@ -57,6 +60,28 @@ impl Readiness {
             // If the parent is gone there is nobody left to tell.
             let _ = std::fs::File::from(fd).write_all(&line);
         }
+    }
+}
+
+/// Under systemd (`Type=notify`, `NOTIFY_SOCKET` set): the service is up. Nothing
+/// otherwise, or if the socket cannot be reached (the mount works all the same).
+fn notify_systemd() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(std::path::Path::new(&path)),
+    };
+    let sent = UnixDatagram::unbound().and_then(|s| {
+        let addr = addr?;
+        s.send_to_addr(b"READY=1", &addr)
+    });
+    if let Err(e) = sent {
+        tracing::warn!("cannot tell systemd the mount is ready (NOTIFY_SOCKET): {e}");
     }
 }
 

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod fuse;
 pub mod image;
 pub mod mount;
+pub mod mount_helper;
 pub mod passthrough;
 pub mod registry;
 pub mod stats;

@@ -10,6 +10,7 @@ use regfs::cache::disk::{self, admin};
 use regfs::daemon::{self, Readiness};
 use regfs::image::manifest::Platform;
 use regfs::mount::{self, DiskCacheConfig, MountConfig};
+use regfs::mount_helper;
 use regfs::registry::{Credentials, MirrorSpec, RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
 
@@ -372,7 +373,15 @@ fn cache_command(command: CacheCommand) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match mount_helper::translate(&args) {
+        None => Cli::parse_from(args),
+        Some(Ok(translated)) => Cli::parse_from(translated),
+        Some(Err(msg)) => {
+            eprintln!("regfs: {msg}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args = match cli.command {
         Command::Mount(args) => *args,
         Command::Cache(command) => {

@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 
 use super::blob_stream::{StreamPlan, stream_blocks};
 use super::block_source::{BlobAt, BlockSource};
+use super::link::Link;
 use super::readahead::ReadAhead;
 use super::verify::{ContentCheck, Verifier};
 use crate::cache::memo::FAILURE_MEMORY;
@@ -64,6 +65,8 @@ pub struct BlobReads {
     max_window: u64,
     /// Streams running now: they share the window (see blob_stream.rs).
     streams: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether streams are rate-bound here, so that readers fetch in parallel (link.rs).
+    link: Arc<Link>,
     /// Blobs this mount has served through the kernel's page cache: their pages are
     /// likely there (`keep_cache`), so later opens keep using them instead of going to
     /// the disk cache file by passthrough.
@@ -165,6 +168,7 @@ impl BlobReads {
             max_window: MAX_WINDOW_BLOCKS.min(blocks_in_budget / 4),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
             streams: Arc::default(),
+            link: Arc::default(),
             verifier: Verifier::new(cache.clone(), client.stats().clone(), disk.clone()),
             source: BlockSource::new(client, cache.clone(), disk),
             served: Mutex::new(lru::LruCache::new(
@@ -270,7 +274,14 @@ impl BlobReads {
         if window == 0 {
             blob.stop_stream(); // a random reader: fetch only what it touches
         } else if !ahead.is_empty() && !self.stream_ahead(blob, &ahead, window) {
-            for index in ahead {
+            // A stream stopped for parallel fetches (link.rs) leaves the window's earlier
+            // blocks to fetch as well, not one by one as the reader reaches them.
+            let from = if self.link.parallel() {
+                reached.min(ahead.start)
+            } else {
+                ahead.start
+            };
+            for index in from..ahead.end {
                 self.prefetch(blob, index);
             }
         }
@@ -329,6 +340,7 @@ impl BlobReads {
             || self.cache.contains(&(blob.digest.clone(), ahead.start))
             || self.source.on_disk(blob.at(), ahead.start)
             || self.source.checks_whole(blob.at())
+            || self.link.parallel()
         {
             return false;
         }
@@ -339,6 +351,7 @@ impl BlobReads {
             from_block: ahead.start,
             lead: self.max_window,
             running: self.streams.clone(),
+            link: self.link.clone(),
         };
         let (cache, source) = (self.cache.clone(), self.source.clone());
         let (reader_at, failures) = (blob.reader_at.subscribe(), blob.stream_failures.clone());

@@ -21,11 +21,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::block_source::{BlobAt, BlockSource};
+use super::link::{Link, StreamMeter};
 use crate::cache::BlockCache;
 use crate::registry::{BlobBody, Digest, Error, RegistryClient, RepoName, Result};
 
@@ -40,6 +42,8 @@ pub struct StreamPlan {
     pub lead: u64,
     /// Streams running now (this one included once it starts).
     pub running: Arc<AtomicU64>,
+    /// Judges the stream: one that is rate-bound on a distant link stops (link.rs).
+    pub link: Arc<Link>,
 }
 
 /// Counts a stream as running for as long as it lives (aborted ones included).
@@ -80,7 +84,9 @@ pub async fn stream_blocks(
     if start >= plan.size {
         return Ok(());
     }
+    let opening = Instant::now();
     let mut cursor = BodyCursor::open(source.client(), &plan.repo, &plan.digest, start).await?;
+    let mut meter = StreamMeter::new(opening.elapsed(), cursor.body.range_ignored());
     let mut cached_in_a_row = 0;
     for index in plan.from_block..blocks {
         loop {
@@ -115,10 +121,19 @@ pub async fn stream_blocks(
         };
         cache
             .get(&key, || {
-                source.fetch_with(at, index, || cursor.block(&cache, block_start, len))
+                source.fetch_with(at, index, || async {
+                    let waiting = Instant::now();
+                    let block = cursor.block(&cache, block_start, len).await;
+                    meter.add(len, waiting.elapsed());
+                    block
+                })
             })
             .await?;
         progress.send_replace(index + 1);
+        if plan.link.judge(&meter) {
+            // Its reader fetches the rest in parallel (blob.rs).
+            return Ok(());
+        }
     }
     Ok(())
 }

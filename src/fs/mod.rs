@@ -11,6 +11,7 @@ mod handles;
 pub mod images;
 pub mod known_repos;
 mod layer_source;
+mod link;
 pub mod metadata;
 mod mirror_blobs;
 pub mod node;
@@ -62,6 +63,14 @@ const VIEW_DEADLINE: Duration = Duration::from_secs(3600);
 /// read on demand beyond them, not all fetched because someone typed `ls`).
 const TAG_MANIFEST_WARMING: usize = 16;
 const TAG_MANIFEST_WARMING_MAX: usize = 1024;
+/// Repositories of one listed directory whose tag lists, and first tag manifests, are
+/// fetched in the background, this many at once: `grep -r` and `rsync -a` walk into
+/// them next, one after the other, and over a distant link each would pay its round
+/// trips in turn. At most the first REPO_WARMING_MAX of a listing, with
+/// REPO_TAG_WARMING_MAX tags each (a plain `ls` must stay cheap).
+const REPO_WARMING: usize = 8;
+const REPO_WARMING_MAX: usize = 64;
+const REPO_TAG_WARMING_MAX: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Errno(pub i32);
@@ -678,6 +687,16 @@ impl Fs {
                         (name, Node::Dir(full))
                     })
                     .collect();
+                self.warm_repos(
+                    out.iter()
+                        .filter_map(|(_, child)| match child {
+                            Node::Dir(full) => RepoName::parse(full),
+                            _ => None,
+                        })
+                        .filter(|repo| known.contains(repo))
+                        .take(REPO_WARMING_MAX)
+                        .collect(),
+                );
                 out.extend(self.writes.dirs_below(path).into_iter().map(|name| {
                     let full = format!("{prefix}{name}");
                     (name, Node::Dir(full))
@@ -777,13 +796,28 @@ impl Fs {
     /// in the memo instead of paying one round trip per file.
     fn warm_tag_manifests(&self, repo: &RepoName, tags: &Arc<Vec<Tag>>) {
         let (view, repo, tags) = (self.view.clone(), repo.clone(), tags.clone());
+        tokio::spawn(
+            async move { warm_manifests(&view, &repo, &tags, TAG_MANIFEST_WARMING_MAX).await },
+        );
+    }
+
+    /// Fetches the tag lists of `repos` in the background, then their first tag
+    /// manifests (see [`REPO_WARMING`]).
+    fn warm_repos(&self, repos: Vec<RepoName>) {
+        if repos.is_empty() {
+            return;
+        }
+        let view = self.view.clone();
         tokio::spawn(async move {
-            stream::iter(tags.iter().take(TAG_MANIFEST_WARMING_MAX))
-                .for_each_concurrent(TAG_MANIFEST_WARMING, |tag| {
-                    let (view, repo) = (&view, &repo);
+            stream::iter(repos)
+                .for_each_concurrent(REPO_WARMING, |repo| {
+                    let view = &view;
                     async move {
-                        if let Err(e) = view.tag_manifest(repo, tag).await {
-                            debug!(%repo, %tag, "warming the manifest failed: {e}");
+                        match view.tags(&repo).await {
+                            Ok(tags) => {
+                                warm_manifests(view, &repo, &tags, REPO_TAG_WARMING_MAX).await
+                            }
+                            Err(e) => debug!(%repo, "warming the tag list failed: {e}"),
                         }
                     }
                 })
@@ -1252,4 +1286,15 @@ fn in_image(node: &Node) -> bool {
 /// Where `uploads/<name>` points once committed.
 fn link_target(digest: &Digest) -> String {
     format!("../{BLOBS}/{digest}")
+}
+
+/// The manifests of the first `most` of `tags`, a few at a time, into the view's memo.
+async fn warm_manifests(view: &RegistryView, repo: &RepoName, tags: &[Tag], most: usize) {
+    stream::iter(tags.iter().take(most))
+        .for_each_concurrent(TAG_MANIFEST_WARMING, |tag| async move {
+            if let Err(e) = view.tag_manifest(repo, tag).await {
+                debug!(%repo, %tag, "warming the manifest failed: {e}");
+            }
+        })
+        .await;
 }

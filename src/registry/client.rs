@@ -1017,6 +1017,8 @@ pub struct BlobBody {
     resp: reqwest::Response,
     /// Bytes still to drop before the asked-for offset (a server that ignored Range).
     skip: u64,
+    /// The server answered 200 with the whole blob to a Range request.
+    range_ignored: bool,
     what: String,
     stats: Arc<Stats>,
     host: Arc<HostCounters>,
@@ -1080,12 +1082,19 @@ impl BlobBody {
         BlobBody {
             stats: in_flight.stats().clone(),
             host,
+            // Every blob GET asks for a Range.
+            range_ignored: resp.status() == StatusCode::OK,
             resp,
             skip,
             what,
             pace: Pace::new(window),
             _in_flight: in_flight,
         }
+    }
+
+    /// Whether the server sent the whole blob instead of the range asked for.
+    pub fn range_ignored(&self) -> bool {
+        self.range_ignored
     }
 
     /// The next bytes of the blob; `None` at the end of the answer. A connection that

@@ -117,8 +117,19 @@ pub fn docker_server_key(registry: &Url) -> String {
 fn docker_config_path() -> Option<PathBuf> {
     let dir = std::env::var_os("DOCKER_CONFIG")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))?;
+        .or_else(|| home_dir().map(|home| home.join(".docker")))?;
     Some(dir.join("config.json"))
+}
+
+/// $HOME, else the user's home from the password database: mount(8) runs helpers (an
+/// fstab mount) with an environment that has no HOME.
+fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from).or_else(|| {
+        nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|user| user.dir)
+    })
 }
 
 /// Only the fields that say which helper docker would ask, to name it in the log.
@@ -132,7 +143,7 @@ struct HelperNames {
 
 fn from_docker_config(server: &str) -> Credentials {
     let Some(path) = docker_config_path() else {
-        return Credentials::anonymous("no --username, no REGFS_USERNAME, no HOME");
+        return Credentials::anonymous("no --username, no REGFS_USERNAME, no home directory");
     };
     let shown = path.display();
     let helpers: HelperNames = std::fs::read(&path)
