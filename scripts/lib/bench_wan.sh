@@ -24,14 +24,15 @@ rtt_ms() {
     esac
 }
 
-# start_wan UPSTREAM NAME: a shaper in front of UPSTREAM (host:port); prints its host:port.
+# start_wan UPSTREAM NAME: a shaper in front of UPSTREAM (host:port); its host:port in
+# $wan_addr. Not to be run in a subshell: its pid must reach stop_wan.
 start_wan() {
     local out=$tmp/wan-$2.out
     "$wan_proxy" --upstream "$1" --rtt "$wan_rtt" --per-connection "$wan_conn" --total "$wan_total" \
         >"$out" 2>>"$tmp/wan.log" &
     wan_pids+=($!)
     wait_until 10 grep -q 'listening on' "$out" || { echo "wan_proxy did not start" >&2; exit 1; }
-    sed -n 's/^listening on //p' "$out"
+    wan_addr=$(sed -n 's/^listening on //p' "$out")
 }
 
 stop_wan() {
@@ -45,8 +46,12 @@ wan_rows() {
     cargo build --release -q --example wan_proxy >&2
     wan_proxy=$root/target/release/examples/wan_proxy
     local direct=$registry wan_registry wan_nginx
-    wan_registry=$(start_wan "$direct" registry)
-    [[ -z ${nginx_pid:-} ]] || wan_nginx=$(start_wan "127.0.0.1:$nginx_port" nginx)
+    start_wan "$direct" registry
+    wan_registry=$wan_addr
+    if [[ -n ${nginx_pid:-} ]]; then
+        start_wan "127.0.0.1:$nginx_port" nginx
+        wan_nginx=$wan_addr
+    fi
     local shape="RTT $wan_rtt, $wan_conn/s per connection, $wan_total/s in all"
     log "WAN: $shape; registry at $wan_registry${wan_nginx:+, nginx at $wan_nginx}"
     # Every mount, curl and pipeline below talks to the shaper.
