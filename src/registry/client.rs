@@ -637,19 +637,10 @@ impl RegistryClient {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<FetchedManifest> {
-        match reference {
-            // Content-addressed: a mirror may answer (the digest is checked).
-            Reference::Digest(digest) => {
-                self.content_read(digest, |host| {
-                    Box::pin(host.get_manifest_once(repo, reference))
-                })
-                .await
-            }
-            Reference::Tag(_) => {
-                self.retrying(|| self.get_manifest_once(repo, reference))
-                    .await
-            }
-        }
+        self.reference_read(reference, |host| {
+            Box::pin(host.get_manifest_once(repo, reference))
+        })
+        .await
     }
 
     async fn get_manifest_once(
@@ -693,18 +684,10 @@ impl RegistryClient {
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<(Digest, u64)> {
-        match reference {
-            Reference::Digest(digest) => {
-                self.content_read(digest, |host| {
-                    Box::pin(host.head_manifest_once(repo, reference))
-                })
-                .await
-            }
-            Reference::Tag(_) => {
-                self.retrying(|| self.head_manifest_once(repo, reference))
-                    .await
-            }
-        }
+        self.reference_read(reference, |host| {
+            Box::pin(host.head_manifest_once(repo, reference))
+        })
+        .await
     }
 
     async fn head_manifest_once(

@@ -36,7 +36,7 @@ use url::Url;
 use super::client::{ClientOptions, RegistryClient, is_docker_hub, parse_registry_url};
 use super::credentials::Credentials;
 use super::error::{Error, Result};
-use super::types::{Digest, RepoName};
+use super::types::{Digest, Reference, RepoName};
 use crate::stats::{RequestKind, Stats};
 
 /// How long a mirror that failed for want of an answer is left alone.
@@ -320,6 +320,19 @@ impl RegistryClient {
             mirror.passed_on(digest, &e);
         }
         self.retrying(|| op(self)).await
+    }
+
+    /// A read of what `reference` names: by digest like [`Self::content_read`] (a mirror
+    /// may answer); by tag from the origin only, retried (a tag's answer changes).
+    pub(super) async fn reference_read<'a, T>(
+        &'a self,
+        reference: &Reference,
+        op: impl Fn(&'a RegistryClient) -> BoxFuture<'a, Result<T>>,
+    ) -> Result<T> {
+        match reference {
+            Reference::Digest(digest) => self.content_read(digest, op).await,
+            Reference::Tag(_) => self.retrying(|| op(self)).await,
+        }
     }
 
     /// The whole blob from the first mirror that serves it right, in pieces of `piece`
