@@ -293,7 +293,10 @@ impl Fs {
     }
 
     async fn view_tree(&self, view: &View) -> Result<Arc<ImageTree>, Errno> {
-        self.images.tree(view).await.map_err(|e| {
+        // Boxed: building a tree (layer indexes, passes, the disk cache) is a deep future,
+        // and without the box every operation that may reach a view carries its layout
+        // (rustc's layout query overflowed its depth limit in crates awaiting `Fs`).
+        Box::pin(self.images.tree(view)).await.map_err(|e| {
             let root = Node::InImage(Arc::new(view.clone()), VIEW_ROOT, Kind::Dir);
             fail(&root, e)
         })
