@@ -621,6 +621,7 @@ seq_rows() {
     done
 
     log "seq samples (s): curl ${c_curl[*]} | regfs cold ${c_regfs[*]} | warm ${c_warm[*]} | rclone ${c_rclone[*]:-} | httpfs2 ${c_httpfs[*]:-}"
+    log "seq CPU samples (s/GiB): regfs ${u_regfs[*]} | --no-disk-cache ${u_nodisk[*]} | registry ${u_registry[*]} | httpfs2 ${u_httpfs[*]:-} | rclone ${u_rclone[*]:-}"
     local label="cold sequential read, ${size_mib} MiB, fresh mount"
     local curl_s regfs_s warm_s regfs_cell
     curl_s=$(median "${c_curl[@]}")

@@ -11,8 +11,15 @@
 //!
 //! Blocks are keyed by digest alone, not repository: the same content in two
 //! repositories is cached once.
+//!
+//! A block a sequential reader has read through, in a blob larger than the whole cache,
+//! is *used once* (as the kernel calls such pages): under plain LRU such a pass pushes
+//! everything else out and no block of it is there when the pass comes round again. So
+//! it goes first, and its buffer serves the next block when the pool has none: a
+//! gigabyte read through a 256 MiB cache keeps the other files' blocks, and touches a
+//! window's worth of memory instead of faulting in the whole budget.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -49,6 +56,8 @@ struct Inner<E> {
     bytes: u64,
     /// Blocks being fetched; readers of the same block share the flight.
     pending: HashMap<BlockKey, Flight<E>>,
+    /// Blocks in `ready` read through once, put at the LRU end (see the module comment).
+    used_once: HashSet<BlockKey>,
 }
 
 impl<E: Clone> BlockCache<E> {
@@ -63,6 +72,7 @@ impl<E: Clone> BlockCache<E> {
                 ready: LruCache::unbounded(),
                 bytes: 0,
                 pending: HashMap::new(),
+                used_once: HashSet::new(),
             }),
         }
     }
@@ -91,9 +101,11 @@ impl<E: Clone> BlockCache<E> {
     {
         let flight = {
             let mut inner = self.lock();
-            if let Some(block) = inner.ready.get(key) {
+            if let Some(block) = inner.ready.get(key).cloned() {
                 Stats::add(&self.stats.cache_hits, 1);
-                return Ok(block.clone());
+                // Wanted again after all: an ordinary block from now on.
+                inner.used_once.remove(key);
+                return Ok(block);
             }
             inner.pending.entry(key.clone()).or_default().clone()
         };
@@ -134,21 +146,56 @@ impl<E: Clone> BlockCache<E> {
         }
         inner.bytes += len;
         while inner.bytes > self.budget {
-            let Some((_, evicted)) = inner.ready.pop_lru() else {
+            if Self::evict_lru(inner, &self.stats).is_none() {
                 break;
-            };
-            inner.bytes -= evicted.len() as u64;
-            Stats::add(&self.stats.cache_evictions, 1);
+            }
         }
         self.stats
             .cache_bytes
             .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Evicts the least recently used block (the caller drops it, best after unlocking:
+    /// its memory may go back to the pool).
+    fn evict_lru(inner: &mut Inner<E>, stats: &Stats) -> Option<Bytes> {
+        let (key, evicted) = inner.ready.pop_lru()?;
+        inner.used_once.remove(&key);
+        inner.bytes -= evicted.len() as u64;
+        Stats::add(&stats.cache_evictions, 1);
+        Some(evicted)
+    }
+
     /// An empty buffer for a block of up to `capacity` bytes: a recycled one if there is
-    /// one (its memory goes back to the pool when the block is dropped, wherever).
+    /// one (its memory goes back to the pool when the block is dropped, wherever), else
+    /// the memory of a used-once block, else fresh memory.
     pub fn buffer(&self, capacity: usize) -> BlockBuf {
+        if self.buffers.free_buffers() == 0 {
+            let evicted = {
+                let mut inner = self.lock();
+                let oldest_used_once = inner
+                    .ready
+                    .peek_lru()
+                    .is_some_and(|(key, _)| inner.used_once.contains(key));
+                let evicted = oldest_used_once
+                    .then(|| Self::evict_lru(&mut inner, &self.stats))
+                    .flatten();
+                self.stats
+                    .cache_bytes
+                    .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+                evicted
+            };
+            drop(evicted); // back to the pool, unless a reply or the disk writer holds it
+        }
         self.buffers.take(capacity)
+    }
+
+    /// Marks a cached block as read through once (see the module comment): it goes
+    /// first, unless someone reads it again before.
+    pub fn read_through(&self, key: &BlockKey) {
+        let mut inner = self.lock();
+        if inner.ready.demote(key) && !inner.used_once.contains(key) {
+            inner.used_once.insert(key.clone());
+        }
     }
 
     /// Puts in a block fetched along with another (a whole blob checked at once), unless
@@ -185,6 +232,7 @@ impl<E: Clone> BlockCache<E> {
             if let Some(block) = inner.ready.pop(&key) {
                 inner.bytes -= block.len() as u64;
             }
+            inner.used_once.remove(&key);
         }
         self.stats
             .cache_bytes
@@ -358,6 +406,55 @@ mod tests {
         let reused = cache.buffer(4);
         assert!(reused.is_empty());
         assert_eq!(cache.buffers.free_buffers(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_block_read_through_once_goes_first_and_lends_its_memory() {
+        let (cache, _) = cache(12); // three blocks of 4 bytes
+        let key = |i: u64| (digest(4), i);
+        let put = |i: u64| {
+            let cache = cache.clone();
+            async move {
+                let mut buf = cache.buffer(4);
+                buf.extend_from_slice(&[i as u8; 4]);
+                let block = buf.freeze();
+                let got = cache.get(&key(i), || async { Ok::<_, &str>(block) }).await;
+                assert!(got.is_ok());
+            }
+        };
+        for i in 0..3 {
+            put(i).await;
+        }
+        cache.read_through(&key(1));
+        put(3).await;
+        assert!(
+            cache.peek(&key(1)).is_none(),
+            "the used-once block went first"
+        );
+        assert!(cache.peek(&key(0)).is_some(), "not the least recent one");
+
+        // With no free buffer, a used-once block's memory serves the next block.
+        let pooled = cache.buffer(4);
+        assert_eq!(cache.buffers.free_buffers(), 0);
+        cache.read_through(&key(2));
+        let lent = cache.buffer(4);
+        assert!(cache.peek(&key(2)).is_none());
+        assert_eq!(
+            cache.buffers.free_buffers(),
+            0,
+            "its buffer was taken at once"
+        );
+        drop((pooled, lent));
+
+        // Read again before it went: an ordinary block again, even as the oldest.
+        cache.read_through(&key(0));
+        assert!(cache.get(&key(0), || async { Err("cached") }).await.is_ok());
+        assert!(cache.get(&key(3), || async { Err("cached") }).await.is_ok());
+        let drained = (cache.buffer(4), cache.buffer(4));
+        assert_eq!(cache.buffers.free_buffers(), 0);
+        let _next = cache.buffer(4);
+        assert!(cache.peek(&key(0)).is_some(), "a re-read block is kept");
+        drop(drained);
     }
 
     #[tokio::test]

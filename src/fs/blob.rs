@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 use super::blob_stream::{StreamPlan, stream_blocks};
 use super::block_source::{BlobAt, BlockSource};
 use super::link::Link;
-use super::readahead::ReadAhead;
+use super::readahead::{REORDER_SLACK, ReadAhead};
 use super::verify::{ContentCheck, Verifier};
 use crate::cache::memo::FAILURE_MEMORY;
 use crate::cache::{BlockCache, DiskCache};
@@ -290,6 +290,14 @@ impl BlobReads {
         let data = join_blocks(&blocks, first * bs, offset, end);
         // The read of the last byte waits for the verdict; others only hand over.
         blob.check.offer(offset, data.clone()).await?;
+        // A sequential pass over a blob larger than the cache: the block it left behind,
+        // further back than the kernel reorders its read-ahead, was used once.
+        if window > 0 && blob.size > self.cache.budget() {
+            let behind = (REORDER_SLACK / bs).max(1);
+            if let Some(done) = first.checked_sub(behind) {
+                self.cache.read_through(&(blob.digest.clone(), done));
+            }
+        }
         Ok(data)
     }
 
