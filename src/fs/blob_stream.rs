@@ -86,7 +86,9 @@ pub async fn stream_blocks(
     }
     let opening = Instant::now();
     let mut cursor = BodyCursor::open(source.client(), &plan.repo, &plan.digest, start).await?;
-    let mut meter = StreamMeter::new(opening.elapsed(), cursor.body.range_ignored());
+    let opened_in = opening.elapsed();
+    plan.link.opened(opened_in);
+    let mut meter = StreamMeter::new(opened_in, cursor.body.range_ignored());
     let mut cached_in_a_row = 0;
     for index in plan.from_block..blocks {
         loop {

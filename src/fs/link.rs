@@ -9,7 +9,9 @@
 //! delivers slowly is stopped, and for a while this mount's sequential readers use
 //! parallel block fetches instead of streams. A body that ignored `Range` (a cold
 //! pull-through cache answering with the whole blob) is not judged: block requests would
-//! each get the whole blob too.
+//! each get the whole blob too. "Distant" is judged by the fastest open the mount has
+//! seen lately, not this stream's alone: on a busy machine one loopback open can take
+//! tens of milliseconds, but a distant registry never answers faster than its round trip.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -29,6 +31,9 @@ const FINDING_HOLDS: Duration = Duration::from_secs(300);
 #[derive(Default)]
 pub struct Link {
     rate_bound_since: Mutex<Option<Instant>>,
+    /// The fastest stream open seen, and since when it counts (it is forgotten after
+    /// FINDING_HOLDS, as the network may change).
+    fastest_open: Mutex<Option<(Duration, Instant)>>,
 }
 
 /// One stream's measurements.
@@ -55,10 +60,11 @@ impl StreamMeter {
         self.waited += waited;
     }
 
-    /// Whether this stream shows a distant, rate-bound connection.
-    fn rate_bound(&self) -> bool {
+    /// Whether this stream shows a rate-bound connection on a link that took
+    /// `fastest_open` to open a stream at best.
+    fn rate_bound(&self, fastest_open: Duration) -> bool {
         !self.range_ignored
-            && self.opened_in >= DISTANT
+            && fastest_open >= DISTANT
             && self.bytes >= JUDGED_AFTER
             && (self.bytes as f64) < SLOW_STREAM * self.waited.as_secs_f64()
     }
@@ -71,9 +77,30 @@ impl Link {
             .is_some_and(|since| since.elapsed() < FINDING_HOLDS)
     }
 
+    /// Notes how long a stream took to open; every stream is noted once, when it opens.
+    pub fn opened(&self, opened_in: Duration) {
+        let mut fastest = self
+            .fastest_open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stale = fastest.is_none_or(|(d, at)| at.elapsed() >= FINDING_HOLDS || opened_in < d);
+        if stale {
+            *fastest = Some((opened_in, Instant::now()));
+        }
+    }
+
+    /// The fastest stream open noted lately (this stream's, if it is the only one).
+    fn fastest_open(&self, meter: &StreamMeter) -> Duration {
+        let fastest = *self
+            .fastest_open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        fastest.map_or(meter.opened_in, |(d, _)| d.min(meter.opened_in))
+    }
+
     /// Judges a running stream; true if it should stop (parallel fetches from now on).
     pub fn judge(&self, meter: &StreamMeter) -> bool {
-        if !meter.rate_bound() {
+        if !meter.rate_bound(self.fastest_open(meter)) {
             return false;
         }
         let mut since = self.lock();
@@ -121,5 +148,20 @@ mod tests {
         // 40 ms away, 24 MiB/s: parallel.
         assert!(link.judge(&meter(40, 24, 1.0, false)));
         assert!(link.parallel());
+    }
+
+    #[test]
+    fn one_slow_open_on_a_link_that_opened_fast_before_is_not_distance() {
+        let link = Link::default();
+        link.opened(Duration::from_millis(1));
+        // A loopback stream that took 30 ms to open on a busy machine, then was slow.
+        link.opened(Duration::from_millis(30));
+        assert!(!link.judge(&meter(30, 16, 1.0, false)));
+        assert!(!link.parallel());
+        // Every open slow: distant.
+        let far = Link::default();
+        far.opened(Duration::from_millis(45));
+        far.opened(Duration::from_millis(40));
+        assert!(far.judge(&meter(45, 16, 1.0, false)));
     }
 }
