@@ -102,6 +102,9 @@ enum Job {
         key: Digest,
         body: Bytes,
     },
+    /// Answered once every job queued before it is done (tests wait on it).
+    #[cfg(test)]
+    Flushed(tokio::sync::oneshot::Sender<()>),
 }
 
 /// An index held until its children are pushed, as kept on disk.
@@ -546,6 +549,11 @@ impl Store {
     }
 
     fn run(&self, job: Job) {
+        #[cfg(test)]
+        if let Job::Flushed(done) = job {
+            let _ = done.send(());
+            return;
+        }
         if self.writing_off() {
             Stats::add(&self.stats.disk_dropped, 1);
             return;
@@ -568,6 +576,8 @@ impl Store {
                 epoch,
             } => self.unless_forgotten(&digest, epoch, || self.promote(&digest, size, block_size)),
             Job::Meta { kind, key, body } => self.write_meta(&kind, &key, &body),
+            #[cfg(test)]
+            Job::Flushed(_) => {}
         }
     }
 
@@ -713,15 +723,16 @@ mod tests {
         (cache, stats)
     }
 
-    /// Waits for the writer thread to have done what was queued.
+    /// Waits for the writer thread to have done what was queued (a job answered after
+    /// all before it: a queue seen empty may still have its last job running).
     async fn settle(cache: &DiskCache) {
-        for _ in 0..100 {
-            if cache.jobs.capacity() == QUEUED_WRITES {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (done, finished) = tokio::sync::oneshot::channel();
+        cache
+            .jobs
+            .send(Job::Flushed(done))
+            .await
+            .expect("writer running");
+        finished.await.expect("writer answered");
     }
 
     #[tokio::test]
