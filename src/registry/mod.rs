@@ -1,6 +1,7 @@
 //! The Distribution API client. Knows nothing of FUSE.
 
 pub mod auth;
+mod blob_get;
 pub mod client;
 pub mod credentials;
 pub mod delete;
@@ -11,7 +12,8 @@ pub mod ssrf;
 pub mod types;
 pub mod upload;
 
-pub use client::{BlobBody, ClientOptions, FetchedManifest, RegistryClient, parse_registry_url};
+pub use blob_get::BlobBody;
+pub use client::{ClientOptions, FetchedManifest, RegistryClient, parse_registry_url};
 pub use credentials::Credentials;
 pub use error::{Error, Result};
 pub use hosts::MirrorSpec;
