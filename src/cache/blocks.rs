@@ -150,6 +150,11 @@ impl<E: Clone> BlockCache<E> {
                 break;
             }
         }
+        self.publish_bytes(inner);
+    }
+
+    /// The bytes held, for /.regfs/stats.
+    fn publish_bytes(&self, inner: &Inner<E>) {
         self.stats
             .cache_bytes
             .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
@@ -179,9 +184,7 @@ impl<E: Clone> BlockCache<E> {
                 let evicted = oldest_used_once
                     .then(|| Self::evict_lru(&mut inner, &self.stats))
                     .flatten();
-                self.stats
-                    .cache_bytes
-                    .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+                self.publish_bytes(&inner);
                 evicted
             };
             drop(evicted); // back to the pool, unless a reply or the disk writer holds it
@@ -193,7 +196,7 @@ impl<E: Clone> BlockCache<E> {
     /// first, unless someone reads it again before.
     pub fn read_through(&self, key: &BlockKey) {
         let mut inner = self.lock();
-        if inner.ready.demote(key) && !inner.used_once.contains(key) {
+        if inner.ready.demote(key) {
             inner.used_once.insert(key.clone());
         }
     }
@@ -234,9 +237,7 @@ impl<E: Clone> BlockCache<E> {
             }
             inner.used_once.remove(&key);
         }
-        self.stats
-            .cache_bytes
-            .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+        self.publish_bytes(&inner);
     }
 }
 

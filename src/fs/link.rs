@@ -83,8 +83,8 @@ impl Link {
             .fastest_open
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let stale = fastest.is_none_or(|(d, at)| at.elapsed() >= FINDING_HOLDS || opened_in < d);
-        if stale {
+        let replace = fastest.is_none_or(|(d, at)| at.elapsed() >= FINDING_HOLDS || opened_in < d);
+        if replace {
             *fastest = Some((opened_in, Instant::now()));
         }
     }
