@@ -49,6 +49,8 @@ pub struct Stats {
     pub cache_bytes: AtomicU64,
     pub fetched_bytes: AtomicU64,
     pub retries: AtomicU64,
+    /// Blob streams read from a connection of their own, not through the HTTP client.
+    pub socket_streams: AtomicU64,
     pub in_flight: AtomicU64,
     /// Whole-blob hash checks that passed / failed.
     pub verified: AtomicU64,
@@ -200,6 +202,7 @@ impl Stats {
             },
             uploaded_bytes: get(&self.uploaded_bytes),
             retries: get(&self.retries),
+            socket_streams: get(&self.socket_streams),
             in_flight: get(&self.in_flight),
             verified_blobs: get(&self.verified),
             verify_failures: get(&self.verify_failures),
@@ -226,6 +229,7 @@ pub struct Snapshot {
     pub uploaded_bytes: u64,
     pub requests: RequestsSnapshot,
     pub retries: u64,
+    pub socket_streams: u64,
     pub in_flight: u64,
     pub verified_blobs: u64,
     pub verify_failures: u64,

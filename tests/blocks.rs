@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Layout, Mount, Proxy, ProxyRules, Registry, layers, sha256_digest, stat};
+use common::{
+    Layout, Mount, Proxy, ProxyRules, Registry, Response, Tamper, layers, sha256_digest, stat,
+};
 
 /// Drops the kernel's cached pages of a file, so the next read reaches regfs again.
 fn drop_page_cache(path: &std::path::Path) {
@@ -185,6 +187,57 @@ fn a_sequential_reader_is_fed_by_one_stream_that_stays_within_the_cache() {
         "{s}"
     );
     assert_eq!(stat(&mnt, &["verified_blobs"]), 1, "{s}");
+}
+
+#[test]
+fn a_stream_reads_its_own_connection_and_leaves_other_answers_to_the_client() {
+    common::require_tools();
+    let registry = Registry::start();
+    let layer = layers(&registry, &[("socket/x", 4 << 20, 29)]).remove(0);
+    let read_in_order = |mnt: &Mount| {
+        let read = fs::read(layer.path(mnt)).expect("read");
+        assert!(read == layer.bytes, "the blob's bytes, in order");
+        let s = mnt.stats();
+        assert_eq!(stat(mnt, &["verified_blobs"]), 1, "checked to the end: {s}");
+        assert!(stat(mnt, &["requests", "blob_stream"]) >= 1, "{s}");
+        stat(mnt, &["socket_streams"])
+    };
+    // A plain HTTP registry's 206: the stream's body goes from its socket into blocks.
+    let direct = Mount::start(&registry.url(), &["--block-size", "64KiB"]);
+    assert!(read_in_order(&direct) >= 1, "{}", direct.stats());
+    // A registry that answers a stream (a range to the end) with 200 and the whole
+    // blob: not an answer to read from the socket; the client skips to the offset.
+    let whole = layer.bytes.clone();
+    let ignores_ranges = Tamper::new(move |method, _, response| {
+        let to_the_end = response
+            .header("content-range")
+            .and_then(|r| r.strip_prefix("bytes "))
+            .and_then(|r| {
+                let (span, total) = r.split_once('/')?;
+                let (start, end) = span.split_once('-')?;
+                let (start, end, total) = (
+                    start.parse::<u64>().ok()?,
+                    end.parse::<u64>().ok()?,
+                    total.parse::<u64>().ok()?,
+                );
+                Some(start > 0 && end + 1 == total)
+            })
+            .unwrap_or(false);
+        if method == "GET" && response.status == 206 && to_the_end {
+            Response::new(200, &[], whole.clone())
+        } else {
+            response
+        }
+    });
+    let proxy = Proxy::start(
+        registry.addr,
+        ProxyRules {
+            tamper: Some(ignores_ranges),
+            ..ProxyRules::default()
+        },
+    );
+    let through = Mount::start(&proxy.url(), &["--block-size", "64KiB"]);
+    assert_eq!(read_in_order(&through), 0, "{}", through.stats());
 }
 
 #[test]

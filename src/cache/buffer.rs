@@ -280,6 +280,19 @@ impl BlockBuf {
         &mut self.memory.bytes_mut()[..len]
     }
 
+    /// The bytes after the filled ones, up to `end`, to be written into (a socket read
+    /// straight into the block); [`BlockBuf::filled`] then counts those written.
+    pub fn unfilled(&mut self, end: usize) -> &mut [u8] {
+        let end = end.max(self.len);
+        self.memory.grow(end, self.len);
+        &mut self.memory.bytes_mut()[self.len..end]
+    }
+
+    /// Counts `n` more bytes as filled (written through [`BlockBuf::unfilled`]).
+    pub fn filled(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.memory.capacity());
+    }
+
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
     }

@@ -7,5 +7,6 @@ pub mod disk;
 pub mod memo;
 
 pub use blocks::BlockCache;
+pub use buffer::BlockBuf;
 pub use disk::DiskCache;
 pub use memo::Memo;

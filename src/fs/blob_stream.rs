@@ -143,10 +143,8 @@ pub async fn stream_blocks(
 /// Reads a body that starts at blob offset `at`, block by block.
 pub(super) struct BodyCursor {
     body: BlobBody,
-    /// The blob offset of the next byte: the first byte of `carry`, or of the body.
+    /// The blob offset of the next byte of the body.
     at: u64,
-    /// Bytes received beyond the last block taken.
-    carry: Bytes,
 }
 
 impl BodyCursor {
@@ -160,7 +158,6 @@ impl BodyCursor {
         Ok(BodyCursor {
             body: client.stream_blob(repo, digest, start).await?,
             at: start,
-            carry: Bytes::new(),
         })
     }
 
@@ -170,7 +167,7 @@ impl BodyCursor {
     }
 
     /// The `len` bytes at blob offset `start` (at or after the cursor: any bytes before
-    /// it are skipped).
+    /// it are skipped), read into a block buffer. After an error the cursor is spent.
     pub(super) async fn block(
         &mut self,
         cache: &BlockCache,
@@ -179,30 +176,13 @@ impl BodyCursor {
     ) -> Result<Bytes> {
         let want = usize::try_from(len)
             .map_err(|_| Error::BadAnswer(format!("{}: block too large", self.body.what())))?;
-        let mut out = cache.buffer(want);
-        while out.len() < want {
-            if self.carry.is_empty() {
-                self.carry = match self.body.chunk().await? {
-                    Some(chunk) => chunk,
-                    None => {
-                        return Err(Error::Unavailable(format!(
-                            "{}: answer ended at byte {}",
-                            self.body.what(),
-                            self.at
-                        )));
-                    }
-                };
-            }
-            if self.at < start {
-                let skip = (start - self.at).min(self.carry.len() as u64) as usize;
-                let _ = self.carry.split_to(skip);
-                self.at += skip as u64;
-                continue;
-            }
-            let take = self.carry.len().min(want - out.len());
-            out.extend_from_slice(&self.carry.split_to(take));
-            self.at += take as u64;
+        if self.at < start {
+            self.body.skip(start - self.at).await?;
+            self.at = start;
         }
+        let mut out = cache.buffer(want);
+        self.body.fill(&mut out, want).await?;
+        self.at += len;
         Ok(out.freeze())
     }
 }

@@ -349,6 +349,16 @@ impl Auth {
         execute(what, &client, replay).await
     }
 
+    /// Adds the credentials known to work for this request's scope, if it goes to the
+    /// registry, without sending it (a request sent by other means than reqwest: a
+    /// refusal then goes through [`Auth::send`], which asks for a token).
+    pub fn attach(&self, request: &mut reqwest::Request) {
+        if request.url().origin() == self.registry {
+            let scopes = Scopes::for_request(request.method(), request.url());
+            self.authorize(request, &scopes);
+        }
+    }
+
     /// Adds what is known to work for this scope. Returns the credential sent, if any, so
     /// that a 401 can tell a stale token from a missing one.
     fn authorize(&self, request: &mut reqwest::Request, scopes: &Scopes) -> Option<String> {

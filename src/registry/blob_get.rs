@@ -12,9 +12,13 @@ use reqwest::header;
 use tracing::debug;
 use url::Url;
 
-use super::client::{MAX_REDIRECTS, RegistryClient, content_length, header_str, transport};
+use super::client::{
+    MAX_REDIRECTS, RegistryClient, USER_AGENT, content_length, header_str, transport,
+};
 use super::error::{Error, Result};
+use super::socket_body::SocketBody;
 use super::types::{Digest, RepoName};
+use crate::cache::BlockBuf;
 use crate::stats::{HostCounters, InFlight, RequestKind, Stats};
 
 /// How long a blob's resolved (redirected) URL is reused before asking the registry
@@ -116,10 +120,56 @@ impl RegistryClient {
         self.content_read(digest, |host| {
             Box::pin(async move {
                 let in_flight = host.stats().request(RequestKind::BlobStream);
+                if let Some((body, what)) = host.socket_stream(repo, digest, offset).await {
+                    let source = Source::Socket {
+                        body,
+                        scratch: Vec::new(),
+                    };
+                    return Ok(host.wrap_body(source, what, in_flight));
+                }
                 host.open_blob(repo, digest, offset, None, in_flight).await
             })
         })
         .await
+    }
+
+    /// A stream's GET on a connection of its own, its body read straight into block
+    /// buffers (socket_body.rs): for a registry spoken to in plain HTTP with no proxy,
+    /// and a blob not known to redirect. None: the answer was not a plain `206` (or
+    /// there was none), and the client asks again.
+    async fn socket_stream(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Option<(SocketBody, String)> {
+        if !self.socket_streams() || self.resolved_url(digest).is_some() {
+            return None;
+        }
+        let range = format!("bytes={offset}-");
+        let what = format!("GET /v2/{repo}/blobs/{digest} {range}");
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}")).ok()?;
+        let mut request = self
+            .blob_http
+            .get(url)
+            .header(header::RANGE, &range)
+            .build()
+            .ok()?;
+        self.auth().attach(&mut request);
+        Stats::add(&self.host_counters().requests, 1);
+        let options = self.options();
+        let connect = options.connect_timeout.min(options.read_timeout);
+        match SocketBody::open(&request, offset, USER_AGENT, connect, options.read_timeout).await {
+            Ok(body) => {
+                Stats::add(&self.stats().socket_streams, 1);
+                debug!(request = what, "stream read from its own connection");
+                Some((body, what))
+            }
+            Err(why) => {
+                debug!(request = what, "stream through the client: {why}");
+                None
+            }
+        }
     }
 
     /// A GET of the blob from `offset` (`len` bytes, or to the end), positioned at
@@ -182,9 +232,17 @@ impl RegistryClient {
         what: String,
         in_flight: InFlight,
     ) -> BlobBody {
-        BlobBody::new(
+        let source = Source::Client {
             resp,
             skip,
+            carry: Bytes::new(),
+        };
+        self.wrap_body(source, what, in_flight)
+    }
+
+    fn wrap_body(&self, source: Source, what: String, in_flight: InFlight) -> BlobBody {
+        BlobBody::new(
+            source,
             what,
             in_flight,
             self.host_counters().clone(),
@@ -248,9 +306,7 @@ impl RegistryClient {
 /// The body of a blob GET, positioned at the offset that was asked for. Holds the
 /// request's place in the in-flight count until dropped.
 pub struct BlobBody {
-    resp: reqwest::Response,
-    /// Bytes still to drop before the asked-for offset (a server that ignored Range).
-    skip: u64,
+    source: Source,
     /// The server answered 200 with the whole blob to a Range request.
     range_ignored: bool,
     what: String,
@@ -259,6 +315,27 @@ pub struct BlobBody {
     pace: Pace,
     _in_flight: InFlight,
 }
+
+/// Where a body's bytes come from.
+enum Source {
+    /// The HTTP client's answer, in the chunks it hands out.
+    Client {
+        resp: reqwest::Response,
+        /// Bytes still to drop before the asked-for offset (a server that ignored Range).
+        skip: u64,
+        /// Bytes of the last chunk not taken yet.
+        carry: Bytes,
+    },
+    /// A stream's own connection, read into the caller's buffers (socket_body.rs).
+    Socket {
+        body: SocketBody,
+        /// Where skipped bytes are read to.
+        scratch: Vec<u8>,
+    },
+}
+
+/// Bytes read at a time from a socket body by [`BlobBody::chunk`] and when skipping.
+const SOCKET_CHUNK: usize = 256 << 10;
 
 /// Bytes received while waiting, per window of `--timeout` spent waiting, held to
 /// [`TRICKLE_FLOOR`]. Only time spent waiting for the body counts: a stream that
@@ -306,8 +383,7 @@ impl Pace {
 
 impl BlobBody {
     fn new(
-        resp: reqwest::Response,
-        skip: u64,
+        source: Source,
         what: String,
         in_flight: InFlight,
         host: Arc<HostCounters>,
@@ -317,9 +393,8 @@ impl BlobBody {
             stats: in_flight.stats().clone(),
             host,
             // Every blob GET asks for a Range.
-            range_ignored: resp.status() == StatusCode::OK,
-            resp,
-            skip,
+            range_ignored: matches!(&source, Source::Client { resp, .. } if resp.status() == StatusCode::OK),
+            source,
             what,
             pace: Pace::new(window),
             _in_flight: in_flight,
@@ -334,9 +409,76 @@ impl BlobBody {
     /// The next bytes of the blob; `None` at the end of the answer. A connection that
     /// breaks, or that trickles slower than [`TRICKLE_FLOOR`], is a transient error.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        if let Source::Socket { .. } = self.source {
+            let mut buf = BytesMut::zeroed(SOCKET_CHUNK);
+            let n = self.read_socket(&mut buf).await?;
+            buf.truncate(n);
+            return Ok((n > 0).then(|| buf.freeze()));
+        }
+        self.take(usize::MAX).await
+    }
+
+    /// Fills `out` to `want` bytes from the body, read straight into it from a socket.
+    /// Err if the answer ends first.
+    pub async fn fill(&mut self, out: &mut BlockBuf, want: usize) -> Result<()> {
+        while out.len() < want {
+            let n = if let Source::Socket { .. } = self.source {
+                let n = self.read_socket(out.unfilled(want)).await?;
+                out.filled(n);
+                n
+            } else {
+                let chunk = self.take(want - out.len()).await?.unwrap_or_default();
+                out.extend_from_slice(&chunk);
+                chunk.len()
+            };
+            if n == 0 {
+                return Err(self.ended());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads past the next `n` bytes of the body. Err if the answer ends first.
+    pub async fn skip(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            let limit = usize::try_from(n).unwrap_or(usize::MAX);
+            let got = if let Source::Socket { scratch, .. } = &mut self.source {
+                let mut buf = std::mem::take(scratch);
+                buf.resize(SOCKET_CHUNK, 0);
+                let len = limit.min(buf.len());
+                let got = self.read_socket(&mut buf[..len]).await;
+                if let Source::Socket { scratch, .. } = &mut self.source {
+                    *scratch = buf;
+                }
+                got?
+            } else {
+                self.take(limit).await?.map_or(0, |chunk| chunk.len())
+            };
+            if got == 0 {
+                return Err(self.ended());
+            }
+            n -= got as u64;
+        }
+        Ok(())
+    }
+
+    fn ended(&self) -> Error {
+        Error::Unavailable(format!("{}: answer ended early", self.what))
+    }
+
+    /// Up to `limit` bytes from the client's answer: what is left of the last chunk,
+    /// else the next one.
+    async fn take(&mut self, limit: usize) -> Result<Option<Bytes>> {
         loop {
+            let Source::Client { resp, skip, carry } = &mut self.source else {
+                return Ok(None);
+            };
+            if !carry.is_empty() {
+                let n = limit.min(carry.len());
+                return Ok(Some(carry.split_to(n)));
+            }
             let started = tokio::time::Instant::now();
-            let next = tokio::time::timeout(self.pace.left(), self.resp.chunk()).await;
+            let next = tokio::time::timeout(self.pace.left(), resp.chunk()).await;
             let waited = started.elapsed();
             let Ok(next) = next else {
                 // The window is over without a byte in this wait: judge it.
@@ -349,14 +491,36 @@ impl BlobBody {
             self.pace.add(waited, chunk.len() as u64, &self.what)?;
             Stats::add(&self.stats.fetched_bytes, chunk.len() as u64);
             Stats::add(&self.host.fetched_bytes, chunk.len() as u64);
-            if self.skip > 0 {
-                let n = self.skip.min(chunk.len() as u64);
-                self.skip -= n;
+            if *skip > 0 {
+                let n = (*skip).min(chunk.len() as u64);
+                *skip -= n;
                 let _ = chunk.split_to(n as usize);
             }
-            if !chunk.is_empty() {
-                return Ok(Some(chunk));
-            }
+            *carry = chunk;
+        }
+    }
+
+    /// Reads from a socket body into `buf`, paced like the client's chunks: how many
+    /// bytes (0 at the end of the answer).
+    async fn read_socket(&mut self, buf: &mut [u8]) -> Result<usize> {
+        loop {
+            let Source::Socket { body, .. } = &mut self.source else {
+                return Ok(0);
+            };
+            let started = tokio::time::Instant::now();
+            let next = tokio::time::timeout(self.pace.left(), body.read(buf)).await;
+            let waited = started.elapsed();
+            let Ok(next) = next else {
+                self.pace.add(waited, 0, &self.what)?;
+                continue;
+            };
+            let n = next.map_err(|e| {
+                Error::Unavailable(format!("{}: connection failed: {e}", self.what))
+            })?;
+            self.pace.add(waited, n as u64, &self.what)?;
+            Stats::add(&self.stats.fetched_bytes, n as u64);
+            Stats::add(&self.host.fetched_bytes, n as u64);
+            return Ok(n);
         }
     }
 
@@ -367,7 +531,7 @@ impl BlobBody {
 }
 
 /// The first byte position of `Content-Range: bytes 100-199/1000`.
-fn content_range_start(v: &str) -> Option<u64> {
+pub(super) fn content_range_start(v: &str) -> Option<u64> {
     let range = v.trim().strip_prefix("bytes ")?;
     let (start, _) = range.split_once('-')?;
     start.trim().parse().ok()

@@ -31,6 +31,8 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_PAGES: usize = 100_000;
 /// Redirect hops followed for one blob request (registry → CDN → signed URL ...).
 pub(super) const MAX_REDIRECTS: usize = 5;
+/// What regfs calls itself in every request.
+pub(super) const USER_AGENT: &str = concat!("regfs/", env!("CARGO_PKG_VERSION"));
 /// A `Retry-After` longer than this is not waited for in full: a reader is blocked.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Upload chunk size unless told otherwise: see README, "Performance", for the measurement.
@@ -105,6 +107,8 @@ pub struct RegistryClient {
     /// How this host is addressed (a mirror's path prefix and `ns=`), and its counters.
     shape: HostShape,
     host: Arc<HostCounters>,
+    /// Streams may be read from a connection of their own (socket_body.rs).
+    socket_streams: bool,
 }
 
 /// Docker Hub's names; the API itself is served by `registry-1.docker.io`.
@@ -254,7 +258,7 @@ impl RegistryClient {
         let extra_roots = extra_roots(&options)?;
         let builder = || {
             reqwest::Client::builder()
-                .user_agent(concat!("regfs/", env!("CARGO_PKG_VERSION")))
+                .user_agent(USER_AGENT)
                 .connect_timeout(options.connect_timeout.min(options.read_timeout))
                 .read_timeout(options.read_timeout)
                 .pool_idle_timeout(Duration::from_secs(90))
@@ -283,6 +287,7 @@ impl RegistryClient {
         );
         let resolved = LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN));
         let host = stats.host(&shape.shown(&base), shape.role());
+        let socket_streams = super::socket_body::usable_for(&base);
         Ok(RegistryClient {
             http,
             blob_http,
@@ -295,6 +300,7 @@ impl RegistryClient {
             hosts: Arc::new(Hosts::none()),
             shape,
             host,
+            socket_streams,
         })
     }
 
@@ -389,6 +395,14 @@ impl RegistryClient {
 
     pub(super) fn host_counters(&self) -> &Arc<HostCounters> {
         &self.host
+    }
+
+    pub(super) fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    pub(super) fn socket_streams(&self) -> bool {
+        self.socket_streams
     }
 
     pub(super) fn url(&self, path: &str) -> Result<Url> {

@@ -8,6 +8,7 @@ pub mod delete;
 pub mod error;
 pub mod hosts;
 pub mod referrers;
+mod socket_body;
 pub mod ssrf;
 pub mod types;
 pub mod upload;
