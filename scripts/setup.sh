@@ -7,7 +7,7 @@ set -euo pipefail
 # Image-content tests also convert images (containerd + ctr-remote), run a rootfs
 # (busybox-static) and write hostile layers (python3).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
-    containerd ctr-remote busybox python3 unshare)
+    containerd ctr-remote busybox python3 unshare findmnt)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
     containerd stargz-snapshotter busybox-static python3 util-linux)
 

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod image;
+pub mod kernel_mount;
 pub mod mount;
 pub mod mount_helper;
 pub mod passthrough;

@@ -15,6 +15,7 @@ use crate::daemon::Readiness;
 use crate::fs::{Fs, FsOptions};
 use crate::fuse::FuseAdapter;
 use crate::image::manifest::Platform;
+use crate::kernel_mount::KernelMount;
 use crate::registry::{ClientOptions, Credentials, MirrorSpec, RegistryClient, RepoName};
 use crate::stats::Stats;
 use crate::unmount::{self, Watchdog};
@@ -83,6 +84,9 @@ struct Prepared {
     session: Session<FuseAdapter>,
     mountpoint: PathBuf,
     watchdog: Watchdog,
+    /// Mounted by regfs itself (kernel_mount.rs), not by fuser, which would unmount it
+    /// when its session ends.
+    own_mount: bool,
 }
 
 /// `daemon`: running detached (`--daemon`), so the watchdog must let go of stderr.
@@ -158,12 +162,13 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     // own cloned fd) keeps the queue moving while the first copies a large reply.
     fuse_config.n_threads = Some(FUSE_THREADS);
     fuse_config.clone_fd = true;
+    let source = format!(
+        "{}{}",
+        unmount::SOURCE_PREFIX,
+        config.registry.host_str().unwrap_or("registry")
+    );
     fuse_config.mount_options = vec![
-        MountOption::FSName(format!(
-            "{}{}",
-            unmount::SOURCE_PREFIX,
-            config.registry.host_str().unwrap_or("registry")
-        )),
+        MountOption::FSName(source.clone()),
         MountOption::Subtype("regfs".into()),
         MountOption::NoDev,
         MountOption::NoSuid,
@@ -175,8 +180,22 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     if config.allow_other {
         fuse_config.acl = SessionACL::All;
     }
-    let session = Session::new(adapter, &config.mountpoint, &fuse_config)
-        .map_err(|e| format!("cannot mount at {}: {e}", config.mountpoint.display()))?;
+    // As root regfs mounts the device itself, to be listed as fuse.regfs (kernel_mount.rs).
+    let own_device = KernelMount {
+        source: &source,
+        read_only: config.read_only,
+        allow_other: config.allow_other,
+    }
+    .mount(&canonical_mountpoint)?;
+    let own_mount = own_device.is_some();
+    let session = match own_device {
+        Some(device) => Session::from_fd(adapter, device, fuse_config.acl, fuse_config.clone())
+            .inspect_err(|_| {
+                let _ = unmount::detach(&canonical_mountpoint);
+            }),
+        None => Session::new(adapter, &config.mountpoint, &fuse_config),
+    }
+    .map_err(|e| format!("cannot mount at {}: {e}", config.mountpoint.display()))?;
     match mount_device(&canonical_mountpoint) {
         Some(device) => watchdog.watch(&device),
         None => warn!("cannot find the new mount in mountinfo; no watchdog for it"),
@@ -187,6 +206,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         session,
         mountpoint: canonical_mountpoint,
         watchdog,
+        own_mount,
     })
 }
 
@@ -247,7 +267,9 @@ fn serve(config: MountConfig, prepared: Prepared) -> Result<(), String> {
         session,
         mountpoint,
         watchdog,
+        own_mount,
     } = prepared;
+    let served = mountpoint.clone();
     info!(
         registry = %config.registry,
         mountpoint = %config.mountpoint.display(),
@@ -284,6 +306,10 @@ fn serve(config: MountConfig, prepared: Prepared) -> Result<(), String> {
         }
     });
     let result = session.run();
+    if own_mount && result.is_err() {
+        // The session broke while still mounted: leave no dead mount behind.
+        let _ = unmount::detach(&served);
+    }
     watchdog.disarm();
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {

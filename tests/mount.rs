@@ -470,6 +470,52 @@ fn sigterm_unmounts_and_exits_zero() {
     assert!(!left_mounted, "regfs left {} mounted", dir.display());
 }
 
+#[test]
+fn a_mount_is_listed_as_fuse_regfs_under_its_registry() {
+    let f = fixture();
+    let mnt = Mount::start(&f.registry.url(), &["--read-only"]);
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    // "46 27 0:41 / /mnt/reg ro,nosuid,nodev,relatime - fuse.regfs regfs:127.0.0.1 ro,…"
+    let entry = mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        let fields: Vec<&str> = before.split(' ').collect();
+        let point = regfs::mount::unescape_mountinfo(fields.get(4)?);
+        (Path::new(&point) == mnt.dir).then(|| {
+            let mut rest = after.split(' ');
+            let fs_type = rest.next().unwrap_or("").to_owned();
+            let source = rest.next().unwrap_or("").to_owned();
+            (
+                fs_type,
+                source,
+                fields.get(5).copied().unwrap_or("").to_owned(),
+            )
+        })
+    });
+    let (fs_type, source, options) = entry.expect("the mount is in mountinfo");
+    assert_eq!(fs_type, "fuse.regfs", "{mountinfo}");
+    assert!(source.starts_with("regfs:127.0.0.1"), "source {source}");
+    for option in ["ro", "nosuid", "nodev"] {
+        assert!(
+            options.split(',').any(|o| o == option),
+            "{option} in {options}"
+        );
+    }
+    // What a user types to find it.
+    let found = Command::new("findmnt")
+        .args(["-n", "-t", "fuse.regfs", "-o", "TARGET"])
+        .arg(&mnt.dir)
+        .output()
+        .expect("findmnt (util-linux; scripts/setup.sh installs it)");
+    assert!(
+        found.status.success(),
+        "findmnt -t fuse.regfs found nothing"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&found.stdout).trim(),
+        mnt.dir.display().to_string()
+    );
+}
+
 /// Runs `regfs ARGS` to completion (bounded by the mount attempt's own timeouts).
 fn regfs(args: &[&str]) -> (std::process::ExitStatus, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_regfs"))
