@@ -409,30 +409,38 @@ impl BlobBody {
     /// The next bytes of the blob; `None` at the end of the answer. A connection that
     /// breaks, or that trickles slower than [`TRICKLE_FLOOR`], is a transient error.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
-        if let Source::Socket { .. } = self.source {
-            let mut buf = BytesMut::zeroed(SOCKET_CHUNK);
-            let n = self.read_socket(&mut buf).await?;
-            buf.truncate(n);
-            return Ok((n > 0).then(|| buf.freeze()));
+        let (source, mut meter) = self.parts();
+        match source {
+            Source::Socket { body, .. } => {
+                let mut buf = BytesMut::zeroed(SOCKET_CHUNK);
+                let n = meter.read_socket(body, &mut buf).await?;
+                buf.truncate(n);
+                Ok((n > 0).then(|| buf.freeze()))
+            }
+            Source::Client { .. } => take(source, &mut meter, usize::MAX).await,
         }
-        self.take(usize::MAX).await
     }
 
     /// Fills `out` to `want` bytes from the body, read straight into it from a socket.
     /// Err if the answer ends first.
     pub async fn fill(&mut self, out: &mut BlockBuf, want: usize) -> Result<()> {
+        let (source, mut meter) = self.parts();
         while out.len() < want {
-            let n = if let Source::Socket { .. } = self.source {
-                let n = self.read_socket(out.unfilled(want)).await?;
-                out.filled(n);
-                n
-            } else {
-                let chunk = self.take(want - out.len()).await?.unwrap_or_default();
-                out.extend_from_slice(&chunk);
-                chunk.len()
+            let n = match source {
+                Source::Socket { body, .. } => {
+                    let n = meter.read_socket(body, out.unfilled(want)).await?;
+                    out.filled(n);
+                    n
+                }
+                Source::Client { .. } => {
+                    let chunk = take(source, &mut meter, want - out.len()).await?;
+                    let chunk = chunk.unwrap_or_default();
+                    out.extend_from_slice(&chunk);
+                    chunk.len()
+                }
             };
             if n == 0 {
-                return Err(self.ended());
+                return Err(meter.ended());
             }
         }
         Ok(())
@@ -440,93 +448,120 @@ impl BlobBody {
 
     /// Reads past the next `n` bytes of the body. Err if the answer ends first.
     pub async fn skip(&mut self, mut n: u64) -> Result<()> {
+        let (source, mut meter) = self.parts();
         while n > 0 {
             let limit = usize::try_from(n).unwrap_or(usize::MAX);
-            let got = if let Source::Socket { scratch, .. } = &mut self.source {
-                let mut buf = std::mem::take(scratch);
-                buf.resize(SOCKET_CHUNK, 0);
-                let len = limit.min(buf.len());
-                let got = self.read_socket(&mut buf[..len]).await;
-                if let Source::Socket { scratch, .. } = &mut self.source {
-                    *scratch = buf;
+            let got = match source {
+                Source::Socket { body, scratch } => {
+                    scratch.resize(SOCKET_CHUNK, 0);
+                    let len = limit.min(scratch.len());
+                    meter.read_socket(body, &mut scratch[..len]).await?
                 }
-                got?
-            } else {
-                self.take(limit).await?.map_or(0, |chunk| chunk.len())
+                Source::Client { .. } => take(source, &mut meter, limit)
+                    .await?
+                    .map_or(0, |chunk| chunk.len()),
             };
             if got == 0 {
-                return Err(self.ended());
+                return Err(meter.ended());
             }
             n -= got as u64;
         }
         Ok(())
     }
 
-    fn ended(&self) -> Error {
-        Error::Unavailable(format!("{}: answer ended early", self.what))
-    }
-
-    /// Up to `limit` bytes from the client's answer: what is left of the last chunk,
-    /// else the next one.
-    async fn take(&mut self, limit: usize) -> Result<Option<Bytes>> {
-        loop {
-            let Source::Client { resp, skip, carry } = &mut self.source else {
-                return Ok(None);
-            };
-            if !carry.is_empty() {
-                let n = limit.min(carry.len());
-                return Ok(Some(carry.split_to(n)));
-            }
-            let started = tokio::time::Instant::now();
-            let next = tokio::time::timeout(self.pace.left(), resp.chunk()).await;
-            let waited = started.elapsed();
-            let Ok(next) = next else {
-                // The window is over without a byte in this wait: judge it.
-                self.pace.add(waited, 0, &self.what)?;
-                continue;
-            };
-            let Some(mut chunk) = next.map_err(|e| transport(&self.what, &e))? else {
-                return Ok(None);
-            };
-            self.pace.add(waited, chunk.len() as u64, &self.what)?;
-            Stats::add(&self.stats.fetched_bytes, chunk.len() as u64);
-            Stats::add(&self.host.fetched_bytes, chunk.len() as u64);
-            if *skip > 0 {
-                let n = (*skip).min(chunk.len() as u64);
-                *skip -= n;
-                let _ = chunk.split_to(n as usize);
-            }
-            *carry = chunk;
-        }
-    }
-
-    /// Reads from a socket body into `buf`, paced like the client's chunks: how many
-    /// bytes (0 at the end of the answer).
-    async fn read_socket(&mut self, buf: &mut [u8]) -> Result<usize> {
-        loop {
-            let Source::Socket { body, .. } = &mut self.source else {
-                return Ok(0);
-            };
-            let started = tokio::time::Instant::now();
-            let next = tokio::time::timeout(self.pace.left(), body.read(buf)).await;
-            let waited = started.elapsed();
-            let Ok(next) = next else {
-                self.pace.add(waited, 0, &self.what)?;
-                continue;
-            };
-            let n = next.map_err(|e| {
-                Error::Unavailable(format!("{}: connection failed: {e}", self.what))
-            })?;
-            self.pace.add(waited, n as u64, &self.what)?;
-            Stats::add(&self.stats.fetched_bytes, n as u64);
-            Stats::add(&self.host.fetched_bytes, n as u64);
-            return Ok(n);
-        }
+    /// The body's source, and what paces and counts its bytes: borrowed apart, so that
+    /// a read can go into the source's own buffers.
+    fn parts(&mut self) -> (&mut Source, Meter<'_>) {
+        let meter = Meter {
+            pace: &mut self.pace,
+            what: &self.what,
+            stats: &self.stats,
+            host: &self.host,
+        };
+        (&mut self.source, meter)
     }
 
     /// What this request was, for error messages ("GET /v2/... bytes=0-").
     pub fn what(&self) -> &str {
         &self.what
+    }
+}
+
+/// Paces a body's waits ([`Pace`]) and counts the bytes it brings.
+struct Meter<'a> {
+    pace: &'a mut Pace,
+    what: &'a str,
+    stats: &'a Stats,
+    host: &'a HostCounters,
+}
+
+impl Meter<'_> {
+    /// Waits for `next` (the body's next bytes), judging the pace at the end of every
+    /// window that passes without them; then counts the `len` bytes they brought (None:
+    /// nothing to count, a failure or the end, left to the caller).
+    async fn wait<T>(
+        &mut self,
+        next: impl std::future::Future<Output = T>,
+        len: impl Fn(&T) -> Option<u64>,
+    ) -> Result<T> {
+        tokio::pin!(next);
+        loop {
+            let started = tokio::time::Instant::now();
+            let arrived = tokio::time::timeout(self.pace.left(), &mut next).await;
+            let waited = started.elapsed();
+            let Ok(arrived) = arrived else {
+                // The window is over without a byte in this wait: judge it.
+                self.pace.add(waited, 0, self.what)?;
+                continue;
+            };
+            if let Some(n) = len(&arrived) {
+                self.pace.add(waited, n, self.what)?;
+                Stats::add(&self.stats.fetched_bytes, n);
+                Stats::add(&self.host.fetched_bytes, n);
+            }
+            return Ok(arrived);
+        }
+    }
+
+    /// Reads from a socket body into `buf`: how many bytes (0 at the end of the answer).
+    async fn read_socket(&mut self, body: &mut SocketBody, buf: &mut [u8]) -> Result<usize> {
+        let read = self
+            .wait(body.read(buf), |r| r.as_ref().ok().map(|&n| n as u64))
+            .await?;
+        read.map_err(|e| Error::Unavailable(format!("{}: connection failed: {e}", self.what)))
+    }
+
+    fn ended(&self) -> Error {
+        Error::Unavailable(format!("{}: answer ended early", self.what))
+    }
+}
+
+/// Up to `limit` bytes from the client's answer: what is left of the last chunk, else
+/// the next one (None at the end, and for a socket body).
+async fn take(source: &mut Source, meter: &mut Meter<'_>, limit: usize) -> Result<Option<Bytes>> {
+    let Source::Client { resp, skip, carry } = source else {
+        return Ok(None);
+    };
+    loop {
+        if !carry.is_empty() {
+            let n = limit.min(carry.len());
+            return Ok(Some(carry.split_to(n)));
+        }
+        let next = meter
+            .wait(resp.chunk(), |c| {
+                // The end of the answer is not a delivery (and not paced).
+                c.as_ref().ok()?.as_ref().map(|c| c.len() as u64)
+            })
+            .await?;
+        let Some(mut chunk) = next.map_err(|e| transport(meter.what, &e))? else {
+            return Ok(None);
+        };
+        if *skip > 0 {
+            let n = (*skip).min(chunk.len() as u64);
+            *skip -= n;
+            let _ = chunk.split_to(n as usize);
+        }
+        *carry = chunk;
     }
 }
 
