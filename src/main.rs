@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use regfs::cache::disk::{self, admin};
-use regfs::daemon::{self, Readiness};
 use regfs::image::manifest::Platform;
-use regfs::mount::{self, DiskCacheConfig, MountConfig};
-use regfs::mount_helper;
+use regfs::mount::daemon::{self, Readiness};
+use regfs::mount::{self, DiskCacheConfig, MountConfig, helper};
+
 use regfs::registry::{Credentials, MirrorSpec, RepoName, parse_registry_url};
 use tracing_subscriber::EnvFilter;
 
@@ -374,7 +374,7 @@ fn cache_command(command: CacheCommand) -> Result<bool, String> {
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = match mount_helper::translate(&args) {
+    let cli = match helper::translate(&args) {
         None => Cli::parse_from(args),
         Some(Ok(translated)) => Cli::parse_from(translated),
         Some(Err(msg)) => {

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
-use super::buffer::{BlockBuf, BufferPool};
+use crate::buf::{BlockBuf, BufferPool};
 use crate::registry::{Digest, Error};
 use crate::stats::Stats;
 

@@ -2,11 +2,9 @@
 //! memory) and the disk cache under it (shared by mounts and restarts).
 
 pub mod blocks;
-pub mod buffer;
 pub mod disk;
 pub mod memo;
 
 pub use blocks::BlockCache;
-pub use buffer::BlockBuf;
 pub use disk::DiskCache;
 pub use memo::Memo;

@@ -18,8 +18,8 @@ use bytes::{Bytes, BytesMut};
 
 use super::codec::{Checkpoint, Codec, Decoder};
 use super::entry::{DataRef, Entry};
+use super::index::unreadable;
 use super::index::{Chunk, Content, LayerIndex, StreamMap};
-use super::pass::unreadable;
 use super::source::BlobSource;
 use crate::cache::BlockCache;
 use crate::registry::{Digest, Error, Result};

@@ -144,6 +144,27 @@ pub fn shown(bytes: &[u8]) -> String {
     format!("{:?}", String::from_utf8_lossy(bytes))
 }
 
+/// Files an eStargz writer adds that are not part of the image.
+const ESTARGZ_NAMES: [&[u8]; 3] = [
+    b".prefetch.landmark",
+    b".no.prefetch.landmark",
+    b"stargz.index.json",
+];
+
+/// Removes the files an eStargz writer adds at the layer's root (landmarks, and the
+/// TOC itself when the layer is read as plain gzip, where it is the last entry).
+pub fn drop_estargz_metadata(entries: &mut Vec<Entry>) {
+    let is_estargz = entries
+        .last()
+        .is_some_and(|e| &*e.path == b"stargz.index.json")
+        || entries
+            .first()
+            .is_some_and(|e| ESTARGZ_NAMES[..2].contains(&&*e.path));
+    if is_estargz {
+        entries.retain(|e| !ESTARGZ_NAMES.contains(&&*e.path));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

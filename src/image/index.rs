@@ -7,6 +7,16 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{Checkpoint, Codec};
 use super::entry::Entry;
+use crate::registry::{Digest, Error};
+
+/// Entries and index memory one layer may have.
+pub const MAX_ENTRIES: usize = 1_000_000;
+pub const MAX_INDEX_BYTES: usize = 256 << 20;
+
+/// The error for a layer that cannot be read as what it says it is.
+pub fn unreadable(digest: &Digest, what: impl std::fmt::Display) -> Error {
+    Error::BadAnswer(format!("layer {digest}: {what}"))
+}
 
 /// How a layer's index was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! Image contents (DESIGN §7): the files of layers and of whole images, read lazily.
 //!
 //! - [`manifest`]: an image's layers, an index's image for a platform;
-//! - [`codec`], [`gzip`], [`zstd_frames`]: decoders that start at a layer's beginning or
+//! - [`codec`]: decoders that start at a layer's beginning or
 //!   at a checkpoint; [`tar`]: tar entries from the decoded stream;
 //! - [`pass`]: the one streaming pass that indexes a plain layer; [`toc`]: the index of
 //!   eStargz and zstd:chunked layers from their TOC; [`index`]: what an index holds;
@@ -14,7 +14,6 @@
 pub mod codec;
 pub mod content;
 pub mod entry;
-pub mod gzip;
 pub mod index;
 pub mod manifest;
 pub mod pass;
@@ -22,7 +21,6 @@ pub mod source;
 pub mod tar;
 pub mod toc;
 pub mod tree;
-pub mod zstd_frames;
 
 use std::sync::Arc;
 
@@ -44,7 +42,7 @@ const PASS_QUEUE: usize = 4;
 pub async fn index_layer(source: Arc<dyn BlobSource>, layer: &Layer) -> Result<LayerIndex> {
     let digest = &layer.digest;
     let codec = Codec::of_media_type(&layer.media_type).ok_or_else(|| {
-        pass::unreadable(
+        index::unreadable(
             digest,
             format!(
                 "media type {:?} is not a layer format regfs reads",

@@ -10,7 +10,9 @@ use tracing::warn;
 
 use super::codec::{Checkpoint, Codec, Decoder};
 use super::entry::Entry;
-use super::index::{Content, IndexSource, LayerIndex, StreamMap};
+use super::index::{
+    Content, IndexSource, LayerIndex, MAX_ENTRIES, MAX_INDEX_BYTES, StreamMap, unreadable,
+};
 use super::tar::{TarItem, TarParser};
 use crate::registry::{Digest, Error, Result};
 
@@ -25,18 +27,10 @@ const MAX_CHECKPOINTS: u64 = 256;
 /// first GiB): deflate cannot exceed ~1032:1, so only a zstd bomb is stopped, early.
 const MAX_EXPANSION: u64 = 2048;
 const EXPANSION_FLOOR: u64 = 1 << 30;
-/// Entries and index memory one layer may have.
-pub const MAX_ENTRIES: usize = 1_000_000;
-pub const MAX_INDEX_BYTES: usize = 256 << 20;
 /// Refused entries logged one by one per layer; the rest are counted.
 const LOGGED_REFUSALS: usize = 20;
 /// Decoder output buffer.
 const OUT_BUF: usize = 256 << 10;
-
-/// The error for a layer that cannot be read as what it says it is.
-pub fn unreadable(digest: &Digest, what: impl std::fmt::Display) -> Error {
-    Error::BadAnswer(format!("layer {digest}: {what}"))
-}
 
 fn spacing(blob_size: u64) -> u64 {
     MIN_CHECKPOINT_SPACING.max(blob_size.saturating_mul(3) / MAX_CHECKPOINTS)
@@ -201,7 +195,7 @@ pub fn index_pass(
     }
     let mut list = entries.list;
     if codec == Codec::Gzip {
-        super::toc::drop_estargz_metadata(&mut list);
+        super::entry::drop_estargz_metadata(&mut list);
     }
     Ok(LayerIndex {
         entries: list,
@@ -219,8 +213,8 @@ pub fn index_pass(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::image::codec::gzip::tests::{gzip, sample};
     use crate::image::entry::{DataRef, EntryKind};
-    use crate::image::gzip::tests::{gzip, sample};
 
     /// A tar stream of `files` (path, content), as `tar` crate's builder writes it.
     pub(crate) fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {

@@ -15,9 +15,9 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::codec::{Codec, decode_range};
-use super::entry::{DataRef, Entry, EntryKind, normalise, shown};
+use super::entry::{DataRef, Entry, EntryKind, drop_estargz_metadata, normalise, shown};
 use super::index::{Chunk, ChunkMap, Content, IndexSource, LayerIndex};
-use super::pass::{MAX_ENTRIES, unreadable};
+use super::index::{MAX_ENTRIES, unreadable};
 use super::source::BlobSource;
 use crate::registry::{Digest, Result};
 
@@ -40,13 +40,6 @@ const LEGACY_FOOTER: u64 = 47;
 /// Largest TOC accepted, compressed and uncompressed.
 const MAX_TOC: u64 = 64 << 20;
 const MAX_TOC_JSON: usize = 256 << 20;
-
-/// Files an eStargz writer adds that are not part of the image.
-const ESTARGZ_NAMES: [&[u8]; 3] = [
-    b".prefetch.landmark",
-    b".no.prefetch.landmark",
-    b"stargz.index.json",
-];
 
 /// How a layer with a TOC says where it is and what it must hash to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -446,20 +439,6 @@ fn build(
         content: Content::Chunks(ChunkMap { codec, chunks }),
         source,
     })
-}
-
-/// Removes the files an eStargz writer adds at the layer's root (landmarks, and the
-/// TOC itself when the layer is read as plain gzip, where it is the last entry).
-pub fn drop_estargz_metadata(entries: &mut Vec<Entry>) {
-    let is_estargz = entries
-        .last()
-        .is_some_and(|e| &*e.path == b"stargz.index.json")
-        || entries
-            .first()
-            .is_some_and(|e| ESTARGZ_NAMES[..2].contains(&&*e.path));
-    if is_estargz {
-        entries.retain(|e| !ESTARGZ_NAMES.contains(&&*e.path));
-    }
 }
 
 /// An RFC 3339 time ("2024-01-02T03:04:05.5Z", "...+01:00"): (seconds, nanoseconds).

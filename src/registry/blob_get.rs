@@ -18,7 +18,7 @@ use super::client::{
 use super::error::{Error, Result};
 use super::socket_body::SocketBody;
 use super::types::{Digest, RepoName};
-use crate::cache::BlockBuf;
+use crate::buf::BlockBuf;
 use crate::stats::{HostCounters, InFlight, RequestKind, Stats};
 
 /// How long a blob's resolved (redirected) URL is reused before asking the registry

@@ -37,7 +37,7 @@ use lru::LruCache;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::cache::buffer::BlockBuf;
+use crate::buf::BlockBuf;
 use crate::registry::{Digest, Reference, RepoName};
 use crate::stats::Stats;
 use budget::{Budget, allocated};
@@ -713,8 +713,8 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn buf() -> crate::cache::buffer::BlockBuf {
-        crate::cache::buffer::BufferPool::new(4096, 1).take(0)
+    fn buf() -> crate::buf::BlockBuf {
+        crate::buf::BufferPool::new(4096, 1).take(0)
     }
 
     fn cache(dir: &Path, origin: &str) -> (DiskCache, Arc<Stats>) {

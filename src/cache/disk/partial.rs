@@ -31,7 +31,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 
-use crate::cache::buffer::{BlockBuf, PAGE, Page, page_aligned, page_bytes, page_bytes_mut};
+use crate::buf::{BlockBuf, PAGE, Page, page_aligned, page_bytes, page_bytes_mut};
 
 const RECORD: usize = 32;
 
@@ -360,8 +360,8 @@ pub fn log_path(data_path: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn buf() -> crate::cache::buffer::BlockBuf {
-        crate::cache::buffer::BufferPool::new(4096, 1).take(0)
+    fn buf() -> crate::buf::BlockBuf {
+        crate::buf::BufferPool::new(4096, 1).take(0)
     }
 
     fn partial(dir: &Path) -> Partial {

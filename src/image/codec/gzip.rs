@@ -12,7 +12,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::codec::Step;
+use super::position::Step;
 
 use libz_rs_sys::{
     Z_BLOCK, Z_BUF_ERROR, Z_OK, Z_STREAM_END, inflate, inflateEnd, inflateGetDictionary,

@@ -10,15 +10,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 use url::Url;
 
+use super::daemon::Readiness;
+use super::kernel::KernelMount;
+use super::mountinfo::{is_mount_point, mount_device};
+use super::unmount::{self, Watchdog};
 use crate::cache::{BlockCache, DiskCache, disk};
-use crate::daemon::Readiness;
 use crate::fs::{Fs, FsOptions};
 use crate::fuse::FuseAdapter;
 use crate::image::manifest::Platform;
-use crate::kernel_mount::KernelMount;
 use crate::registry::{ClientOptions, Credentials, MirrorSpec, RegistryClient, RepoName};
 use crate::stats::Stats;
-use crate::unmount::{self, Watchdog};
 
 /// How long the registry gets to answer `/v2/` before the mount is refused.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -84,7 +85,7 @@ struct Prepared {
     session: Session<FuseAdapter>,
     mountpoint: PathBuf,
     watchdog: Watchdog,
-    /// Mounted by regfs itself (kernel_mount.rs), not by fuser, which would unmount it
+    /// Mounted by regfs itself (mount/kernel.rs), not by fuser, which would unmount it
     /// when its session ends.
     own_mount: bool,
 }
@@ -180,7 +181,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     if config.allow_other {
         fuse_config.acl = SessionACL::All;
     }
-    // As root regfs mounts the device itself, to be listed as fuse.regfs (kernel_mount.rs).
+    // As root regfs mounts the device itself, to be listed as fuse.regfs (mount/kernel.rs).
     let own_device = KernelMount {
         source: &source,
         read_only: config.read_only,
@@ -364,86 +365,9 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, String> {
     Ok(canonical)
 }
 
-/// Whether `path` (canonical) is listed as a mount point in /proc/self/mountinfo.
-pub fn is_mount_point(path: &Path) -> bool {
-    mount_entry(path).is_some()
-}
-
-/// The topmost mount on a path, as /proc/self/mountinfo lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    /// "major:minor"; for FUSE the minor is the connection's number in
-    /// /sys/fs/fuse/connections/.
-    pub device: String,
-    /// e.g. "fuse", "fuse.regfs", "ext4".
-    pub fs_type: String,
-    /// What was mounted: "regfs:<registry host>" for regfs.
-    pub source: String,
-}
-
-/// The topmost mount on `path` (canonical), from /proc/self/mountinfo: unlike `stat`,
-/// this does not ask the mounted filesystem (which may be dead).
-pub fn mount_entry(path: &Path) -> Option<MountEntry> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let wanted = path.to_string_lossy();
-    info.lines().rev().find_map(|line| {
-        // "36 35 0:45 / /mnt/x rw,relatime shared:1 - fuse.regfs regfs:host rw,..."
-        let (before, after) = line.split_once(" - ")?;
-        let mut fields = before.split(' ');
-        let device = fields.nth(2)?;
-        let mount_point = fields.nth(1)?;
-        let mut after = after.split(' ');
-        let (fs_type, source) = (after.next()?, after.next()?);
-        (unescape_mountinfo(mount_point) == wanted).then(|| MountEntry {
-            device: device.to_owned(),
-            fs_type: fs_type.to_owned(),
-            source: unescape_mountinfo(source),
-        })
-    })
-}
-
-/// The device ("major:minor") of the topmost mount on `path` (canonical).
-fn mount_device(path: &Path) -> Option<String> {
-    mount_entry(path).map(|e| e.device)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-pub fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|o| std::str::from_utf8(o).ok());
-        if bytes[i] == b'\\' {
-            if let Some(Ok(code)) = octal.map(|o| u8::from_str_radix(o, 8)) {
-                out.push(code);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/odd\04"), r"/odd\04");
-        assert_eq!(
-            unescape_mountinfo(r"/tmp/a\040b\011c\134d"),
-            "/tmp/a b\tc\\d"
-        );
-        assert_eq!(unescape_mountinfo(r"/plain\x"), r"/plain\x");
-    }
 
     #[test]
     fn missing_mountpoint_is_a_clear_error() {

@@ -25,7 +25,7 @@ use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::unistd::{ForkResult, fork, pipe2};
 use tracing::{debug, warn};
 
-use crate::mount::{MountEntry, mount_entry};
+use super::mountinfo::{MountEntry, mount_entry};
 
 /// What regfs mounts show as their source in /proc/self/mountinfo (`--fsname`).
 pub const SOURCE_PREFIX: &str = "regfs:";

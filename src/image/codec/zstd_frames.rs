@@ -4,7 +4,7 @@
 //! zstd:chunked layer (a frame per chunk), one in a plain single-frame layer (the
 //! reader's shared cursors make sequential reading of those cheap; see content.rs).
 
-use super::codec::Step;
+use super::position::Step;
 use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
 /// Largest window accepted (2^27 = 128 MiB, libzstd's own default limit): a frame that
@@ -99,7 +99,7 @@ mod tests {
         mut d: ZstdDecoder,
         blob: &[u8],
         piece: usize,
-    ) -> Result<crate::image::gzip::tests::Decoded<(u64, u64)>, String> {
+    ) -> Result<super::super::gzip::tests::Decoded<(u64, u64)>, String> {
         let (mut out, mut starts) = (Vec::new(), Vec::new());
         let mut buf = vec![0u8; 1000];
         let mut at = d.input_pos() as usize;

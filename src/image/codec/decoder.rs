@@ -1,79 +1,10 @@
-//! The compression of a layer, from its media type, and one decoder interface over
-//! tar (none), gzip and zstd that can start at the blob's beginning or at a checkpoint.
-
-use serde::{Deserialize, Serialize};
+//! One decoder over tar (none), gzip and zstd that can start at the blob's beginning or
+//! at a checkpoint.
 
 use super::gzip::GzipDecoder;
+use super::media_type::Codec;
+use super::position::{Checkpoint, Step};
 use super::zstd_frames::ZstdDecoder;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Codec {
-    Tar,
-    Gzip,
-    Zstd,
-}
-
-impl Codec {
-    /// The codec of a layer media type (OCI and Docker names); `None` for anything that
-    /// is not a tar layer regfs can read.
-    pub fn of_media_type(media_type: &str) -> Option<Codec> {
-        match media_type {
-            "application/vnd.oci.image.layer.v1.tar"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
-            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Codec::Tar),
-            "application/vnd.oci.image.layer.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Codec::Gzip),
-            "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
-            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Codec::Zstd),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Codec::Tar => "tar",
-            Codec::Gzip => "tar+gzip",
-            Codec::Zstd => "tar+zstd",
-        }
-    }
-}
-
-/// Where decoding can start: the blob's first byte, or a place the index pass found.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Bit offset in the blob (a multiple of 8 except inside a deflate stream).
-    pub in_bit: u64,
-    /// Offset in the uncompressed tar stream.
-    pub out: u64,
-    /// Inside a deflate stream: the window before this point (up to 32 KiB). `None` at
-    /// a point that needs no history: the start, a gzip member or zstd frame start.
-    pub window: Option<Box<[u8]>>,
-}
-
-impl Checkpoint {
-    pub const START: Checkpoint = Checkpoint {
-        in_bit: 0,
-        out: 0,
-        window: None,
-    };
-
-    /// The first blob byte decoding from here reads.
-    pub fn in_byte(&self) -> u64 {
-        self.in_bit / 8
-    }
-}
-
-/// What one [`Decoder::decode`] call did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Step {
-    pub consumed: usize,
-    pub produced: usize,
-    /// Stopped where a checkpoint can be taken ([`Decoder::checkpoint`]).
-    pub boundary: bool,
-}
 
 pub enum Decoder {
     /// Uncompressed: the output is the input.
