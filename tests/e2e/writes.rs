@@ -5,7 +5,7 @@
 //! system calls, symlinks, and what the registry itself serves afterwards (plain HTTP, or
 //! skopeo). Each test starts its own registry.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs::{self, File};

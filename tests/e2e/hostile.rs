@@ -5,7 +5,7 @@
 //! names the problem, and at the end that the daemon is alive, still reads right bytes
 //! and stayed within bounded memory.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::fs;

@@ -17,7 +17,7 @@
 //!
 //! `REGFS_MODEL_CASES` / `REGFS_MODEL_KERNEL_CASES` set how many sequences run.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;

@@ -2,7 +2,7 @@
 //! image layout, read by skopeo's `oci:` transport and by `umoci unpack`, and compared
 //! with what the registry serves over `docker://`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -3,7 +3,7 @@
 //! is fetched by parallel block requests, with the right bytes; a grep over many
 //! repositories finds every manifest. How fast is for scripts/bench.sh, not asserted.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::time::Duration;

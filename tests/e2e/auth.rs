@@ -3,7 +3,7 @@
 //! mounted through the kernel, and what a user sees: files that read, or EACCES/EIO
 //! with a log line that says why. No secret may appear in regfs' debug log.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! bytes come no faster than the per-connection and total rates. Only lower bounds are
 //! asserted (a loaded machine makes everything slower, never faster).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -3,7 +3,7 @@
 //! answered with 200 and the whole body whatever Range asked for; regfs must read it
 //! right, and as a stream, not a whole blob per block.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;

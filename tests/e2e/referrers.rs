@@ -5,7 +5,7 @@
 //! index current; an rsync backup restored into an empty registry keeps the signature
 //! findable; and the API path, with the fault proxy answering as the spec shapes it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -7,7 +7,7 @@
 //! more tags and repositories pointing at it, in distribution's layout: link files
 //! naming the same manifest and blobs. The registry serves them like any other.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

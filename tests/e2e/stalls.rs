@@ -4,7 +4,7 @@
 //! answering meanwhile. Faults come from the harness's proxy in front of a real
 //! registry.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};

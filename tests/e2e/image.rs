@@ -3,7 +3,7 @@
 //! images built by umoci, converted by ctr-remote and skopeo, compared with what
 //! `umoci unpack` makes, run with chroot and stacked with overlayfs.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};

@@ -3,7 +3,7 @@
 //! Each test starts its own registry (they are cheap: well under a second) so tests
 //! stay independent and run in parallel.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,7 +1,7 @@
 //! Blob reads through the block cache and prefetcher, against the real registry through
 //! the kernel: concurrency, budget, boundaries, redirects, faults and integrity.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::fd::AsRawFd;

@@ -1,7 +1,7 @@
 //! Self-tests of the end-to-end harness (tests/common): the parts that do not need regfs.
 //! They also pin down the registry behaviour the other tests rely on.
 
-mod common;
+use crate::common;
 
 use std::io::{BufReader, Cursor, Write};
 use std::net::TcpStream;

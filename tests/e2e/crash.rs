@@ -3,7 +3,7 @@
 //! `regfs mount` on the directory clears the dead mount itself. SIGTERM stays a clean
 //! unmount (tests/mount.rs).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::Path;

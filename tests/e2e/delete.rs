@@ -5,7 +5,7 @@
 //! registry's text where it refuses deletes. Checked as a user would: errno, `ls`,
 //! `skopeo list-tags`, and what the registry serves afterwards.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io;

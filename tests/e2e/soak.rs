@@ -8,7 +8,7 @@
 //! `REGFS_SOAK_SECS` sets the length (default 30 s; the README's figures come from a
 //! 60 s run).
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File};
 use std::io::Write;

@@ -2,7 +2,7 @@
 //! form of type `fuse`, through util-linux `mount` and fuse3's `mount.fuse3`, options as
 //! `-o key=value`, `umount`; and `Type=notify` readiness for a systemd unit.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::ErrorKind;

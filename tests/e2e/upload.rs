@@ -1,7 +1,7 @@
 //! Blob uploads, manifest pushes and cross-repository mounts through the registry client
 //! (no FUSE), against a real docker-registry, with faults from the test proxy.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! mount and a restarted daemon read without the network, sharing, kills, the size
 //! bound, a full disk, a hostile registry, passthrough, and `regfs cache`.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::FileExt;

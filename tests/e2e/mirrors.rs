@@ -4,7 +4,7 @@
 //! down, silent or lies. What a user sees is checked: the bytes, the errors (none), and
 //! what each registry was asked.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::net::TcpListener;
