@@ -19,7 +19,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use tempfile::TempDir;
 
-use super::{Response, header, json_response, read_request, run, write_response};
+use super::http::{Request, Response, header, json_response, read_request, write_response};
+use super::run;
 
 pub const USER: &str = "alice";
 pub const PASSWORD: &str = "s3cret-P4ssw0rd";
@@ -324,7 +325,7 @@ fn query_pairs(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn token_answer(shared: &IssuerShared, request: &super::Request) -> Response {
+fn token_answer(shared: &IssuerShared, request: &Request) -> Response {
     let (path, query) = request
         .target
         .split_once('?')

@@ -440,7 +440,7 @@ impl Containerd {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        super::die_with_parent(&mut cmd, libc::SIGKILL);
+        super::process::die_with_parent(&mut cmd, libc::SIGKILL);
         let child = cmd
             .spawn()
             .expect("spawn containerd (scripts/setup.sh installs it)");

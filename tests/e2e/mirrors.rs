@@ -10,7 +10,7 @@ use std::fs;
 use std::net::TcpListener;
 
 use common::{
-    Mount, Proxy, ProxyRules, Registry, RegistryOptions, blob_status, manifest_status, noise,
+    Mount, Proxy, ProxyRules, PullThrough, Registry, blob_status, manifest_status, noise,
     push_image, sha256_digest,
 };
 
@@ -38,34 +38,9 @@ fn read_blob(mount: &Mount, digest: &str, expected: &[u8]) {
 
 /// An origin with `team/app:v1` (a small and a large layer), a counting proxy in front
 /// of it, and distribution in `proxy:` mode pulling from that proxy.
-struct PullThrough {
-    origin: Registry,
-    /// Counts what the origin is asked (by the cache and by regfs).
-    origin_front: Proxy,
-    _cache: Registry,
-    /// Counts what the cache is asked (by regfs).
-    cache_front: Proxy,
-    layers: Vec<(String, Vec<u8>)>,
-}
-
 fn pull_through() -> PullThrough {
-    common::require_tools();
-    let origin = Registry::start();
-    let (small, large) = (noise(SMALL, 141), noise(LARGE, 142));
-    let (_, digests) = push_image(&origin, "team/app", "v1", &[&small, &large]);
-    let origin_front = Proxy::start(origin.addr, ProxyRules::default());
-    let cache = Registry::start_with(&RegistryOptions {
-        extra_config: format!("proxy:\n  remoteurl: {}\n", origin_front.url()),
-        ..RegistryOptions::default()
-    });
-    let cache_front = Proxy::start(cache.addr, ProxyRules::default());
-    PullThrough {
-        origin,
-        origin_front,
-        _cache: cache,
-        cache_front,
-        layers: digests.into_iter().zip([small, large]).collect(),
-    }
+    let layers = vec![noise(SMALL, 141), noise(LARGE, 142)];
+    PullThrough::start(layers, ProxyRules::default())
 }
 
 fn mirrored_mount(origin: &str, mirrors: &[String]) -> Mount {

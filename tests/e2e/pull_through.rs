@@ -9,48 +9,19 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 
-use common::{
-    Mount, Proxy, ProxyRules, Registry, RegistryOptions, noise, push_image, sha256_digest,
-};
+use common::{Mount, ProxyRules, PullThrough, noise, sha256_digest};
 
 /// The origin's link to the cache: slow enough that the cache is still fetching a
 /// blob while regfs reads it (distribution then answers every GET of it whole).
 const LINK_BYTES_PER_SEC: usize = 16 << 20;
 
-struct PullThrough {
-    _origin: Registry,
-    _link: Proxy,
-    _cache: Registry,
-    /// In front of the cache, counting what regfs asks.
-    front: Proxy,
-    /// `team/app:v1`: (digest, bytes) of its two layers.
-    layers: Vec<(String, Vec<u8>)>,
-}
-
 fn pull_through() -> PullThrough {
-    common::require_tools();
-    let origin = Registry::start();
-    let (a, b) = (noise(40 << 20, 21), noise(24 << 20, 22));
-    let (_, digests) = push_image(&origin, "team/app", "v1", &[&a, &b]);
-    let link = Proxy::start(
-        origin.addr,
-        ProxyRules {
-            trickle_bytes_per_sec: LINK_BYTES_PER_SEC,
-            ..ProxyRules::default()
-        },
-    );
-    let cache = Registry::start_with(&RegistryOptions {
-        extra_config: format!("proxy:\n  remoteurl: {}\n", link.url()),
-        ..RegistryOptions::default()
-    });
-    let front = Proxy::start(cache.addr, ProxyRules::default());
-    PullThrough {
-        _origin: origin,
-        _link: link,
-        _cache: cache,
-        front,
-        layers: digests.into_iter().zip([a, b]).collect(),
-    }
+    let layers = vec![noise(40 << 20, 21), noise(24 << 20, 22)];
+    let link = ProxyRules {
+        trickle_bytes_per_sec: LINK_BYTES_PER_SEC,
+        ..ProxyRules::default()
+    };
+    PullThrough::start(layers, link)
 }
 
 /// What reading `ranges` (`bytes=A-B`, `bytes=A-`) of a blob of `size` costs at most
@@ -96,7 +67,7 @@ fn a_cold_pull_through_cache_is_read_right_and_once_per_reader() {
         "--cache-size",
         "64MiB",
     ];
-    let mount = Mount::start(&p.front.url(), &args);
+    let mount = Mount::start(&p.cache_front.url(), &args);
     // Listing gives the sizes from the manifest (a HEAD would make distribution pull
     // the whole blob into the cache before answering, warming it).
     let listed = common::ls(&mount.path("team/app/blobs"));
@@ -126,12 +97,12 @@ fn a_cold_pull_through_cache_is_read_right_and_once_per_reader() {
     );
     let fetched = fetched_bytes(&mount) - before;
     let gets = p
-        .front
+        .cache_front
         .requests_matching(&format!("GET /v2/team/app/blobs/{digest}"));
     // One stream, plus the first blocks the kernel asked for at once (how many is its
     // timing), each of which the cache answered from byte 0: regfs reads each body only
     // up to the bytes it asked for, and never asks block by block (20 of them).
-    let ranges = p.front.ranges_seen();
+    let ranges = p.cache_front.ranges_seen();
     let needed = needed_from_byte_0(&ranges, size);
     assert!(
         fetched <= needed && gets <= 10,
@@ -144,7 +115,7 @@ fn a_cold_pull_through_cache_is_read_right_and_once_per_reader() {
     // answers each from byte 0; once it holds it, with the range).
     let (digest, bytes) = &p.layers[1];
     let before = fetched_bytes(&mount);
-    let ranges_before = p.front.ranges_seen().len();
+    let ranges_before = p.cache_front.ranges_seen().len();
     let file = File::open(mount.path(&format!("team/app/blobs/{digest}"))).expect("open");
     let mut seed = 0x9e37_79b9_u64;
     for _ in 0..12 {
@@ -159,7 +130,7 @@ fn a_cold_pull_through_cache_is_read_right_and_once_per_reader() {
     }
     assert!(answered_whole(&mount, digest), "the cache was warm already");
     let fetched = fetched_bytes(&mount) - before;
-    let ranges = p.front.ranges_seen().split_off(ranges_before);
+    let ranges = p.cache_front.ranges_seen().split_off(ranges_before);
     let needed = needed_from_byte_0(&ranges, bytes.len() as u64);
     assert!(
         fetched <= needed,
