@@ -166,25 +166,43 @@ fn case(mount: &Mount, name: &str, logged: &str, check: impl FnOnce(&Path)) {
     assert!(!log.contains("panicked"), "case {name}:\n{log}");
 }
 
-#[test]
-fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
-    common::require_tools();
-    let registry = Registry::start();
+/// What the registry holds for the cases: a repository per case, and the digests and
+/// bytes the cases check.
+struct Seeded {
+    good_layers: Vec<String>,
+    orphan: Vec<u8>,
+    orphan_blob: String,
+    big_layer: String,
+    range_blob: String,
+    short_blob: String,
+    loop_blob: String,
+    metadata_blob: String,
+    /// The indexes nested twelve deep, from the image (0) to the tagged top (12).
+    chain: Vec<String>,
+    image_body: Vec<u8>,
+    /// `lie/cycle`: the child image, and the index over it.
+    child: String,
+    index: String,
+    index_body: Vec<u8>,
+}
+
+/// Pushes a repository per case (images, blobs, an understated descriptor).
+fn seed(registry: &Registry) -> Seeded {
     let good = noise(3 << 20, 1);
-    let (_, good_layers) = push_image(&registry, "ok/app", "v1", &[&good]);
+    let (_, good_layers) = push_image(registry, "ok/app", "v1", &[&good]);
 
     let layer = noise(3 << 20, 2);
-    let (_, layers) = push_image(&registry, "lie/range", "v1", &[&layer]);
+    let (_, layers) = push_image(registry, "lie/range", "v1", &[&layer]);
     let range_blob = layers[0].clone();
-    let (_, layers) = push_image(&registry, "lie/short", "v1", &[&layer]);
+    let (_, layers) = push_image(registry, "lie/short", "v1", &[&layer]);
     let short_blob = layers[0].clone();
-    let (_, layers) = push_image(&registry, "lie/redirect-loop", "v1", &[&layer]);
+    let (_, layers) = push_image(registry, "lie/redirect-loop", "v1", &[&layer]);
     let loop_blob = layers[0].clone();
-    let (_, layers) = push_image(&registry, "lie/metadata", "v1", &[&layer]);
+    let (_, layers) = push_image(registry, "lie/metadata", "v1", &[&layer]);
     let metadata_blob = layers[0].clone();
-    push_image(&registry, "lie/digest", "v1", &[&layer]);
-    push_image(&registry, "lie/private", "v1", &[&layer]);
-    push_image(&registry, "lie/media", "v1", &[&layer]);
+    push_image(registry, "lie/digest", "v1", &[&layer]);
+    push_image(registry, "lie/private", "v1", &[&layer]);
+    push_image(registry, "lie/media", "v1", &[&layer]);
     for repo in [
         "lie/json",
         "lie/huge",
@@ -193,52 +211,81 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
         "lie/link-away",
         "lie/big-manifest",
     ] {
-        push_tiny_image(&registry, repo, "v1", 3);
+        push_tiny_image(registry, repo, "v1", 3);
     }
     // A blob no tag reaches: its size can only come from HEAD.
-    push_tiny_image(&registry, "lie/head", "v1", 4);
+    push_tiny_image(registry, "lie/head", "v1", 4);
     let orphan = noise(100 << 10, 5);
     let orphan_blob = common::push_blob(registry.addr, "lie/head", &orphan);
-    // A manifest whose descriptor understates its layer.
-    let (config, _) = push_tiny_image(&registry, "lie/descriptor", "base", 6);
+    let big_layer = push_understated(registry, &layer);
+    let (chain, image_body) = push_deep(registry, &good);
+    let (child, index, index_body) = push_cycle(registry, &good);
+    Seeded {
+        good_layers,
+        orphan,
+        orphan_blob,
+        big_layer,
+        range_blob,
+        short_blob,
+        loop_blob,
+        metadata_blob,
+        chain,
+        image_body,
+        child,
+        index,
+        index_body,
+    }
+}
+
+/// `lie/descriptor:v1`, a manifest whose descriptor understates its layer; the layer.
+fn push_understated(registry: &Registry, layer: &[u8]) -> String {
+    let (config, _) = push_tiny_image(registry, "lie/descriptor", "base", 6);
     let _ = config;
-    let big_layer = common::push_blob(registry.addr, "lie/descriptor", &layer);
-    let base = manifest_of(&registry, "lie/descriptor", "base");
+    let big_layer = common::push_blob(registry.addr, "lie/descriptor", layer);
+    let base = manifest_of(registry, "lie/descriptor", "base");
     let base: serde_json::Value = serde_json::from_slice(&base).expect("manifest JSON");
     let understated = common::oci_manifest(
         base["config"]["digest"].as_str().expect("config"),
         base["config"]["size"].as_u64().expect("size") as usize,
         &[(&big_layer, 1000)],
     );
-    put_manifest(
-        &registry,
-        "lie/descriptor",
-        "v1",
-        OCI_MANIFEST,
-        &understated,
-    );
-    // Indexes nested twelve deep, each over the one below, over an image; only the top
-    // one is tagged.
-    let (image, image_body) = push_untagged_image(&registry, "lie/deep", "image", &[&good]);
+    put_manifest(registry, "lie/descriptor", "v1", OCI_MANIFEST, &understated);
+    big_layer
+}
+
+/// Indexes nested twelve deep, each over the one below, over an image; only the top
+/// one is tagged. The digests from the image up, and the image's bytes.
+fn push_deep(registry: &Registry, good: &[u8]) -> (Vec<String>, Vec<u8>) {
+    let (image, image_body) = push_untagged_image(registry, "lie/deep", "image", &[good]);
     let mut below = (image.clone(), image_body.len(), OCI_MANIFEST);
     let mut chain = vec![image];
     for level in 1..=12 {
         let tag = (level == 12).then_some("v1");
-        let (digest, body) = push_index(&registry, "lie/deep", tag, &[below.clone()]);
+        let (digest, body) = push_index(registry, "lie/deep", tag, &[below.clone()]);
         chain.push(digest.clone());
         below = (digest, body.len(), OCI_INDEX);
     }
-    // An index over an image, where the registry serves the index again for the image:
-    // the closest a registry can come to a cycle (digests make a real one impossible).
-    let (child, child_body) = push_untagged_image(&registry, "lie/cycle", "child", &[&good]);
+    (chain, image_body)
+}
+
+/// An index over an image, where the registry serves the index again for the image:
+/// the closest a registry can come to a cycle (digests make a real one impossible).
+/// The child, the index and its bytes.
+fn push_cycle(registry: &Registry, good: &[u8]) -> (String, String, Vec<u8>) {
+    let (child, child_body) = push_untagged_image(registry, "lie/cycle", "child", &[good]);
     let child_size = child_body.len();
     let (index, index_body) = push_index(
-        &registry,
+        registry,
         "lie/cycle",
         Some("v1"),
         &[(child.clone(), child_size, OCI_MANIFEST)],
     );
 
+    (child, index, index_body)
+}
+
+/// What the proxy says instead, case by case.
+fn lies(s: &Seeded) -> HashMap<&'static str, Lie> {
     let huge_tags = {
         let mut body = b"{\"name\":\"lie/huge\",\"tags\":[".to_vec();
         while body.len() < 65 << 20 {
@@ -247,11 +294,11 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
         body.extend_from_slice(b"\"v1\"]}");
         body
     };
-    let lies: HashMap<&'static str, Lie> = HashMap::from([
-        ("lie/head", Lie::HeadSize(orphan_blob.clone(), 1000)),
-        ("lie/range", Lie::ContentRange(range_blob.clone())),
+    HashMap::from([
+        ("lie/head", Lie::HeadSize(s.orphan_blob.clone(), 1000)),
+        ("lie/range", Lie::ContentRange(s.range_blob.clone())),
         ("lie/digest", Lie::DigestHeader("v1".into())),
-        ("lie/short", Lie::ShortBody(short_blob.clone())),
+        ("lie/short", Lie::ShortBody(s.short_blob.clone())),
         ("lie/json", Lie::TagList(b"{\"tags\": [\"v1\", ".to_vec())),
         ("lie/huge", Lie::TagList(huge_tags)),
         (
@@ -269,14 +316,14 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
         (
             "lie/redirect-loop",
             Lie::Redirect(
-                loop_blob.clone(),
-                format!("/v2/lie/redirect-loop/blobs/{loop_blob}"),
+                s.loop_blob.clone(),
+                format!("/v2/lie/redirect-loop/blobs/{}", s.loop_blob),
             ),
         ),
         (
             "lie/metadata",
             Lie::Redirect(
-                metadata_blob.clone(),
+                s.metadata_blob.clone(),
                 "http://169.254.169.254/latest/meta-data/".into(),
             ),
         ),
@@ -294,41 +341,40 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
         ),
         (
             "lie/cycle",
-            Lie::ManifestBody(child.clone(), index_body.clone()),
+            Lie::ManifestBody(s.child.clone(), s.index_body.clone()),
         ),
-    ]);
-    let proxy = Proxy::start(
-        registry.addr,
-        ProxyRules {
-            tamper: Some(tamper(Arc::new(lies))),
-            ..ProxyRules::default()
-        },
-    );
-    let mount = Mount::start(&proxy.url(), &["--timeout", "5s", "--cache-size", "32MiB"]);
-    let p = |rel: &str| mount.path(rel);
+    ])
+}
 
-    case(&mount, "HEAD overstates a size", "answer ended", |_| {
+/// Cases of blob answers that lie: sizes, ranges, digests, lengths.
+fn blob_answers(mount: &Mount, s: &Seeded) {
+    let p = |rel: &str| mount.path(rel);
+    let big_layer = &s.big_layer;
+    let orphan_blob = &s.orphan_blob;
+    let range_blob = &s.range_blob;
+    let short_blob = &s.short_blob;
+    case(mount, "HEAD overstates a size", "answer ended", |_| {
         let blob = p(&format!("lie/head/blobs/{orphan_blob}"));
         assert_eq!(
             fs::metadata(&blob).expect("stat").len(),
-            orphan.len() as u64 + 1000
+            s.orphan.len() as u64 + 1000
         );
         assert_eq!(errno(fs::read(&blob)), Some(libc::EIO));
     });
     case(
-        &mount,
+        mount,
         "a descriptor understates a size",
         "does not match its digest",
         |_| {
             // Listed, the blob has the size its descriptor gives (no HEAD per blob).
-            assert!(ls(&p("lie/descriptor/blobs")).contains(&big_layer));
+            assert!(ls(&p("lie/descriptor/blobs")).contains(&s.big_layer));
             let blob = p(&format!("lie/descriptor/blobs/{big_layer}"));
             assert_eq!(fs::metadata(&blob).expect("stat").len(), 1000);
             assert_eq!(errno(fs::read(&blob)), Some(libc::EIO));
         },
     );
     case(
-        &mount,
+        mount,
         "Content-Range is not what was asked",
         "Content-Range",
         |_| {
@@ -337,7 +383,7 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
         },
     );
     case(
-        &mount,
+        mount,
         "Docker-Content-Digest names another manifest",
         "does not hash",
         |_| {
@@ -348,7 +394,7 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
         },
     );
     case(
-        &mount,
+        mount,
         "a body shorter than its Content-Length",
         "lie/short",
         |_| {
@@ -356,43 +402,50 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
             assert_eq!(errno(fs::read(blob)), Some(libc::EIO));
         },
     );
-    case(
-        &mount,
-        "a tag list that is not JSON",
-        "invalid JSON",
-        |_| {
-            assert_eq!(errno(fs::read_dir(p("lie/json/tags"))), Some(libc::EIO));
-        },
-    );
-    case(&mount, "a tag list of 65 MiB", "larger than", |_| {
+}
+
+/// Cases of tag lists that lie: JSON, size, names, links.
+fn tag_list_answers(mount: &Mount) {
+    let p = |rel: &str| mount.path(rel);
+    case(mount, "a tag list that is not JSON", "invalid JSON", |_| {
+        assert_eq!(errno(fs::read_dir(p("lie/json/tags"))), Some(libc::EIO));
+    });
+    case(mount, "a tag list of 65 MiB", "larger than", |_| {
         assert_eq!(errno(fs::read_dir(p("lie/huge/tags"))), Some(libc::EIO));
     });
     case(
-        &mount,
+        mount,
         "a tag list with invalid names",
         "invalid tag",
         |_| {
             assert_eq!(ls(&p("lie/names/tags")), ["v1", "v2.ok_1"]);
         },
     );
-    case(&mount, "a Link that loops", "loops", |_| {
+    case(mount, "a Link that loops", "loops", |_| {
         assert_eq!(
             errno(fs::read_dir(p("lie/link-loop/tags"))),
             Some(libc::EIO)
         );
     });
-    case(&mount, "a Link to another host", "another host", |_| {
+    case(mount, "a Link to another host", "another host", |_| {
         assert_eq!(
             errno(fs::read_dir(p("lie/link-away/tags"))),
             Some(libc::EIO)
         );
     });
-    case(&mount, "a redirect loop", "redirects", |_| {
+}
+
+/// Cases of redirects, and manifests that lie: media type, size, a cycle.
+fn redirects_and_manifests(mount: &Mount, s: &Seeded, registry: &Registry) {
+    let p = |rel: &str| mount.path(rel);
+    let loop_blob = &s.loop_blob;
+    let metadata_blob = &s.metadata_blob;
+    case(mount, "a redirect loop", "redirects", |_| {
         let blob = p(&format!("lie/redirect-loop/blobs/{loop_blob}"));
         assert_eq!(errno(fs::read(blob)), Some(libc::EIO));
     });
     case(
-        &mount,
+        mount,
         "a redirect to the cloud metadata address",
         "refused a redirect to http://169.254.169.254",
         |_| {
@@ -401,7 +454,7 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
         },
     );
     case(
-        &mount,
+        mount,
         "a manifest redirected into the private network",
         "refused a redirect to http://10.0.0.7:5000",
         |_| {
@@ -411,53 +464,76 @@ fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
             );
         },
     );
-    case(
-        &mount,
-        "a manifest served as text/html",
-        "lie/media",
-        |_| {
-            // Its own mediaType says what it is; the bytes are right, and its blobs listed.
-            let served = fs::read(p("lie/media/tags/v1/manifest.json")).expect("read manifest");
-            assert_eq!(served, manifest_of(&registry, "lie/media", "v1"));
-            assert_eq!(ls(&p("lie/media/blobs")).len(), 2);
-        },
-    );
-    case(&mount, "a manifest of 5 MiB", "larger than", |_| {
+    case(mount, "a manifest served as text/html", "lie/media", |_| {
+        // Its own mediaType says what it is; the bytes are right, and its blobs listed.
+        let served = fs::read(p("lie/media/tags/v1/manifest.json")).expect("read manifest");
+        assert_eq!(served, manifest_of(registry, "lie/media", "v1"));
+        assert_eq!(ls(&p("lie/media/blobs")).len(), 2);
+    });
+    case(mount, "a manifest of 5 MiB", "larger than", |_| {
         assert_eq!(
             errno(fs::read(p("lie/big-manifest/tags/v1/manifest.json"))),
             Some(libc::EIO)
         );
     });
     case(
-        &mount,
+        mount,
         "an index served again for its child",
         "does not hash",
         |_| {
-            assert_eq!(ls(&p("lie/cycle/manifests")), std::slice::from_ref(&index));
+            assert_eq!(
+                ls(&p("lie/cycle/manifests")),
+                std::slice::from_ref(&s.index)
+            );
         },
     );
-    case(&mount, "indexes nested twelve deep", "nest deeper", |_| {
+}
+
+/// Indexes nested deeper than regfs walks.
+fn deep_indexes(mount: &Mount, s: &Seeded) {
+    let p = |rel: &str| mount.path(rel);
+    case(mount, "indexes nested twelve deep", "nest deeper", |_| {
         let listed = ls(&p("lie/deep/manifests"));
         // The walk stops nine levels below the tag: the top of the chain is listed,
         // its bottom (and the image under it) is not.
         assert!(
-            listed.contains(&chain[12]) && listed.contains(&chain[4]),
+            listed.contains(&s.chain[12]) && listed.contains(&s.chain[4]),
             "{listed:?}"
         );
         assert!(
-            !listed.contains(&chain[2]) && !listed.contains(&chain[0]),
+            !listed.contains(&s.chain[2]) && !listed.contains(&s.chain[0]),
             "{listed:?}"
         );
         // Still there by name.
-        let image = p(&format!("lie/deep/manifests/{}", chain[0]));
-        assert_eq!(fs::read(image).expect("read the image"), image_body);
+        let image = p(&format!("lie/deep/manifests/{}", s.chain[0]));
+        assert_eq!(fs::read(image).expect("read the image"), s.image_body);
     });
+}
+
+#[test]
+fn a_lying_registry_gets_clear_errors_and_never_takes_the_daemon_down() {
+    common::require_tools();
+    let registry = Registry::start();
+    let s = seed(&registry);
+    let proxy = Proxy::start(
+        registry.addr,
+        ProxyRules {
+            tamper: Some(tamper(Arc::new(lies(&s)))),
+            ..ProxyRules::default()
+        },
+    );
+    let mount = Mount::start(&proxy.url(), &["--timeout", "5s", "--cache-size", "32MiB"]);
+    let p = |rel: &str| mount.path(rel);
+    blob_answers(&mount, &s);
+    tag_list_answers(&mount);
+    redirects_and_manifests(&mount, &s, &registry);
+    deep_indexes(&mount, &s);
 
     // Through all of that: alive, right bytes, bounded memory.
-    let blob = p(&format!("ok/app/blobs/{}", good_layers[0]));
+    let blob = p(&format!("ok/app/blobs/{}", s.good_layers[0]));
     assert_eq!(
         sha256_digest(&fs::read(blob).expect("read a good blob")),
-        good_layers[0]
+        s.good_layers[0]
     );
     assert!(mount.stats()["requests"].is_object(), "{}", mount.stats());
     let peak_mib = proc_status_kib(mount.pid(), "VmHWM").unwrap_or(0) / 1024;
