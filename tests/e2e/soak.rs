@@ -12,6 +12,7 @@ use crate::common;
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,18 +78,107 @@ fn connection_waiting(dir: &Path) -> Option<u64> {
         .ok()
 }
 
-#[test]
-fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
-    common::require_tools();
-    assert!(
-        fs::read_to_string("/proc/mounts")
-            .is_ok_and(|m| m.contains(" /sys/fs/fuse/connections fusectl ")),
-        "fusectl is not mounted on /sys/fs/fuse/connections: run scripts/setup.sh"
+/// One of the readers: random reads of random blobs, every byte checked.
+fn reader(r: usize, blobs: &[(PathBuf, Vec<u8>)], tally: &Tally, stop: &AtomicBool) {
+    let mut rng = Rng(0x5eed_0000 + r as u64);
+    let files: Vec<File> = blobs
+        .iter()
+        .map(|(p, _)| File::open(p).expect("open a blob"))
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        let which = rng.below(BLOBS as u64) as usize;
+        let len = 1 + rng.below(256 << 10) as usize;
+        let offset = rng.below((BLOB_SIZE - len) as u64) as usize;
+        let mut buf = vec![0; len];
+        files[which]
+            .read_exact_at(&mut buf, offset as u64)
+            .unwrap_or_else(|e| panic!("reader {r}: blob {which} at {offset}+{len}: {e}"));
+        assert!(
+            buf == blobs[which].1[offset..offset + len],
+            "reader {r}: wrong bytes in blob {which} at {offset}+{len}"
+        );
+        tally.reads.fetch_add(1, Ordering::Relaxed);
+        tally.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
+/// One of the listers: the tags, the blobs, the manifest and a blob's size, again and
+/// again.
+fn lister(
+    l: usize,
+    root: &Path,
+    manifest: &[u8],
+    digests: &[String],
+    tally: &Tally,
+    stop: &AtomicBool,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        assert_eq!(ls(&root.join("soak/app/tags")), ["v1"], "lister {l}");
+        let listed = ls(&root.join("soak/app/blobs"));
+        assert!(
+            digests.iter().all(|d| listed.contains(d)),
+            "lister {l}: {listed:?}"
+        );
+        let read = fs::read(root.join("soak/app/tags/v1/manifest.json")).expect("manifest");
+        assert_eq!(read, manifest, "lister {l}");
+        let size = fs::metadata(root.join(format!("soak/app/blobs/{}", digests[l])))
+            .expect("stat")
+            .len();
+        assert_eq!(size, BLOB_SIZE as u64, "lister {l}");
+        tally.listings.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One of the uploaders: uploads of odd sizes, each committed (checked at the registry)
+/// or a loud failure.
+fn uploader(u: usize, uploads: &Path, addr: SocketAddr, tally: &Tally, stop: &AtomicBool) {
+    let mut rng = Rng(0xfeed_0000 + u as u64);
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let len = (64 << 10) + rng.below(3 << 20) as usize;
+        let content = noise(len, (u * 100_000 + n) as u32);
+        let digest = sha256_digest(&content);
+        let path = uploads.join(format!("u{u}-{n}.bin"));
+        let mut file = File::create(&path).expect("create an upload");
+        // Written in pieces of odd sizes, as programs do.
+        for piece in content.chunks(100_000 + u * 7) {
+            file.write_all(piece).expect("write an upload");
+        }
+        match common::close(file) {
+            Ok(()) => assert_eq!(
+                blob_status(addr, "soak/app", &digest),
+                200,
+                "upload {u}-{n}"
+            ),
+            // A healthy registry: any failure is a bug, and it is loud.
+            Err(e) => panic!("upload {u}-{n} failed: {e}"),
+        }
+        tally.uploads.fetch_add(1, Ordering::Relaxed);
+        tally
+            .bytes_uploaded
+            .fetch_add(len as u64, Ordering::Relaxed);
+        n += 1;
+    }
+}
+
+/// Waits (bounded) until nothing is left in the kernel's queue for the daemon.
+fn assert_fuse_queue_empties(mount: &Mount) {
+    let settled = Instant::now() + Duration::from_secs(10);
+    let mut waiting = connection_waiting(&mount.dir);
+    while waiting != Some(0) && Instant::now() < settled {
+        thread::sleep(Duration::from_millis(50));
+        waiting = connection_waiting(&mount.dir);
+    }
+    assert_eq!(
+        waiting,
+        Some(0),
+        "requests left waiting in the FUSE connection"
     );
-    let secs: u64 = std::env::var("REGFS_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+}
+
+/// The registry with `soak/app:v1` over the blobs, and a mount of it whose caches are
+/// both smaller than the blobs.
+fn start() -> (Registry, Mount, Vec<Vec<u8>>, Vec<String>) {
     let registry = Registry::start();
     let contents: Vec<Vec<u8>> = (0..BLOBS)
         .map(|i| noise(BLOB_SIZE, 100 + i as u32))
@@ -108,6 +198,22 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
             "30s",
         ],
     );
+    (registry, mount, contents, digests)
+}
+
+#[test]
+fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
+    common::require_tools();
+    assert!(
+        fs::read_to_string("/proc/mounts")
+            .is_ok_and(|m| m.contains(" /sys/fs/fuse/connections fusectl ")),
+        "fusectl is not mounted on /sys/fs/fuse/connections: run scripts/setup.sh"
+    );
+    let secs: u64 = std::env::var("REGFS_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let (registry, mount, contents, digests) = start();
     let blobs: Arc<Vec<(PathBuf, Vec<u8>)>> = Arc::new(
         digests
             .iter()
@@ -124,81 +230,20 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
 
     for r in 0..READERS {
         let (blobs, tally, stop) = (blobs.clone(), tally.clone(), stop.clone());
-        workers.push(thread::spawn(move || {
-            let mut rng = Rng(0x5eed_0000 + r as u64);
-            let files: Vec<File> = blobs
-                .iter()
-                .map(|(p, _)| File::open(p).expect("open a blob"))
-                .collect();
-            while !stop.load(Ordering::Relaxed) {
-                let which = rng.below(BLOBS as u64) as usize;
-                let len = 1 + rng.below(256 << 10) as usize;
-                let offset = rng.below((BLOB_SIZE - len) as u64) as usize;
-                let mut buf = vec![0; len];
-                files[which]
-                    .read_exact_at(&mut buf, offset as u64)
-                    .unwrap_or_else(|e| panic!("reader {r}: blob {which} at {offset}+{len}: {e}"));
-                assert!(
-                    buf == blobs[which].1[offset..offset + len],
-                    "reader {r}: wrong bytes in blob {which} at {offset}+{len}"
-                );
-                tally.reads.fetch_add(1, Ordering::Relaxed);
-                tally.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-            }
-        }));
+        workers.push(thread::spawn(move || reader(r, &blobs, &tally, &stop)));
     }
     for l in 0..LISTERS {
         let (tally, stop) = (tally.clone(), stop.clone());
         let (root, manifest, digests) = (mount.dir.clone(), manifest.clone(), digests.clone());
         workers.push(thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                assert_eq!(ls(&root.join("soak/app/tags")), ["v1"], "lister {l}");
-                let listed = ls(&root.join("soak/app/blobs"));
-                assert!(
-                    digests.iter().all(|d| listed.contains(d)),
-                    "lister {l}: {listed:?}"
-                );
-                let read = fs::read(root.join("soak/app/tags/v1/manifest.json")).expect("manifest");
-                assert_eq!(read, manifest, "lister {l}");
-                let size = fs::metadata(root.join(format!("soak/app/blobs/{}", digests[l])))
-                    .expect("stat")
-                    .len();
-                assert_eq!(size, BLOB_SIZE as u64, "lister {l}");
-                tally.listings.fetch_add(1, Ordering::Relaxed);
-            }
+            lister(l, &root, &manifest, &digests, &tally, &stop);
         }));
     }
     for u in 0..UPLOADERS {
         let (tally, stop) = (tally.clone(), stop.clone());
         let (uploads, addr) = (mount.path("soak/app/uploads"), registry.addr);
         workers.push(thread::spawn(move || {
-            let mut rng = Rng(0xfeed_0000 + u as u64);
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let len = (64 << 10) + rng.below(3 << 20) as usize;
-                let content = noise(len, (u * 100_000 + n) as u32);
-                let digest = sha256_digest(&content);
-                let path = uploads.join(format!("u{u}-{n}.bin"));
-                let mut file = File::create(&path).expect("create an upload");
-                // Written in pieces of odd sizes, as programs do.
-                for piece in content.chunks(100_000 + u * 7) {
-                    file.write_all(piece).expect("write an upload");
-                }
-                match common::close(file) {
-                    Ok(()) => assert_eq!(
-                        blob_status(addr, "soak/app", &digest),
-                        200,
-                        "upload {u}-{n}"
-                    ),
-                    // A healthy registry: any failure is a bug, and it is loud.
-                    Err(e) => panic!("upload {u}-{n} failed: {e}"),
-                }
-                tally.uploads.fetch_add(1, Ordering::Relaxed);
-                tally
-                    .bytes_uploaded
-                    .fetch_add(len as u64, Ordering::Relaxed);
-                n += 1;
-            }
+            uploader(u, &uploads, addr, &tally, &stop);
         }));
     }
 
@@ -213,18 +258,7 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
     }
     let peak = rss.stop();
 
-    // Nothing left in the kernel's queue for the daemon.
-    let settled = Instant::now() + Duration::from_secs(10);
-    let mut waiting = connection_waiting(&mount.dir);
-    while waiting != Some(0) && Instant::now() < settled {
-        thread::sleep(Duration::from_millis(50));
-        waiting = connection_waiting(&mount.dir);
-    }
-    assert_eq!(
-        waiting,
-        Some(0),
-        "requests left waiting in the FUSE connection"
-    );
+    assert_fuse_queue_empties(&mount);
 
     let stats = mount.stats();
     eprintln!(
