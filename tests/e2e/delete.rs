@@ -1,4 +1,4 @@
-//! Deleting through the kernel (DESIGN §2, issue 13): `rm -r tags/<tag>`, `rm
+//! Deleting through the kernel (docs/SEMANTICS.md, "Deletes"; issue 13): `rm -r tags/<tag>`, `rm
 //! tags/<tag>/manifest.json`, `rm manifests/<digest>`, `rm blobs/<digest>` with
 //! `--allow-delete`; EPERM without it; EBUSY where the registry (distribution 2.8 can
 //! only untag by deleting the digest) would take more than was named; EPERM with the
@@ -95,6 +95,20 @@ fn without_allow_delete_every_delete_is_eperm() {
     assert!(ls(&mnt.path("team/app/tags")).contains(&"v1".to_string()));
 }
 
+/// What the deleting tests hold: the registry, its `team/app` (see [`populated`]) and a
+/// mount of it with `--allow-delete`.
+struct Deleting {
+    registry: Registry,
+    mnt: Mount,
+    /// `team/app/tags` in the mount.
+    tags: std::path::PathBuf,
+    v1: String,
+    v2: String,
+    untagged: String,
+    v2_config: String,
+    stray: String,
+}
+
 #[test]
 fn each_form_of_delete_and_what_it_refuses() {
     common::require_tools();
@@ -104,8 +118,27 @@ fn each_form_of_delete_and_what_it_refuses() {
     let tags = mnt.path("team/app/tags");
     assert_eq!(ls(&tags), ["shared", "v1", "v2"]);
     assert!(ls(&mnt.path("team/app/manifests")).contains(&v1));
+    let d = Deleting {
+        registry,
+        mnt,
+        tags,
+        v1,
+        v2,
+        untagged,
+        v2_config,
+        stray,
+    };
+    untag_with_rm_r(&d);
+    refused_what_would_take_more(&d);
+    unused_manifests_and_blobs_go(&d);
+    an_index_holds_its_children(&d);
+    a_manifest_goes_with_its_tags(&d);
+    an_uploads_link_goes_its_blob_stays(&d);
+}
 
-    // rm -r of a tag untags it; the listing and skopeo see it gone at once.
+/// rm -r of a tag untags it; the listing and skopeo see it gone at once.
+fn untag_with_rm_r(d: &Deleting) {
+    let (registry, mnt, tags, v1) = (&d.registry, &d.mnt, &d.tags, &d.v1);
     let out = rm_r(&tags.join("v1"));
     assert!(
         out.status.success(),
@@ -113,13 +146,16 @@ fn each_form_of_delete_and_what_it_refuses() {
         String::from_utf8_lossy(&out.stderr),
         mnt.log()
     );
-    assert_eq!(ls(&tags), ["shared", "v2"]);
-    assert_eq!(skopeo_tags(&registry, "team/app"), ["shared", "v2"]);
+    assert_eq!(ls(tags), ["shared", "v2"]);
+    assert_eq!(skopeo_tags(registry, "team/app"), ["shared", "v2"]);
     assert_eq!(manifest_status(registry.addr, "team/app", "v1"), 404);
-    assert!(!ls(&mnt.path("team/app/manifests")).contains(&v1));
+    assert!(!ls(&mnt.path("team/app/manifests")).contains(v1));
+}
 
-    // distribution 2.8 can only untag by deleting the digest, which v2 shares with
-    // `shared`: refused, and the log says which tag shares it.
+/// distribution 2.8 can only untag by deleting the digest, which v2 shares with
+/// `shared`: refused, and the log says which tag shares it.
+fn refused_what_would_take_more(d: &Deleting) {
+    let (registry, mnt, tags, v2_config) = (&d.registry, &d.mnt, &d.tags, &d.v2_config);
     assert_errno(
         fs::remove_file(tags.join("v2/manifest.json")),
         libc::EBUSY,
@@ -133,13 +169,16 @@ fn each_form_of_delete_and_what_it_refuses() {
     );
     assert_eq!(manifest_status(registry.addr, "team/app", "v2"), 200);
     assert_eq!(manifest_status(registry.addr, "team/app", "shared"), 200);
-    assert_eq!(blob_status(registry.addr, "team/app", &v2_config), 200);
+    assert_eq!(blob_status(registry.addr, "team/app", v2_config), 200);
+}
 
-    // Manifests and blobs nothing else needs go.
+/// Manifests and blobs nothing else needs go.
+fn unused_manifests_and_blobs_go(d: &Deleting) {
+    let (registry, mnt, untagged, stray) = (&d.registry, &d.mnt, &d.untagged, &d.stray);
     let loose = mnt.path(&format!("team/app/manifests/{untagged}"));
     assert!(loose.is_file());
     fs::remove_file(&loose).expect("rm of an untagged manifest");
-    assert_eq!(manifest_status(registry.addr, "team/app", &untagged), 404);
+    assert_eq!(manifest_status(registry.addr, "team/app", untagged), 404);
     assert_errno(
         fs::metadata(&loose),
         libc::ENOENT,
@@ -151,27 +190,30 @@ fn each_form_of_delete_and_what_it_refuses() {
         4096
     );
     fs::remove_file(&stray_path).expect("rm of an unused blob");
-    assert_eq!(blob_status(registry.addr, "team/app", &stray), 404);
+    assert_eq!(blob_status(registry.addr, "team/app", stray), 404);
     assert_errno(
         fs::metadata(&stray_path),
         libc::ENOENT,
         "stat of the deleted blob",
     );
     assert_errno(fs::remove_file(&stray_path), libc::ENOENT, "rm of it again");
+}
 
-    // An index that includes v2 holds it even against a delete by digest.
+/// An index that includes v2 holds it even against a delete by digest.
+fn an_index_holds_its_children(d: &Deleting) {
+    let (registry, mnt, tags, v2) = (&d.registry, &d.mnt, &d.tags, &d.v2);
     let index = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": common::OCI_INDEX,
         "manifests": [{ "mediaType": common::OCI_MANIFEST, "digest": v2, "size": 1 }],
     });
     let index = serde_json::to_vec(&index).expect("serialize index");
-    let (_, _, v2_body) = common::get_manifest(&registry, "team/app", "v2");
+    let (_, _, v2_body) = common::get_manifest(registry, "team/app", "v2");
     let index = String::from_utf8(index)
         .expect("utf-8")
         .replace("\"size\":1", &format!("\"size\":{}", v2_body.len()));
     put_manifest(
-        &registry,
+        registry,
         "team/app",
         "multi",
         common::OCI_INDEX,
@@ -190,19 +232,27 @@ fn each_form_of_delete_and_what_it_refuses() {
         "rm -r tags/multi: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
 
-    // Now the manifest goes by digest, and its two tags with it.
+/// Now the manifest goes by digest, and its two tags with it.
+fn a_manifest_goes_with_its_tags(d: &Deleting) {
+    let (registry, mnt, tags, v2, v2_config) = (&d.registry, &d.mnt, &d.tags, &d.v2, &d.v2_config);
+    let v2_manifest = mnt.path(&format!("team/app/manifests/{v2}"));
     fs::remove_file(&v2_manifest).expect("rm of a manifest two tags name");
-    assert_eq!(skopeo_tags(&registry, "team/app"), Vec::<String>::new());
-    assert_eq!(manifest_status(registry.addr, "team/app", &v2), 404);
-    assert_eq!(ls(&tags), Vec::<String>::new());
+    assert_eq!(skopeo_tags(registry, "team/app"), Vec::<String>::new());
+    assert_eq!(manifest_status(registry.addr, "team/app", v2), 404);
+    assert_eq!(ls(tags), Vec::<String>::new());
     assert!(ls(&mnt.path("team/app/blobs")).is_empty());
     // Now nothing uses v2's config.
     fs::remove_file(mnt.path(&format!("team/app/blobs/{v2_config}")))
         .expect("rm of a blob no tag uses any more");
-    assert_eq!(blob_status(registry.addr, "team/app", &v2_config), 404);
-    // An uploads/ link is the mount's own name, not a registry object: it goes, the
-    // blob stays.
+    assert_eq!(blob_status(registry.addr, "team/app", v2_config), 404);
+}
+
+/// An uploads/ link is the mount's own name, not a registry object: it goes, the
+/// blob stays.
+fn an_uploads_link_goes_its_blob_stays(d: &Deleting) {
+    let (registry, mnt) = (&d.registry, &d.mnt);
     let bytes = noise(2048, 9);
     let link = mnt.path("team/app/uploads/notes.bin");
     let mut file = fs::File::create(&link).expect("create uploads/notes.bin");
