@@ -1,4 +1,4 @@
-//! Image contents through the kernel (DESIGN §7): `tags/<tag>/rootfs/`,
+//! Image contents through the kernel (docs/SEMANTICS.md, "Image contents"): `tags/<tag>/rootfs/`,
 //! `.images/<digest>/rootfs/` and `.layers/<digest>/` against a real registry, with
 //! images built by umoci, converted by ctr-remote and skopeo, compared with what
 //! `umoci unpack` makes, run with chroot and stacked with overlayfs.
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::images::{
-    Containerd, GZIP_LAYER, LONG_NAME, UTF8_DIR, assert_same_tree, build_rich_image,
+    Containerd, GZIP_LAYER, LONG_NAME, Snapshot, UTF8_DIR, assert_same_tree, build_rich_image,
     hostile_layers, push_layer_image, require_image_tools, snapshot, umoci_unpack, xattrs,
 };
 use common::{Layout, Mount, Registry, RssSampler, get_manifest, ls, require_tools, run};
@@ -48,13 +48,8 @@ fn rich(registry: &Registry, big: usize) -> (Layout, tempfile::TempDir, PathBuf)
     (layout, unpacked, rootfs)
 }
 
-#[test]
-fn rootfs_is_what_umoci_unpack_makes() {
-    setup();
-    let registry = Registry::start();
-    let (_layout, _unpacked, rootfs) = rich(&registry, BIG);
-    let expected = snapshot(&rootfs);
-    // The fixture has what this test is about.
+/// The rich image has what the image tests are about (umoci's unpack of it).
+fn assert_fixture_is_rich(expected: &Snapshot) {
     for path in [
         "dev/fifo",
         "dev/null",
@@ -75,23 +70,10 @@ fn rootfs_is_what_umoci_unpack_makes() {
         );
     }
     assert_eq!(expected.hardlinks.len(), 1, "one hardlink pair");
+}
 
-    let mnt = Mount::start(&registry.url(), &[]);
-    let view = mnt.path("team/app/tags/v1/rootfs");
-    assert_same_tree(
-        &expected,
-        &snapshot(&view),
-        "tags/v1/rootfs vs umoci unpack",
-    );
-    let (digest, _, _) = get_manifest(&registry, "team/app", "v1");
-    let by_digest = mnt.path(&format!("team/app/.images/{digest}/rootfs"));
-    assert_same_tree(
-        &expected,
-        &snapshot(&by_digest),
-        ".images/<digest>/rootfs vs umoci unpack",
-    );
-
-    // What a user checks by hand.
+/// What a user checks by hand in the rootfs view.
+fn assert_reads_by_hand(view: &Path) {
     assert_eq!(
         fs::read_to_string(view.join("etc/os-release")).expect("read"),
         "NAME=regfs-test\nID=regfs\n"
@@ -117,8 +99,10 @@ fn rootfs_is_what_umoci_unpack_makes() {
     let mut piece = vec![0u8; 4096];
     large.read_exact(&mut piece).expect("read in the middle");
     assert_eq!(piece, common::noise(BIG, 42)[40 << 20..(40 << 20) + 4096]);
+}
 
-    // The views are not listed: grep -r, find and rsync -a see the registry's objects once.
+/// The views are not listed: grep -r, find and rsync -a see the registry's objects once.
+fn assert_views_are_not_listed(mnt: &Mount) {
     assert_eq!(
         ls(&mnt.path("team/app")),
         ["blobs", "manifests", "tags", "uploads"]
@@ -134,6 +118,34 @@ fn rootfs_is_what_umoci_unpack_makes() {
         !found.contains("rootfs") && !found.contains(".layers") && !found.contains(".images"),
         "{found}"
     );
+}
+
+#[test]
+fn rootfs_is_what_umoci_unpack_makes() {
+    setup();
+    let registry = Registry::start();
+    let (_layout, _unpacked, rootfs) = rich(&registry, BIG);
+    let expected = snapshot(&rootfs);
+    assert_fixture_is_rich(&expected);
+
+    let mnt = Mount::start(&registry.url(), &[]);
+    let view = mnt.path("team/app/tags/v1/rootfs");
+    assert_same_tree(
+        &expected,
+        &snapshot(&view),
+        "tags/v1/rootfs vs umoci unpack",
+    );
+    let (digest, _, _) = get_manifest(&registry, "team/app", "v1");
+    let by_digest = mnt.path(&format!("team/app/.images/{digest}/rootfs"));
+    assert_same_tree(
+        &expected,
+        &snapshot(&by_digest),
+        ".images/<digest>/rootfs vs umoci unpack",
+    );
+
+    assert_reads_by_hand(&view);
+
+    assert_views_are_not_listed(&mnt);
 
     // Read-only: an image is not a place to write.
     let err = fs::write(view.join("etc/new"), b"x")
@@ -180,12 +192,9 @@ fn a_second_read_costs_one_or_two_range_requests_and_a_new_mount_needs_no_pass()
     assert!(requests(&mnt) <= 2, "{}", mnt.stats());
 }
 
-#[test]
-fn every_layer_format_shows_the_same_files_and_toc_layers_fetch_little() {
-    setup();
-    let registry = Registry::start();
-    let (layout, _unpacked, rootfs) = rich(&registry, BIG);
-    let expected = snapshot(&rootfs);
+/// `team/app:esgz` and `:zchunk` (converted by ctr-remote) and `:zstd` (by skopeo)
+/// from `team/app:v1`.
+fn convert(registry: &Registry, layout: &Layout) {
     let host = registry.addr.to_string();
     let containerd = Containerd::start();
     containerd.convert(
@@ -228,7 +237,7 @@ fn every_layer_format_shows_the_same_files_and_toc_layers_fetch_little() {
         ("zstd", "tar+zstd"),
     ] {
         let manifest: serde_json::Value =
-            serde_json::from_slice(&get_manifest(&registry, "team/app", tag).2).expect("JSON");
+            serde_json::from_slice(&get_manifest(registry, "team/app", tag).2).expect("JSON");
         let first = manifest["layers"][0]["mediaType"]
             .as_str()
             .unwrap_or_default();
@@ -237,6 +246,49 @@ fn every_layer_format_shows_the_same_files_and_toc_layers_fetch_little() {
             "{tag} has {media_type} layers: {first}"
         );
     }
+}
+
+/// Wrong bytes from the registry: a flipped byte inside large.bin's chunk of the
+/// eStargz layer is EIO for that file (chunk digest), while other files still read.
+fn a_flipped_byte_fails_its_file_only(registry: &Registry) {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&get_manifest(registry, "team/app", "esgz").2).expect("JSON");
+    let first_layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    let hex = first_layer.trim_start_matches("sha256:");
+    let data = registry.storage_dir().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut blob = fs::read(&data).expect("registry blob");
+    let middle = blob.len() / 2;
+    blob[middle] ^= 0xff;
+    fs::write(&data, &blob).expect("corrupt the stored blob");
+    let mnt = Mount::start(&registry.url(), &[]);
+    let view = mnt.path("team/app/tags/esgz/rootfs");
+    assert_eq!(
+        errno_of(fs::read(view.join("data/large.bin"))),
+        Some(libc::EIO)
+    );
+    assert_eq!(
+        fs::read_to_string(view.join("etc/hello.txt")).expect("other files read"),
+        "hello from the image\n"
+    );
+    assert!(
+        mnt.log().contains("chunk at byte"),
+        "the log says which chunk failed"
+    );
+}
+
+#[test]
+fn every_layer_format_shows_the_same_files_and_toc_layers_fetch_little() {
+    setup();
+    let registry = Registry::start();
+    let (layout, _unpacked, rootfs) = rich(&registry, BIG);
+    let expected = snapshot(&rootfs);
+    convert(&registry, &layout);
 
     // A TOC layer: one small file from a fresh mount costs a few MiB, not the image.
     for tag in ["esgz", "zchunk"] {
@@ -265,37 +317,7 @@ fn every_layer_format_shows_the_same_files_and_toc_layers_fetch_little() {
     }
     drop(mnt);
 
-    // Wrong bytes from the registry: a flipped byte inside large.bin's chunk of the
-    // eStargz layer is EIO for that file (chunk digest), while other files still read.
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&get_manifest(&registry, "team/app", "esgz").2).expect("JSON");
-    let first_layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .expect("digest")
-        .to_owned();
-    let hex = first_layer.trim_start_matches("sha256:");
-    let data = registry.storage_dir().join(format!(
-        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
-        &hex[..2]
-    ));
-    let mut blob = fs::read(&data).expect("registry blob");
-    let middle = blob.len() / 2;
-    blob[middle] ^= 0xff;
-    fs::write(&data, &blob).expect("corrupt the stored blob");
-    let mnt = Mount::start(&registry.url(), &[]);
-    let view = mnt.path("team/app/tags/esgz/rootfs");
-    assert_eq!(
-        errno_of(fs::read(view.join("data/large.bin"))),
-        Some(libc::EIO)
-    );
-    assert_eq!(
-        fs::read_to_string(view.join("etc/hello.txt")).expect("other files read"),
-        "hello from the image\n"
-    );
-    assert!(
-        mnt.log().contains("chunk at byte"),
-        "the log says which chunk failed"
-    );
+    a_flipped_byte_fails_its_file_only(&registry);
 }
 
 #[test]
