@@ -124,22 +124,8 @@ fn peak_mib(mount: &Mount) -> u64 {
     common::proc_status_kib(mount.pid(), "VmHWM").unwrap_or(0) / 1024
 }
 
-#[test]
-fn fifty_thousand_tags_and_five_thousand_repositories() {
-    // In memory (tmpfs): a quarter of a million small files and directories, which a
-    // disk takes tens of seconds to create.
-    let storage = tempfile::Builder::new()
-        .prefix("regfs-scale-")
-        .tempdir_in("/dev/shm")
-        .expect("a temp dir in /dev/shm");
-    let s = seeded(storage.path());
-    let mount = Mount::start(
-        &s.registry.url(),
-        &["--cache-size", "32MiB", "--no-disk-cache"],
-    );
-    let rss = RssSampler::start(mount.pid());
-
-    // 50,000 tags: listed, looked up, read.
+/// 50,000 tags: listed, looked up, read.
+fn tags(mount: &Mount, s: &Seeded) {
     let started = Instant::now();
     let tags = ls(&mount.path("big/app/tags"));
     assert_eq!(tags.len(), TAGS);
@@ -156,8 +142,10 @@ fn fifty_thousand_tags_and_five_thousand_repositories() {
         "scale: 50,000 tags listed and 51 read in {:?}",
         started.elapsed()
     );
+}
 
-    // 5,000 repositories: listed (five catalog pages), every tag manifest grepped.
+/// 5,000 repositories: listed (five catalog pages), every tag manifest grepped.
+fn repositories(mount: &Mount, s: &Seeded) {
     let started = Instant::now();
     assert_eq!(ls(&mount.dir).len(), NAMESPACES + 3); // ns0..ns9, big, other, seed
     assert_eq!(ls(&mount.path("ns3")).len(), PER_NAMESPACE);
@@ -192,8 +180,10 @@ fn fifty_thousand_tags_and_five_thousand_repositories() {
     eprintln!(
         "scale: grep over 5,000 repositories in {grep_took:?}; an unrelated 8 MiB read meanwhile {read_took:?}"
     );
+}
 
-    // rsync -a of a namespace of 500 repositories: every blob right.
+/// rsync -a of a namespace of 500 repositories: every blob right.
+fn rsync_a_namespace(mount: &Mount, s: &Seeded) {
     let started = Instant::now();
     let backup = tempfile::tempdir().expect("tempdir");
     let out = Command::new("rsync")
@@ -215,6 +205,26 @@ fn fifty_thousand_tags_and_five_thousand_repositories() {
         "scale: rsync -a of 500 repositories in {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn fifty_thousand_tags_and_five_thousand_repositories() {
+    // In memory (tmpfs): a quarter of a million small files and directories, which a
+    // disk takes tens of seconds to create.
+    let storage = tempfile::Builder::new()
+        .prefix("regfs-scale-")
+        .tempdir_in("/dev/shm")
+        .expect("a temp dir in /dev/shm");
+    let s = seeded(storage.path());
+    let mount = Mount::start(
+        &s.registry.url(),
+        &["--cache-size", "32MiB", "--no-disk-cache"],
+    );
+    let rss = RssSampler::start(mount.pid());
+
+    tags(&mount, &s);
+    repositories(&mount, &s);
+    rsync_a_namespace(&mount, &s);
 
     let peak = rss.stop();
     eprintln!(
