@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes hostile image layers for tests/image.rs: python3 hostile_layers.py OUT_DIR.
+"""Writes hostile image layers for tests/e2e/image.rs: python3 hostile_layers.py OUT_DIR.
 
 Each case is OUT_DIR/<case>.layer (the blob) and OUT_DIR/<case>.type (its media type).
 Made with Python's tarfile/gzip/zlib, plus hand-written zstd frames, so that nothing of

@@ -5,7 +5,7 @@
 //! by its window and the path), and all of them together to a total (the link).
 //!
 //! It relays bytes, not HTTP, so anything can sit behind it: a registry, nginx. Used by
-//! tests (`tests/shaper.rs`) and, through `examples/wan_proxy.rs`, by `scripts/bench.sh`.
+//! tests (`tests/e2e/shaper.rs`) and, through `examples/wan_proxy.rs`, by `scripts/bench.sh`.
 //! Plain threads: four per connection, which is plenty for the tens a client opens.
 
 use std::io::{self, Read, Write};

@@ -1,7 +1,7 @@
 //! A daemon that dies without unmounting (SIGKILL) leaves no dead mount behind: its
 //! watchdog unmounts at once, and when the watchdog is gone too, the next
 //! `regfs mount` on the directory clears the dead mount itself. SIGTERM stays a clean
-//! unmount (tests/mount.rs).
+//! unmount (mount.rs).
 
 use crate::common;
 

@@ -1,9 +1,9 @@
-//! Deleting through the kernel (docs/SEMANTICS.md, "Deletes"; issue 13): `rm -r tags/<tag>`, `rm
-//! tags/<tag>/manifest.json`, `rm manifests/<digest>`, `rm blobs/<digest>` with
-//! `--allow-delete`; EPERM without it; EBUSY where the registry (distribution 2.8 can
+//! Deleting through the kernel (docs/SEMANTICS.md, "Deletes"; issue 13): `rm -r
+//! tags/<tag>`, `rm tags/<tag>/manifest.json`, `rm manifests/<digest>`, `rm blobs/<digest>`
+//! with `--allow-delete`; EPERM without it; EBUSY where the registry (distribution 2.8 can
 //! only untag by deleting the digest) would take more than was named; EPERM with the
-//! registry's text where it refuses deletes. Checked as a user would: errno, `ls`,
-//! `skopeo list-tags`, and what the registry serves afterwards.
+//! registry's text where it refuses deletes. Checked as a user would: errno, `ls`, `skopeo
+//! list-tags`, and what the registry serves afterwards.
 
 use crate::common;
 

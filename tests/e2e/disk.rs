@@ -1,6 +1,6 @@
-//! The disk cache (DESIGN §8) against the real registry, through the kernel: what a second
-//! mount and a restarted daemon read without the network, sharing, kills, the size
-//! bound, a full disk, a hostile registry, passthrough, and `regfs cache`.
+//! The disk cache (docs/SEMANTICS.md, "Disk cache") against the real registry, through the
+//! kernel: what a second mount and a restarted daemon read without the network, sharing,
+//! kills, the size bound, a full disk, a hostile registry, passthrough, and `regfs cache`.
 
 use crate::common;
 

@@ -1,7 +1,7 @@
-//! Image contents through the kernel (docs/SEMANTICS.md, "Image contents"): `tags/<tag>/rootfs/`,
-//! `.images/<digest>/rootfs/` and `.layers/<digest>/` against a real registry, with
-//! images built by umoci, converted by ctr-remote and skopeo, compared with what
-//! `umoci unpack` makes, run with chroot and stacked with overlayfs.
+//! Image contents through the kernel (docs/SEMANTICS.md, "Image contents"):
+//! `tags/<tag>/rootfs/`, `.images/<digest>/rootfs/` and `.layers/<digest>/` against a real
+//! registry, with images built by umoci, converted by ctr-remote and skopeo, compared with
+//! what `umoci unpack` makes, run with chroot and stacked with overlayfs.
 
 use crate::common;
 

@@ -1,8 +1,8 @@
-//! `--mirror` (DESIGN §9, issue 14): content-addressed reads from mirrors first, tags and
-//! writes to the origin. The mirrors are real: distribution in `proxy:` mode (a
-//! pull-through cache), and the harness proxy in front of the origin for a mirror that is
-//! down, silent or lies. What a user sees is checked: the bytes, the errors (none), and
-//! what each registry was asked.
+//! `--mirror` (docs/SEMANTICS.md, "Mirrors"; issue 14): content-addressed reads from
+//! mirrors first, tags and writes to the origin. The mirrors are real: distribution in
+//! `proxy:` mode (a pull-through cache), and the harness proxy in front of the origin for a
+//! mirror that is down, silent or lies. What a user sees is checked: the bytes, the errors
+//! (none), and what each registry was asked.
 
 use crate::common;
 

@@ -1,6 +1,6 @@
-//! `<repo>/.oci/` through the kernel (docs/SEMANTICS.md, "The tree"; issue 13): the repository as an OCI
-//! image layout, read by skopeo's `oci:` transport and by `umoci unpack`, and compared
-//! with what the registry serves over `docker://`.
+//! `<repo>/.oci/` through the kernel (docs/SEMANTICS.md, "The tree"; issue 13): the
+//! repository as an OCI image layout, read by skopeo's `oci:` transport and by `umoci
+//! unpack`, and compared with what the registry serves over `docker://`.
 
 use crate::common;
 

@@ -1,9 +1,10 @@
-//! Referrers through the kernel (DESIGN §2, issue 13): `<repo>/.referrers/<digest>/`
-//! against docker-registry 2.8, which has no referrers API, so the referrers tag schema
-//! (`sha256-<hex>`) is the way; artifacts pushed with plain HTTP as oras does (the
-//! manifest, then the fallback index), or written through the mount, which keeps that
-//! index current; an rsync backup restored into an empty registry keeps the signature
-//! findable; and the API path, with the fault proxy answering as the spec shapes it.
+//! Referrers through the kernel (docs/SEMANTICS.md, "Referrers"; issue 13):
+//! `<repo>/.referrers/<digest>/` against docker-registry 2.8, which has no referrers API,
+//! so the referrers tag schema (`sha256-<hex>`) is the way; artifacts pushed with plain
+//! HTTP as oras does (the manifest, then the fallback index), or written through the mount,
+//! which keeps that index current; an rsync backup restored into an empty registry keeps
+//! the signature findable; and the API path, with the fault proxy answering as the spec
+//! shapes it.
 
 use crate::common;
 

@@ -1,5 +1,6 @@
-//! Writes through the kernel (docs/SEMANTICS.md, "Writes"; issue 4): blob uploads, digest-named blobs,
-//! manifest pushes, rsync backup and restore, cross-repository links, --read-only.
+//! Writes through the kernel (docs/SEMANTICS.md, "Writes"; issue 4): blob uploads,
+//! digest-named blobs, manifest pushes, rsync backup and restore, cross-repository links,
+//! --read-only.
 //!
 //! Everything is checked as a user would see it: exit codes of cp/rsync/skopeo, errno of
 //! system calls, symlinks, and what the registry itself serves afterwards (plain HTTP, or
