@@ -313,7 +313,7 @@ pub fn push_headers(out: &mut String, headers: &[(String, String)], skip: &[&str
 
 /// Writes the head of a buffered response, framed by Content-Length (HEAD keeps the
 /// upstream's); whether its body is to follow.
-pub fn write_response_head(
+fn write_response_head(
     w: &mut impl Write,
     response: &Response,
     head_request: bool,
@@ -356,8 +356,22 @@ pub fn write_response(
     head_request: bool,
     close: bool,
 ) -> io::Result<()> {
+    write_response_with(w, response, head_request, close, |w, body| {
+        w.write_all(body)
+    })
+}
+
+/// [`write_response`], its body (if it has one) written by `send_body`: at once, or
+/// paced as the fault proxy's rules say.
+pub fn write_response_with<W: Write>(
+    w: &mut W,
+    response: &Response,
+    head_request: bool,
+    close: bool,
+    send_body: impl FnOnce(&mut W, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
     if write_response_head(w, response, head_request, close)? {
-        w.write_all(&response.body)?;
+        send_body(w, &response.body)?;
     }
     w.flush()
 }

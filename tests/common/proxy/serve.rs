@@ -14,7 +14,7 @@ use super::{LocationRewrite, ProxyShared, STALL_LIMIT, Seen};
 use crate::common::http::{
     ANNOUNCE_LENGTH, IO_TIMEOUT, Request, Response, connect, header, json_response,
     method_has_body, push_headers, read_body, read_request_head, read_response,
-    write_response_head,
+    write_response_with,
 };
 use crate::common::registry::api::json_strings;
 
@@ -102,7 +102,8 @@ fn serve_client(shared: &ProxyShared, client: TcpStream) {
             }
         }
         let head = request.method == "HEAD";
-        if write_response_paced(shared, &mut writer, &response, head, close).is_err() || close {
+        let paced = |w: &mut TcpStream, body: &[u8]| write_body(shared, w, body);
+        if write_response_with(&mut writer, &response, head, close, paced).is_err() || close {
             return;
         }
     }
@@ -423,18 +424,4 @@ fn write_body(shared: &ProxyShared, w: &mut impl Write, body: &[u8]) -> io::Resu
         }
     }
     Ok(())
-}
-
-/// Writes a buffered response, the body paced by the proxy's stall and trickle rules.
-fn write_response_paced(
-    shared: &ProxyShared,
-    w: &mut impl Write,
-    response: &Response,
-    head_request: bool,
-    close: bool,
-) -> io::Result<()> {
-    if write_response_head(w, response, head_request, close)? {
-        write_body(shared, w, &response.body)?;
-    }
-    w.flush()
 }

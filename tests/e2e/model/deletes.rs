@@ -11,6 +11,13 @@ use super::reference::Res;
 use super::trees::Tree;
 use crate::common::{blob_status, manifest_status};
 
+/// What `rm` of a registry object names by digest.
+#[derive(Clone, Copy, Debug)]
+pub enum Object {
+    Manifest,
+    Blob,
+}
+
 /// What the registry holds of what a delete names: a tag, a manifest or a blob.
 enum Named<'a> {
     Tag(&'a str),
@@ -111,54 +118,39 @@ impl Run<'_> {
         }
     }
 
-    /// `rm <repo>/manifests/<digest>`: it goes with the tags naming it.
-    pub(super) fn rm_manifest(
+    /// `rm <repo>/manifests/<digest>` (it goes with the tags naming it) or `rm
+    /// <repo>/blobs/<digest>` (EBUSY while a tagged image uses it).
+    pub(super) fn rm_object(
         &mut self,
         tree: &mut dyn Tree,
-        repo: usize,
-        manifest: usize,
+        (repo, object): (usize, Object),
+        i: usize,
         faulty: bool,
     ) -> Result<(), TestCaseError> {
         let repo = self.repo(repo);
-        let digests: Vec<String> = match self.model.repos.get(&repo) {
-            Some(r) => r.manifests().into_keys().collect(),
-            None => return Ok(()),
+        let digests: Vec<String> = match (self.model.repos.get(&repo), object) {
+            (Some(r), Object::Manifest) => r.manifests().into_keys().collect(),
+            (Some(r), Object::Blob) => r.blobs().into_keys().collect(),
+            (None, _) => return Ok(()),
         };
-        let Some(digest) = Self::pick(&digests, manifest) else {
+        let Some(digest) = Self::pick(&digests, i) else {
             return Ok(());
         };
-        let path = format!("{}/{repo}/manifests/{digest}", self.model.ns);
-        let result = tree.unlink(&path);
-        let expected = self.allowed(Ok(()));
-        let named = (repo.as_str(), Named::Manifest(&digest));
-        if self.deleted(&format!("rm {path}"), result, expected, named, faulty)? {
-            self.model.deleted_manifest(&repo, &digest);
-        }
-        Ok(())
-    }
-
-    /// `rm <repo>/blobs/<digest>`: EBUSY while a tagged image uses it.
-    pub(super) fn rm_blob(
-        &mut self,
-        tree: &mut dyn Tree,
-        repo: usize,
-        blob: usize,
-        faulty: bool,
-    ) -> Result<(), TestCaseError> {
-        let repo = self.repo(repo);
-        let digests: Vec<String> = match self.model.repos.get(&repo) {
-            Some(r) => r.blobs().into_keys().collect(),
-            None => return Ok(()),
+        let (dir, expected, named) = match object {
+            Object::Manifest => ("manifests", Ok(()), Named::Manifest(&digest)),
+            Object::Blob => {
+                let expected = self.model.delete_blob(&repo, &digest);
+                ("blobs", expected, Named::Blob(&digest))
+            }
         };
-        let Some(digest) = Self::pick(&digests, blob) else {
-            return Ok(());
-        };
-        let path = format!("{}/{repo}/blobs/{digest}", self.model.ns);
+        let path = format!("{}/{repo}/{dir}/{digest}", self.model.ns);
         let result = tree.unlink(&path);
-        let expected = self.allowed(self.model.delete_blob(&repo, &digest));
-        let named = (repo.as_str(), Named::Blob(&digest));
-        if self.deleted(&format!("rm {path}"), result, expected, named, faulty)? {
-            self.model.deleted_blob(&repo, &digest);
+        let (what, expected) = (format!("rm {path}"), self.allowed(expected));
+        if self.deleted(&what, result, expected, (&repo, named), faulty)? {
+            match object {
+                Object::Manifest => self.model.deleted_manifest(&repo, &digest),
+                Object::Blob => self.model.deleted_blob(&repo, &digest),
+            }
         }
         Ok(())
     }

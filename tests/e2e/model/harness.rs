@@ -11,6 +11,7 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 use regfs::cache::memo::FAILURE_MEMORY;
 use regfs::fs::node::Kind;
 
+use super::deletes::Object;
 use super::generators::Op;
 use super::reference::{Entry, Model, RepoModel, Res};
 use super::trees::Tree;
@@ -228,8 +229,10 @@ impl<'a> Run<'a> {
                 tag,
                 recursive,
             } => self.rm_tag(tree, *repo, *tag, *recursive, faulty),
-            Op::RmManifest { repo, manifest } => self.rm_manifest(tree, *repo, *manifest, faulty),
-            Op::RmBlob { repo, blob } => self.rm_blob(tree, *repo, *blob, faulty),
+            Op::RmManifest { repo, manifest } => {
+                self.rm_object(tree, (*repo, Object::Manifest), *manifest, faulty)
+            }
+            Op::RmBlob { repo, blob } => self.rm_object(tree, (*repo, Object::Blob), *blob, faulty),
             Op::RmLink { repo, link } => self.rm_link(tree, *repo, *link, faulty),
             Op::Faulty(inner) => self.apply_faulty(tree, inner),
         }
