@@ -36,7 +36,7 @@ if [[ ! -c /dev/fuse ]]; then
 fi
 
 # The kernel's FUSE connection counters (/sys/fs/fuse/connections/*/waiting, read by
-# tests/e2e/soak.rs) need the fusectl filesystem; systemd mounts it, containers often not.
+# tests/alone/soak.rs) need the fusectl filesystem; systemd mounts it, containers often not.
 if [[ -d /sys/fs/fuse/connections ]] && ! grep -q " /sys/fs/fuse/connections fusectl " /proc/mounts; then
     "${sudo[@]}" mount -t fusectl fusectl /sys/fs/fuse/connections ||
         echo "setup.sh: warning: cannot mount fusectl on /sys/fs/fuse/connections" >&2

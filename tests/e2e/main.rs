@@ -1,9 +1,10 @@
 //! The end-to-end tests, one test binary: each module below is one area of regfs, run
 //! against a real `docker-registry` and (most of them) through the kernel. The harness
-//! they share is `tests/common/`, one file per kind of fixture.
+//! they share is `tests/common/`, one file per kind of fixture. The three tests that must
+//! have the machine to themselves (soak, scale, pull-through) are `tests/alone/`.
 //!
 //! One binary, not one per area: each binary links the whole crate and its dependencies,
-//! which took most of `scripts/test.sh`'s time when there were 22 of them. Tests run on
+//! which took most of `scripts/test.sh`'s build when there were 22 of them. Tests run on
 //! the test harness's threads (one per core unless `--test-threads` says otherwise);
 //! every fixture is a process or a port of its own (registries, proxies, mounts on temp
 //! directories), so tests of different areas share nothing but the machine.
@@ -24,11 +25,8 @@ mod mirrors;
 mod model;
 mod mount;
 mod oci_layout;
-mod pull_through;
 mod referrers;
-mod scale;
 mod shaper;
-mod soak;
 mod stalls;
 mod upload;
 mod wan;

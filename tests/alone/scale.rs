@@ -209,6 +209,7 @@ fn rsync_a_namespace(mount: &Mount, s: &Seeded) {
 
 #[test]
 fn fifty_thousand_tags_and_five_thousand_repositories() {
+    let _alone = crate::alone();
     // In memory (tmpfs): a quarter of a million small files and directories, which a
     // disk takes tens of seconds to create.
     let storage = tempfile::Builder::new()

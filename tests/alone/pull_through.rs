@@ -57,6 +57,7 @@ fn answered_whole(mount: &Mount, digest: &str) -> bool {
 
 #[test]
 fn a_cold_pull_through_cache_is_read_right_and_once_per_reader() {
+    let _alone = crate::alone();
     let p = pull_through();
     // A pull-through cache lists only what it holds: name the repository. No disk
     // cache: every byte regfs reads comes over the network and is counted.

@@ -203,6 +203,7 @@ fn start() -> (Registry, Mount, Vec<Vec<u8>>, Vec<String>) {
 
 #[test]
 fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
+    let _alone = crate::alone();
     common::require_tools();
     assert!(
         fs::read_to_string("/proc/mounts")
