@@ -332,25 +332,30 @@ impl Auth {
             }
             None => execute(&what, &self.token_http, sensitive(&what, get())?).await?,
         };
-        let status = resp.status();
-        let body = read_limited(&what, resp).await?;
-        if !status.is_success() {
-            return Err(Error::from_status(&what, status.as_u16(), &body));
-        }
-        let answer: TokenAnswer = serde_json::from_slice(&body)
-            .map_err(|e| Error::BadAnswer(format!("{what}: invalid JSON: {e}")))?;
-        let token = answer
-            .token
-            .filter(|t| !t.is_empty())
-            .or(answer.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::BadAnswer(format!("{what}: answer has no token")))?;
-        let lifetime = answer
-            .expires_in
-            .filter(|s| *s > 0)
-            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
-        Ok((token, lifetime))
+        read_token(&what, resp).await
     }
+}
+
+/// The token in a token endpoint's answer, and how long it lives.
+async fn read_token(what: &str, resp: reqwest::Response) -> Result<(String, Duration)> {
+    let status = resp.status();
+    let body = read_limited(what, resp).await?;
+    if !status.is_success() {
+        return Err(Error::from_status(what, status.as_u16(), &body));
+    }
+    let answer: TokenAnswer = serde_json::from_slice(&body)
+        .map_err(|e| Error::BadAnswer(format!("{what}: invalid JSON: {e}")))?;
+    let token = answer
+        .token
+        .filter(|t| !t.is_empty())
+        .or(answer.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::BadAnswer(format!("{what}: answer has no token")))?;
+    let lifetime = answer
+        .expires_in
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    Ok((token, lifetime))
 }
 
 fn sensitive(what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Request> {
