@@ -19,8 +19,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::fs::deadline::within;
-use crate::fs::node::Kind;
-use crate::fs::{Attr, Fs};
+use crate::fs::{Attr, Fs, Kind};
 use crate::passthrough::Passthrough;
 
 /// Asks the kernel for reads this large (with FUSE_MAX_PAGES) and lets it read ahead as

@@ -2,25 +2,13 @@
 //! registry tree of DESIGN §1. Every operation returns `Result<_, Errno>`; nothing here
 //! knows of FUSE, so it can be driven by tests or another front end.
 
-mod blob;
-mod blob_stream;
-mod block_source;
+pub mod blob;
 pub mod deadline;
-pub mod delete;
 mod handles;
 pub mod images;
-pub mod known_repos;
-mod layer_source;
-mod link;
-pub mod metadata;
-mod mirror_blobs;
-pub mod node;
-pub mod oci_layout;
-pub mod readahead;
-pub mod referrers;
-mod verify;
+pub mod tree;
+pub mod view;
 pub mod write;
-mod write_ops;
 
 use std::ffi::OsStr;
 use std::fmt::Display;
@@ -37,21 +25,21 @@ use crate::image::manifest::Platform;
 use crate::image::tree::ROOT as VIEW_ROOT;
 use crate::registry::types::is_path_component;
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Tag};
-use blob::{BlobReads, OpenBlob};
-use block_source::BlockSource;
-use delete::Deletes;
+use blob::fetch::BlockSource;
+use blob::reads::{BlobReads, OpenBlob};
 use handles::Handles;
-use images::{ImageTree, Images, View, ViewRoot};
-use metadata::RegistryView;
-use node::{
-    BLOBS, CONTROL, IMAGES, InodeTable, Kind, LAYERS, MANIFEST_JSON, MANIFESTS, Node, OCI,
+use images::trees::{ImageTree, Images, View, ViewRoot};
+use tree::node::{
+    self, BLOBS, CONTROL, IMAGES, InodeTable, LAYERS, MANIFEST_JSON, MANIFESTS, Node, OCI,
     REFERRERS, ROOTFS, STATS, TAGS, UPLOADS,
 };
-use oci_layout::OciPath;
-use referrers::RefPath;
-use write::{Writes, WrittenFile, final_node};
+use tree::oci_layout::{self, OciPath};
+use view::referrers::{self, RefPath};
+use view::registry_view::RegistryView;
+use write::deletes::Deletes;
+use write::files::{Writes, WrittenFile, final_node};
 
-pub use node::ROOT_INO;
+pub use tree::node::{Kind, ROOT_INO};
 
 /// How long the kernel may keep entries and attributes of content-addressed files,
 /// which never change.

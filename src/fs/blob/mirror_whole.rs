@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
-use super::block_source::BlobAt;
 use crate::cache::{BlockCache, DiskCache};
+use crate::fs::blob::fetch::BlobAt;
 use crate::registry::{Digest, RegistryClient};
 
 /// The largest blob fetched whole from a mirror (less if the memory cache is small: a

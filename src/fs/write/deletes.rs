@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
-use super::metadata::{RegistryView, bounded};
-use super::node::Node;
-use super::{Errno, fail};
+use crate::fs::tree::node::Node;
+use crate::fs::view::registry_view::{RegistryView, bounded};
+use crate::fs::{Errno, fail};
 use crate::registry::referrers::{fallback_tag, subject_of};
 use crate::registry::{Digest, Error, ManifestLinks, Reference, RegistryClient, RepoName, Tag};
 

@@ -12,18 +12,18 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
-use super::blob_stream::{StreamPlan, stream_blocks};
-use super::block_source::{BlobAt, BlockSource};
-use super::link::Link;
-use super::readahead::{REORDER_SLACK, ReadAhead};
-use super::verify::{ContentCheck, Verifier};
 use crate::cache::memo::FAILURE_MEMORY;
 use crate::cache::{BlockCache, DiskCache};
+use crate::fs::blob::fetch::{BlobAt, BlockSource};
+use crate::fs::blob::link_speed::Link;
+use crate::fs::blob::readahead::{REORDER_SLACK, ReadAhead};
+use crate::fs::blob::stream::{StreamPlan, stream_blocks};
+use crate::fs::blob::verify::{ContentCheck, Verifier};
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Result};
 
 /// Bytes `offset..end` of a blob, from its consecutive blocks starting at blob offset
 /// `start` (a slice of the block when one is enough, no copy).
-pub(super) fn join_blocks(blocks: &[Bytes], start: u64, offset: u64, end: u64) -> Bytes {
+pub(crate) fn join_blocks(blocks: &[Bytes], start: u64, offset: u64, end: u64) -> Bytes {
     if let [block] = blocks {
         let from = (offset - start) as usize;
         return block.slice(from..from + (end - offset) as usize);

@@ -18,11 +18,11 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
-use super::Errno;
-use super::metadata::RegistryView;
-use super::node::{MANIFEST_JSON, Node};
 use crate::cache::DiskCache;
 use crate::cache::disk::HeldIndex as KeptIndex;
+use crate::fs::Errno;
+use crate::fs::tree::node::{MANIFEST_JSON, Node};
+use crate::fs::view::registry_view::RegistryView;
 use crate::registry::client::MAX_MANIFEST_BYTES;
 use crate::registry::upload::{MountOutcome, Upload};
 use crate::registry::{Digest, Error, ManifestLinks, Reference, RegistryClient, RepoName, Tag};

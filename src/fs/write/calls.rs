@@ -8,10 +8,10 @@ use std::path::Path;
 
 use tracing::debug;
 
-use super::delete::Deletion;
-use super::node::{BLOBS, Node};
-use super::write::{final_node, writable_node};
-use super::{Attr, Errno, Fs, OpenFile, Opened, in_view};
+use crate::fs::tree::node::{BLOBS, Node};
+use crate::fs::write::deletes::Deletion;
+use crate::fs::write::files::{final_node, writable_node};
+use crate::fs::{Attr, Errno, Fs, OpenFile, Opened, in_view};
 use crate::registry::types::is_path_component;
 use crate::registry::{Digest, RepoName, Tag};
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::mirror_blobs::MirrorBlobs;
 use crate::cache::{BlockCache, DiskCache};
+use crate::fs::blob::mirror_whole::MirrorBlobs;
 use crate::registry::{Digest, RegistryClient, RepoName, Result};
 
 #[derive(Clone)]

@@ -26,9 +26,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::block_source::{BlobAt, BlockSource};
-use super::link::{Link, StreamMeter};
 use crate::cache::BlockCache;
+use crate::fs::blob::fetch::{BlobAt, BlockSource};
+use crate::fs::blob::link_speed::{Link, StreamMeter};
 use crate::registry::{BlobBody, Digest, Error, RegistryClient, RepoName, Result};
 
 /// What a stream reads and where it starts.
@@ -141,7 +141,7 @@ pub async fn stream_blocks(
 }
 
 /// Reads a body that starts at blob offset `at`, block by block.
-pub(super) struct BodyCursor {
+pub(crate) struct BodyCursor {
     body: BlobBody,
     /// The blob offset of the next byte of the body.
     at: u64,
@@ -149,7 +149,7 @@ pub(super) struct BodyCursor {
 
 impl BodyCursor {
     /// One GET of the blob from `start` to its end.
-    pub(super) async fn open(
+    pub(crate) async fn open(
         client: &RegistryClient,
         repo: &RepoName,
         digest: &Digest,
@@ -162,13 +162,13 @@ impl BodyCursor {
     }
 
     /// The blob offset of the next byte it would deliver.
-    pub(super) fn at(&self) -> u64 {
+    pub(crate) fn at(&self) -> u64 {
         self.at
     }
 
     /// The `len` bytes at blob offset `start` (at or after the cursor: any bytes before
     /// it are skipped), read into a block buffer. After an error the cursor is spent.
-    pub(super) async fn block(
+    pub(crate) async fn block(
         &mut self,
         cache: &BlockCache,
         start: u64,

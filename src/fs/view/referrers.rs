@@ -17,10 +17,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::metadata::{RegistryView, bounded};
-use super::node::{self, Kind, MANIFESTS, Node, REFERRERS};
-use super::{Attr, Errno, fail};
 use crate::cache::Memo;
+use crate::fs::tree::node::{self, Kind, MANIFESTS, Node, REFERRERS};
+use crate::fs::view::registry_view::{RegistryView, bounded};
+use crate::fs::{Attr, Errno, fail};
 use crate::registry::referrers::{Referrer, describe, fallback_tag, index_bytes, parse_index};
 use crate::registry::{Digest, Error, Reference, RepoName, Result};
 

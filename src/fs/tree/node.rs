@@ -5,9 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::images::{View, ViewRoot};
-use super::oci_layout::OciPath;
-use super::referrers::RefPath;
+use crate::fs::images::trees::{View, ViewRoot};
+use crate::fs::tree::oci_layout::OciPath;
+use crate::fs::view::referrers::RefPath;
 use crate::registry::{Digest, RepoName, Tag};
 
 /// The names of a repository's own directories. They shadow a child repository of the

@@ -18,11 +18,11 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared, try_join_all};
 
-use super::block_source::BlockSource;
-use super::layer_source::LayerSource;
-use super::metadata::RegistryView;
-use super::node::{self, Kind, Node};
 use crate::cache::{BlockCache, Memo};
+use crate::fs::blob::fetch::BlockSource;
+use crate::fs::images::layer_blob::LayerSource;
+use crate::fs::tree::node::{self, Kind, Node};
+use crate::fs::view::registry_view::RegistryView;
 use crate::image::codec::Codec;
 use crate::image::content::{LayerContent, PieceCache, Readers};
 use crate::image::entry::{Entry, EntryKind, Xattrs};

@@ -11,9 +11,9 @@ use std::time::Duration;
 use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
-use super::known_repos::KnownRepos;
-use super::referrers::ReferrersState;
 use crate::cache::{DiskCache, Memo};
+use crate::fs::view::known_repos::KnownRepos;
+use crate::fs::view::referrers::ReferrersState;
 use crate::registry::{
     Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result, Tag,
 };
@@ -64,7 +64,7 @@ pub struct RegistryView {
     /// Manifests by digest are kept on disk too (checked against the digest on read).
     disk: Option<DiskCache>,
     /// Referrers lists, and whether the registry has the referrers API (referrers.rs).
-    pub(super) referrers: ReferrersState,
+    pub(crate) referrers: ReferrersState,
 }
 
 impl RegistryView {
@@ -372,7 +372,7 @@ type BoxedFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Runs the futures, at most WALK_CONCURRENCY at once, and gives their outputs (in the
 /// order they finish). The futures are boxed so the compiler can see they are Send (a
 /// known limit of its inference for closures in stream adapters).
-pub(super) async fn bounded<'a, T, F>(futures: impl Iterator<Item = F>) -> Vec<T>
+pub(crate) async fn bounded<'a, T, F>(futures: impl Iterator<Item = F>) -> Vec<T>
 where
     F: Future<Output = T> + Send + 'a,
     T: 'a,

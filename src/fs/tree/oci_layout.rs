@@ -27,9 +27,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use tracing::debug;
 
-use super::metadata::{RegistryView, bounded};
-use super::node::{self, Kind, Node, OCI};
-use super::{Attr, Errno, fail};
+use crate::fs::tree::node::{self, Kind, Node, OCI};
+use crate::fs::view::registry_view::{RegistryView, bounded};
+use crate::fs::{Attr, Errno, fail};
 use crate::registry::types::media_type;
 use crate::registry::{Digest, Error, RepoName, Tag};
 
@@ -317,7 +317,7 @@ pub async fn attr(
             LAYOUT_VERSION.len() as u64,
             node::epoch(),
             0o444,
-            super::IMMUTABLE_TTL,
+            crate::fs::IMMUTABLE_TTL,
         ),
         OciPath::Index => {
             let bytes = index_json(view, repo).await?;

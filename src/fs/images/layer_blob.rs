@@ -9,10 +9,10 @@ use futures_util::future::{BoxFuture, try_join_all};
 use futures_util::stream::{self, BoxStream};
 use tracing::debug;
 
-use super::blob::join_blocks;
-use super::blob_stream::BodyCursor;
-use super::block_source::{BlobAt, BlockSource};
 use crate::cache::BlockCache;
+use crate::fs::blob::fetch::{BlobAt, BlockSource};
+use crate::fs::blob::reads::join_blocks;
+use crate::fs::blob::stream::BodyCursor;
 use crate::image::source::BlobSource;
 use crate::registry::{Digest, Error, RepoName, Result};
 

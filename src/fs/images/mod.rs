@@ -1,0 +1,2 @@
+pub mod layer_blob;
+pub mod trees;
