@@ -285,7 +285,8 @@ impl Filesystem for FuseAdapter {
         reply.statfs(0, 0, 0, 0, 0, 1 << 20, 255, 1 << 20);
     }
 
-    // Writes (DESIGN §2): files under a repository become uploads and pushes.
+    // Writes (docs/SEMANTICS.md, "Writes"): files under a repository become uploads and
+    // pushes.
 
     fn setattr(
         &self,

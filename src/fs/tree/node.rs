@@ -1,13 +1,11 @@
-//! What each path in the tree stands for (DESIGN §1), and the inode table that numbers them.
+//! What each path in the tree stands for (docs/SEMANTICS.md, "The tree"): [`Node`],
+//! and the paths of each area below a repository ([`OciPath`], [`RefPath`],
+//! [`ImagePath`]), with the names they are made of.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::fs::images::trees::{View, ViewRoot};
-use crate::fs::tree::oci_layout::OciPath;
-use crate::fs::view::referrers::RefPath;
+use crate::fs::attr::Kind;
 use crate::registry::{Digest, RepoName, Tag};
 
 /// The names of a repository's own directories. They shadow a child repository of the
@@ -22,16 +20,25 @@ pub const MANIFEST_JSON: &str = "manifest.json";
 /// it never hides one.
 pub const CONTROL: &str = ".regfs";
 pub const STATS: &str = "stats";
-/// Views of image contents (DESIGN §7). They open by name and are never listed, so
-/// `grep -r`, `find` and `rsync -a` of a repository see its objects once, not every
-/// image unpacked again. A dot cannot start a repository name, so they hide none.
+/// An image's files (docs/SEMANTICS.md, "Image contents"). They open by name and are
+/// never listed, so `grep -r`, `find` and `rsync -a` of a repository see its objects
+/// once, not every image unpacked again. A dot cannot start a repository name, so they
+/// hide none.
 pub const IMAGES: &str = ".images";
 pub const LAYERS: &str = ".layers";
 pub const ROOTFS: &str = "rootfs";
 /// The repository as an OCI image layout (oci_layout.rs), and the referrers of its
-/// manifests (referrers.rs): views too, opened by name only.
+/// manifests (referrers.rs): opened by name only too.
 pub const OCI: &str = ".oci";
 pub const REFERRERS: &str = ".referrers";
+/// Names inside `.oci/`.
+pub const OCI_LAYOUT: &str = "oci-layout";
+pub const OCI_INDEX_JSON: &str = "index.json";
+pub const OCI_BLOBS: &str = "blobs";
+/// The referrers index in `.referrers/<digest>/`.
+pub const REFERRERS_INDEX_JSON: &str = "index.json";
+/// Digest algorithms a layout can hold a directory for.
+pub const ALGORITHMS: [&str; 2] = ["sha256", "sha512"];
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Node {
@@ -53,33 +60,86 @@ pub enum Node {
     /// A temp file in a writable directory (rsync's `.name.XXXXXX`), waiting for the
     /// rename onto its final name.
     Scratch(Box<Node>, String),
-    /// `/.regfs`, regfs's own files.
-    Control,
-    /// `/.regfs/stats`: counters as JSON, made fresh at every open.
-    Stats,
-    /// `<repo>/.images`: image manifests by digest (not listed).
-    ImagesDir(RepoName),
-    /// `<repo>/.images/<digest>`: holds that image's `rootfs`.
-    ImageDir(RepoName, Digest),
-    /// `<repo>/.layers`: layers by digest (not listed).
-    LayersDir(RepoName),
-    /// A file or directory inside an image view: node `id` of the view's tree, and its
-    /// kind (fixed for a given view and id: trees are built the same way every time).
-    InImage(Arc<View>, u32, Kind),
+    /// `/.regfs` and its files (control.rs).
+    Control(ControlPath),
+    /// `.images/`, `.layers/` and the files of images (images.rs).
+    Image(ImagePath),
     /// Under `<repo>/.oci` (see oci_layout.rs).
     Oci(RepoName, OciPath),
     /// Under `<repo>/.referrers` (see referrers.rs).
     Referrers(RepoName, RefPath),
 }
 
+/// Where in `/.regfs` a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
+pub enum ControlPath {
+    /// `/.regfs`, regfs's own files.
     Dir,
-    File,
-    Symlink,
-    CharDev,
-    BlockDev,
-    Fifo,
+    /// `/.regfs/stats`: counters as JSON, made fresh at every open.
+    Stats,
+}
+
+/// Where among a repository's image files a node is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ImagePath {
+    /// `<repo>/.images`: image manifests by digest (not listed).
+    ImagesDir(RepoName),
+    /// `<repo>/.images/<digest>`: holds that image's `rootfs`.
+    ImageDir(RepoName, Digest),
+    /// `<repo>/.layers`: layers by digest (not listed).
+    LayersDir(RepoName),
+    /// A file or directory of an image: node `id` of its tree, and its kind (fixed for
+    /// a given root and id: trees are built the same way every time).
+    Inside(Arc<ImageRoot>, u32, Kind),
+}
+
+/// The root of an image's files: where it is reached from and what it shows.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageRoot {
+    pub repo: RepoName,
+    pub of: RootOf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RootOf {
+    /// `tags/<tag>/rootfs`: the manifest (image or index) the tag named at lookup.
+    Tag(Tag, Digest),
+    /// `.images/<digest>/rootfs`.
+    Image(Digest),
+    /// `.layers/<digest>`.
+    Layer(Digest),
+}
+
+/// Where in `.oci/` a node is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum OciPath {
+    Root,
+    Layout,
+    Index,
+    Blobs,
+    /// `blobs/<alg>/`.
+    Algorithm(&'static str),
+    /// `blobs/<alg>/<hex>`: a manifest or a blob of the repository.
+    Object(Digest, Object),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Object {
+    Manifest,
+    Blob,
+}
+
+/// Where in `.referrers/` a node is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RefPath {
+    /// `.referrers` itself: lists nothing, opens any digest.
+    Root,
+    /// `.referrers/<subject>/`.
+    Subject(Digest),
+    /// `.referrers/<subject>/index.json`.
+    Index(Digest),
+    /// `.referrers/<subject>/<digest>`: a symlink to the referrer's manifest.
+    Link(Digest, Digest),
 }
 
 impl Node {
@@ -94,13 +154,19 @@ impl Node {
             | Node::Blob(..)
             | Node::Upload(..)
             | Node::Scratch(..)
-            | Node::Stats => Kind::File,
+            | Node::Control(ControlPath::Stats) => Kind::File,
             Node::UploadLink(..) => Kind::Symlink,
-            Node::InImage(_, _, kind) => *kind,
+            Node::Image(ImagePath::Inside(_, _, kind)) => *kind,
             Node::Oci(_, p) => p.kind(),
             Node::Referrers(_, p) => p.kind(),
             _ => Kind::Dir,
         }
+    }
+
+    /// Whether the node is in an area that is read-only whatever the mount: an image's
+    /// files, `.oci/` and `.referrers/`.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Node::Image(_) | Node::Oci(..) | Node::Referrers(..))
     }
 
     /// The directory that holds this node (the root is its own parent).
@@ -115,14 +181,105 @@ impl Node {
             Node::Blob(r, _) => Node::Blobs(r.clone()),
             Node::Upload(r, _) | Node::UploadLink(r, _) => Node::Uploads(r.clone()),
             Node::Scratch(dir, _) => (**dir).clone(),
-            Node::Control => Node::root(),
-            Node::Stats => Node::Control,
-            Node::ImagesDir(r) | Node::LayersDir(r) => repo_dir(r),
-            Node::ImageDir(r, _) => Node::ImagesDir(r.clone()),
-            // Only a view's root has its parent here; the tree knows the others'.
-            Node::InImage(view, _, _) => view.holder(),
+            Node::Control(ControlPath::Dir) => Node::root(),
+            Node::Control(ControlPath::Stats) => Node::Control(ControlPath::Dir),
+            Node::Image(p) => p.parent(),
             Node::Oci(r, p) => p.parent(r),
             Node::Referrers(r, p) => p.parent(r),
+        }
+    }
+}
+
+impl ImagePath {
+    fn parent(&self) -> Node {
+        let at = Node::Image;
+        match self {
+            ImagePath::ImagesDir(r) | ImagePath::LayersDir(r) => Node::Dir(r.as_str().to_owned()),
+            ImagePath::ImageDir(r, _) => at(ImagePath::ImagesDir(r.clone())),
+            // Only a root has its parent here; the image's tree knows the others'.
+            ImagePath::Inside(root, _, _) => root.holder(),
+        }
+    }
+}
+
+impl ImageRoot {
+    /// The directory the root is in.
+    pub fn holder(&self) -> Node {
+        let repo = self.repo.clone();
+        match &self.of {
+            RootOf::Tag(t, _) => Node::TagDir(repo, t.clone()),
+            RootOf::Image(d) => Node::Image(ImagePath::ImageDir(repo, d.clone())),
+            RootOf::Layer(_) => Node::Image(ImagePath::LayersDir(repo)),
+        }
+    }
+}
+
+impl OciPath {
+    pub fn kind(&self) -> Kind {
+        match self {
+            OciPath::Root | OciPath::Blobs | OciPath::Algorithm(_) => Kind::Dir,
+            OciPath::Layout | OciPath::Index | OciPath::Object(..) => Kind::File,
+        }
+    }
+
+    fn parent(&self, repo: &RepoName) -> Node {
+        let at = |p| Node::Oci(repo.clone(), p);
+        match self {
+            OciPath::Root => Node::Dir(repo.as_str().to_owned()),
+            OciPath::Layout | OciPath::Index | OciPath::Blobs => at(OciPath::Root),
+            OciPath::Algorithm(_) => at(OciPath::Blobs),
+            OciPath::Object(d, _) => at(OciPath::Algorithm(algorithm(d))),
+        }
+    }
+
+    /// The path below the repository, for log lines.
+    fn show(&self) -> String {
+        match self {
+            OciPath::Root => OCI.to_owned(),
+            OciPath::Layout => format!("{OCI}/{OCI_LAYOUT}"),
+            OciPath::Index => format!("{OCI}/{OCI_INDEX_JSON}"),
+            OciPath::Blobs => format!("{OCI}/{OCI_BLOBS}"),
+            OciPath::Algorithm(a) => format!("{OCI}/{OCI_BLOBS}/{a}"),
+            OciPath::Object(d, _) => {
+                format!("{OCI}/{OCI_BLOBS}/{}/{}", d.algorithm(), d.encoded())
+            }
+        }
+    }
+}
+
+/// The directory name of a digest's algorithm (one of [`ALGORITHMS`]).
+pub fn algorithm(d: &Digest) -> &'static str {
+    ALGORITHMS
+        .into_iter()
+        .find(|a| *a == d.algorithm())
+        .unwrap_or(ALGORITHMS[0])
+}
+
+impl RefPath {
+    pub fn kind(&self) -> Kind {
+        match self {
+            RefPath::Root | RefPath::Subject(_) => Kind::Dir,
+            RefPath::Index(_) => Kind::File,
+            RefPath::Link(..) => Kind::Symlink,
+        }
+    }
+
+    fn parent(&self, repo: &RepoName) -> Node {
+        let at = |p| Node::Referrers(repo.clone(), p);
+        match self {
+            RefPath::Root => Node::Dir(repo.as_str().to_owned()),
+            RefPath::Subject(_) => at(RefPath::Root),
+            RefPath::Index(s) | RefPath::Link(s, _) => at(RefPath::Subject(s.clone())),
+        }
+    }
+
+    /// The path below the repository, for log lines.
+    fn show(&self) -> String {
+        match self {
+            RefPath::Root => REFERRERS.to_owned(),
+            RefPath::Subject(s) => format!("{REFERRERS}/{s}"),
+            RefPath::Index(s) => format!("{REFERRERS}/{s}/{REFERRERS_INDEX_JSON}"),
+            RefPath::Link(s, d) => format!("{REFERRERS}/{s}/{d}"),
         }
     }
 }
@@ -144,21 +301,29 @@ impl fmt::Display for Node {
                 write!(f, "/{r}/{UPLOADS}/{name}")
             }
             Node::Scratch(dir, name) => write!(f, "{dir}/{name}"),
-            Node::Control => write!(f, "/{CONTROL}"),
-            Node::Stats => write!(f, "/{CONTROL}/{STATS}"),
-            Node::ImagesDir(r) => write!(f, "/{r}/{IMAGES}"),
-            Node::ImageDir(r, d) => write!(f, "/{r}/{IMAGES}/{d}"),
-            Node::LayersDir(r) => write!(f, "/{r}/{LAYERS}"),
+            Node::Control(ControlPath::Dir) => write!(f, "/{CONTROL}"),
+            Node::Control(ControlPath::Stats) => write!(f, "/{CONTROL}/{STATS}"),
+            Node::Image(p) => write!(f, "{p}"),
             Node::Oci(r, p) => write!(f, "/{r}/{}", p.show()),
             Node::Referrers(r, p) => write!(f, "/{r}/{}", p.show()),
-            Node::InImage(view, id, _) => {
-                let r = &view.repo;
-                match &view.root {
-                    ViewRoot::Tag(t, _) => write!(f, "/{r}/{TAGS}/{t}/{ROOTFS}")?,
-                    ViewRoot::Image(d) => write!(f, "/{r}/{IMAGES}/{d}/{ROOTFS}")?,
-                    ViewRoot::Layer(d) => write!(f, "/{r}/{LAYERS}/{d}")?,
+        }
+    }
+}
+
+impl fmt::Display for ImagePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImagePath::ImagesDir(r) => write!(f, "/{r}/{IMAGES}"),
+            ImagePath::ImageDir(r, d) => write!(f, "/{r}/{IMAGES}/{d}"),
+            ImagePath::LayersDir(r) => write!(f, "/{r}/{LAYERS}"),
+            ImagePath::Inside(root, id, _) => {
+                let r = &root.repo;
+                match &root.of {
+                    RootOf::Tag(t, _) => write!(f, "/{r}/{TAGS}/{t}/{ROOTFS}")?,
+                    RootOf::Image(d) => write!(f, "/{r}/{IMAGES}/{d}/{ROOTFS}")?,
+                    RootOf::Layer(d) => write!(f, "/{r}/{LAYERS}/{d}")?,
                 }
-                // Paths inside a view are not kept (hardlinks have several).
+                // Paths inside an image are not kept (hardlinks have several).
                 if *id != 0 {
                     write!(f, " (node {id})")
                 } else {
@@ -166,67 +331,6 @@ impl fmt::Display for Node {
                 }
             }
         }
-    }
-}
-
-/// Directories, and anything without content of its own, carry this time.
-pub fn epoch() -> SystemTime {
-    // 2000-01-01T00:00:00Z: a fixed, plausible date, the same on every mount.
-    UNIX_EPOCH + Duration::from_secs(946_684_800)
-}
-
-/// The mtime of content with this digest: the same on every mount (so rsync's
-/// size+mtime check sees nothing changed), and different for different content (so a
-/// tag that moves gets a new mtime). Derived from 28 bits of the digest: a date between
-/// 2000 and 2008, with the nanoseconds from 30 more bits.
-pub fn content_mtime(digest: &Digest) -> SystemTime {
-    let hex = digest.encoded();
-    let bits = |range: std::ops::Range<usize>| {
-        hex.get(range)
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .unwrap_or(0)
-    };
-    let secs = bits(0..7); // 28 bits
-    let nanos = (bits(7..15) % 1_000_000_000) as u32;
-    epoch() + Duration::new(secs, nanos)
-}
-
-/// Numbers nodes. A node keeps its number for the life of the mount, so the kernel's
-/// cached entries always mean the same thing.
-pub struct InodeTable {
-    by_node: HashMap<Node, u64>,
-    by_ino: HashMap<u64, Node>,
-    next: u64,
-}
-
-pub const ROOT_INO: u64 = 1;
-
-impl Default for InodeTable {
-    fn default() -> Self {
-        let mut table = InodeTable {
-            by_node: HashMap::new(),
-            by_ino: HashMap::new(),
-            next: ROOT_INO,
-        };
-        table.ino_of(&Node::root());
-        table
-    }
-}
-
-impl InodeTable {
-    pub fn ino_of(&mut self, node: &Node) -> u64 {
-        if let Some(&ino) = self.by_node.get(node) {
-            return ino;
-        }
-        let ino = self.next;
-        self.next += 1;
-        self.by_node.insert(node.clone(), ino);
-        self.by_ino.insert(ino, node.clone());
-        ino
-    }
-
-    pub fn node(&self, ino: u64) -> Option<&Node> {
-        self.by_ino.get(&ino)
     }
 }
 
@@ -249,25 +353,5 @@ mod tests {
             Node::TagDir(repo.clone(), tag)
         );
         assert_eq!(Node::Blobs(repo).parent(), Node::Dir("team/app".into()));
-    }
-
-    #[test]
-    fn mtimes_are_stable_and_differ() {
-        let a = Digest::sha256_of(b"a");
-        let b = Digest::sha256_of(b"b");
-        assert_eq!(content_mtime(&a), content_mtime(&a.clone()));
-        assert_ne!(content_mtime(&a), content_mtime(&b));
-        assert!(content_mtime(&a) >= epoch());
-    }
-
-    #[test]
-    fn inodes_are_stable() {
-        let mut t = InodeTable::default();
-        assert_eq!(t.ino_of(&Node::root()), ROOT_INO);
-        let n = Node::Dir("x".into());
-        let i = t.ino_of(&n);
-        assert_eq!(t.ino_of(&n), i);
-        assert_eq!(t.node(i), Some(&n));
-        assert_ne!(i, ROOT_INO);
     }
 }

@@ -1,14 +1,10 @@
-//! Referrers in the tree (DESIGN §2): `<repo>/.referrers/<digest>/` holds a symlink
-//! per manifest whose `subject` is `<digest>` (to `../../manifests/<d>`), and
-//! `index.json`, the referrers index as the API gives it, where each descriptor's
-//! `artifactType` and `annotations` say what the referrer is.
-//!
-//! The list comes from `GET /v2/<name>/referrers/<digest>`, or, where the registry has
-//! no such API (it answers 404, as distribution 2.8 does), from the referrers tag
-//! schema: the index tagged `sha256-<hex>`. Whether the registry has the API is learnt
-//! from its first answer and kept for the mount. Pushing a manifest with a `subject`
-//! through the mount adds it to that index, and deleting one removes it, as oras-go
-//! does, so a registry without the API finds them just the same.
+//! The referrers of manifests (docs/SEMANTICS.md, "Referrers"): the list for a subject
+//! comes from `GET /v2/<name>/referrers/<digest>`, or, where the registry has no such
+//! API (it answers 404, as distribution 2.8 does), from the referrers tag schema: the
+//! index tagged `sha256-<hex>`. Whether the registry has the API is learnt from its
+//! first answer and kept for the mount. Pushing a manifest with a `subject` through the
+//! mount adds it to that index, and deleting one removes it, as oras-go does, so a
+//! registry without the API finds them just the same.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -17,59 +13,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use super::bounds::bounded;
+use super::objects::Objects;
 use crate::cache::Memo;
-use crate::fs::tree::node::{self, Kind, MANIFESTS, Node, REFERRERS};
-use crate::fs::view::registry_view::{RegistryView, bounded};
-use crate::fs::{Attr, Errno, fail};
 use crate::registry::referrers::{Referrer, describe, fallback_tag, index_bytes, parse_index};
-use crate::registry::{Digest, Error, Reference, RepoName, Result};
+use crate::registry::{Digest, Error, Reference, RegistryClient, RepoName, Result, Tag};
 
-/// The referrers index in `.referrers/<digest>/`.
-pub const INDEX_JSON: &str = "index.json";
 /// Referrers lists kept (each is a few descriptors).
 const KEPT_LISTS: usize = 4096;
-
-/// Where in `.referrers/` a node is.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum RefPath {
-    /// `.referrers` itself: lists nothing, opens any digest.
-    Root,
-    /// `.referrers/<subject>/`.
-    Subject(Digest),
-    /// `.referrers/<subject>/index.json`.
-    Index(Digest),
-    /// `.referrers/<subject>/<digest>`: a symlink to the referrer's manifest.
-    Link(Digest, Digest),
-}
-
-impl RefPath {
-    pub fn kind(&self) -> Kind {
-        match self {
-            RefPath::Root | RefPath::Subject(_) => Kind::Dir,
-            RefPath::Index(_) => Kind::File,
-            RefPath::Link(..) => Kind::Symlink,
-        }
-    }
-
-    pub fn parent(&self, repo: &RepoName) -> Node {
-        let at = |p| Node::Referrers(repo.clone(), p);
-        match self {
-            RefPath::Root => Node::Dir(repo.as_str().to_owned()),
-            RefPath::Subject(_) => at(RefPath::Root),
-            RefPath::Index(s) | RefPath::Link(s, _) => at(RefPath::Subject(s.clone())),
-        }
-    }
-
-    /// The path below the repository, for log lines.
-    pub fn show(&self) -> String {
-        match self {
-            RefPath::Root => REFERRERS.to_owned(),
-            RefPath::Subject(s) => format!("{REFERRERS}/{s}"),
-            RefPath::Index(s) => format!("{REFERRERS}/{s}/{INDEX_JSON}"),
-            RefPath::Link(s, d) => format!("{REFERRERS}/{s}/{d}"),
-        }
-    }
-}
 
 /// Whether the registry has the referrers API, as far as it has said.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,7 +31,8 @@ enum Api {
 }
 
 /// What the registry view keeps of referrers: the lists, and whether the API exists.
-pub struct ReferrersState {
+pub struct Referrers {
+    client: RegistryClient,
     api: AtomicU8,
     lists: Memo<(RepoName, Digest), Arc<Vec<Referrer>>>,
     /// Held across each read-change-push of a fallback index: two pushes at once
@@ -89,9 +41,10 @@ pub struct ReferrersState {
     fallback_updates: tokio::sync::Mutex<()>,
 }
 
-impl ReferrersState {
-    pub fn new(ttl: Duration) -> ReferrersState {
-        ReferrersState {
+impl Referrers {
+    pub fn new(client: RegistryClient, ttl: Duration) -> Referrers {
+        Referrers {
+            client,
             api: AtomicU8::new(Api::Unknown as u8),
             lists: Memo::new(KEPT_LISTS, Some(ttl)).keeping_failures(Error::is_transient),
             fallback_updates: tokio::sync::Mutex::new(()),
@@ -119,52 +72,45 @@ impl ReferrersState {
             );
         }
     }
-}
 
-impl RegistryView {
     /// The referrers of `subject` in `repo`, as of at most `--tag-ttl` ago.
-    pub async fn referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Arc<Vec<Referrer>>> {
+    pub async fn list(
+        &self,
+        objects: &Objects,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Arc<Vec<Referrer>>> {
         let key = (repo.clone(), subject.clone());
-        self.referrers
-            .lists
+        self.lists
             .get_or_fetch(&key, || async {
-                if self.referrers.api() != Api::Missing {
-                    match self.client().referrers(repo, subject).await? {
+                if self.api() != Api::Missing {
+                    match self.client.referrers(repo, subject).await? {
                         Some(list) => {
-                            self.referrers.learn(true);
+                            self.learn(true);
                             return Ok(Arc::new(list));
                         }
-                        None => self.referrers.learn(false),
+                        None => self.learn(false),
                     }
                 }
-                self.fallback_referrers(repo, subject).await.map(Arc::new)
+                fallback_referrers(objects, repo, subject)
+                    .await
+                    .map(Arc::new)
             })
             .await
     }
 
-    /// The referrers the fallback tag of `subject` lists (none if there is no tag).
-    async fn fallback_referrers(&self, repo: &RepoName, subject: &Digest) -> Result<Vec<Referrer>> {
-        let Some(tag) = fallback_tag(subject) else {
-            return Ok(Vec::new());
-        };
-        match self.tag_manifest(repo, &tag).await {
-            Ok(index) => parse_index(&index.bytes)
-                .map_err(|e| Error::BadAnswer(format!("{repo}:{tag}: {e}"))),
-            Err(Error::NotFound(_)) => Ok(Vec::new()),
-            Err(e) => Err(e),
-        }
-    }
-
     /// Whether the registry has the referrers API, asking about `subject` if that is
     /// not known yet.
-    async fn has_referrers_api(&self, repo: &RepoName, subject: &Digest) -> Result<bool> {
-        if self.referrers.api() == Api::Unknown {
-            self.referrers
-                .lists
-                .forget(&(repo.clone(), subject.clone()));
-            self.referrers(repo, subject).await?;
+    async fn has_api(&self, objects: &Objects, repo: &RepoName, subject: &Digest) -> Result<bool> {
+        if self.api() == Api::Unknown {
+            self.forget(repo, subject);
+            self.list(objects, repo, subject).await?;
         }
-        Ok(self.referrers.api() == Api::Offered)
+        Ok(self.api() == Api::Offered)
+    }
+
+    fn forget(&self, repo: &RepoName, subject: &Digest) {
+        self.lists.forget(&(repo.clone(), subject.clone()));
     }
 
     /// The referrers of `digests` that the API lists, for the walk of a repository; a
@@ -172,16 +118,17 @@ impl RegistryView {
     /// tags, so this asks nothing of it.
     pub async fn api_referrers(
         &self,
+        objects: &Objects,
         repo: &RepoName,
         digests: &[Digest],
     ) -> Result<Vec<Referrer>> {
         let Some(first) = digests.first() else {
             return Ok(Vec::new());
         };
-        if !self.has_referrers_api(repo, first).await? {
+        if !self.has_api(objects, repo, first).await? {
             return Ok(Vec::new());
         }
-        let lists = bounded(digests.iter().map(|d| self.referrers(repo, d))).await;
+        let lists = bounded(digests.iter().map(|d| self.list(objects, repo, d))).await;
         let mut all = Vec::new();
         for list in lists {
             match list {
@@ -196,61 +143,68 @@ impl RegistryView {
 
     /// After a push of manifest `body` (`digest`) into `repo`: one with a `subject` is
     /// added to its subject's fallback index where the registry lacks the API.
-    pub async fn add_referrer(&self, repo: &RepoName, body: &[u8], digest: &Digest) -> Result<()> {
+    /// `pushed` is told of the fallback tag when it was pushed.
+    pub async fn add(
+        &self,
+        objects: &Objects,
+        repo: &RepoName,
+        (body, digest): (&[u8], &Digest),
+        pushed: impl FnOnce(&Tag),
+    ) -> Result<()> {
         let Some((subject, referrer)) = describe(body, digest) else {
             return Ok(());
         };
-        if self.has_referrers_api(repo, &subject).await? {
-            self.referrers.lists.forget(&(repo.clone(), subject));
+        if self.has_api(objects, repo, &subject).await? {
+            self.forget(repo, &subject);
             return Ok(());
         }
-        self.update_fallback(repo, &subject, |list| {
+        let change = |list: &mut Vec<Referrer>| {
             if list.iter().any(|r| r.digest == referrer.digest) {
                 return false;
             }
             list.push(referrer);
             true
-        })
-        .await
+        };
+        self.update_fallback(repo, &subject, change, pushed).await
     }
 
     /// After the delete of referrer `digest` of `subject`: it leaves the fallback index.
     /// (The old index stays in the registry, untagged, for its garbage collection:
     /// deleting it by digest could take another tag with the same bytes along.)
-    pub async fn remove_referrer(
+    pub async fn remove(
         &self,
+        objects: &Objects,
         repo: &RepoName,
-        subject: &Digest,
-        digest: &Digest,
+        (subject, digest): (&Digest, &Digest),
+        pushed: impl FnOnce(&Tag),
     ) -> Result<()> {
-        if self.has_referrers_api(repo, subject).await? {
-            self.referrers
-                .lists
-                .forget(&(repo.clone(), subject.clone()));
+        if self.has_api(objects, repo, subject).await? {
+            self.forget(repo, subject);
             return Ok(());
         }
-        self.update_fallback(repo, subject, |list| {
+        let change = |list: &mut Vec<Referrer>| {
             let before = list.len();
             list.retain(|r| r.digest != *digest);
             list.len() != before
-        })
-        .await
+        };
+        self.update_fallback(repo, subject, change, pushed).await
     }
 
     /// Reads the fallback index of `subject` afresh, applies `change`, and pushes the
-    /// result if `change` says it changed anything.
+    /// result if `change` says it changed anything (telling `pushed`).
     async fn update_fallback(
         &self,
         repo: &RepoName,
         subject: &Digest,
         change: impl FnOnce(&mut Vec<Referrer>) -> bool,
+        pushed: impl FnOnce(&Tag),
     ) -> Result<()> {
         let Some(tag) = fallback_tag(subject) else {
             return Ok(());
         };
-        let _one_at_a_time = self.referrers.fallback_updates.lock().await;
+        let _one_at_a_time = self.fallback_updates.lock().await;
         let reference = Reference::Tag(tag.clone());
-        let mut list = match self.client().get_manifest(repo, &reference).await {
+        let mut list = match self.client.get_manifest(repo, &reference).await {
             Ok(index) => parse_index(&index.bytes)
                 .map_err(|e| Error::BadAnswer(format!("{repo}:{tag}: {e}")))?,
             Err(Error::NotFound(_)) => Vec::new(),
@@ -259,110 +213,30 @@ impl RegistryView {
         if !change(&mut list) {
             return Ok(());
         }
-        self.client()
+        self.client
             .put_manifest(repo, &reference, Bytes::from(index_bytes(&list)))
             .await?;
         info!(%repo, %subject, referrers = list.len(), "referrers tag {tag} updated");
-        self.pushed(repo, Some(&tag));
-        self.referrers
-            .lists
-            .forget(&(repo.clone(), subject.clone()));
+        pushed(&tag);
+        self.forget(repo, subject);
         Ok(())
     }
 }
 
-/// The node called `name` in `.referrers` directory `path`.
-pub async fn child(
-    view: &RegistryView,
-    repo: &RepoName,
-    path: &RefPath,
-    name: &str,
-) -> std::result::Result<Node, Errno> {
-    let at = |p| Node::Referrers(repo.clone(), p);
-    match path {
-        RefPath::Root => Digest::parse(name)
-            .map(|d| at(RefPath::Subject(d)))
-            .ok_or(Errno::ENOENT),
-        RefPath::Subject(s) if name == INDEX_JSON => Ok(at(RefPath::Index(s.clone()))),
-        RefPath::Subject(s) => {
-            let digest = Digest::parse(name).ok_or(Errno::ENOENT)?;
-            let node = at(RefPath::Link(s.clone(), digest.clone()));
-            let list = view.referrers(repo, s).await.map_err(|e| fail(&node, e))?;
-            if list.iter().any(|r| r.digest == digest) {
-                Ok(node)
-            } else {
-                Err(Errno::ENOENT)
-            }
-        }
-        RefPath::Index(_) | RefPath::Link(..) => Err(Errno::ENOTDIR),
-    }
-}
-
-/// The entries of `.referrers` directory `path`.
-pub async fn children(
-    view: &RegistryView,
-    repo: &RepoName,
-    path: &RefPath,
-) -> std::result::Result<Vec<(String, Node)>, Errno> {
-    let at = |p| Node::Referrers(repo.clone(), p);
-    match path {
-        // Any digest opens; listing them all would mean asking about every manifest.
-        RefPath::Root => Ok(Vec::new()),
-        RefPath::Subject(s) => {
-            let node = at(path.clone());
-            let list = view.referrers(repo, s).await.map_err(|e| fail(&node, e))?;
-            let mut out = vec![(INDEX_JSON.to_owned(), at(RefPath::Index(s.clone())))];
-            out.extend(list.iter().map(|r| {
-                (
-                    r.digest.to_string(),
-                    at(RefPath::Link(s.clone(), r.digest.clone())),
-                )
-            }));
-            Ok(out)
-        }
-        RefPath::Index(_) | RefPath::Link(..) => Err(Errno::ENOTDIR),
-    }
-}
-
-/// The bytes of `.referrers/<subject>/index.json`.
-pub async fn index_json(
-    view: &RegistryView,
+/// The referrers the fallback tag of `subject` lists (none if there is no tag).
+async fn fallback_referrers(
+    objects: &Objects,
     repo: &RepoName,
     subject: &Digest,
-) -> std::result::Result<Bytes, Errno> {
-    let node = Node::Referrers(repo.clone(), RefPath::Index(subject.clone()));
-    let list = view
-        .referrers(repo, subject)
-        .await
-        .map_err(|e| fail(&node, e))?;
-    Ok(Bytes::from(index_bytes(&list)))
-}
-
-/// Where `.referrers/<subject>/<digest>` points.
-pub fn link_target(digest: &Digest) -> String {
-    format!("../../{MANIFESTS}/{digest}")
-}
-
-/// The attributes of a `.referrers` node (`ttl`: the mount's `--tag-ttl`; lists change).
-pub async fn attr(
-    view: &RegistryView,
-    repo: &RepoName,
-    path: &RefPath,
-    ino: u64,
-    ttl: Duration,
-) -> std::result::Result<Attr, Errno> {
-    Ok(match path {
-        RefPath::Root | RefPath::Subject(_) => {
-            Attr::plain(ino, Kind::Dir, 0, node::epoch(), 0o555, ttl)
+) -> Result<Vec<Referrer>> {
+    let Some(tag) = fallback_tag(subject) else {
+        return Ok(Vec::new());
+    };
+    match objects.tag_manifest(repo, &tag).await {
+        Ok(index) => {
+            parse_index(&index.bytes).map_err(|e| Error::BadAnswer(format!("{repo}:{tag}: {e}")))
         }
-        RefPath::Index(s) => {
-            let bytes = index_json(view, repo, s).await?;
-            let mtime = node::content_mtime(&Digest::sha256_of(&bytes));
-            Attr::plain(ino, Kind::File, bytes.len() as u64, mtime, 0o444, ttl)
-        }
-        RefPath::Link(_, d) => {
-            let size = link_target(d).len() as u64;
-            Attr::plain(ino, Kind::Symlink, size, node::content_mtime(d), 0o777, ttl)
-        }
-    })
+        Err(Error::NotFound(_)) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
