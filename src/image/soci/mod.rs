@@ -1,0 +1,13 @@
+//! AWS SOCI indexes (ARCHITECTURE.md, src/image/soci/): the formats only, as a
+//! library; finding indexes through referrers, serving files from them and publishing
+//! them are built on top.
+//!
+//! - [`flatbuf`]: the FlatBuffers layout the zTOC uses, read and written by hand;
+//! - [`ztoc`]: a zTOC (files, span digests, checkpoints), decoded and encoded;
+//! - [`zinfo`]: the checkpoints inside it (SOCI's `gzip_zinfo` blob, or `TarZinfo`);
+//! - [`mtime`]: its `mod_time` text;
+
+pub mod flatbuf;
+pub mod mtime;
+pub mod zinfo;
+pub mod ztoc;
