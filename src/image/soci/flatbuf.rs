@@ -29,7 +29,7 @@ fn bad<T>(what: impl fmt::Display) -> FbResult<T> {
 }
 
 /// `N` bytes of `buf` at `pos`, or an error naming `what`.
-fn bytes_at<'a, const N: usize>(buf: &'a [u8], pos: usize, what: &str) -> FbResult<[u8; N]> {
+fn bytes_at<const N: usize>(buf: &[u8], pos: usize, what: &str) -> FbResult<[u8; N]> {
     pos.checked_add(N)
         .and_then(|end| buf.get(pos..end))
         .and_then(|b| b.try_into().ok())
@@ -208,6 +208,10 @@ impl<'a> Vector<'a> {
 
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     fn raw(&self) -> &'a [u8] {

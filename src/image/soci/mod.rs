@@ -6,8 +6,17 @@
 //! - [`ztoc`]: a zTOC (files, span digests, checkpoints), decoded and encoded;
 //! - [`zinfo`]: the checkpoints inside it (SOCI's `gzip_zinfo` blob, or `TarZinfo`);
 //! - [`mtime`]: its `mod_time` text;
+//! - [`spans`]: span digests as SOCI defines them, from a whole blob or streaming;
+//! - [`layer`]: a zTOC as regfs entries, checkpoints and spans, and back;
+//! - [`header`]: the check of a file's tar header before its bytes are served;
 
 pub mod flatbuf;
+pub mod header;
+pub mod layer;
 pub mod mtime;
+pub mod spans;
 pub mod zinfo;
 pub mod ztoc;
+
+#[cfg(test)]
+mod tests;

@@ -10,6 +10,7 @@
 use super::flatbuf::{Builder, FbError, Offset, Table};
 use super::mtime;
 use super::zinfo::{GzipZinfo, TarZinfo};
+use crate::image::entry::Xattrs;
 
 /// The only zTOC version there is.
 pub const VERSION: &str = "0.9";
@@ -88,7 +89,7 @@ pub struct FileMetadata {
     pub devminor: u32,
     /// Every PAX record of the entry, sorted by key (xattrs are the `SCHILY.xattr.`
     /// ones).
-    pub pax: Vec<(Box<[u8]>, Box<[u8]>)>,
+    pub pax: Xattrs,
 }
 
 /// How to decode the layer from a checkpoint.
@@ -335,7 +336,7 @@ fn decode_file(t: &Table<'_>) -> Result<FileMetadata, String> {
     })
 }
 
-fn decode_pax(t: &Table<'_>) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>, String> {
+fn decode_pax(t: &Table<'_>) -> Result<Xattrs, String> {
     let Some(list) = t.vector(slot::FM_XATTRS).map_err(|e| e.to_string())? else {
         return Ok(Vec::new());
     };
