@@ -9,7 +9,9 @@
 //! - [`spans`]: span digests as SOCI defines them, from a whole blob or streaming;
 //! - [`layer`]: a zTOC as regfs entries, checkpoints and spans, and back;
 //! - [`header`]: the check of a file's tar header before its bytes are served;
+//! - [`artifact`]: the SOCI index manifest (v1 and v2) that lists the zTOCs.
 
+pub mod artifact;
 pub mod flatbuf;
 pub mod header;
 pub mod layer;
