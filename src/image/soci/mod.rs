@@ -21,4 +21,6 @@ pub mod zinfo;
 pub mod ztoc;
 
 #[cfg(test)]
+mod fbs_check;
+#[cfg(test)]
 mod tests;
