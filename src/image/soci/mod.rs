@@ -24,3 +24,5 @@ pub mod ztoc;
 mod fbs_check;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod umoci_check;
