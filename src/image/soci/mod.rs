@@ -23,6 +23,8 @@ pub mod ztoc;
 #[cfg(test)]
 mod fbs_check;
 #[cfg(test)]
+mod soci_fixture;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod umoci_check;
