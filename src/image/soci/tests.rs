@@ -311,3 +311,35 @@ fn an_uncompressed_layer_round_trips() {
     assert_eq!(layer.entries.len(), 3);
     assert_eq!(layer.spans.len() as u64, z.compressed_size.div_ceil(1024));
 }
+
+/// Strings shared by many tables cost their length each time they are decoded: a zTOC
+/// of a few megabytes must not decode into gigabytes.
+#[test]
+fn shared_strings_cannot_blow_up_memory() {
+    use super::flatbuf::Builder;
+    let mut b = Builder::default();
+    let name = b.string(&vec![b'x'; 1 << 20]);
+    let kind = b.string(b"reg");
+    let files: Vec<_> = (0..1000)
+        .map(|_| {
+            b.start_table();
+            b.offset(0, name);
+            b.offset(1, kind);
+            b.end_table()
+        })
+        .collect();
+    let list = b.offset_vector(&files);
+    b.start_table();
+    b.offset(0, list);
+    let toc = b.end_table();
+    let version = b.string(b"0.9");
+    b.start_table();
+    b.offset(0, version);
+    b.i64(3, 1 << 40, 0);
+    b.offset(4, toc);
+    let root = b.end_table();
+    let bytes = b.finish(root);
+    assert!(bytes.len() < 2 << 20);
+    let err = Ztoc::decode(&bytes).err().unwrap_or_default();
+    assert!(err.contains("MiB"), "{err}");
+}

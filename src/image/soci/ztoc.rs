@@ -17,6 +17,14 @@ pub const VERSION: &str = "0.9";
 /// Largest zTOC accepted: the same bound as any layer index (ARCHITECTURE.md,
 /// src/image/index.rs).
 pub const MAX_ZTOC_BYTES: usize = crate::image::index::MAX_INDEX_BYTES;
+/// Most bytes the decoded file list may hold: strings may be shared in the buffer, so
+/// a small zTOC could otherwise claim gigabytes (ARCHITECTURE.md, limits of an index).
+pub const MAX_DECODED_BYTES: usize = crate::image::index::MAX_INDEX_BYTES;
+/// Most spans a zTOC may have (32 MiB of digests).
+pub const MAX_SPANS: usize = 1 << 20;
+/// Memory counted per file and per PAX record, beyond their strings.
+const FILE_OVERHEAD: usize = std::mem::size_of::<FileMetadata>();
+const RECORD_OVERHEAD: usize = 2 * std::mem::size_of::<Box<[u8]>>();
 /// A tar block: headers start on one.
 pub const TAR_BLOCK: u64 = 512;
 
@@ -272,10 +280,11 @@ fn decode_files(toc: &Table<'_>, uncompressed_size: u64) -> Result<Vec<FileMetad
             list.len()
         ));
     }
-    let mut files = Vec::with_capacity(list.len());
+    let mut files = Vec::with_capacity(list.len().min(4096));
+    let mut budget = Budget(MAX_DECODED_BYTES);
     for i in 0..list.len() {
         let table = list.table(i).map_err(|e| format!("zTOC file {i}: {e}"))?;
-        let file = decode_file(&table).map_err(|e| format!("zTOC file {i}: {e}"))?;
+        let file = decode_file(&table, &mut budget).map_err(|e| format!("zTOC file {i}: {e}"))?;
         if file
             .offset
             .checked_add(file.size)
@@ -304,11 +313,35 @@ fn decode_files(toc: &Table<'_>, uncompressed_size: u64) -> Result<Vec<FileMetad
     Ok(files)
 }
 
-fn decode_file(t: &Table<'_>) -> Result<FileMetadata, String> {
+/// What decoding may still allocate.
+struct Budget(usize);
+
+impl Budget {
+    fn take(&mut self, n: usize) -> Result<(), String> {
+        self.0 = self.0.checked_sub(n).ok_or_else(|| {
+            format!(
+                "the file list decodes to more than {} MiB",
+                MAX_DECODED_BYTES >> 20
+            )
+        })?;
+        Ok(())
+    }
+
+    /// A string of a table, counted.
+    fn string(&mut self, t: &Table<'_>, slot: usize) -> Result<Box<[u8]>, String> {
+        let s = t
+            .string(slot)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        self.take(s.len())?;
+        Ok(s.into())
+    }
+}
+
+fn decode_file(t: &Table<'_>, budget: &mut Budget) -> Result<FileMetadata, String> {
     let e = |e: FbError| e.to_string();
-    let string = |slot| -> Result<Box<[u8]>, String> {
-        Ok(t.string(slot).map_err(e)?.unwrap_or_default().into())
-    };
+    budget.take(FILE_OVERHEAD)?;
+    let mut string = |slot| budget.string(t, slot);
     let name = string(slot::FM_NAME)?;
     let kind_name = string(slot::FM_TYPE)?;
     let kind = FileType::parse(&kind_name)
@@ -331,25 +364,23 @@ fn decode_file(t: &Table<'_>) -> Result<FileMetadata, String> {
         mtime: mtime::parse(&string(slot::FM_MOD_TIME)?)?,
         devmajor: device(slot::FM_DEVMAJOR, "devmajor")?,
         devminor: device(slot::FM_DEVMINOR, "devminor")?,
-        pax: decode_pax(t)?,
+        pax: decode_pax(t, budget)?,
         name,
     })
 }
 
-fn decode_pax(t: &Table<'_>) -> Result<Xattrs, String> {
+fn decode_pax(t: &Table<'_>, budget: &mut Budget) -> Result<Xattrs, String> {
     let Some(list) = t.vector(slot::FM_XATTRS).map_err(|e| e.to_string())? else {
         return Ok(Vec::new());
     };
-    let mut pax = Vec::with_capacity(list.len());
+    let mut pax = Vec::with_capacity(list.len().min(64));
     for i in 0..list.len() {
         let x = list.table(i).map_err(|e| e.to_string())?;
-        let get = |slot| -> Result<Box<[u8]>, String> {
-            Ok(x.string(slot)
-                .map_err(|e| e.to_string())?
-                .unwrap_or_default()
-                .into())
-        };
-        pax.push((get(slot::XATTR_KEY)?, get(slot::XATTR_VALUE)?));
+        budget.take(RECORD_OVERHEAD)?;
+        pax.push((
+            budget.string(&x, slot::XATTR_KEY)?,
+            budget.string(&x, slot::XATTR_VALUE)?,
+        ));
     }
     // Go keeps them in a map: the last of equal keys wins, order does not matter.
     pax.sort_by(|a, b| a.0.cmp(&b.0));
@@ -378,7 +409,13 @@ fn decode_compression(
         .unwrap_or_default();
     let spans = usize::try_from(max_span_id)
         .map(|m| m + 1)
-        .map_err(|_| format!("zTOC: max span id {max_span_id}"))?;
+        .ok()
+        .filter(|&n| n <= MAX_SPANS)
+        .ok_or_else(|| format!("zTOC: max span id {max_span_id}"))?;
+    let claimed = digests.map_or(0, |v| v.len());
+    if claimed != spans {
+        return Err(format!("zTOC: {claimed} span digests for {spans} spans"));
+    }
     let zinfo = match algorithm {
         ALGORITHM_GZIP => {
             let z = GzipZinfo::decode(checkpoints)?;
