@@ -165,6 +165,16 @@ impl SociIndex {
         })
     }
 
+    /// A v1 index of an image manifest's zTOCs (in layer order), as regfs publishes it.
+    pub fn v1(subject: Descriptor, ztocs: Vec<ZtocRef>, build_tool: &str) -> SociIndex {
+        SociIndex {
+            version: IndexVersion::V1,
+            ztocs,
+            subject: Some(subject),
+            build_tool: Some(build_tool.into()),
+        }
+    }
+
     /// The zTOC for a layer, if the index has one.
     pub fn ztoc_for(&self, layer: &Digest) -> Option<&ZtocRef> {
         self.ztocs.iter().find(|z| &z.layer_digest == layer)
@@ -245,6 +255,18 @@ fn ztoc_ref(d: RawDescriptor) -> Result<Option<ZtocRef>, String> {
 }
 
 impl ZtocRef {
+    /// The entry for a zTOC regfs made of a layer (publishing).
+    pub fn for_layer(layer: &Descriptor, ztoc: &[u8], span_size: u64) -> ZtocRef {
+        ZtocRef {
+            digest: Digest::sha256_of(ztoc),
+            size: ztoc.len() as u64,
+            layer_digest: layer.digest.clone(),
+            layer_media_type: layer.media_type.clone(),
+            span_size: Some(span_size),
+            disable_xattrs: false,
+        }
+    }
+
     fn annotations(&self) -> BTreeMap<String, String> {
         let mut a = BTreeMap::from([
             (
@@ -274,6 +296,12 @@ pub fn wants_ztoc(media_type: &str, size: u64, min_size: u64) -> bool {
         Codec::of_media_type(media_type),
         Some(Codec::Gzip | Codec::Tar)
     ) && size >= min_size
+}
+
+/// Whether a referrer (by its artifact type, or its config media type for registries
+/// that report none) is a v1 SOCI index; soci-snapshotter takes the first one listed.
+pub fn is_v1_referrer(artifact_type: &str) -> bool {
+    artifact_type == ARTIFACT_TYPE_V1
 }
 
 /// The v2 index an image manifest names in its annotations.
@@ -437,6 +465,20 @@ mod tests {
             1 << 30,
             DEFAULT_MIN_LAYER_SIZE
         ));
+        let layer = Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: d('b'),
+            size: 99,
+        };
+        let z = ZtocRef::for_layer(&layer, b"ztoc", DEFAULT_SPAN_SIZE);
+        assert_eq!((z.size, z.digest.clone()), (4, Digest::sha256_of(b"ztoc")));
+        let built = SociIndex::v1(
+            i.subject.clone().expect("subject"),
+            vec![z],
+            "AWS SOCI CLI v0.2",
+        );
+        assert_eq!(built.ztocs[0].layer_digest, i.ztocs[0].layer_digest);
+        assert!(is_v1_referrer(ARTIFACT_TYPE_V1) && !is_v1_referrer(ARTIFACT_TYPE_V2));
         let ann = BTreeMap::from([(ANNOTATION_INDEX_DIGEST.to_string(), d('e').to_string())]);
         assert_eq!(v2_index_of(&ann), Some(d('e')));
     }
