@@ -10,7 +10,7 @@
 /// 1 MiB read-ahead requests in flight and they can arrive in any order. Ahead, a reader
 /// not yet known to be sequential gets one kernel request (or one block) of slack, so
 /// that a single read near the start of a file is not taken for the start of a stream.
-pub(super) const REORDER_SLACK: u64 = 4 << 20;
+pub const REORDER_SLACK: u64 = 4 << 20;
 const START_SLACK: u64 = 1 << 20;
 
 /// Window state of one open file. All positions are in bytes, the window in blocks.

@@ -26,8 +26,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::block_source::{BlobAt, BlockSource};
-use super::link::{Link, StreamMeter};
+use super::blocks::BlobAt;
+use super::fetch::BlockFetcher;
+use super::link_speed::{LinkSpeed, StreamMeter};
 use crate::cache::BlockCache;
 use crate::registry::{BlobBody, Digest, Error, RegistryClient, RepoName, Result};
 
@@ -42,8 +43,9 @@ pub struct StreamPlan {
     pub lead: u64,
     /// Streams running now (this one included once it starts).
     pub running: Arc<AtomicU64>,
-    /// Judges the stream: one that is rate-bound on a distant link stops (link.rs).
-    pub link: Arc<Link>,
+    /// Judges the stream: one that is rate-bound on a distant link stops
+    /// (link_speed.rs).
+    pub link_speed: Arc<LinkSpeed>,
 }
 
 /// Counts a stream as running for as long as it lives (aborted ones included).
@@ -72,7 +74,7 @@ impl Drop for Running {
 /// stream ends when its sender is dropped.
 pub async fn stream_blocks(
     cache: Arc<BlockCache>,
-    source: BlockSource,
+    fetcher: BlockFetcher,
     plan: StreamPlan,
     mut reader_at: watch::Receiver<u64>,
     progress: watch::Sender<u64>,
@@ -85,9 +87,9 @@ pub async fn stream_blocks(
         return Ok(());
     }
     let opening = Instant::now();
-    let mut cursor = BodyCursor::open(source.client(), &plan.repo, &plan.digest, start).await?;
+    let mut cursor = BodyCursor::open(fetcher.client(), &plan.repo, &plan.digest, start).await?;
     let opened_in = opening.elapsed();
-    plan.link.opened(opened_in);
+    plan.link_speed.opened(opened_in);
     let mut meter = StreamMeter::new(opened_in, cursor.body.range_ignored());
     let mut cached_in_a_row = 0;
     for index in plan.from_block..blocks {
@@ -123,7 +125,7 @@ pub async fn stream_blocks(
         };
         cache
             .get(&key, || {
-                source.fetch_with(at, index, || async {
+                fetcher.fetch_with(at, index, || async {
                     let waiting = Instant::now();
                     let block = cursor.block(&cache, block_start, len).await;
                     meter.add(len, waiting.elapsed());
@@ -132,8 +134,8 @@ pub async fn stream_blocks(
             })
             .await?;
         progress.send_replace(index + 1);
-        if plan.link.judge(&meter) {
-            // Its reader fetches the rest in parallel (blob.rs).
+        if plan.link_speed.judge(&meter) {
+            // Its reader fetches the rest in parallel (reads.rs).
             return Ok(());
         }
     }
@@ -141,7 +143,7 @@ pub async fn stream_blocks(
 }
 
 /// Reads a body that starts at blob offset `at`, block by block.
-pub(super) struct BodyCursor {
+pub struct BodyCursor {
     body: BlobBody,
     /// The blob offset of the next byte of the body.
     at: u64,
@@ -149,7 +151,7 @@ pub(super) struct BodyCursor {
 
 impl BodyCursor {
     /// One GET of the blob from `start` to its end.
-    pub(super) async fn open(
+    pub async fn open(
         client: &RegistryClient,
         repo: &RepoName,
         digest: &Digest,
@@ -162,18 +164,13 @@ impl BodyCursor {
     }
 
     /// The blob offset of the next byte it would deliver.
-    pub(super) fn at(&self) -> u64 {
+    pub fn at(&self) -> u64 {
         self.at
     }
 
     /// The `len` bytes at blob offset `start` (at or after the cursor: any bytes before
     /// it are skipped), read into a block buffer. After an error the cursor is spent.
-    pub(super) async fn block(
-        &mut self,
-        cache: &BlockCache,
-        start: u64,
-        len: u64,
-    ) -> Result<Bytes> {
+    pub async fn block(&mut self, cache: &BlockCache, start: u64, len: u64) -> Result<Bytes> {
         let want = usize::try_from(len)
             .map_err(|_| Error::BadAnswer(format!("{}: block too large", self.body.what())))?;
         if self.at < start {

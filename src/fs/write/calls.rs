@@ -1,17 +1,23 @@
-//! The write side of [`Fs`] (DESIGN §2): create, write, close, setattr, mkdir, rename,
-//! link, symlink, unlink and rmdir, each checked against the mount's mode and the tree
-//! (image views are read-only), then handed to the upload state (write.rs) or the
-//! deleter (delete.rs).
+//! The write calls of [`Fs`] (docs/SEMANTICS.md, "Writes" and "Deletes"): open for
+//! writing, create, write, close, setattr, mkdir, rename, link, symlink, unlink and
+//! rmdir, each checked against the mount's mode and the tree (the files of images,
+//! `.oci/` and `.referrers/` are read-only), then handed to the files being written
+//! (files.rs), the overlay (overlay.rs) or the deleter (deletes.rs).
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::Arc;
 
 use tracing::debug;
 
-use super::delete::Deletion;
-use super::node::{BLOBS, Node};
-use super::write::{final_node, writable_node};
-use super::{Attr, Errno, Fs, OpenFile, Opened, in_view};
+use super::deletes::Deletion;
+use super::files::WrittenFile;
+use super::targets::{final_node, writable_node};
+use crate::fs::Fs;
+use crate::fs::attr::Attr;
+use crate::fs::errno::Errno;
+use crate::fs::tree::node::{BLOBS, Node};
+use crate::fs::tree::{OpenFile, Opened};
 use crate::registry::types::is_path_component;
 use crate::registry::{Digest, RepoName, Tag};
 
@@ -23,15 +29,33 @@ impl Fs {
         Ok(())
     }
 
-    /// Like [`Self::writable`], for a change in directory (or of node) `ino`: image
-    /// views are read-only.
+    /// Like [`Self::writable`], for a change in directory (or of node) `ino`: the files
+    /// of images, `.oci/` and `.referrers/` are read-only.
     fn writable_at(&self, ino: u64) -> Result<Node, Errno> {
         self.writable()?;
         let node = self.node(ino)?;
-        if in_view(&node) {
+        if node.is_read_only() {
             return Err(Errno::EROFS);
         }
         Ok(node)
+    }
+
+    /// An open for writing starts the file over: uploads are written whole.
+    pub(in crate::fs) fn open_to_write(&self, node: Node, pid: u32) -> Result<Opened, Errno> {
+        if self.read_only || node.is_read_only() {
+            return Err(Errno::EROFS);
+        }
+        let file = self.written.create(node, pid)?;
+        Ok(self.opened_for_writing(file))
+    }
+
+    fn opened_for_writing(&self, file: Arc<WrittenFile>) -> Opened {
+        Opened {
+            fh: self.open_files.insert(OpenFile::Write(file)),
+            keep_cache: false,
+            direct_io: true,
+            local_file: None,
+        }
     }
 
     /// Creates `name` in `parent` for writing: a final name (committed on close) or a
@@ -51,15 +75,9 @@ impl Fs {
             debug!(%dir, name, "nothing can be written here");
             Errno::EPERM
         })?;
-        let file = self.writes.create(node.clone(), pid)?;
+        let file = self.written.create(node.clone(), pid)?;
         let attr = self.attr(&node).await?;
-        let opened = Opened {
-            fh: self.files.insert(OpenFile::Write(file)),
-            keep_cache: false,
-            direct_io: true,
-            local_file: None,
-        };
-        Ok((attr, opened))
+        Ok((attr, self.opened_for_writing(file)))
     }
 
     /// `owner` is the kernel's lock owner of the writing process (see `flush`).
@@ -70,10 +88,10 @@ impl Fs {
         data: &[u8],
         owner: Option<u64>,
     ) -> Result<u32, Errno> {
-        let OpenFile::Write(file) = self.files.get(fh).ok_or(Errno::EBADF)? else {
+        let OpenFile::Write(file) = self.open_files.get(fh).ok_or(Errno::EBADF)? else {
             return Err(Errno::EBADF);
         };
-        self.writes.write(&file, offset, data, owner).await?;
+        self.written.write(&file, offset, data, owner).await?;
         u32::try_from(data.len()).map_err(|_| Errno::EINVAL)
     }
 
@@ -82,8 +100,8 @@ impl Fs {
     /// that inherited the descriptor closes it too (at exec), and that must not commit
     /// a file its parent is still writing.
     pub async fn flush(&self, fh: u64, owner: u64, pid: u32) -> Result<(), Errno> {
-        match self.files.get(fh) {
-            Some(OpenFile::Write(file)) => self.writes.flush(&file, owner, pid).await,
+        match self.open_files.get(fh) {
+            Some(OpenFile::Write(file)) => self.written.flush(&file, owner, pid).await,
             Some(_) => Ok(()),
             None => Err(Errno::EBADF),
         }
@@ -98,7 +116,7 @@ impl Fs {
         if let Some(size) = size {
             if size != attr.size {
                 debug!(path = %node, size, "truncate refused: registry content is written whole");
-                return Err(if self.writes.file(&node).is_some() {
+                return Err(if self.written.file(&node).is_some() {
                     Errno::EINVAL
                 } else {
                     Errno::EPERM
@@ -127,12 +145,12 @@ impl Fs {
                     debug!(path = full, "mkdir refused: not a valid repository name");
                     return Err(Errno::EINVAL);
                 }
-                self.writes.make_dir(&full);
+                self.overlay.make_dir(&full);
                 Node::Dir(full)
             }
             Node::Tags(repo) => {
                 let tag = Tag::parse(name).ok_or(Errno::EINVAL)?;
-                self.writes.make_tag_dir(repo, &tag);
+                self.overlay.make_tag_dir(repo, &tag);
                 Node::TagDir(repo.clone(), tag)
             }
             _ => return Err(Errno::EPERM),
@@ -153,7 +171,7 @@ impl Fs {
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         let new_name = new_name.to_str().ok_or(Errno::EINVAL)?;
         let from = self.child(&dir, name).await?;
-        let Some(file) = self.writes.file(&from) else {
+        let Some(file) = self.written.file(&from) else {
             debug!(path = %from, "rename refused: only files being written can be renamed");
             return Err(Errno::EPERM);
         };
@@ -161,7 +179,7 @@ impl Fs {
             debug!(%new_dir, new_name, "rename refused: not a name that can be pushed");
             Errno::EPERM
         })?;
-        self.writes.rename(&file, &to).await
+        self.written.rename(&file, &to).await
     }
 
     /// `ln a/blobs/<d> b/blobs/<d>`: a cross-repository blob mount.
@@ -182,7 +200,7 @@ impl Fs {
             Err(Errno::ENOENT) => {}
             Err(e) => return Err(e),
         }
-        self.writes.link_blob(from_repo, to_repo, digest).await?;
+        self.written.link_blob(from_repo, to_repo, digest).await?;
         self.attr(&target).await
     }
 
@@ -207,20 +225,20 @@ impl Fs {
         if final_node(&dir, name).is_none() || self.child(&dir, name).await.is_ok() {
             return Err(Errno::EEXIST);
         }
-        self.writes.add_link(repo, name, digest);
+        self.overlay.add_link(repo, name, digest);
         self.attr(&Node::UploadLink(repo.clone(), name.to_owned()))
             .await
     }
 
     /// unlink: a file being written is dropped (rsync removes its temp file after a
-    /// failure). Anything else is a delete (delete.rs), only with `--allow-delete`.
+    /// failure). Anything else is a delete (deletes.rs), only with `--allow-delete`.
     /// An untagged tag's directory stays, empty, until rmdir (as after mkdir).
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
         let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         let node = self.child(&dir, name).await?;
-        if self.writes.file(&node).is_some() {
-            return self.writes.discard(&node).await;
+        if self.written.file(&node).is_some() {
+            return self.written.discard(&node).await;
         }
         if !self.allow_delete {
             debug!(path = %node, "deleting from the registry needs --allow-delete");
@@ -228,13 +246,13 @@ impl Fs {
         }
         if let Node::UploadLink(repo, name) = &node {
             // A name this mount keeps, not a registry object: the blob stays.
-            self.writes.remove_link(repo, name);
+            self.overlay.remove_link(repo, name);
             return Ok(());
         }
         let what = Deletion::of(&node).ok_or(Errno::EPERM)?;
         self.deletes.delete(&node, &what).await?;
         if let Deletion::Untag(repo, tag) = what {
-            self.writes.make_tag_dir(&repo, &tag);
+            self.overlay.make_tag_dir(&repo, &tag);
         }
         Ok(())
     }
@@ -245,20 +263,26 @@ impl Fs {
         let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         match self.child(&dir, name).await? {
-            Node::TagDir(repo, tag) if self.writes.has_tag_dir(&repo, &tag) => {
+            Node::TagDir(repo, tag) if self.overlay.has_tag_dir(&repo, &tag) => {
                 if !self
-                    .writes
+                    .written
                     .files_in(&Node::TagDir(repo.clone(), tag.clone()))
                     .is_empty()
                 {
                     return Err(Errno::ENOTEMPTY);
                 }
-                self.writes.remove_tag_dir(&repo, &tag);
+                self.overlay.remove_tag_dir(&repo, &tag);
                 Ok(())
             }
             // It holds manifest.json.
             Node::TagDir(..) => Err(Errno::ENOTEMPTY),
-            Node::Dir(path) if self.writes.has_dir(&path) => self.writes.remove_dir(&path),
+            Node::Dir(path) if self.overlay.has_dir(&path) => {
+                // Not while a file is being written into it.
+                if self.written.writing_under(&path) {
+                    return Err(Errno::ENOTEMPTY);
+                }
+                self.overlay.remove_dir(&path)
+            }
             _ => Err(Errno::EPERM),
         }
     }

@@ -1,4 +1,4 @@
-//! A layer's bytes for the image code (`image::source::BlobSource`), read through the
+//! A layer blob's bytes for the image code (`image::source::BlobSource`), read through the
 //! block cache like any blob: what the index pass streams stays cached for the file
 //! reads that follow, and a layer read as a blob and as files is fetched once.
 
@@ -9,23 +9,21 @@ use futures_util::future::{BoxFuture, try_join_all};
 use futures_util::stream::{self, BoxStream};
 use tracing::debug;
 
-use super::blob::join_blocks;
-use super::blob_stream::BodyCursor;
-use super::block_source::{BlobAt, BlockSource};
 use crate::cache::BlockCache;
+use crate::fs::blob::{BlobAt, BlockFetcher, BodyCursor, join_blocks};
 use crate::image::source::BlobSource;
 use crate::registry::{Digest, Error, RepoName, Result};
 
-pub struct LayerSource {
+pub struct LayerBlob {
     pub repo: RepoName,
     pub digest: Digest,
     pub size: u64,
     pub cache: Arc<BlockCache>,
     /// Below the memory cache: the disk cache, then the registry.
-    pub blocks: BlockSource,
+    pub fetcher: BlockFetcher,
 }
 
-impl LayerSource {
+impl LayerBlob {
     fn blob(&self) -> BlobAt<'_> {
         BlobAt {
             repo: &self.repo,
@@ -37,7 +35,7 @@ impl LayerSource {
     async fn block(&self, index: u64) -> Result<Bytes> {
         self.cache
             .get(&(self.digest.clone(), index), || {
-                self.blocks.fetch(self.blob(), index)
+                self.fetcher.fetch(self.blob(), index)
             })
             .await
     }
@@ -50,14 +48,14 @@ impl LayerSource {
         if let Some(block) = self.cache.peek(&key) {
             return Ok(block);
         }
-        if self.blocks.on_disk(self.blob(), index) || self.blocks.checks_whole(self.blob()) {
+        if self.fetcher.on_disk(self.blob(), index) || self.fetcher.checks_whole(self.blob()) {
             return self.block(index).await;
         }
-        let (start, len) = self.blocks.span(self.size, index);
-        let client = self.blocks.client();
+        let (start, len) = self.fetcher.span(self.size, index);
+        let client = self.fetcher.client();
         self.cache
             .get(&key, || {
-                self.blocks.fetch_with(self.blob(), index, || async {
+                self.fetcher.fetch_with(self.blob(), index, || async {
                     // Behind, or far ahead of what is cached: a new stream from here.
                     let far = 4 * self.cache.block_size();
                     if cursor.as_ref().is_none_or(|c| c.at() > start || start - c.at() > far) {
@@ -81,7 +79,7 @@ impl LayerSource {
     }
 }
 
-impl BlobSource for LayerSource {
+impl BlobSource for LayerBlob {
     fn digest(&self) -> &Digest {
         &self.digest
     }
@@ -126,9 +124,9 @@ impl BlobSource for LayerSource {
     }
 
     fn distrust(&self) {
-        self.blocks.client().distrust_mirrors(&self.digest);
+        self.fetcher.client().distrust_mirrors(&self.digest);
         self.cache.forget(&self.digest);
-        if let Some(disk) = self.blocks.disk() {
+        if let Some(disk) = self.fetcher.disk() {
             disk.forget(&self.digest, self.cache.block_size());
         }
     }

@@ -27,79 +27,20 @@ use bytes::Bytes;
 use serde::Serialize;
 use tracing::debug;
 
-use super::metadata::{RegistryView, bounded};
-use super::node::{self, Kind, Node, OCI};
-use super::{Attr, Errno, fail};
+use crate::fs::attr::{self, Attr, IMMUTABLE_TTL, Kind};
+use crate::fs::errno::{Errno, fail};
+use crate::fs::tree::node::{
+    ALGORITHMS, Node, OCI_BLOBS as BLOBS, OCI_INDEX_JSON as INDEX_JSON, OCI_LAYOUT, Object, OciPath,
+};
+use crate::fs::tree::open_file::Opening;
+use crate::fs::view::{RegistryView, bounded};
 use crate::registry::types::media_type;
 use crate::registry::{Digest, Error, RepoName, Tag};
 
-pub const OCI_LAYOUT: &str = "oci-layout";
-pub const INDEX_JSON: &str = "index.json";
-pub const BLOBS: &str = "blobs";
 /// The layout's `oci-layout` file: the version of the layout format.
 const LAYOUT_VERSION: &[u8] = b"{\"imageLayoutVersion\":\"1.0.0\"}\n";
 /// The annotation that names a tag in `index.json`.
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
-/// Digest algorithms a layout can hold a directory for.
-const ALGORITHMS: [&str; 2] = ["sha256", "sha512"];
-
-/// Where in `.oci/` a node is.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum OciPath {
-    Root,
-    Layout,
-    Index,
-    Blobs,
-    /// `blobs/<alg>/`.
-    Algorithm(&'static str),
-    /// `blobs/<alg>/<hex>`: a manifest or a blob of the repository.
-    Object(Digest, Object),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Object {
-    Manifest,
-    Blob,
-}
-
-impl OciPath {
-    pub fn kind(&self) -> Kind {
-        match self {
-            OciPath::Root | OciPath::Blobs | OciPath::Algorithm(_) => Kind::Dir,
-            OciPath::Layout | OciPath::Index | OciPath::Object(..) => Kind::File,
-        }
-    }
-
-    pub fn parent(&self, repo: &RepoName) -> Node {
-        let at = |p| Node::Oci(repo.clone(), p);
-        match self {
-            OciPath::Root => Node::Dir(repo.as_str().to_owned()),
-            OciPath::Layout | OciPath::Index | OciPath::Blobs => at(OciPath::Root),
-            OciPath::Algorithm(_) => at(OciPath::Blobs),
-            OciPath::Object(d, _) => at(OciPath::Algorithm(algorithm(d))),
-        }
-    }
-
-    /// The path below the repository, for log lines.
-    pub fn show(&self) -> String {
-        match self {
-            OciPath::Root => OCI.to_owned(),
-            OciPath::Layout => format!("{OCI}/{OCI_LAYOUT}"),
-            OciPath::Index => format!("{OCI}/{INDEX_JSON}"),
-            OciPath::Blobs => format!("{OCI}/{BLOBS}"),
-            OciPath::Algorithm(a) => format!("{OCI}/{BLOBS}/{a}"),
-            OciPath::Object(d, _) => format!("{OCI}/{BLOBS}/{}/{}", d.algorithm(), d.encoded()),
-        }
-    }
-}
-
-/// The directory name of a digest's algorithm (one of [`ALGORITHMS`]).
-fn algorithm(d: &Digest) -> &'static str {
-    ALGORITHMS
-        .into_iter()
-        .find(|a| *a == d.algorithm())
-        .unwrap_or(ALGORITHMS[0])
-}
 
 /// The registry object a layout file is, under its usual name.
 pub fn object(node: &Node) -> Option<Node> {
@@ -235,7 +176,7 @@ struct TagDescriptor<'a> {
 }
 
 /// `index.json`: one descriptor per tag whose manifest a layout can hold, by tag name.
-pub async fn index_json(view: &RegistryView, repo: &RepoName) -> Result<Bytes, Errno> {
+async fn index_json(view: &RegistryView, repo: &RepoName) -> Result<Bytes, Errno> {
     let node = Node::Oci(repo.clone(), OciPath::Index);
     let tags = match view.tags(repo).await {
         Ok(tags) => tags,
@@ -288,15 +229,11 @@ fn is_manifest_type(t: &str) -> bool {
     .contains(&t)
 }
 
-/// The bytes of a file of the layout made here (not a registry object).
-pub async fn file_bytes(
-    view: &RegistryView,
-    repo: &RepoName,
-    path: &OciPath,
-) -> Result<Bytes, Errno> {
+/// Opens a file of the layout made here (not a registry object: see [`object`]).
+pub async fn open(view: &RegistryView, repo: &RepoName, path: &OciPath) -> Result<Opening, Errno> {
     match path {
-        OciPath::Layout => Ok(Bytes::from_static(LAYOUT_VERSION)),
-        OciPath::Index => index_json(view, repo).await,
+        OciPath::Layout => Ok(Opening::bytes(Bytes::from_static(LAYOUT_VERSION), true)),
+        OciPath::Index => Ok(Opening::bytes(index_json(view, repo).await?, false)),
         _ => Err(Errno::EISDIR),
     }
 }
@@ -315,15 +252,15 @@ pub async fn attr(
             ino,
             Kind::File,
             LAYOUT_VERSION.len() as u64,
-            node::epoch(),
+            attr::epoch(),
             0o444,
-            super::IMMUTABLE_TTL,
+            IMMUTABLE_TTL,
         ),
         OciPath::Index => {
             let bytes = index_json(view, repo).await?;
-            let mtime = node::content_mtime(&Digest::sha256_of(&bytes));
+            let mtime = attr::content_mtime(&Digest::sha256_of(&bytes));
             Attr::plain(ino, Kind::File, bytes.len() as u64, mtime, 0o444, ttl)
         }
-        _ => Attr::plain(ino, Kind::Dir, 0, node::epoch(), 0o555, ttl),
+        _ => Attr::plain(ino, Kind::Dir, 0, attr::epoch(), 0o555, ttl),
     })
 }

@@ -6,38 +6,21 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::try_join_all;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
-use super::blob_stream::{StreamPlan, stream_blocks};
-use super::block_source::{BlobAt, BlockSource};
-use super::link::Link;
+use super::blocks::{BlobAt, join_blocks};
+use super::fetch::BlockFetcher;
+use super::link_speed::LinkSpeed;
 use super::readahead::{REORDER_SLACK, ReadAhead};
+use super::stream::{StreamPlan, stream_blocks};
 use super::verify::{ContentCheck, Verifier};
 use crate::cache::memo::FAILURE_MEMORY;
 use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Result};
-
-/// Bytes `offset..end` of a blob, from its consecutive blocks starting at blob offset
-/// `start` (a slice of the block when one is enough, no copy).
-pub(super) fn join_blocks(blocks: &[Bytes], start: u64, offset: u64, end: u64) -> Bytes {
-    if let [block] = blocks {
-        let from = (offset - start) as usize;
-        return block.slice(from..from + (end - offset) as usize);
-    }
-    let mut out = BytesMut::with_capacity((end - offset) as usize);
-    let mut block_start = start;
-    for block in blocks {
-        let from = offset.saturating_sub(block_start) as usize;
-        let to = (end - block_start).min(block.len() as u64) as usize;
-        out.extend_from_slice(&block[from..to]);
-        block_start += block.len() as u64;
-    }
-    out.freeze()
-}
 
 /// Prefetch fetches in flight at once, over all open files. Reads a program is waiting
 /// for do not queue here. A registry spends milliseconds per range request (distribution
@@ -60,13 +43,14 @@ const STREAM_STALL: Duration = Duration::from_secs(10);
 pub struct BlobReads {
     cache: Arc<BlockCache>,
     verifier: Verifier,
-    source: BlockSource,
+    fetcher: BlockFetcher,
     prefetch_slots: Arc<Semaphore>,
     max_window: u64,
-    /// Streams running now: they share the window (see blob_stream.rs).
+    /// Streams running now: they share the window (see stream.rs).
     streams: Arc<std::sync::atomic::AtomicU64>,
-    /// Whether streams are rate-bound here, so that readers fetch in parallel (link.rs).
-    link: Arc<Link>,
+    /// Whether streams are rate-bound here, so that readers fetch in parallel
+    /// (link_speed.rs).
+    link_speed: Arc<LinkSpeed>,
     /// Blobs this mount has served through the kernel's page cache: their pages are
     /// likely there (`keep_cache`), so later opens keep using them instead of going to
     /// the disk cache file by passthrough.
@@ -168,9 +152,9 @@ impl BlobReads {
             max_window: MAX_WINDOW_BLOCKS.min(blocks_in_budget / 4),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
             streams: Arc::default(),
-            link: Arc::default(),
+            link_speed: Arc::default(),
             verifier: Verifier::new(cache.clone(), client.stats().clone(), disk.clone()),
-            source: BlockSource::new(client, cache.clone(), disk),
+            fetcher: BlockFetcher::new(client, cache.clone(), disk),
             served: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(SERVED_BLOBS).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
@@ -179,7 +163,7 @@ impl BlobReads {
     }
 
     pub fn disk(&self) -> Option<&DiskCache> {
-        self.source.disk()
+        self.fetcher.disk()
     }
 
     /// The whole blob as a local file, for FUSE passthrough: only once it is on disk
@@ -195,10 +179,6 @@ impl BlobReads {
             served.put(digest.clone(), ());
         }
         file
-    }
-
-    pub fn cache(&self) -> &BlockCache {
-        &self.cache
     }
 
     /// Whether the kernel may keep this blob's pages from an earlier open: yes, it is
@@ -230,7 +210,7 @@ impl BlobReads {
             return Ok(Bytes::new());
         }
         blob.recent_failure()?;
-        let limit = self.source.client().options().total_timeout;
+        let limit = self.fetcher.client().options().total_timeout;
         let result = match tokio::time::timeout(limit, self.read_blocks(blob, offset, len)).await {
             Ok(result) => result,
             Err(_) => Err(Error::Unavailable(format!(
@@ -244,7 +224,7 @@ impl BlobReads {
             blob.remember_failure(e);
             if blob.check.failed().is_err() {
                 // Wrong bytes, maybe a mirror's: the next open reads from the origin.
-                self.source.client().distrust_mirrors(&blob.digest);
+                self.fetcher.client().distrust_mirrors(&blob.digest);
             }
         }
         result
@@ -274,9 +254,9 @@ impl BlobReads {
         if window == 0 {
             blob.stop_stream(); // a random reader: fetch only what it touches
         } else if !ahead.is_empty() && !self.stream_ahead(blob, &ahead, window) {
-            // A stream stopped for parallel fetches (link.rs) leaves the window's earlier
+            // A stream stopped for parallel fetches (link_speed.rs) leaves the window's earlier
             // blocks to fetch as well, not one by one as the reader reaches them.
-            let from = if self.link.parallel() {
+            let from = if self.link_speed.parallel() {
                 reached.min(ahead.start)
             } else {
                 ahead.start
@@ -319,14 +299,14 @@ impl BlobReads {
                     }
                 }
             };
-            let patience = STREAM_STALL.min(self.source.client().options().total_timeout / 2);
+            let patience = STREAM_STALL.min(self.fetcher.client().options().total_timeout / 2);
             if tokio::time::timeout(patience, delivered).await.is_err() {
                 warn!(digest = %blob.digest, block = index, "stream stalled; fetching the block directly");
             }
         }
         self.cache
             .get(&(blob.digest.clone(), index), || {
-                self.source.fetch(blob.at(), index)
+                self.fetcher.fetch(blob.at(), index)
             })
             .await
     }
@@ -346,9 +326,9 @@ impl BlobReads {
         if window < STREAM_AFTER_WINDOW.min(self.max_window)
             || blob.stream_failures.load(Ordering::Relaxed) >= MAX_STREAM_FAILURES
             || self.cache.contains(&(blob.digest.clone(), ahead.start))
-            || self.source.on_disk(blob.at(), ahead.start)
-            || self.source.checks_whole(blob.at())
-            || self.link.parallel()
+            || self.fetcher.on_disk(blob.at(), ahead.start)
+            || self.fetcher.checks_whole(blob.at())
+            || self.link_speed.parallel()
         {
             return false;
         }
@@ -359,14 +339,14 @@ impl BlobReads {
             from_block: ahead.start,
             lead: self.max_window,
             running: self.streams.clone(),
-            link: self.link.clone(),
+            link_speed: self.link_speed.clone(),
         };
-        let (cache, source) = (self.cache.clone(), self.source.clone());
+        let (cache, fetcher) = (self.cache.clone(), self.fetcher.clone());
         let (reader_at, failures) = (blob.reader_at.subscribe(), blob.stream_failures.clone());
         let (progress, progress_rx) = watch::channel(plan.from_block);
         let task = tokio::spawn(async move {
             let (digest, from) = (plan.digest.clone(), plan.from_block);
-            if let Err(e) = stream_blocks(cache, source, plan, reader_at, progress).await {
+            if let Err(e) = stream_blocks(cache, fetcher, plan, reader_at, progress).await {
                 // Readers fetch what the stream did not deliver themselves, with retries.
                 failures.fetch_add(1, Ordering::Relaxed);
                 debug!(%digest, from_block = from, "stream ended early: {e}");
@@ -385,9 +365,9 @@ impl BlobReads {
         if self.cache.contains(&key) {
             return;
         }
-        let (cache, source, slots) = (
+        let (cache, fetcher, slots) = (
             self.cache.clone(),
-            self.source.clone(),
+            self.fetcher.clone(),
             self.prefetch_slots.clone(),
         );
         let (repo, size) = (blob.repo.clone(), blob.size);
@@ -405,7 +385,7 @@ impl BlobReads {
                 digest: &digest,
                 size,
             };
-            let fetched = cache.get(&key, || source.fetch(at, key.1)).await;
+            let fetched = cache.get(&key, || fetcher.fetch(at, key.1)).await;
             if let Err(e) = fetched {
                 // The reader that needs this block will fetch it (and report) itself.
                 debug!(%digest, block = key.1, "prefetch failed: {e}");

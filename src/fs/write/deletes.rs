@@ -1,4 +1,4 @@
-//! Deleting from the registry (DESIGN §2), behind `--allow-delete`: what `rm` of each
+//! Deleting from the registry (docs/SEMANTICS.md, "Deletes"), behind `--allow-delete`: what `rm` of each
 //! path deletes, and the rule that a delete never takes more than it names.
 //!
 //! - `rm tags/<tag>/manifest.json` untags: `DELETE /v2/<name>/manifests/<tag>` where
@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
-use super::metadata::{RegistryView, bounded};
-use super::node::Node;
-use super::{Errno, fail};
+use crate::fs::errno::{Errno, fail};
+use crate::fs::tree::node::Node;
+use crate::fs::view::{RegistryView, bounded};
 use crate::registry::referrers::{fallback_tag, subject_of};
 use crate::registry::{Digest, Error, ManifestLinks, Reference, RegistryClient, RepoName, Tag};
 

@@ -8,7 +8,7 @@
 //! then put into the block cache (and the disk cache, as verified); a mirror that sends
 //! wrong bytes is not asked for the blob again and the read goes on to the origin.
 //! Larger blobs are read from the mirror by ranges and checked like the origin's; a
-//! mismatch there fails the read once and then reads go to the origin (see blob.rs).
+//! mismatch there fails the read once and then reads go to the origin (see reads.rs).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use tokio::sync::OnceCell;
 
-use super::block_source::BlobAt;
+use super::blocks::BlobAt;
 use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, RegistryClient};
 
@@ -30,11 +30,11 @@ type Whole = Option<Arc<Vec<Bytes>>>;
 
 /// Whole-blob fetches in flight, one per blob however many blocks of it are wanted.
 #[derive(Default)]
-pub struct MirrorBlobs {
+pub struct MirrorWhole {
     in_flight: Mutex<HashMap<Digest, Arc<OnceCell<Whole>>>>,
 }
 
-impl MirrorBlobs {
+impl MirrorWhole {
     /// Whether blocks of `blob` should come through [`Self::block`]: a mirror may serve
     /// it and it is small enough to check whole first.
     pub fn checks_whole(

@@ -29,7 +29,7 @@ const FINDING_HOLDS: Duration = Duration::from_secs(300);
 
 /// The finding for one mount.
 #[derive(Default)]
-pub struct Link {
+pub struct LinkSpeed {
     rate_bound_since: Mutex<Option<Instant>>,
     /// The fastest stream open seen, and since when it counts (it is forgotten after
     /// FINDING_HOLDS, as the network may change).
@@ -70,7 +70,7 @@ impl StreamMeter {
     }
 }
 
-impl Link {
+impl LinkSpeed {
     /// Whether sequential readers should fetch blocks in parallel rather than stream.
     pub fn parallel(&self) -> bool {
         self.lock()
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn only_distant_slow_streams_that_honour_range_are_rate_bound() {
-        let link = Link::default();
+        let link = LinkSpeed::default();
         // Loopback, however slow (a busy machine, a trickling registry): keep streaming.
         assert!(!link.judge(&meter(1, 16, 2.0, false)));
         // Distant but fast: one connection is enough.
@@ -152,14 +152,14 @@ mod tests {
 
     #[test]
     fn one_slow_open_on_a_link_that_opened_fast_before_is_not_distance() {
-        let link = Link::default();
+        let link = LinkSpeed::default();
         link.opened(Duration::from_millis(1));
         // A loopback stream that took 30 ms to open on a busy machine, then was slow.
         link.opened(Duration::from_millis(30));
         assert!(!link.judge(&meter(30, 16, 1.0, false)));
         assert!(!link.parallel());
         // Every open slow: distant.
-        let far = Link::default();
+        let far = LinkSpeed::default();
         far.opened(Duration::from_millis(45));
         far.opened(Duration::from_millis(40));
         assert!(far.judge(&meter(45, 16, 1.0, false)));

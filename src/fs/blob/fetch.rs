@@ -2,40 +2,33 @@
 //! (`--cache-dir`), else the registry, whose answer then goes to the disk cache too.
 //! Every fetch below the memory cache (a reader's, prefetch, a stream's) goes through
 //! here, so a blob on disk is never fetched again. A small blob a mirror may serve is
-//! fetched from it whole and checked first (mirror_blobs.rs).
+//! fetched from it whole and checked first (mirror_whole.rs).
 
 use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::mirror_blobs::MirrorBlobs;
+use super::blocks::BlobAt;
+use super::mirror_whole::MirrorWhole;
 use crate::cache::{BlockCache, DiskCache};
-use crate::registry::{Digest, RegistryClient, RepoName, Result};
+use crate::registry::{RegistryClient, Result};
 
 #[derive(Clone)]
-pub struct BlockSource {
+pub struct BlockFetcher {
     client: RegistryClient,
     cache: Arc<BlockCache>,
     disk: Option<DiskCache>,
-    mirror_blobs: Arc<MirrorBlobs>,
+    mirror_whole: Arc<MirrorWhole>,
 }
 
-/// One blob, as the source needs to know it.
-#[derive(Clone, Copy)]
-pub struct BlobAt<'a> {
-    pub repo: &'a RepoName,
-    pub digest: &'a Digest,
-    pub size: u64,
-}
-
-impl BlockSource {
+impl BlockFetcher {
     pub fn new(client: RegistryClient, cache: Arc<BlockCache>, disk: Option<DiskCache>) -> Self {
-        BlockSource {
+        BlockFetcher {
             client,
             cache,
             disk,
-            mirror_blobs: Arc::default(),
+            mirror_whole: Arc::default(),
         }
     }
 
@@ -66,9 +59,9 @@ impl BlockSource {
     }
 
     /// Whether this blob's blocks come from a mirror that is checked whole first
-    /// (mirror_blobs.rs): a stream of it would only fetch it a second time.
+    /// (mirror_whole.rs): a stream of it would only fetch it a second time.
     pub fn checks_whole(&self, blob: BlobAt<'_>) -> bool {
-        self.mirror_blobs
+        self.mirror_whole
             .checks_whole(&self.client, &self.cache, blob)
     }
 
@@ -100,7 +93,7 @@ impl BlockSource {
         }
         if self.checks_whole(blob)
             && let Some(block) = self
-                .mirror_blobs
+                .mirror_whole
                 .block(&self.client, &self.cache, self.disk.as_ref(), blob, index)
                 .await
         {
