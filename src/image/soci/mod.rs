@@ -9,6 +9,7 @@
 //! - [`spans`]: span digests as SOCI defines them, from a whole blob or streaming;
 //! - [`layer`]: a zTOC as regfs entries, checkpoints and spans, and back;
 //! - [`header`]: the check of a file's tar header before its bytes are served;
+//! - [`verify`]: the background check that a whole layer is what its zTOC says;
 //! - [`artifact`]: the SOCI index manifest (v1 and v2) that lists the zTOCs.
 
 pub mod artifact;
@@ -17,6 +18,7 @@ pub mod header;
 pub mod layer;
 pub mod mtime;
 pub mod spans;
+pub mod verify;
 pub mod zinfo;
 pub mod ztoc;
 

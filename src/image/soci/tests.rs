@@ -96,7 +96,7 @@ pub(crate) fn ztoc_of(l: &Indexed) -> Ztoc {
     .expect("a zTOC")
 }
 
-fn sample_layer() -> (Vec<u8>, Indexed) {
+pub(crate) fn sample_layer() -> (Vec<u8>, Indexed) {
     let big = sample(14 << 20);
     let tar = tar_of(&[
         ("etc/small", b"hello"),
