@@ -10,6 +10,7 @@
 //! - [`layer`]: a zTOC as regfs entries, checkpoints and spans, and back;
 //! - [`header`]: the check of a file's tar header before its bytes are served;
 //! - [`verify`]: the background check that a whole layer is what its zTOC says;
+//! - [`window`]: which decoded bytes depend on a checkpoint's (unvouched) window;
 //! - [`artifact`]: the SOCI index manifest (v1 and v2) that lists the zTOCs.
 
 pub mod artifact;
@@ -19,6 +20,7 @@ pub mod layer;
 pub mod mtime;
 pub mod spans;
 pub mod verify;
+pub mod window;
 pub mod zinfo;
 pub mod ztoc;
 
