@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::budget::{Budget, remove_files};
 use super::layout::{self, Entry, Kind};
-use super::{entry, partial::Partial};
+use super::{entry, partial::Partial, private};
 use crate::registry::Digest;
 
 /// Refuses a directory that is not a regfs cache (prune and verify delete files).
@@ -65,6 +65,10 @@ pub fn du(root: &Path) -> Result<String, String> {
         count(|k| matches!(k, Kind::Meta { .. })),
         held_count(root),
     ))
+    .map(|line| match private::report(root) {
+        Some(warning) => format!("{line}\nwarning: {warning}"),
+        None => line,
+    })
 }
 
 /// `regfs cache ls`: one line per entry, least recently used first.

@@ -22,6 +22,7 @@ mod entry;
 mod held;
 pub mod layout;
 mod partial;
+pub mod private;
 mod store;
 
 use std::fs::{self, File};

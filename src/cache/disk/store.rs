@@ -21,6 +21,7 @@ use super::entry;
 use super::held::{HeldIndex, encode_held};
 use super::layout;
 use super::partial::{self, Partial, Written, with_lock};
+use super::private::{self, Exposure};
 use crate::buf::BlockBuf;
 use crate::registry::Digest;
 use crate::stats::Stats;
@@ -97,13 +98,20 @@ impl Store {
     /// registry at `origin`, within `budget` bytes.
     pub fn open(root: &Path, budget: u64, origin: &str, stats: Arc<Stats>) -> io::Result<Store> {
         layout::create(root)?;
+        match private::secure(root)? {
+            Exposure::Private => {}
+            Exposure::Tightened(n) => {
+                info!(dir = %root.display(), entries = n, "disk cache made private (0700/0600)")
+            }
+            Exposure::Exposed(why) => warn!("{why}"),
+        }
         let origin_id = origin_id(origin);
         let partial_dir = root.join(layout::PARTIAL).join(&origin_id);
-        fs::create_dir_all(&partial_dir)?;
-        fs::create_dir_all(layout::held_dir(root, &origin_id))?;
+        private::create_dir_all(&partial_dir)?;
+        private::create_dir_all(&layout::held_dir(root, &origin_id))?;
         let origin_file = partial_dir.join(layout::ORIGIN);
         if !origin_file.exists() {
-            fs::write(origin_file, format!("{origin}\n"))?;
+            private::write(&origin_file, format!("{origin}\n").as_bytes())?;
         }
         layout::clean_tmp(root);
         let budget = Budget::open(root, budget)?;
@@ -431,7 +439,7 @@ impl Store {
         }
         let result = path
             .parent()
-            .map_or(Ok(()), fs::create_dir_all)
+            .map_or(Ok(()), private::create_dir_all)
             .and_then(|()| entry::write(&path, &self.temp_path(), body));
         if let Err(e) = result {
             self.release(cost);
