@@ -1,16 +1,19 @@
-//! Image contents (DESIGN §7): the files of layers and of whole images, read lazily.
+//! Image contents (docs/SEMANTICS.md, "Image contents"): the files of layers and of
+//! whole images, read lazily.
 //!
 //! - [`manifest`]: an image's layers, an index's image for a platform;
 //! - [`codec`]: decoders that start at a layer's beginning or
 //!   at a checkpoint; [`tar`]: tar entries from the decoded stream;
 //! - [`pass`]: the one streaming pass that indexes a plain layer; [`toc`]: the index of
 //!   eStargz and zstd:chunked layers from their TOC; [`index`]: what an index holds;
-//! - [`content`]: one file's bytes from an indexed layer; [`tree`]: layers merged into
-//!   an image's files, or one layer as an overlayfs lowerdir.
+//! - [`content`]: one file's bytes from an indexed layer ([`chunks`]: from a TOC
+//!   layer); [`tree`]: layers merged into an image's files, or one layer as an
+//!   overlayfs lowerdir.
 //!
 //! Nothing here knows of FUSE: bytes come through [`source::BlobSource`], which the
 //! filesystem layer implements over its block cache.
 
+pub mod chunks;
 pub mod codec;
 pub mod content;
 pub mod entry;
@@ -50,15 +53,23 @@ pub async fn index_layer(source: Arc<dyn BlobSource>, layer: &Layer) -> Result<L
             ),
         )
     })?;
+    let mut toc_unused = None;
     if let Some(toc) = TocRef::from_annotations(codec, &layer.annotations) {
         match toc::toc_index(&*source, &toc).await {
             Ok(index) => return Ok(index),
             Err(e) if e.is_transient() => return Err(e),
-            Err(e) => warn!(layer = %digest, "{e}; indexing it by reading it whole instead"),
+            Err(e) => {
+                // Lazy became a full read: said loudly, and counted by the caller
+                // (`images.toc_unused`).
+                warn!(layer = %digest, "TOC unusable, so the layer is read whole instead: {e}");
+                toc_unused = Some(e.to_string());
+            }
         }
     }
     info!(layer = %digest, codec = codec.name(), size = layer.size, "indexing layer (one pass)");
-    index_by_pass(source, codec).await
+    let mut index = index_by_pass(source, codec).await?;
+    index.toc_unused = toc_unused;
+    Ok(index)
 }
 
 /// Runs the pass on a blocking thread, fed from the source's stream.

@@ -207,6 +207,7 @@ pub fn index_pass(
             blob_size: size,
         }),
         source: IndexSource::Pass,
+        toc_unused: None,
     })
 }
 

@@ -14,8 +14,15 @@ pub trait BlobSource: Send + Sync {
     /// The blob's exact size.
     fn size(&self) -> u64;
 
-    /// Exactly `len` bytes from `offset` (within the blob).
+    /// Exactly `len` bytes from `offset` (within the blob), through the block cache:
+    /// the blocks around them are fetched whole and kept.
     fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes>>;
+
+    /// Exactly `len` bytes from `offset`, and no more: from the caches if they hold
+    /// them, else one range request for just these bytes, not kept as blocks. For TOC
+    /// layers, whose chunks are small, self-contained and cached decoded by the caller:
+    /// a 2 MiB block around a 20 KiB chunk would move a hundred times the bytes.
+    fn fetch_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes>>;
 
     /// The whole blob from its first byte, in order, in pieces of any size.
     fn stream(&self) -> BoxStream<'_, Result<Bytes>>;
