@@ -4,12 +4,12 @@
 # Used by scripts/test.sh (CI), scripts/demo.sh and the Vagrant box.
 set -euo pipefail
 
-# Image-content tests also convert images (containerd + ctr-remote), run a rootfs
-# (busybox-static) and write hostile layers (python3).
+# Image-content tests also convert images (containerd + ctr-remote, podman's
+# zstd:chunked), run a rootfs (busybox-static) and write hostile layers (python3).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
-    containerd ctr-remote busybox python3 unshare findmnt)
+    containerd ctr-remote podman busybox python3 unshare findmnt)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
-    containerd stargz-snapshotter busybox-static python3 util-linux)
+    containerd stargz-snapshotter podman busybox-static python3 util-linux)
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then

@@ -76,7 +76,10 @@ impl ChunkReader<'_> {
 
     /// Decodes a whole chunk, checks it, and returns bytes `from..to` of it.
     async fn decode(&self, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
+        // The TOC was checked: bytes that do not decode, or decode to something else,
+        // are wrong bytes from the registry or a mirror.
         let bad = |e: String| {
+            self.source.distrust();
             let at = chunk.compressed.start;
             unreadable(self.layer, format!("chunk at byte {at}: {e}"))
         };
@@ -112,7 +115,6 @@ impl ChunkReader<'_> {
             .map_err(bad)?;
         }
         if !state.matches(chunk) {
-            self.source.distrust();
             return Err(bad("content does not match its chunk digest".into()));
         }
         Ok(state.out.freeze())
@@ -240,5 +242,185 @@ impl Decoding {
             Some(expected) => expected == digest,
             None => chunk.hole, // the TOC gives zeros no digest: they are what it says
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cache::BlockCache;
+    use crate::image::codec::gzip::tests::{gzip, sample};
+    use crate::image::source::mem::MemSource;
+
+    fn sha(bytes: &[u8]) -> [u8; 32] {
+        sha2::Sha256::digest(bytes).into()
+    }
+
+    fn readers() -> Readers {
+        let stats = Arc::new(Stats::default());
+        Readers {
+            pieces: Arc::new(BlockCache::new(1 << 20, 64 << 20, stats.clone())),
+            stats,
+        }
+    }
+
+    /// A blob as eStargz lays it out: a member of tar headers, a file of two chunks
+    /// (one member each), then one member holding two small files between headers.
+    fn layer() -> (Vec<u8>, Vec<Chunk>, Vec<u8>, [Vec<u8>; 2]) {
+        let big = sample(300_000);
+        let small = [b"tiny".to_vec(), sample(999)];
+        let mut blob = gzip(&[7u8; 512], usize::MAX);
+        let mut chunks = Vec::new();
+        for (i, piece) in big.chunks(200_000).enumerate() {
+            let start = blob.len() as u64;
+            blob.extend(gzip(piece, usize::MAX));
+            chunks.push(Chunk {
+                compressed: start..blob.len() as u64,
+                inner_offset: 0,
+                file_offset: i as u64 * 200_000,
+                size: piece.len() as u64,
+                digest: Some(sha(piece)),
+                hole: false,
+            });
+        }
+        let mut merged = vec![1u8; 512];
+        let start = blob.len() as u64;
+        for s in &small {
+            chunks.push(Chunk {
+                compressed: start..0, // set below
+                inner_offset: merged.len() as u64,
+                file_offset: 0,
+                size: s.len() as u64,
+                digest: Some(sha(s)),
+                hole: false,
+            });
+            merged.extend_from_slice(s);
+            merged.extend_from_slice(&[2u8; 512]);
+        }
+        blob.extend(gzip(&merged, usize::MAX));
+        for c in &mut chunks[2..] {
+            c.compressed.end = blob.len() as u64;
+        }
+        blob.extend(gzip(b"the TOC would be here", usize::MAX));
+        (blob, chunks, big, small)
+    }
+
+    #[tokio::test]
+    async fn a_read_fetches_the_chunks_it_touches_by_their_own_ranges() {
+        let (blob, chunks, big, small) = layer();
+        let source = MemSource::new(blob);
+        let readers = readers();
+        let reader = ChunkReader {
+            layer: &source.digest.clone(),
+            source: &source,
+            readers: &readers,
+            codec: Codec::Gzip,
+        };
+        let got = reader
+            .read(0, &chunks[..2], 199_990, 200_010)
+            .await
+            .expect("read");
+        assert_eq!(&got[..], &big[199_990..200_010]);
+        let fetched = source.fetched.lock().expect("lock").clone();
+        let ranges: Vec<(u64, u64)> = chunks[..2]
+            .iter()
+            .map(|c| (c.compressed.start, c.compressed.end - c.compressed.start))
+            .collect();
+        let mut sorted = fetched.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, ranges, "each touched chunk, exactly its range");
+        // Read again: the checked chunks are cached.
+        let again = reader
+            .read(0, &chunks[..2], 0, 300_000)
+            .await
+            .expect("read");
+        assert_eq!(&again[..], &big[..]);
+        assert_eq!(source.fetched.lock().expect("lock").len(), 2);
+        assert_eq!(
+            *source.block_reads.lock().expect("lock"),
+            0,
+            "no block reads"
+        );
+        // Small files packed in one member, found by their inner offsets.
+        for (i, s) in small.iter().enumerate() {
+            let got = reader.read(2 + i as u32, &chunks[2 + i..3 + i], 0, s.len() as u64);
+            assert_eq!(&got.await.expect("small")[..], &s[..]);
+        }
+    }
+
+    #[tokio::test]
+    async fn holes_are_zeros_and_wrong_bytes_are_refused() {
+        let (mut blob, chunks, _, _) = layer();
+        let hole = Chunk {
+            compressed: 0..0,
+            inner_offset: 0,
+            file_offset: 0,
+            size: 70_000,
+            digest: Some(sha(&[0u8; 70_000])),
+            hole: true,
+        };
+        let readers = readers();
+        let source = MemSource::new(blob.clone());
+        let reader = ChunkReader {
+            layer: &source.digest.clone(),
+            source: &source,
+            readers: &readers,
+            codec: Codec::Gzip,
+        };
+        let zeros = reader.read(9, std::slice::from_ref(&hole), 5, 69_000).await;
+        assert!(zeros.expect("a hole").iter().all(|&b| b == 0));
+        assert!(source.fetched.lock().expect("lock").is_empty());
+        let lying = Chunk {
+            digest: Some([9; 32]),
+            ..hole
+        };
+        assert!(reader.read(10, &[lying], 0, 10).await.is_err());
+
+        // A byte of the first chunk's deflate data flipped: its digest catches it.
+        let at = (chunks[0].compressed.start + chunks[0].compressed.end) / 2;
+        blob[at as usize] ^= 0x10;
+        let source = MemSource::new(blob);
+        let reader = ChunkReader {
+            layer: &source.digest.clone(),
+            source: &source,
+            readers: &readers,
+            codec: Codec::Gzip,
+        };
+        let err = reader.read(0, &chunks[..1], 0, 10).await.err();
+        let err = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("chunk at byte"), "{err}");
+        assert!(
+            *source.distrusted.lock().expect("lock"),
+            "cached bytes dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn zstd_chunks_decode_the_same() {
+        let data = sample(50_000);
+        let mut blob = vec![0u8; 40];
+        let start = blob.len() as u64;
+        blob.extend(zstd::bulk::compress(&data, 3).expect("compress"));
+        let chunk = Chunk {
+            compressed: start..blob.len() as u64,
+            inner_offset: 0,
+            file_offset: 0,
+            size: data.len() as u64,
+            digest: Some(sha(&data)),
+            hole: false,
+        };
+        blob.extend_from_slice(b"after");
+        let readers = readers();
+        let source = MemSource::new(blob);
+        let reader = ChunkReader {
+            layer: &source.digest.clone(),
+            source: &source,
+            readers: &readers,
+            codec: Codec::Zstd,
+        };
+        let got = reader.read(0, &[chunk], 100, 49_000).await.expect("read");
+        assert_eq!(&got[..], &data[100..49_000]);
     }
 }

@@ -96,3 +96,33 @@ async fn index_by_pass(source: Arc<dyn BlobSource>, codec: Codec) -> Result<Laye
         .await
         .map_err(|e| Error::Unavailable(format!("index pass task failed: {e}")))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::codec::gzip::tests::gzip;
+    use crate::image::pass::tests::tar_of;
+    use crate::image::source::mem::MemSource;
+
+    #[tokio::test]
+    async fn a_toc_that_cannot_be_used_is_read_whole_and_says_why() {
+        let blob = gzip(&tar_of(&[("etc/file", b"plain gzip")]), usize::MAX);
+        let source = Arc::new(MemSource::new(blob));
+        let mut layer = Layer {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: source.digest.clone(),
+            size: source.bytes.len() as u64,
+            annotations: Default::default(),
+        };
+        let index = index_layer(source.clone(), &layer).await.expect("plain");
+        assert_eq!(index.toc_unused, None, "no TOC announced, none missed");
+        layer.annotations.insert(
+            toc::ESTARGZ_TOC_DIGEST.into(),
+            format!("sha256:{}", "0".repeat(64)),
+        );
+        let index = index_layer(source, &layer).await.expect("read whole");
+        assert_eq!(index.source, index::IndexSource::Pass);
+        let why = index.toc_unused.unwrap_or_default();
+        assert!(why.contains("no eStargz footer"), "{why}");
+    }
+}
