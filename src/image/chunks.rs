@@ -9,9 +9,9 @@ use futures_util::future::try_join_all;
 use sha2::Digest as _;
 
 use super::codec::{Checkpoint, Codec, Decoder};
-use super::content::Readers;
 use super::index::{Chunk, unreadable};
 use super::source::BlobSource;
+use crate::cache::BlockCache;
 use crate::registry::{Digest, Error, Result};
 use crate::stats::Stats;
 
@@ -31,7 +31,9 @@ pub const CHUNK_KEY: u64 = 1 << 63;
 pub struct ChunkReader<'a> {
     pub layer: &'a Digest,
     pub source: &'a dyn BlobSource,
-    pub readers: &'a Readers,
+    /// Checked pieces of layers (content.rs's piece cache).
+    pub pieces: &'a BlockCache,
+    pub stats: &'a Stats,
     pub codec: Codec,
 }
 
@@ -66,7 +68,6 @@ impl ChunkReader<'_> {
         }
         let key = (self.layer.clone(), CHUNK_KEY | u64::from(index));
         let whole = self
-            .readers
             .pieces
             .get(&key, || self.decode(chunk, 0, chunk.size))
             .await?;
@@ -105,7 +106,7 @@ impl ChunkReader<'_> {
             }
             let n = piece.min(end - pos);
             let input = self.source.fetch_range(pos, n).await?;
-            Stats::add(&self.readers.stats.content_fetched_bytes, n);
+            Stats::add(&self.stats.content_fetched_bytes, n);
             pos += n;
             state = blocking(move || {
                 let r = state.feed(&input);
@@ -258,12 +259,9 @@ mod tests {
         sha2::Sha256::digest(bytes).into()
     }
 
-    fn readers() -> Readers {
+    fn readers() -> (BlockCache, Stats) {
         let stats = Arc::new(Stats::default());
-        Readers {
-            pieces: Arc::new(BlockCache::new(1 << 20, 64 << 20, stats.clone())),
-            stats,
-        }
+        (BlockCache::new(1 << 20, 64 << 20, stats), Stats::default())
     }
 
     /// A blob as eStargz lays it out: a member of tar headers, a file of two chunks
@@ -315,7 +313,8 @@ mod tests {
         let reader = ChunkReader {
             layer: &source.digest.clone(),
             source: &source,
-            readers: &readers,
+            pieces: &readers.0,
+            stats: &readers.1,
             codec: Codec::Gzip,
         };
         let got = reader
@@ -366,7 +365,8 @@ mod tests {
         let reader = ChunkReader {
             layer: &source.digest.clone(),
             source: &source,
-            readers: &readers,
+            pieces: &readers.0,
+            stats: &readers.1,
             codec: Codec::Gzip,
         };
         let zeros = reader.read(9, std::slice::from_ref(&hole), 5, 69_000).await;
@@ -385,7 +385,8 @@ mod tests {
         let reader = ChunkReader {
             layer: &source.digest.clone(),
             source: &source,
-            readers: &readers,
+            pieces: &readers.0,
+            stats: &readers.1,
             codec: Codec::Gzip,
         };
         let err = reader.read(0, &chunks[..1], 0, 10).await.err();
@@ -417,7 +418,8 @@ mod tests {
         let reader = ChunkReader {
             layer: &source.digest.clone(),
             source: &source,
-            readers: &readers,
+            pieces: &readers.0,
+            stats: &readers.1,
             codec: Codec::Zstd,
         };
         let got = reader.read(0, &[chunk], 100, 49_000).await.expect("read");

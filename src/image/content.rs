@@ -127,7 +127,8 @@ impl LayerContent {
                 let reader = ChunkReader {
                     layer: self.source.digest(),
                     source: &*self.source,
-                    readers: &self.readers,
+                    pieces: &self.readers.pieces,
+                    stats: &self.readers.stats,
                     codec: map.codec,
                 };
                 let chunks = self.index.chunks(range);

@@ -12,6 +12,9 @@ use crate::registry::{Digest, Error};
 /// Entries and index memory one layer may have.
 pub const MAX_ENTRIES: usize = 1_000_000;
 pub const MAX_INDEX_BYTES: usize = 256 << 20;
+/// Largest TOC accepted, compressed and uncompressed.
+pub const MAX_TOC: u64 = 64 << 20;
+pub const MAX_TOC_JSON: usize = 256 << 20;
 
 /// The error for a layer that cannot be read as what it says it is.
 pub fn unreadable(digest: &Digest, what: impl std::fmt::Display) -> Error {

@@ -24,7 +24,7 @@ use super::super::codec::Codec;
 use super::super::entry::{DataRef, Entry, EntryKind, drop_estargz_metadata, normalise, shown};
 use super::super::index::{Chunk, ChunkMap, Content, IndexSource, LayerIndex};
 use super::super::index::{MAX_ENTRIES, unreadable};
-use super::parse_rfc3339;
+use super::rfc3339::parse_rfc3339;
 use crate::registry::{Digest, Result};
 
 #[derive(Deserialize)]

@@ -5,9 +5,9 @@
 use super::super::codec::{Checkpoint, Codec, Decoder};
 use super::super::entry::DataRef;
 use super::super::index::unreadable;
+use super::super::index::{MAX_TOC, MAX_TOC_JSON};
 use super::super::source::BlobSource;
 use super::super::tar::{TarItem, TarParser};
-use super::{MAX_TOC, MAX_TOC_JSON};
 use crate::registry::Result;
 
 /// The eStargz footer: an empty gzip member whose extra field holds the TOC offset.

@@ -4,8 +4,8 @@
 
 use super::super::codec::{Codec, decode_range};
 use super::super::index::unreadable;
+use super::super::index::{MAX_TOC, MAX_TOC_JSON};
 use super::super::source::BlobSource;
-use super::{MAX_TOC, MAX_TOC_JSON};
 use crate::registry::{Digest, Result};
 
 /// Where the manifest is, as `manifest-position` says: `offset:len:json_len:type`.
