@@ -4,14 +4,16 @@
 //! chunk digests before a byte of them is returned. Checked chunks are kept in the
 //! piece cache, so a file read in small pieces fetches and decodes each chunk once.
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
-use futures_util::future::try_join_all;
 use sha2::Digest as _;
 
 use super::codec::{Checkpoint, Codec, Decoder};
 use super::index::{Chunk, unreadable};
 use super::source::BlobSource;
 use crate::cache::BlockCache;
+use crate::cache::blocks::BlockKey;
 use crate::registry::{Digest, Error, Result};
 use crate::stats::Stats;
 
@@ -21,6 +23,10 @@ use crate::stats::Stats;
 const MAX_CACHED_CHUNK: u64 = 16 << 20;
 /// Compressed bytes fetched at a time while decoding a chunk too large to cache.
 const FETCH_PIECE: u64 = 1 << 20;
+/// Compressed bytes a miss of a reader going through a file in order fetches at once:
+/// the chunk it needs and the file's next ones, in one range request (podman cuts files
+/// into chunks of tens of KiB: a request each would make a file a chain of round trips).
+const READ_AHEAD: u64 = 1 << 20;
 /// Decoder output buffer.
 const SCRATCH: usize = 128 << 10;
 /// Piece cache keys of decoded chunks: the chunk's index with this bit set (spans of
@@ -39,58 +45,120 @@ pub struct ChunkReader<'a> {
 
 impl ChunkReader<'_> {
     /// Bytes `start..end` of a file made of `chunks`; `first` is the index of its first
-    /// chunk. The chunks the range touches are fetched at once.
+    /// chunk.
     pub async fn read(&self, first: u32, chunks: &[Chunk], start: u64, end: u64) -> Result<Bytes> {
-        let touched = chunks.iter().zip(first..).filter_map(|(chunk, index)| {
-            let c_end = chunk.file_offset + chunk.size;
-            (c_end > start && chunk.file_offset < end).then(|| {
-                let from = start.max(chunk.file_offset) - chunk.file_offset;
-                (index, chunk, from, end.min(c_end) - chunk.file_offset)
+        let touched: Vec<usize> = (0..chunks.len())
+            .filter(|&i| {
+                let c = &chunks[i];
+                c.file_offset + c.size > start && c.file_offset < end
             })
-        });
-        let mut pieces =
-            try_join_all(touched.map(|(i, chunk, from, to)| self.piece(i, chunk, from, to)))
-                .await?;
-        if pieces.len() == 1 {
-            return Ok(pieces.remove(0));
-        }
-        let mut out = BytesMut::with_capacity((end - start) as usize);
-        for piece in pieces {
+            .collect();
+        let touched_end = touched.last().map_or(0, |&i| i + 1);
+        let mut out = BytesMut::new();
+        for &i in &touched {
+            let c = &chunks[i];
+            let from = start.max(c.file_offset) - c.file_offset;
+            let to = end.min(c.file_offset + c.size) - c.file_offset;
+            let file = FileChunks {
+                first,
+                chunks,
+                touched_end,
+            };
+            let piece = self.piece(&file, i, from, to).await?;
+            if touched.len() == 1 {
+                return Ok(piece);
+            }
             out.extend_from_slice(&piece);
         }
         Ok(out.freeze())
     }
 
-    /// Bytes `from..to` of chunk `index`, out of the whole chunk, checked.
-    async fn piece(&self, index: u32, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
+    /// Bytes `from..to` of chunk `i` of `file`, out of the whole chunk, checked.
+    async fn piece(&self, file: &FileChunks<'_>, i: usize, from: u64, to: u64) -> Result<Bytes> {
+        let chunk = &file.chunks[i];
         if chunk.size > MAX_CACHED_CHUNK {
             return self.decode(chunk, from, to).await;
         }
-        let key = (self.layer.clone(), CHUNK_KEY | u64::from(index));
         let whole = self
             .pieces
-            .get(&key, || self.decode(chunk, 0, chunk.size))
+            .get(&self.key(file, i), || async {
+                if chunk.hole {
+                    self.decode(chunk, 0, chunk.size).await
+                } else {
+                    self.fetch_run(file, i).await
+                }
+            })
             .await?;
         let to = (to as usize).min(whole.len());
         Ok(whole.slice((from as usize).min(to)..to))
     }
 
-    /// Decodes a whole chunk, checks it, and returns bytes `from..to` of it.
+    fn key(&self, file: &FileChunks<'_>, i: usize) -> BlockKey {
+        let index = u64::from(file.first) + i as u64;
+        (self.layer.clone(), CHUNK_KEY | index)
+    }
+
+    /// The chunks fetched with chunk `i`: the next ones the read touches and, for a
+    /// reader going through the file in order, more up to [`READ_AHEAD`]; as long as
+    /// each follows the last in the blob and is not cached yet.
+    fn run(&self, file: &FileChunks<'_>, i: usize) -> Range<usize> {
+        let in_order = i == 0 || self.pieces.contains(&self.key(file, i - 1));
+        let mut bytes = fetch_end(&file.chunks[i]) - file.chunks[i].compressed.start;
+        let mut j = i + 1;
+        while let Some(c) = file.chunks.get(j) {
+            let follows = c.compressed.start == fetch_end(&file.chunks[j - 1]);
+            let wanted = j < file.touched_end || (in_order && bytes < READ_AHEAD);
+            if !follows || !wanted || c.hole || c.size > MAX_CACHED_CHUNK {
+                break;
+            }
+            if self.pieces.contains(&self.key(file, j)) {
+                break;
+            }
+            bytes += fetch_end(c) - c.compressed.start;
+            j += 1;
+        }
+        i..j
+    }
+
+    /// Chunk `i` whole and checked, fetched by one range request with the rest of its
+    /// run (see [`Self::run`]), which goes to the piece cache.
+    async fn fetch_run(&self, file: &FileChunks<'_>, i: usize) -> Result<Bytes> {
+        let run = self.run(file, i);
+        let members: Vec<Chunk> = file.chunks[run.clone()].to_vec();
+        let start = members[0].compressed.start;
+        let end = members.last().map_or(start, fetch_end);
+        let input = self.source.fetch_range(start, end - start).await?;
+        Stats::add(&self.stats.content_fetched_bytes, end - start);
+        let codec = self.codec;
+        let decoded =
+            tokio::task::spawn_blocking(move || decode_run(codec, &members, &input, start))
+                .await
+                .map_err(|e| Error::Unavailable(format!("decoder task failed: {e}")))?;
+        let mut wanted = Err("nothing decoded".to_owned());
+        for (k, result) in decoded.into_iter().enumerate() {
+            match (k, result) {
+                (0, result) => wanted = result,
+                // Kept for the reads to come; one that failed fails its own read.
+                (_, Ok(bytes)) => self.pieces.insert(self.key(file, run.start + k), bytes),
+                (_, Err(_)) => {}
+            }
+        }
+        wanted.map_err(|e| self.bad(&file.chunks[i], e))
+    }
+
+    /// The TOC was checked: bytes that do not decode, or decode to something else, are
+    /// wrong bytes from the registry or a mirror.
+    fn bad(&self, chunk: &Chunk, e: String) -> Error {
+        self.source.distrust();
+        let at = chunk.compressed.start;
+        unreadable(self.layer, format!("chunk at byte {at}: {e}"))
+    }
+
+    /// Decodes a whole chunk (a hole, or one too large to cache: fetched a piece at a
+    /// time), checks it, and returns bytes `from..to` of it.
     async fn decode(&self, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
-        // The TOC was checked: bytes that do not decode, or decode to something else,
-        // are wrong bytes from the registry or a mirror.
-        let bad = |e: String| {
-            self.source.distrust();
-            let at = chunk.compressed.start;
-            unreadable(self.layer, format!("chunk at byte {at}: {e}"))
-        };
+        let bad = |e: String| self.bad(chunk, e);
         let mut state = Decoding::new(self.codec, chunk, from, to).map_err(bad)?;
-        let end = chunk.compressed.end.min(state.input_limit(chunk));
-        let piece = if chunk.size > MAX_CACHED_CHUNK {
-            FETCH_PIECE
-        } else {
-            u64::MAX
-        };
         if chunk.hole {
             state = blocking(move || {
                 let r = state.feed(&[]);
@@ -99,12 +167,13 @@ impl ChunkReader<'_> {
             .await?
             .map_err(bad)?;
         }
+        let end = fetch_end(chunk);
         let mut pos = chunk.compressed.start;
         while !state.done() {
             if pos >= end {
                 return Err(bad("compressed data ends before the chunk does".into()));
             }
-            let n = piece.min(end - pos);
+            let n = FETCH_PIECE.min(end - pos);
             let input = self.source.fetch_range(pos, n).await?;
             Stats::add(&self.stats.content_fetched_bytes, n);
             pos += n;
@@ -120,6 +189,64 @@ impl ChunkReader<'_> {
         }
         Ok(state.out.freeze())
     }
+}
+
+/// The chunks of one file, and how far the read at hand reaches into them.
+struct FileChunks<'a> {
+    /// The index of its first chunk in the layer's chunk map.
+    first: u32,
+    chunks: &'a [Chunk],
+    /// One past the last chunk the read touches.
+    touched_end: usize,
+}
+
+/// Where fetching a chunk stops: its compressed range, but no more than its decoded
+/// bytes can take (incompressible data grows a little in gzip and zstd; more than this
+/// is not a chunk, whatever the TOC's offsets leave room for).
+fn fetch_end(chunk: &Chunk) -> u64 {
+    let decoded = chunk.inner_offset.saturating_add(chunk.size);
+    let limit = decoded
+        .saturating_add(decoded / 16)
+        .saturating_add(64 << 10);
+    chunk
+        .compressed
+        .end
+        .min(chunk.compressed.start.saturating_add(limit))
+}
+
+/// Each of `chunks` (following each other in the blob from `start`) decoded whole out of
+/// `input`, their compressed bytes, and checked.
+fn decode_run(
+    codec: Codec,
+    chunks: &[Chunk],
+    input: &[u8],
+    start: u64,
+) -> Vec<std::result::Result<Bytes, String>> {
+    let compressed = |c: &Chunk| {
+        let from = usize::try_from(c.compressed.start.checked_sub(start)?).ok()?;
+        let to = usize::try_from(fetch_end(c).checked_sub(start)?).ok()?;
+        input.get(from..to)
+    };
+    chunks
+        .iter()
+        .map(|c| match compressed(c) {
+            Some(bytes) => decode_whole(codec, c, bytes),
+            None => Err("the range fetched is short".into()),
+        })
+        .collect()
+}
+
+/// A chunk decoded whole from `input` (its compressed bytes) and checked.
+fn decode_whole(codec: Codec, chunk: &Chunk, input: &[u8]) -> std::result::Result<Bytes, String> {
+    let mut state = Decoding::new(codec, chunk, 0, chunk.size)?;
+    state.feed(input)?;
+    if !state.done() {
+        return Err("compressed data ends before the chunk does".into());
+    }
+    if !state.matches(chunk) {
+        return Err("content does not match its chunk digest".into());
+    }
+    Ok(state.out.freeze())
 }
 
 /// Runs `f` on the blocking pool; the second half of its answer is its result.
@@ -171,16 +298,6 @@ impl Decoding {
             to,
             out: BytesMut::with_capacity((to - from) as usize),
         })
-    }
-
-    /// The most compressed bytes the chunk can take: incompressible data grows a little
-    /// in gzip and zstd; more than this is not a chunk.
-    fn input_limit(&self, chunk: &Chunk) -> u64 {
-        let decoded = self.skip.saturating_add(self.want);
-        let limit = decoded
-            .saturating_add(decoded / 16)
-            .saturating_add(64 << 10);
-        chunk.compressed.start.saturating_add(limit)
     }
 
     fn done(&self) -> bool {
@@ -252,6 +369,7 @@ mod tests {
 
     use super::*;
     use crate::cache::BlockCache;
+    use crate::cache::blocks::BlockKey;
     use crate::image::codec::gzip::tests::{gzip, sample};
     use crate::image::source::mem::MemSource;
 
@@ -323,20 +441,19 @@ mod tests {
             .expect("read");
         assert_eq!(&got[..], &big[199_990..200_010]);
         let fetched = source.fetched.lock().expect("lock").clone();
-        let ranges: Vec<(u64, u64)> = chunks[..2]
-            .iter()
-            .map(|c| (c.compressed.start, c.compressed.end - c.compressed.start))
-            .collect();
-        let mut sorted = fetched.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, ranges, "each touched chunk, exactly its range");
+        let (a, b) = (chunks[0].compressed.start, chunks[1].compressed.end);
+        assert_eq!(
+            fetched,
+            [(a, b - a)],
+            "the two chunks touched, in one range"
+        );
         // Read again: the checked chunks are cached.
         let again = reader
             .read(0, &chunks[..2], 0, 300_000)
             .await
             .expect("read");
         assert_eq!(&again[..], &big[..]);
-        assert_eq!(source.fetched.lock().expect("lock").len(), 2);
+        assert_eq!(source.fetched.lock().expect("lock").len(), 1);
         assert_eq!(
             *source.block_reads.lock().expect("lock"),
             0,
@@ -424,5 +541,59 @@ mod tests {
         };
         let got = reader.read(0, &[chunk], 100, 49_000).await.expect("read");
         assert_eq!(&got[..], &data[100..49_000]);
+    }
+
+    #[tokio::test]
+    async fn a_file_read_in_order_fetches_its_next_chunks_along() {
+        // Twelve chunks of 20 KB, one member each, as podman cuts files.
+        let data = sample(240_000);
+        let mut blob = vec![0u8; 100];
+        let mut chunks = Vec::new();
+        for (i, piece) in data.chunks(20_000).enumerate() {
+            let start = blob.len() as u64;
+            blob.extend(gzip(piece, usize::MAX));
+            chunks.push(Chunk {
+                compressed: start..blob.len() as u64,
+                inner_offset: 0,
+                file_offset: i as u64 * 20_000,
+                size: 20_000,
+                digest: Some(sha(piece)),
+                hole: false,
+            });
+        }
+        let readers = readers();
+        let source = MemSource::new(blob);
+        let reader = ChunkReader {
+            layer: &source.digest.clone(),
+            source: &source,
+            pieces: &readers.0,
+            stats: &readers.1,
+            codec: Codec::Gzip,
+        };
+        // A read in the middle fetches what it touches.
+        let got = reader
+            .read(0, &chunks, 150_000, 150_100)
+            .await
+            .expect("read");
+        assert_eq!(&got[..], &data[150_000..150_100]);
+        let c = &chunks[7].compressed;
+        assert_eq!(
+            *source.fetched.lock().expect("lock"),
+            [(c.start, c.end - c.start)]
+        );
+        // A read from the start fetches the chunks that follow along, one request.
+        source.fetched.lock().expect("lock").clear();
+        let got = reader.read(0, &chunks, 0, 10).await.expect("read");
+        assert_eq!(&got[..], &data[..10]);
+        let (a, b) = (chunks[0].compressed.start, chunks[6].compressed.end);
+        assert_eq!(
+            *source.fetched.lock().expect("lock"),
+            [(a, b - a)],
+            "up to the cached one"
+        );
+        let all = reader.read(0, &chunks, 0, 240_000).await.expect("read");
+        assert_eq!(&all[..], &data[..]);
+        let (a, b) = (chunks[8].compressed.start, chunks[11].compressed.end);
+        assert_eq!(source.fetched.lock().expect("lock")[1..], [(a, b - a)]);
     }
 }
