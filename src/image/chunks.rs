@@ -369,7 +369,6 @@ mod tests {
 
     use super::*;
     use crate::cache::BlockCache;
-    use crate::cache::blocks::BlockKey;
     use crate::image::codec::gzip::tests::{gzip, sample};
     use crate::image::source::mem::MemSource;
 
