@@ -236,14 +236,14 @@ fn file_chunks(
             0 => next.saturating_sub(at),
             size => size,
         };
-        if size == 0 || at + size > file.size {
+        if size == 0 || at.checked_add(size).is_none_or(|e| e > file.size) {
             return Err(format!("a chunk at byte {at} of {size} bytes"));
         }
         let digest = p.digest.or(file.digest.filter(|_| pieces.len() == 1));
         let compressed = if p.zeros {
             0..0
         } else {
-            let next_start = starts.range(p.offset + 1..).next().copied();
+            let next_start = starts.range(p.offset.saturating_add(1)..).next().copied();
             let mut end = next_start.unwrap_or(data_end).min(data_end);
             if file.end_offset > p.offset {
                 end = end.min(file.end_offset);

@@ -218,6 +218,13 @@ fn tocs_that_cannot_be_used_say_why() {
         { "name": "f", "type": "reg", "size": 3, "offset": 2000, "chunkDigest": digest(1) },
     ]));
     assert!(beyond.contains("no place in the blob"), "{beyond}");
+    let huge = why(json!([
+        { "name": "f", "type": "reg", "size": 30, "offset": 100, "chunkSize": 10,
+          "chunkDigest": digest(1) },
+        { "name": "f", "type": "chunk", "offset": u64::MAX, "chunkOffset": 10,
+          "chunkSize": u64::MAX, "chunkDigest": digest(2) },
+    ]));
+    assert!(huge.contains("a chunk at byte 10"), "{huge}");
 }
 
 /// A file cut into chunks as some writer might: sizes, whether each size is written
@@ -297,6 +304,51 @@ proptest! {
                 at += len;
             }
             prop_assert_eq!(at, *size);
+        }
+    }
+}
+
+fn any_entry() -> impl Strategy<Value = Value> {
+    let num = prop_oneof![0u64..300, Just(u64::MAX), Just(u64::MAX / 2), any::<u64>()];
+    (
+        prop::sample::select(vec!["reg", "chunk", "dir", "hardlink", "symlink", "x"]),
+        prop::sample::select(vec!["a", "b", "", "../c"]),
+        (num.clone(), num.clone(), num.clone(), num.clone(), num),
+        prop::sample::select(vec!["", "zeros", "data", "odd"]),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(kind, name, (size, offset, chunk_offset, chunk_size, inner), chunk_type, dig)| {
+                let mut e = json!({
+                    "type": kind, "name": name, "size": size, "offset": offset,
+                    "chunkOffset": chunk_offset, "chunkSize": chunk_size, "innerOffset": inner,
+                    "chunkType": chunk_type, "linkName": "a",
+                });
+                if dig {
+                    e["chunkDigest"] = json!(digest(1));
+                }
+                e
+            },
+        )
+}
+
+proptest! {
+    /// Whatever a TOC says, building its index never panics, and an index it makes
+    /// covers every file exactly, inside the blob's data.
+    #[test]
+    fn any_toc_is_an_index_or_a_reason(entries in prop::collection::vec(any_entry(), 0..12)) {
+        let Ok(index) = index_of(Value::Array(entries), 1000) else {
+            return Ok(());
+        };
+        for entry in &index.entries {
+            let DataRef::Chunks(range) = &entry.data else { continue };
+            let mut at = 0;
+            for c in index.chunks(range) {
+                prop_assert_eq!(c.file_offset, at);
+                prop_assert!(c.hole || c.compressed.start < c.compressed.end && c.compressed.end <= 1000);
+                at += c.size;
+            }
+            prop_assert_eq!(at, entry.size);
         }
     }
 }
