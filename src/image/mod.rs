@@ -3,7 +3,8 @@
 //!
 //! - [`manifest`]: an image's layers, an index's image for a platform;
 //! - [`codec`]: decoders that start at a layer's beginning or
-//!   at a checkpoint; [`tar`]: tar entries from the decoded stream;
+//!   at a checkpoint; [`tar`]: tar entries from the decoded stream ([`tar_pax`]: PAX
+//!   records);
 //! - [`pass`]: the one streaming pass that indexes a plain layer; [`toc`]: the index of
 //!   eStargz and zstd:chunked layers from their TOC; [`index`]: what an index holds;
 //! - [`content`]: one file's bytes from an indexed layer ([`chunks`]: from a TOC
@@ -22,6 +23,7 @@ pub mod manifest;
 pub mod pass;
 pub mod source;
 pub mod tar;
+pub mod tar_pax;
 pub mod toc;
 pub mod tree;
 
