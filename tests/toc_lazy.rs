@@ -10,7 +10,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::images::{
     Containerd, GZIP_LAYER, assert_same_tree, push_layer_image, require_image_tools, snapshot,
@@ -27,13 +27,9 @@ const SMALL_TEXT: &str = "one small file in a large image\n";
 fn setup() {
     require_tools();
     require_image_tools();
-    let podman = Command::new("sh")
-        .args(["-c", "command -v podman"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let podman = Command::new("podman").arg("--version").output();
     assert!(
-        podman,
+        podman.is_ok_and(|o| o.status.success()),
         "podman is missing: run scripts/setup.sh (installs it with apt-get)"
     );
 }

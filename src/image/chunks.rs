@@ -376,30 +376,72 @@ mod tests {
         sha2::Sha256::digest(bytes).into()
     }
 
-    fn readers() -> (BlockCache, Stats) {
-        let stats = Arc::new(Stats::default());
-        (BlockCache::new(1 << 20, 64 << 20, stats), Stats::default())
-    }
-
-    /// A blob as eStargz lays it out: a member of tar headers, a file of two chunks
-    /// (one member each), then one member holding two small files between headers.
-    fn layer() -> (Vec<u8>, Vec<Chunk>, Vec<u8>, [Vec<u8>; 2]) {
-        let big = sample(300_000);
-        let small = [b"tiny".to_vec(), sample(999)];
-        let mut blob = gzip(&[7u8; 512], usize::MAX);
+    /// `data` cut into chunks of `size`, appended to `blob` one gzip member each.
+    fn gzip_chunks(blob: &mut Vec<u8>, data: &[u8], size: usize) -> Vec<Chunk> {
         let mut chunks = Vec::new();
-        for (i, piece) in big.chunks(200_000).enumerate() {
+        for (i, piece) in data.chunks(size).enumerate() {
             let start = blob.len() as u64;
             blob.extend(gzip(piece, usize::MAX));
             chunks.push(Chunk {
                 compressed: start..blob.len() as u64,
                 inner_offset: 0,
-                file_offset: i as u64 * 200_000,
+                file_offset: (i * size) as u64,
                 size: piece.len() as u64,
                 digest: Some(sha(piece)),
                 hole: false,
             });
         }
+        chunks
+    }
+
+    /// A blob and what reading it needs.
+    struct Layer {
+        source: MemSource,
+        pieces: BlockCache,
+        stats: Stats,
+    }
+
+    impl Layer {
+        fn new(blob: Vec<u8>) -> Layer {
+            let stats = Arc::new(Stats::default());
+            Layer {
+                source: MemSource::new(blob),
+                pieces: BlockCache::new(1 << 20, 64 << 20, stats),
+                stats: Stats::default(),
+            }
+        }
+
+        fn reader(&self, codec: Codec) -> ChunkReader<'_> {
+            ChunkReader {
+                layer: &self.source.digest,
+                source: &self.source,
+                pieces: &self.pieces,
+                stats: &self.stats,
+                codec,
+            }
+        }
+
+        /// `(offset, len)` of each range fetched since the last call.
+        fn fetched(&self) -> Vec<(u64, u64)> {
+            std::mem::take(&mut *self.source.fetched.lock().expect("lock"))
+        }
+    }
+
+    fn span(chunks: &[Chunk]) -> (u64, u64) {
+        let (a, b) = (
+            chunks[0].compressed.start,
+            chunks[chunks.len() - 1].compressed.end,
+        );
+        (a, b - a)
+    }
+
+    /// As eStargz lays a layer out: a member of tar headers, a file of two chunks (one
+    /// member each), then one member holding two small files between headers.
+    fn estargz_like() -> (Vec<u8>, Vec<Chunk>, Vec<u8>, [Vec<u8>; 2]) {
+        let big = sample(300_000);
+        let small = [b"tiny".to_vec(), sample(999)];
+        let mut blob = gzip(&[7u8; 512], usize::MAX);
+        let mut chunks = gzip_chunks(&mut blob, &big, 200_000);
         let mut merged = vec![1u8; 512];
         let start = blob.len() as u64;
         for s in &small {
@@ -424,40 +466,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_fetches_the_chunks_it_touches_by_their_own_ranges() {
-        let (blob, chunks, big, small) = layer();
-        let source = MemSource::new(blob);
-        let readers = readers();
-        let reader = ChunkReader {
-            layer: &source.digest.clone(),
-            source: &source,
-            pieces: &readers.0,
-            stats: &readers.1,
-            codec: Codec::Gzip,
-        };
-        let got = reader
-            .read(0, &chunks[..2], 199_990, 200_010)
-            .await
-            .expect("read");
-        assert_eq!(&got[..], &big[199_990..200_010]);
-        let fetched = source.fetched.lock().expect("lock").clone();
-        let (a, b) = (chunks[0].compressed.start, chunks[1].compressed.end);
+        let (blob, chunks, big, small) = estargz_like();
+        let layer = Layer::new(blob);
+        let reader = layer.reader(Codec::Gzip);
+        let got = reader.read(0, &chunks[..2], 199_990, 200_010).await;
+        assert_eq!(&got.expect("read")[..], &big[199_990..200_010]);
         assert_eq!(
-            fetched,
-            [(a, b - a)],
-            "the two chunks touched, in one range"
+            layer.fetched(),
+            [span(&chunks[..2])],
+            "both chunks, one range"
         );
         // Read again: the checked chunks are cached.
-        let again = reader
-            .read(0, &chunks[..2], 0, 300_000)
-            .await
-            .expect("read");
-        assert_eq!(&again[..], &big[..]);
-        assert_eq!(source.fetched.lock().expect("lock").len(), 1);
-        assert_eq!(
-            *source.block_reads.lock().expect("lock"),
-            0,
-            "no block reads"
-        );
+        let again = reader.read(0, &chunks[..2], 0, 300_000).await;
+        assert_eq!(&again.expect("read")[..], &big[..]);
+        assert_eq!(layer.fetched(), []);
+        assert_eq!(*layer.source.block_reads.lock().expect("lock"), 0);
         // Small files packed in one member, found by their inner offsets.
         for (i, s) in small.iter().enumerate() {
             let got = reader.read(2 + i as u32, &chunks[2 + i..3 + i], 0, s.len() as u64);
@@ -466,8 +489,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_file_read_in_order_fetches_its_next_chunks_along() {
+        // Twelve chunks of 20 KB, one member each, as podman cuts files.
+        let data = sample(240_000);
+        let mut blob = vec![0u8; 100];
+        let chunks = gzip_chunks(&mut blob, &data, 20_000);
+        let layer = Layer::new(blob);
+        let reader = layer.reader(Codec::Gzip);
+        // A read in the middle fetches what it touches.
+        let got = reader.read(0, &chunks, 150_000, 150_100).await;
+        assert_eq!(&got.expect("read")[..], &data[150_000..150_100]);
+        assert_eq!(layer.fetched(), [span(&chunks[7..8])]);
+        // A read from the start fetches the chunks that follow along, in one request,
+        // up to the one cached.
+        let got = reader.read(0, &chunks, 0, 10).await;
+        assert_eq!(&got.expect("read")[..], &data[..10]);
+        assert_eq!(layer.fetched(), [span(&chunks[..7])]);
+        let all = reader.read(0, &chunks, 0, 240_000).await;
+        assert_eq!(&all.expect("read")[..], &data[..]);
+        assert_eq!(layer.fetched(), [span(&chunks[8..])]);
+    }
+
+    #[tokio::test]
     async fn holes_are_zeros_and_wrong_bytes_are_refused() {
-        let (mut blob, chunks, _, _) = layer();
+        let (mut blob, chunks, _, _) = estargz_like();
         let hole = Chunk {
             compressed: 0..0,
             inner_offset: 0,
@@ -476,40 +521,26 @@ mod tests {
             digest: Some(sha(&[0u8; 70_000])),
             hole: true,
         };
-        let readers = readers();
-        let source = MemSource::new(blob.clone());
-        let reader = ChunkReader {
-            layer: &source.digest.clone(),
-            source: &source,
-            pieces: &readers.0,
-            stats: &readers.1,
-            codec: Codec::Gzip,
-        };
+        let layer = Layer::new(blob.clone());
+        let reader = layer.reader(Codec::Gzip);
         let zeros = reader.read(9, std::slice::from_ref(&hole), 5, 69_000).await;
         assert!(zeros.expect("a hole").iter().all(|&b| b == 0));
-        assert!(source.fetched.lock().expect("lock").is_empty());
+        assert_eq!(layer.fetched(), []);
         let lying = Chunk {
             digest: Some([9; 32]),
             ..hole
         };
         assert!(reader.read(10, &[lying], 0, 10).await.is_err());
 
-        // A byte of the first chunk's deflate data flipped: its digest catches it.
+        // A byte of the first chunk's deflate data flipped: refused, naming the chunk.
         let at = (chunks[0].compressed.start + chunks[0].compressed.end) / 2;
         blob[at as usize] ^= 0x10;
-        let source = MemSource::new(blob);
-        let reader = ChunkReader {
-            layer: &source.digest.clone(),
-            source: &source,
-            pieces: &readers.0,
-            stats: &readers.1,
-            codec: Codec::Gzip,
-        };
-        let err = reader.read(0, &chunks[..1], 0, 10).await.err();
-        let err = err.map(|e| e.to_string()).unwrap_or_default();
+        let layer = Layer::new(blob);
+        let err = layer.reader(Codec::Gzip).read(0, &chunks[..1], 0, 10).await;
+        let err = err.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("chunk at byte"), "{err}");
         assert!(
-            *source.distrusted.lock().expect("lock"),
+            *layer.source.distrusted.lock().expect("lock"),
             "cached bytes dropped"
         );
     }
@@ -529,70 +560,11 @@ mod tests {
             hole: false,
         };
         blob.extend_from_slice(b"after");
-        let readers = readers();
-        let source = MemSource::new(blob);
-        let reader = ChunkReader {
-            layer: &source.digest.clone(),
-            source: &source,
-            pieces: &readers.0,
-            stats: &readers.1,
-            codec: Codec::Zstd,
-        };
-        let got = reader.read(0, &[chunk], 100, 49_000).await.expect("read");
-        assert_eq!(&got[..], &data[100..49_000]);
-    }
-
-    #[tokio::test]
-    async fn a_file_read_in_order_fetches_its_next_chunks_along() {
-        // Twelve chunks of 20 KB, one member each, as podman cuts files.
-        let data = sample(240_000);
-        let mut blob = vec![0u8; 100];
-        let mut chunks = Vec::new();
-        for (i, piece) in data.chunks(20_000).enumerate() {
-            let start = blob.len() as u64;
-            blob.extend(gzip(piece, usize::MAX));
-            chunks.push(Chunk {
-                compressed: start..blob.len() as u64,
-                inner_offset: 0,
-                file_offset: i as u64 * 20_000,
-                size: 20_000,
-                digest: Some(sha(piece)),
-                hole: false,
-            });
-        }
-        let readers = readers();
-        let source = MemSource::new(blob);
-        let reader = ChunkReader {
-            layer: &source.digest.clone(),
-            source: &source,
-            pieces: &readers.0,
-            stats: &readers.1,
-            codec: Codec::Gzip,
-        };
-        // A read in the middle fetches what it touches.
-        let got = reader
-            .read(0, &chunks, 150_000, 150_100)
-            .await
-            .expect("read");
-        assert_eq!(&got[..], &data[150_000..150_100]);
-        let c = &chunks[7].compressed;
-        assert_eq!(
-            *source.fetched.lock().expect("lock"),
-            [(c.start, c.end - c.start)]
-        );
-        // A read from the start fetches the chunks that follow along, one request.
-        source.fetched.lock().expect("lock").clear();
-        let got = reader.read(0, &chunks, 0, 10).await.expect("read");
-        assert_eq!(&got[..], &data[..10]);
-        let (a, b) = (chunks[0].compressed.start, chunks[6].compressed.end);
-        assert_eq!(
-            *source.fetched.lock().expect("lock"),
-            [(a, b - a)],
-            "up to the cached one"
-        );
-        let all = reader.read(0, &chunks, 0, 240_000).await.expect("read");
-        assert_eq!(&all[..], &data[..]);
-        let (a, b) = (chunks[8].compressed.start, chunks[11].compressed.end);
-        assert_eq!(source.fetched.lock().expect("lock")[1..], [(a, b - a)]);
+        let layer = Layer::new(blob);
+        let got = layer
+            .reader(Codec::Zstd)
+            .read(0, &[chunk], 100, 49_000)
+            .await;
+        assert_eq!(&got.expect("read")[..], &data[100..49_000]);
     }
 }
