@@ -4,10 +4,13 @@
 //! chunk digests before a byte of them is returned. Checked chunks are kept in the
 //! piece cache, so a file read in small pieces fetches and decodes each chunk once.
 
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 use sha2::Digest as _;
+use tokio::sync::watch;
 
 use super::codec::{Checkpoint, Codec, Decoder};
 use super::index::{Chunk, unreadable};
@@ -27,6 +30,9 @@ const FETCH_PIECE: u64 = 1 << 20;
 /// the chunk it needs and the file's next ones, in one range request (podman cuts files
 /// into chunks of tens of KiB: a request each would make a file a chain of round trips).
 const READ_AHEAD: u64 = 1 << 20;
+/// Compressed bytes between two chunks a run fetches along (a hole's frame of zeros,
+/// a tar header): fetched with them rather than cutting the run in two.
+const MAX_GAP: u64 = 16 << 10;
 /// Decoder output buffer.
 const SCRATCH: usize = 128 << 10;
 /// Piece cache keys of decoded chunks: the chunk's index with this bit set (spans of
@@ -41,6 +47,68 @@ pub struct ChunkReader<'a> {
     pub pieces: &'a BlockCache,
     pub stats: &'a Stats,
     pub codec: Codec,
+    /// The layer's chunks being fetched right now.
+    pub flights: &'a Flights,
+}
+
+/// The chunks of a layer that runs are fetching right now, so that a reader of one
+/// waits for its run rather than fetching it again: the kernel reads ahead of a
+/// program in parallel reads.
+#[derive(Default)]
+pub struct Flights(Mutex<HashMap<u32, watch::Receiver<()>>>);
+
+/// Chunks held by one run until it is dropped (done, failed or cancelled).
+struct Held<'a> {
+    flights: &'a Flights,
+    chunks: Range<u32>,
+    done: watch::Receiver<()>,
+    /// Dropped with the guard: waiters see the channel close.
+    _signal: watch::Sender<()>,
+}
+
+impl Flights {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, watch::Receiver<()>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn holds(&self, chunk: u32) -> bool {
+        self.lock().contains_key(&chunk)
+    }
+
+    /// Marks `chunks` as being fetched until the guard is dropped.
+    fn hold(&self, chunks: Range<u32>) -> Held<'_> {
+        let (signal, done) = watch::channel(());
+        let mut map = self.lock();
+        for c in chunks.clone() {
+            map.entry(c).or_insert_with(|| done.clone());
+        }
+        Held {
+            flights: self,
+            chunks,
+            done,
+            _signal: signal,
+        }
+    }
+
+    /// Waits for the run fetching `chunk`, if there is one.
+    async fn wait(&self, chunk: u32) {
+        let flight = self.lock().get(&chunk).cloned();
+        if let Some(mut done) = flight {
+            // Nothing is ever sent: this returns when the run's guard is dropped.
+            let _ = done.changed().await;
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut map = self.flights.lock();
+        for c in self.chunks.clone() {
+            if map.get(&c).is_some_and(|r| r.same_channel(&self.done)) {
+                map.remove(&c);
+            }
+        }
+    }
 }
 
 impl ChunkReader<'_> {
@@ -83,9 +151,12 @@ impl ChunkReader<'_> {
             .pieces
             .get(&self.key(file, i), || async {
                 if chunk.hole {
-                    self.decode(chunk, 0, chunk.size).await
-                } else {
-                    self.fetch_run(file, i).await
+                    return self.decode(chunk, 0, chunk.size).await;
+                }
+                self.flights.wait(file.first + i as u32).await;
+                match self.pieces.peek(&self.key(file, i)) {
+                    Some(fetched) => Ok(fetched), // by the run it waited for
+                    None => self.fetch_run(file, i).await,
                 }
             })
             .await?;
@@ -98,33 +169,46 @@ impl ChunkReader<'_> {
         (self.layer.clone(), CHUNK_KEY | index)
     }
 
+    /// Whether chunk `i` is cached or being fetched.
+    fn has(&self, file: &FileChunks<'_>, i: usize) -> bool {
+        self.pieces.contains(&self.key(file, i)) || self.flights.holds(file.first + i as u32)
+    }
+
     /// The chunks fetched with chunk `i`: the next ones the read touches and, for a
     /// reader going through the file in order, more up to [`READ_AHEAD`]; as long as
-    /// each follows the last in the blob and is not cached yet.
-    fn run(&self, file: &FileChunks<'_>, i: usize) -> Range<usize> {
-        let in_order = i == 0 || self.pieces.contains(&self.key(file, i - 1));
-        let mut bytes = fetch_end(&file.chunks[i]) - file.chunks[i].compressed.start;
-        let mut j = i + 1;
-        while let Some(c) = file.chunks.get(j) {
-            let follows = c.compressed.start == fetch_end(&file.chunks[j - 1]);
+    /// each follows the last in the blob (holes, which need no bytes, are passed over
+    /// with the few bytes of their frames) and is neither cached nor being fetched.
+    fn run(&self, file: &FileChunks<'_>, i: usize) -> Vec<usize> {
+        let in_order = i == 0 || self.has(file, i - 1);
+        let mut end = fetch_end(&file.chunks[i]);
+        let mut run = vec![i];
+        for (j, c) in file.chunks.iter().enumerate().skip(i + 1) {
+            let bytes = end - file.chunks[i].compressed.start;
             let wanted = j < file.touched_end || (in_order && bytes < READ_AHEAD);
-            if !follows || !wanted || c.hole || c.size > MAX_CACHED_CHUNK {
+            if !wanted || self.has(file, j) {
                 break;
             }
-            if self.pieces.contains(&self.key(file, j)) {
+            if c.hole {
+                continue;
+            }
+            let follows = (end..=end.saturating_add(MAX_GAP)).contains(&c.compressed.start);
+            if !follows || c.size > MAX_CACHED_CHUNK {
                 break;
             }
-            bytes += fetch_end(c) - c.compressed.start;
-            j += 1;
+            end = fetch_end(c);
+            run.push(j);
         }
-        i..j
+        run
     }
 
     /// Chunk `i` whole and checked, fetched by one range request with the rest of its
     /// run (see [`Self::run`]), which goes to the piece cache.
     async fn fetch_run(&self, file: &FileChunks<'_>, i: usize) -> Result<Bytes> {
         let run = self.run(file, i);
-        let members: Vec<Chunk> = file.chunks[run.clone()].to_vec();
+        let (first, last) = (run[0], run[run.len() - 1]);
+        let indexes = file.first + first as u32..file.first + last as u32 + 1;
+        let _held = self.flights.hold(indexes);
+        let members: Vec<Chunk> = run.iter().map(|&k| file.chunks[k].clone()).collect();
         let start = members[0].compressed.start;
         let end = members.last().map_or(start, fetch_end);
         let input = self.source.fetch_range(start, end - start).await?;
@@ -135,12 +219,12 @@ impl ChunkReader<'_> {
                 .await
                 .map_err(|e| Error::Unavailable(format!("decoder task failed: {e}")))?;
         let mut wanted = Err("nothing decoded".to_owned());
-        for (k, result) in decoded.into_iter().enumerate() {
-            match (k, result) {
-                (0, result) => wanted = result,
+        for (&k, result) in run.iter().zip(decoded) {
+            match (k == i, result) {
+                (true, result) => wanted = result,
                 // Kept for the reads to come; one that failed fails its own read.
-                (_, Ok(bytes)) => self.pieces.insert(self.key(file, run.start + k), bytes),
-                (_, Err(_)) => {}
+                (false, Ok(bytes)) => self.pieces.insert(self.key(file, k), bytes),
+                (false, Err(_)) => {}
             }
         }
         wanted.map_err(|e| self.bad(&file.chunks[i], e))
@@ -399,6 +483,7 @@ mod tests {
         source: MemSource,
         pieces: BlockCache,
         stats: Stats,
+        flights: Flights,
     }
 
     impl Layer {
@@ -408,6 +493,7 @@ mod tests {
                 source: MemSource::new(blob),
                 pieces: BlockCache::new(1 << 20, 64 << 20, stats),
                 stats: Stats::default(),
+                flights: Flights::default(),
             }
         }
 
@@ -418,6 +504,7 @@ mod tests {
                 pieces: &self.pieces,
                 stats: &self.stats,
                 codec,
+                flights: &self.flights,
             }
         }
 
@@ -566,5 +653,37 @@ mod tests {
             .read(0, &[chunk], 100, 49_000)
             .await;
         assert_eq!(&got.expect("read")[..], &data[100..49_000]);
+    }
+
+    #[tokio::test]
+    async fn a_run_passes_over_holes() {
+        // data, a run of zeros (its own small frame), data: as podman writes a binary.
+        let (a, b) = (sample(30_000), sample(40_000));
+        let mut blob = vec![0u8; 10];
+        let mut chunks = gzip_chunks(&mut blob, &a, 30_000);
+        blob.extend(gzip(&[0u8; 50_000], usize::MAX));
+        chunks.push(Chunk {
+            compressed: 0..0,
+            inner_offset: 0,
+            file_offset: 30_000,
+            size: 50_000,
+            digest: Some(sha(&[0u8; 50_000])),
+            hole: true,
+        });
+        let mut rest = gzip_chunks(&mut blob, &b, 40_000);
+        rest[0].file_offset = 80_000;
+        chunks.extend(rest);
+        let layer = Layer::new(blob);
+        let reader = layer.reader(Codec::Gzip);
+        let all = reader.read(0, &chunks, 0, 120_000).await.expect("read");
+        assert_eq!(&all[..30_000], &a[..]);
+        assert!(all[30_000..80_000].iter().all(|&z| z == 0));
+        assert_eq!(&all[80_000..], &b[..]);
+        let (from, to) = (chunks[0].compressed.start, chunks[2].compressed.end);
+        assert_eq!(
+            layer.fetched(),
+            [(from, to - from)],
+            "one range, the hole's frame too"
+        );
     }
 }

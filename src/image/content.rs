@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 
-use super::chunks::ChunkReader;
+use super::chunks::{ChunkReader, Flights};
 use super::codec::{Codec, Decoder};
 use super::entry::{DataRef, Entry};
 use super::index::unreadable;
@@ -83,6 +83,8 @@ pub struct LayerContent {
     source: Arc<dyn BlobSource>,
     readers: Readers,
     cursors: Mutex<Vec<Cursor>>,
+    /// TOC chunks being fetched.
+    flights: Flights,
 }
 
 impl LayerContent {
@@ -99,6 +101,7 @@ impl LayerContent {
             source,
             readers,
             cursors: Mutex::new(Vec::new()),
+            flights: Flights::default(),
         }
     }
 
@@ -129,6 +132,7 @@ impl LayerContent {
                     source: &*self.source,
                     pieces: &self.readers.pieces,
                     stats: &self.readers.stats,
+                    flights: &self.flights,
                     codec: map.codec,
                 };
                 let chunks = self.index.chunks(range);
