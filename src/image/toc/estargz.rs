@@ -32,6 +32,12 @@ pub async fn read_toc(source: &dyn BlobSource) -> Result<(Vec<u8>, u64)> {
         Some(offset) => (offset, FOOTER),
         None => match footer_offset(&tail[footer_at + (FOOTER - LEGACY_FOOTER) as usize..]) {
             Some(offset) => (offset, LEGACY_FOOTER),
+            None if external_toc(&tail) => {
+                return Err(unreadable(
+                    &digest,
+                    "its eStargz TOC is kept apart from the layer (an external TOC), which regfs does not fetch",
+                ));
+            }
             None => return Err(unreadable(&digest, "no eStargz footer at its end")),
         },
     };
@@ -81,6 +87,16 @@ fn footer_offset(footer: &[u8]) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
+/// Whether the blob ends with the footer of an eStargz layer whose TOC is in another
+/// blob (stargz-snapshotter's `externaltoc`: a 46-byte footer naming no offset).
+fn external_toc(tail: &[u8]) -> bool {
+    const MAGIC: &[u8] = b"STARGZEXTERNALTOC";
+    tail.len() >= 46
+        && tail[tail.len() - 46..]
+            .windows(MAGIC.len())
+            .any(|w| w == MAGIC)
 }
 
 /// Decodes a small gzip stream whole (at most `max` bytes of output).
@@ -143,5 +159,18 @@ mod tests {
             footer_offset(b"not a footer at all, not at all, not at all......."),
             None
         );
+        let mut external = vec![
+            0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 21, 0, b'S', b'G',
+        ];
+        external.extend_from_slice(&[17, 0]);
+        external.extend_from_slice(b"STARGZEXTERNALTOC");
+        external.extend_from_slice(&[1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(external.len(), 46);
+        assert_eq!(
+            footer_offset(&external[external.len() - 51.min(external.len())..]),
+            None
+        );
+        assert!(external_toc(&external));
+        assert!(!external_toc(&f));
     }
 }
