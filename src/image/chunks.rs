@@ -115,25 +115,20 @@ impl ChunkReader<'_> {
     /// Bytes `start..end` of a file made of `chunks`; `first` is the index of its first
     /// chunk.
     pub async fn read(&self, first: u32, chunks: &[Chunk], start: u64, end: u64) -> Result<Bytes> {
-        let touched: Vec<usize> = (0..chunks.len())
-            .filter(|&i| {
-                let c = &chunks[i];
-                c.file_offset + c.size > start && c.file_offset < end
-            })
-            .collect();
-        let touched_end = touched.last().map_or(0, |&i| i + 1);
+        // Chunks are in file order and cover the file (toc/build.rs sees to it).
+        let from = chunks.partition_point(|c| c.file_offset + c.size <= start);
+        let to = from + chunks[from..].partition_point(|c| c.file_offset < end);
+        let file = FileChunks {
+            first,
+            chunks,
+            touched_end: to,
+        };
         let mut out = BytesMut::new();
-        for &i in &touched {
-            let c = &chunks[i];
-            let from = start.max(c.file_offset) - c.file_offset;
-            let to = end.min(c.file_offset + c.size) - c.file_offset;
-            let file = FileChunks {
-                first,
-                chunks,
-                touched_end,
-            };
-            let piece = self.piece(&file, i, from, to).await?;
-            if touched.len() == 1 {
+        for (i, c) in chunks.iter().enumerate().take(to).skip(from) {
+            let lo = start.max(c.file_offset) - c.file_offset;
+            let hi = end.min(c.file_offset + c.size) - c.file_offset;
+            let piece = self.piece(&file, i, lo, hi).await?;
+            if to - from == 1 {
                 return Ok(piece);
             }
             out.extend_from_slice(&piece);
