@@ -4,15 +4,11 @@
 //! chunk digests before a byte of them is returned. Checked chunks are kept in the
 //! piece cache, so a file read in small pieces fetches and decodes each chunk once.
 
-use std::collections::HashMap;
-use std::ops::Range;
-use std::sync::{Mutex, PoisonError};
-
 use bytes::{Bytes, BytesMut};
 use sha2::Digest as _;
-use tokio::sync::watch;
 
 use super::codec::{Checkpoint, Codec, Decoder};
+use super::flights::Flights;
 use super::index::{Chunk, unreadable};
 use super::source::BlobSource;
 use crate::cache::BlockCache;
@@ -49,66 +45,6 @@ pub struct ChunkReader<'a> {
     pub codec: Codec,
     /// The layer's chunks being fetched right now.
     pub flights: &'a Flights,
-}
-
-/// The chunks of a layer that runs are fetching right now, so that a reader of one
-/// waits for its run rather than fetching it again: the kernel reads ahead of a
-/// program in parallel reads.
-#[derive(Default)]
-pub struct Flights(Mutex<HashMap<u32, watch::Receiver<()>>>);
-
-/// Chunks held by one run until it is dropped (done, failed or cancelled).
-struct Held<'a> {
-    flights: &'a Flights,
-    chunks: Range<u32>,
-    done: watch::Receiver<()>,
-    /// Dropped with the guard: waiters see the channel close.
-    _signal: watch::Sender<()>,
-}
-
-impl Flights {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, watch::Receiver<()>>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn holds(&self, chunk: u32) -> bool {
-        self.lock().contains_key(&chunk)
-    }
-
-    /// Marks `chunks` as being fetched until the guard is dropped.
-    fn hold(&self, chunks: Range<u32>) -> Held<'_> {
-        let (signal, done) = watch::channel(());
-        let mut map = self.lock();
-        for c in chunks.clone() {
-            map.entry(c).or_insert_with(|| done.clone());
-        }
-        Held {
-            flights: self,
-            chunks,
-            done,
-            _signal: signal,
-        }
-    }
-
-    /// Waits for the run fetching `chunk`, if there is one.
-    async fn wait(&self, chunk: u32) {
-        let flight = self.lock().get(&chunk).cloned();
-        if let Some(mut done) = flight {
-            // Nothing is ever sent: this returns when the run's guard is dropped.
-            let _ = done.changed().await;
-        }
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        let mut map = self.flights.lock();
-        for c in self.chunks.clone() {
-            if map.get(&c).is_some_and(|r| r.same_channel(&self.done)) {
-                map.remove(&c);
-            }
-        }
-    }
 }
 
 impl ChunkReader<'_> {

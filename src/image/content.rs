@@ -17,9 +17,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 
-use super::chunks::{ChunkReader, Flights};
+use super::chunks::ChunkReader;
 use super::codec::{Codec, Decoder};
 use super::entry::{DataRef, Entry};
+use super::flights::Flights;
 use super::index::unreadable;
 use super::index::{Content, LayerIndex, StreamMap};
 use super::source::BlobSource;

@@ -8,8 +8,8 @@
 //! - [`pass`]: the one streaming pass that indexes a plain layer; [`toc`]: the index of
 //!   eStargz and zstd:chunked layers from their TOC; [`index`]: what an index holds;
 //! - [`content`]: one file's bytes from an indexed layer ([`chunks`]: from a TOC
-//!   layer); [`tree`]: layers merged into an image's files, or one layer as an
-//!   overlayfs lowerdir.
+//!   layer; [`flights`]: its chunks being fetched); [`tree`]: layers merged into an
+//!   image's files, or one layer as an overlayfs lowerdir.
 //!
 //! Nothing here knows of FUSE: bytes come through [`source::BlobSource`], which the
 //! filesystem layer implements over its block cache.
@@ -18,6 +18,7 @@ pub mod chunks;
 pub mod codec;
 pub mod content;
 pub mod entry;
+pub mod flights;
 pub mod index;
 pub mod manifest;
 pub mod pass;

@@ -124,11 +124,11 @@ impl BlobSource for LayerBlob {
                 return Ok(join_blocks(&blocks, first * bs, offset, end));
             }
             let blob = self.blob();
-            let on_disk = (first..=last).all(|i| self.blocks.on_disk(blob, i));
-            if on_disk || self.blocks.checks_whole(blob) {
+            let on_disk = (first..=last).all(|i| self.fetcher.on_disk(blob, i));
+            if on_disk || self.fetcher.checks_whole(blob) {
                 return self.read(offset, len).await;
             }
-            let client = self.blocks.client();
+            let client = self.fetcher.client();
             client
                 .get_blob_range(&self.repo, &self.digest, offset, len)
                 .await
