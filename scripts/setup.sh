@@ -4,14 +4,14 @@
 # Used by scripts/test.sh (CI), scripts/demo.sh and the Vagrant box.
 set -euo pipefail
 
-# Image-content tests also convert images (containerd + ctr-remote), run a rootfs
-# (busybox-static) and write hostile layers (python3). The SOCI zTOC tests check
-# regfs's codec against the code flatc generates from the schema (flatbuffers-compiler,
-# python3-flatbuffers).
+# Image-content tests also convert images (containerd + ctr-remote, podman's
+# zstd:chunked), run a rootfs (busybox-static) and write hostile layers (python3). The
+# SOCI zTOC tests check regfs's codec against the code flatc generates from the schema
+# (flatbuffers-compiler, python3-flatbuffers).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
-    containerd ctr-remote busybox python3 unshare findmnt flatc)
+    containerd ctr-remote podman busybox python3 unshare findmnt flatc)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
-    containerd stargz-snapshotter busybox-static python3 util-linux
+    containerd stargz-snapshotter podman busybox-static python3 util-linux
     flatbuffers-compiler python3-flatbuffers)
 
 sudo=()

@@ -38,6 +38,8 @@ pub enum RequestKind {
 }
 
 const REQUEST_KINDS: usize = RequestKind::Referrers as usize + 1;
+/// Layers whose unused TOC `/.regfs/stats` names, with the reason.
+const TOC_UNUSED_SHOWN: usize = 32;
 
 #[derive(Default)]
 pub struct Stats {
@@ -66,6 +68,10 @@ pub struct Stats {
     pub index_bytes: AtomicU64,
     pub content_decodes: AtomicU64,
     pub content_fetched_bytes: AtomicU64,
+    /// Layers that announce a TOC yet were indexed by reading them whole, because the
+    /// TOC could not be used: how many, and why (by layer digest, the first few).
+    pub toc_unused: AtomicU64,
+    toc_unused_why: Mutex<BTreeMap<String, String>>,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
     /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
     /// entries evicted, blobs kept whole after their digest check, writes not done
@@ -124,6 +130,18 @@ impl Stats {
         Self::add(&self.requests[kind as usize], 1);
         Self::add(&self.in_flight, 1);
         InFlight(self.clone())
+    }
+
+    /// A layer with a TOC that had to be read whole instead (never silent).
+    pub fn toc_unused(&self, layer: &str, why: &str) {
+        Self::add(&self.toc_unused, 1);
+        let mut shown = self
+            .toc_unused_why
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shown.len() < TOC_UNUSED_SHOWN {
+            shown.insert(layer.to_owned(), why.to_owned());
+        }
     }
 
     /// The counters of a host (`role`: "origin" or "mirror"), shown under `hosts`.
@@ -213,6 +231,12 @@ impl Stats {
                 index_bytes: get(&self.index_bytes),
                 decodes: get(&self.content_decodes),
                 fetched_bytes: get(&self.content_fetched_bytes),
+                toc_unused: get(&self.toc_unused),
+                toc_unused_why: self
+                    .toc_unused_why
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
             },
             hosts: self.hosts_snapshot(),
         }
@@ -261,6 +285,10 @@ pub struct ImagesSnapshot {
     pub decodes: u64,
     /// Layer bytes fetched (or taken from the block cache) to read files.
     pub fetched_bytes: u64,
+    /// Layers that announce a TOC but are read whole (the pass), since the TOC could
+    /// not be used; and why, by layer digest.
+    pub toc_unused: u64,
+    pub toc_unused_why: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Debug)]

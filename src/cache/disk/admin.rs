@@ -65,7 +65,7 @@ pub fn du(root: &Path) -> Result<String, String> {
         count(|k| matches!(k, Kind::Meta { .. })),
         held_count(root),
     ))
-    .map(|line| match private::report(root) {
+    .map(|line| match private::report(root, true) {
         Some(warning) => format!("{line}\nwarning: {warning}"),
         None => line,
     })

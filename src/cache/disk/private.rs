@@ -9,8 +9,6 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use super::layout;
-
 pub const DIR_MODE: u32 = 0o700;
 pub const FILE_MODE: u32 = 0o600;
 /// Permission bits that let other users (group or world) in.
@@ -54,9 +52,10 @@ pub enum Exposure {
 }
 
 /// Checks `root` (which exists) and tightens it and everything under it when it is open
-/// to others and ours. Entries written by an older regfs (0755 / 0644) are the usual case.
-pub fn secure(root: &Path) -> io::Result<Exposure> {
-    match judge(root)? {
+/// to others and ours (`tagged`: it carries regfs's CACHEDIR.TAG). Entries written by an
+/// older regfs (0755 / 0644) are the usual case.
+pub fn secure(root: &Path, tagged: bool) -> io::Result<Exposure> {
+    match judge(root, tagged)? {
         Judgement::Private => Ok(Exposure::Private),
         Judgement::Ours => Ok(Exposure::Tightened(tighten(root)?)),
         Judgement::NotOurs(why) => Ok(Exposure::Exposed(why)),
@@ -64,8 +63,8 @@ pub fn secure(root: &Path) -> io::Result<Exposure> {
 }
 
 /// What `regfs cache du` says about `root`'s modes, changing nothing: None when private.
-pub fn report(root: &Path) -> Option<String> {
-    match judge(root).ok()? {
+pub fn report(root: &Path, tagged: bool) -> Option<String> {
+    match judge(root, tagged).ok()? {
         Judgement::Private => None,
         Judgement::Ours => Some(format!(
             "{} is open to other users; the next mount makes it private (0700/0600)",
@@ -81,7 +80,7 @@ enum Judgement {
     NotOurs(String),
 }
 
-fn judge(root: &Path) -> io::Result<Judgement> {
+fn judge(root: &Path, tagged: bool) -> io::Result<Judgement> {
     let meta = fs::metadata(root)?;
     if meta.mode() & OTHERS == 0 {
         return Ok(Judgement::Private);
@@ -89,11 +88,11 @@ fn judge(root: &Path) -> io::Result<Judgement> {
     let mode = meta.mode() & 0o7777;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    if meta.uid() != me || !layout::is_cache_dir(root) {
+    if meta.uid() != me || !tagged {
         let whose = if meta.uid() != me {
             format!("owned by uid {}, not {me}", meta.uid())
         } else {
-            format!("it has no regfs {}", layout::TAG)
+            "it has no CACHEDIR.TAG of regfs's".to_owned()
         };
         return Ok(Judgement::NotOurs(format!(
             "disk cache {} is open to other users (mode {mode:04o}) and regfs leaves it as it \
@@ -158,14 +157,13 @@ mod tests {
         fs::set_permissions(root.join("blobs/x"), fs::Permissions::from_mode(0o644))
             .expect("chmod");
         // No CACHEDIR.TAG: not known to be regfs's.
-        assert!(matches!(secure(&root), Ok(Exposure::Exposed(_))));
+        assert!(matches!(secure(&root, false), Ok(Exposure::Exposed(_))));
         assert_eq!(mode(&root), 0o755);
-        layout::create(&root).expect("layout");
-        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).expect("chmod");
-        assert!(matches!(secure(&root), Ok(Exposure::Tightened(n)) if n >= 3));
+        fs::write(root.join("CACHEDIR.TAG"), b"regfs").expect("tag");
+        assert!(matches!(secure(&root, true), Ok(Exposure::Tightened(n)) if n >= 3));
         assert_eq!(mode(&root), 0o700);
         assert_eq!(mode(&root.join("blobs")), 0o700);
         assert_eq!(mode(&root.join("blobs/x")), 0o600);
-        assert_eq!(secure(&root).expect("secure"), Exposure::Private);
+        assert_eq!(secure(&root, true).expect("secure"), Exposure::Private);
     }
 }

@@ -98,7 +98,7 @@ impl Store {
     /// registry at `origin`, within `budget` bytes.
     pub fn open(root: &Path, budget: u64, origin: &str, stats: Arc<Stats>) -> io::Result<Store> {
         layout::create(root)?;
-        match private::secure(root)? {
+        match private::secure(root, layout::is_cache_dir(root))? {
             Exposure::Private => {}
             Exposure::Tightened(n) => {
                 info!(dir = %root.display(), entries = n, "disk cache made private (0700/0600)")

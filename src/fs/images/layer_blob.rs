@@ -108,6 +108,33 @@ impl BlobSource for LayerBlob {
         })
     }
 
+    /// TOC chunks: the exact range, not the blocks around it (image/source.rs says why).
+    fn fetch_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes>> {
+        Box::pin(async move {
+            let end = offset.saturating_add(len);
+            if len == 0 || end > self.size {
+                return self.read(offset, len).await; // its answer for these
+            }
+            let bs = self.cache.block_size();
+            let (first, last) = (offset / bs, (end - 1) / bs);
+            let held: Option<Vec<Bytes>> = (first..=last)
+                .map(|i| self.cache.peek(&(self.digest.clone(), i)))
+                .collect();
+            if let Some(blocks) = held {
+                return Ok(join_blocks(&blocks, first * bs, offset, end));
+            }
+            let blob = self.blob();
+            let on_disk = (first..=last).all(|i| self.fetcher.on_disk(blob, i));
+            if on_disk || self.fetcher.checks_whole(blob) {
+                return self.read(offset, len).await;
+            }
+            let client = self.fetcher.client();
+            client
+                .get_blob_range(&self.repo, &self.digest, offset, len)
+                .await
+        })
+    }
+
     fn stream(&self) -> BoxStream<'_, Result<Bytes>> {
         let blocks = self.size.div_ceil(self.cache.block_size());
         Box::pin(stream::unfold(
