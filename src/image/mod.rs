@@ -1,6 +1,7 @@
 //! Image contents (DESIGN §7): the files of layers and of whole images, read lazily.
 //!
-//! - [`manifest`]: an image's layers, an index's image for a platform;
+//! - [`manifest`]: an image's layers, an index's image for a platform; [`config`]: the
+//!   config a manifest names, and its layers' diff_ids;
 //! - [`codec`]: decoders that start at a layer's beginning or
 //!   at a checkpoint; [`tar`]: tar entries from the decoded stream;
 //! - [`pass`]: the one streaming pass that indexes a plain layer; [`toc`]: the index of
@@ -12,6 +13,7 @@
 //! filesystem layer implements over its block cache.
 
 pub mod codec;
+pub mod config;
 pub mod content;
 pub mod entry;
 pub mod index;

@@ -38,13 +38,13 @@ const MAX_PIECES: u64 = 64 << 20;
 /// another TOC is another index (one registry's manifest cannot change the files that
 /// another registry's manifest shows for the same layer through the shared disk cache).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct IndexKey {
+pub struct IndexKey {
     layer: Digest,
     toc: Option<Digest>,
 }
 
 impl IndexKey {
-    fn of(layer: &Layer) -> IndexKey {
+    pub fn of(layer: &Layer) -> IndexKey {
         let toc = Codec::of_media_type(&layer.media_type)
             .and_then(|codec| TocRef::from_annotations(codec, &layer.annotations))
             .map(|t| t.digest().clone());
@@ -210,7 +210,7 @@ impl LayerIndexes {
     }
 
     /// A blob's bytes through the block cache, for the image code.
-    fn blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> LayerBlob {
+    pub(super) fn blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> LayerBlob {
         LayerBlob {
             repo: repo.clone(),
             digest: digest.clone(),
