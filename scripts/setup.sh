@@ -5,11 +5,14 @@
 set -euo pipefail
 
 # Image-content tests also convert images (containerd + ctr-remote), run a rootfs
-# (busybox-static) and write hostile layers (python3).
+# (busybox-static) and write hostile layers (python3). The layer store tests run podman
+# (with runc, conmon, fuse-overlayfs and uidmap, which it uses).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
-    containerd ctr-remote busybox python3 unshare findmnt)
+    containerd ctr-remote busybox python3 unshare findmnt
+    podman runc conmon fuse-overlayfs newuidmap)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
-    containerd stargz-snapshotter busybox-static python3 util-linux)
+    containerd stargz-snapshotter busybox-static python3 util-linux
+    podman runc conmon fuse-overlayfs uidmap)
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then

@@ -85,6 +85,11 @@ impl Images {
     /// The layer of the image `reference` names whose blob digest, or TOC digest, is
     /// `name`: the image manifest that lists it, and the layer's blob digest. For an
     /// index, the image for `--platform` is searched first, then the others.
+    ///
+    /// A runtime asks for every layer of an image in turn, each after the one before
+    /// has been served (containers/image holds a lock across its lookups): so the first
+    /// one found starts indexing all the image's layers at once, and the next lookups
+    /// find them done or under way instead of each waiting for its own pass.
     pub async fn find_layer(
         &self,
         repo: &RepoName,
@@ -99,6 +104,7 @@ impl Images {
         let children = match parse(repo, &top)? {
             ImageManifest::Image { layers } => {
                 let found = find(&layers, name).ok_or_else(not_found)?;
+                self.index_all(repo, &layers);
                 return Ok((top.digest.clone(), found));
             }
             ImageManifest::Index { children } => children,
@@ -118,10 +124,20 @@ impl Images {
                 Err(e) => return Err(e),
             };
             if let Some(found) = find(&image.layers, name) {
+                self.index_all(repo, &image.layers);
                 return Ok((image.digest, found));
             }
         }
         Err(not_found())
+    }
+
+    /// Starts indexing every layer of an image (see `find_layer`).
+    fn index_all(&self, repo: &RepoName, layers: &[Layer]) {
+        if layers.len() <= MAX_LAYERS {
+            for layer in layers {
+                self.layers.start(repo, layer);
+            }
+        }
     }
 
     /// The layer store's `info` for layer `layer` of image manifest `manifest`, found

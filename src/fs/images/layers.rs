@@ -129,25 +129,34 @@ impl LayerIndexes {
         if let Some(outcome) = self.kept.peek(&key) {
             return outcome;
         }
-        let job = {
-            let mut indexing = self.indexing.lock().unwrap_or_else(PoisonError::into_inner);
-            match indexing.get(&key) {
-                Some(job) => job.clone(),
-                None => {
-                    let job = tokio::spawn(self.index_job(repo, layer, key.clone()))
-                        .map(|done| {
-                            done.unwrap_or_else(|e| {
-                                Err(Error::Unavailable(format!("indexing task failed: {e}")))
-                            })
-                        })
-                        .boxed()
-                        .shared();
-                    indexing.insert(key, job.clone());
-                    job
-                }
-            }
-        };
-        job.await?
+        self.job(repo, layer, key).await?
+    }
+
+    /// Starts indexing a layer in the background, unless it is indexed or being indexed.
+    pub fn start(&self, repo: &RepoName, layer: &Layer) {
+        let key = IndexKey::of(layer);
+        if self.kept.peek(&key).is_none() {
+            // The job runs as a task of its own, awaited or not.
+            drop(self.job(repo, layer, key));
+        }
+    }
+
+    /// The indexing job of a layer: the one running, or a new one.
+    fn job(&self, repo: &RepoName, layer: &Layer, key: IndexKey) -> IndexJob {
+        let mut indexing = self.indexing.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(job) = indexing.get(&key) {
+            return job.clone();
+        }
+        let job = tokio::spawn(self.index_job(repo, layer, key.clone()))
+            .map(|done| {
+                done.unwrap_or_else(|e| {
+                    Err(Error::Unavailable(format!("indexing task failed: {e}")))
+                })
+            })
+            .boxed()
+            .shared();
+        indexing.insert(key, job.clone());
+        job
     }
 
     /// The task that indexes a layer: from the disk cache, else its TOC or a pass;
