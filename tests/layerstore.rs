@@ -17,7 +17,7 @@ use std::process::{Command, Output, Stdio};
 
 use base64::Engine as _;
 use common::images::{
-    Containerd, assert_same_tree, build_rich_image, require_image_tools, snapshot,
+    Containerd, assert_same_tree, build_rich_image, require_commands, require_image_tools, snapshot,
 };
 use common::{
     Layout, Mount, OCI_MANIFEST, Proxy, ProxyRules, Registry, get_manifest, put_manifest,
@@ -46,17 +46,7 @@ const RUN: [&str; 8] = [
 fn setup() {
     require_tools();
     require_image_tools();
-    for tool in ["podman", "conmon", "fuse-overlayfs", "newuidmap"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "{tool} is missing: run scripts/setup.sh (installs podman and what it needs)"
-        );
-    }
+    require_commands(&["podman", "runc", "conmon", "fuse-overlayfs", "newuidmap"]);
     // SAFETY: no arguments, no memory.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
