@@ -245,6 +245,16 @@ fn podman_pulls_and_runs_from_the_layer_store() {
         assert_eq!(common::sha256_digest(&blob), *layer);
     }
 
+    // Through the manifest, each layer is what `.layers/` shows.
+    let (manifest, _, _) = get_manifest(&registry, "team/app", "v1");
+    for layer in &layers {
+        assert_same_tree(
+            &snapshot(&mnt.path(&format!("team/app/.layers/{layer}"))),
+            &snapshot(&mnt.path(&format!("team/app/.images/{manifest}/layers/{layer}"))),
+            &format!("layer {layer} through its manifest"),
+        );
+    }
+
     // Without the layer store, the same pull downloads every layer: the count above
     // counts what it says.
     let plain = Podman::new(registry.addr, proxy.addr, None);
@@ -313,6 +323,52 @@ fn layer_store_names_only_layers_of_this_registrys_images() {
     assert!(common::ls(&in_image).is_empty());
 }
 
+/// A zstd:chunked conversion of the rich image whose manifest no tag names.
+struct UntaggedZstdChunked {
+    digest: String,
+    manifest: serde_json::Value,
+    /// Its first layer: digest, size, and the digest of its TOC.
+    layer: String,
+    size: u64,
+    toc: String,
+}
+
+/// The rich image as `team/app:v1`, and its zstd:chunked conversion (ctr-remote),
+/// pushed as `team/app:zchunk`, a tag then moved to `v1`'s manifest.
+fn untagged_zstd_chunked(registry: &Registry) -> UntaggedZstdChunked {
+    let layout = Layout::new();
+    build_rich_image(&layout, "rich", BIG);
+    layout.push("rich", registry, "team/app:v1");
+    let host = registry.addr.to_string();
+    let containerd = Containerd::start();
+    containerd.convert(
+        &format!("{host}/team/app:v1"),
+        &format!("{host}/team/app:zchunk"),
+        "--zstdchunked",
+    );
+    drop(containerd);
+    let (digest, _, body) = get_manifest(registry, "team/app", "zchunk");
+    let manifest: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let first = &manifest["layers"][0];
+    // Under the name containers/storage uses now, or the one older writers used.
+    let toc = ["io.github.containers", "io.containers"]
+        .iter()
+        .find_map(|ns| {
+            first["annotations"][format!("{ns}.zstd-chunked.manifest-checksum")].as_str()
+        })
+        .unwrap_or_else(|| panic!("a zstd:chunked layer names its TOC: {first}"))
+        .to_owned();
+    let (_, _, v1) = get_manifest(registry, "team/app", "v1");
+    put_manifest(registry, "team/app", "zchunk", OCI_MANIFEST, &v1);
+    UntaggedZstdChunked {
+        layer: first["digest"].as_str().expect("digest").to_owned(),
+        size: first["size"].as_u64().expect("size"),
+        toc,
+        digest,
+        manifest,
+    }
+}
+
 /// A zstd:chunked image whose manifest no tag names any more: `.layers/<l>/` can only
 /// guess the layer's descriptor (no TOC: a pass over the whole layer), while
 /// `.images/<m>/layers/<l>/` and the layer store take it from the manifest and read a
@@ -322,35 +378,9 @@ fn layer_store_names_only_layers_of_this_registrys_images() {
 fn zstd_chunked_layers_carry_their_manifests_toc() {
     setup();
     let registry = Registry::start();
-    let layout = Layout::new();
-    build_rich_image(&layout, "rich", BIG);
-    layout.push("rich", &registry, "team/app:v1");
     let host = registry.addr.to_string();
-    let containerd = Containerd::start();
-    containerd.convert(
-        &format!("{host}/team/app:v1"),
-        &format!("{host}/team/app:zchunk"),
-        "--zstdchunked",
-    );
-    drop(containerd);
-    let (zchunk, _, body) = get_manifest(&registry, "team/app", "zchunk");
-    let manifest: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-    let first = manifest["layers"][0].clone();
-    let (layer, size) = (
-        first["digest"].as_str().expect("digest").to_owned(),
-        first["size"].as_u64().expect("size"),
-    );
-    // Under the name containers/storage uses now, or the one older writers used.
-    let toc = ["io.github.containers", "io.containers"]
-        .iter()
-        .find_map(|ns| {
-            first["annotations"][format!("{ns}.zstd-chunked.manifest-checksum")].as_str()
-        })
-        .unwrap_or_else(|| panic!("a zstd:chunked layer names its TOC: {first}"))
-        .to_owned();
-    // The tag moves on; the zstd:chunked manifest stays, by digest only.
-    let (_, _, v1) = get_manifest(&registry, "team/app", "v1");
-    put_manifest(&registry, "team/app", "zchunk", OCI_MANIFEST, &v1);
+    let zchunk = untagged_zstd_chunked(&registry);
+    let (layer, size, toc) = (&zchunk.layer, zchunk.size, &zchunk.toc);
     let (gzip_layers, _) = layers_of(&registry, "team/app", "v1");
 
     let read_hello = |dir: &str| -> (Vec<u8>, u64) {
@@ -359,7 +389,7 @@ fn zstd_chunked_layers_carry_their_manifests_toc() {
         let fetched = mnt.stats()["fetched_bytes"].as_u64().unwrap_or(u64::MAX);
         (bytes, fetched)
     };
-    let described = format!("team/app/.images/{zchunk}/layers/{layer}");
+    let described = format!("team/app/.images/{}/layers/{layer}", zchunk.digest);
     let (hello, fetched) = read_hello(&described);
     assert_eq!(hello, b"hello from the image\n");
     assert!(
@@ -380,10 +410,10 @@ fn zstd_chunked_layers_carry_their_manifests_toc() {
     );
 
     // The layer store: by TOC digest (newer containers/storage) and by blob digest.
-    let image = format!("{host}/team/app@{zchunk}");
+    let image = format!("{host}/team/app@{}", zchunk.digest);
     let store = store_dir(&mnt, &image);
     let info: serde_json::Value =
-        serde_json::from_slice(&fs::read(store.join(&toc).join("info")).expect("info"))
+        serde_json::from_slice(&fs::read(store.join(toc).join("info")).expect("info"))
             .expect("JSON");
     assert_eq!(info["toc-digest"], toc.as_str());
     assert_eq!(info["compressed-diff-digest"], layer.as_str());
@@ -391,11 +421,11 @@ fn zstd_chunked_layers_carry_their_manifests_toc() {
     assert!(info["flags"]["expected-layer-diffid"].is_string(), "{info}");
     assert_same_tree(
         &original,
-        &snapshot(&store.join(&toc).join("diff")),
+        &snapshot(&store.join(toc).join("diff")),
         "the layer store's diff, found by TOC digest",
     );
     let info: serde_json::Value =
-        serde_json::from_slice(&fs::read(store.join(&layer).join("info")).expect("info"))
+        serde_json::from_slice(&fs::read(store.join(layer).join("info")).expect("info"))
             .expect("JSON");
     assert!(info["diff-digest"].is_string(), "{info}");
 
@@ -403,7 +433,7 @@ fn zstd_chunked_layers_carry_their_manifests_toc() {
     let proxy = Proxy::start(registry.addr, ProxyRules::default());
     let podman = Podman::new(registry.addr, proxy.addr, Some(mnt.path(".layerstore")));
     podman.ok(&["pull", &image]);
-    let layers = digests(&manifest["layers"], |l| &l["digest"]);
+    let layers = digests(&zchunk.manifest["layers"], |l| &l["digest"]);
     assert_eq!(blob_gets(&proxy, &layers), 0, "{:#?}", proxy.requests());
     let mut run = RUN.to_vec();
     run.extend([image.as_str(), "/bin/cat", "/etc/hello.txt"]);
