@@ -5,13 +5,16 @@
 set -euo pipefail
 
 # Image-content tests also convert images (containerd + ctr-remote), run a rootfs
-# (busybox-static) and write hostile layers (python3). The layer store tests run podman
-# (with runc, conmon, fuse-overlayfs and uidmap, which it uses).
+# (busybox-static) and write hostile layers (python3). The SOCI zTOC tests check
+# regfs's codec against the code flatc generates from the schema (flatbuffers-compiler,
+# python3-flatbuffers). The layer store tests run podman (with runc, conmon,
+# fuse-overlayfs and uidmap, which it uses).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
-    containerd ctr-remote busybox python3 unshare findmnt
+    containerd ctr-remote busybox python3 unshare findmnt flatc
     podman runc conmon fuse-overlayfs newuidmap)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
     containerd stargz-snapshotter busybox-static python3 util-linux
+    flatbuffers-compiler python3-flatbuffers
     podman runc conmon fuse-overlayfs uidmap)
 
 sudo=()
@@ -23,6 +26,8 @@ missing=()
 for t in "${tools[@]}"; do
     command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
+
+/usr/bin/python3 -c 'import flatbuffers' 2>/dev/null || missing+=(python3-flatbuffers)
 
 if ((${#missing[@]} > 0)); then
     echo "setup.sh: missing ${missing[*]}; installing ${packages[*]}" >&2

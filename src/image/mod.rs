@@ -19,6 +19,7 @@ pub mod entry;
 pub mod index;
 pub mod manifest;
 pub mod pass;
+pub mod soci;
 pub mod source;
 pub mod tar;
 pub mod toc;

@@ -142,7 +142,7 @@ fn damage(entry: &Entry) -> Option<String> {
         },
         Kind::Meta { kind, key } => match entry::read(main) {
             None => Some("torn or changed (checksum)".to_owned()),
-            Some(body) if kind == super::MANIFEST_KIND => {
+            Some(body) if kind == layout::MANIFEST_KIND => {
                 let bytes = body
                     .iter()
                     .position(|&b| b == b'\n')

@@ -30,6 +30,8 @@ pub const META: &str = "meta";
 pub const HELD: &str = "held";
 pub const TMP: &str = "tmp";
 pub const ORIGIN: &str = "origin";
+/// The metadata kind (a directory under `meta/`) manifests are stored under.
+pub const MANIFEST_KIND: &str = "manifest";
 
 const TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 # This directory is regfs's disk cache (content-addressed registry objects).\n\

@@ -9,7 +9,7 @@
 use base64::Engine as _;
 use url::Url;
 
-use crate::registry::client::is_docker_hub;
+use crate::registry::is_docker_hub;
 use crate::registry::{Digest, Reference, RepoName, Tag};
 
 /// How references name Docker Hub.

@@ -406,8 +406,9 @@ impl GzipDecoder {
 }
 
 /// The length of the gzip member header at the start of `buf`, `None` if more bytes
-/// are needed (RFC 1952 §2.3).
-fn parse_member_header(buf: &[u8]) -> Result<Option<usize>, String> {
+/// are needed (RFC 1952 §2.3). A layer's first deflate byte, where SOCI's first
+/// checkpoint is (src/image/soci/).
+pub fn parse_member_header(buf: &[u8]) -> Result<Option<usize>, String> {
     if buf.len() < 10 {
         if buf.first().is_some_and(|&b| b != 0x1f) || buf.get(1).is_some_and(|&b| b != 0x8b) {
             return Err("not gzip data (bad magic)".into());

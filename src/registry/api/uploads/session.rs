@@ -1,45 +1,38 @@
-//! Blob uploads (DESIGN §2): a session opened by POST, filled by one PATCH per chunk,
-//! committed by PUT `?digest=` or cancelled by DELETE; cross-repository mounts, and the
-//! copy that replaces a mount the registry declines.
+//! One blob upload session's requests (docs/SEMANTICS.md, "Writes"): opened by POST
+//! (maybe as a cross-repository mount), filled by one PATCH per chunk, committed by PUT
+//! `?digest=` or cancelled by DELETE.
 //!
 //! Resume, not restart: after a reset, a 5xx or a 429 the registry is asked where the
 //! upload stands (GET on the session URL, `Range: 0-<last>`) and the upload goes on from
 //! there with the bytes still held in the chunk being sent. Nothing that changes a
 //! session is sent again without asking first.
 
-use std::mem;
-
-use bytes::{Bytes, BytesMut};
-use reqwest::StatusCode;
+use bytes::Bytes;
 use reqwest::header::{self, HeaderMap};
-use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use reqwest::{Method, StatusCode};
+use tracing::{info, warn};
 use url::Url;
 
-use super::client::{RegistryClient, header_str};
-use super::error::{Error, Result};
-use super::types::{Digest, DigestHasher, RepoName};
+use crate::registry::error::{Error, Result};
+use crate::registry::host::headers::{digest_header, header_str};
+use crate::registry::host::{Host, Retries, answer};
+use crate::registry::types::{Digest, RepoName};
 use crate::stats::{RequestKind, Stats};
 
-/// The most a registry can make one upload hold per chunk with `OCI-Chunk-Min-Length`
-/// (an upload holds about two chunks).
-const MAX_CHUNK_SIZE: usize = 256 << 20;
-/// `copy_blob` reads the source blob in pieces of this size.
-const COPY_PIECE: u64 = 4 << 20;
 const OCTET_STREAM: &str = "application/octet-stream";
 
 /// Where an upload session stands, as the registry last said.
 #[derive(Clone, Debug)]
-struct Session {
+pub(super) struct Session {
     /// Where the next request goes: the registry's latest `Location`, query kept
     /// (distribution keeps the session's state in `_state=`).
-    url: Url,
+    pub(super) url: Url,
     /// Bytes the registry has acknowledged.
-    confirmed: u64,
+    pub(super) confirmed: u64,
 }
 
 /// What a POST to `/blobs/uploads/` did.
-enum Opened {
+pub(super) enum Opened {
     /// 201: the blob is in the repository (a mount); the digest the registry named.
     Created(Option<Digest>),
     /// 202: a session, and the registry's `OCI-Chunk-Min-Length` if it sent one.
@@ -55,143 +48,27 @@ enum Step<'a> {
     Commit { digest: &'a Digest, len: u64 },
 }
 
-/// Outcome of [`RegistryClient::mount_blob`].
-// Returned once per mount and moved straight on: boxing the Upload would buy nothing.
-#[allow(clippy::large_enum_variant)]
-pub enum MountOutcome {
-    /// 201: the repository has the blob now.
-    Mounted,
-    /// 202: the registry declined and opened an upload session instead.
-    NotMounted(Upload),
-}
-
-/// One blob upload session. Bytes go in with [`Upload::append`]; each full chunk is sent
-/// by a background PATCH while the next one fills, so an upload holds about two chunks
-/// whatever the blob's size. [`Upload::commit`] or [`Upload::cancel`] ends it; an upload
-/// dropped without either is cancelled in the background.
-pub struct Upload {
-    client: RegistryClient,
-    repo: RepoName,
-    chunk_size: usize,
-    hasher: DigestHasher,
-    appended: u64,
-    /// Appended bytes not yet handed to a PATCH: less than a chunk between calls.
-    filling: BytesMut,
-    /// The session as of the last PATCH that finished.
-    session: Session,
-    /// The PATCH in flight, if any; it hands the session back when it ends.
-    sending: Option<JoinHandle<(Session, Result<()>)>>,
-    /// The first failure: every later call reports it.
-    failed: Option<Error>,
-    /// Committed or cancelled: nothing left for Drop to clean up.
-    finished: bool,
-}
-
-impl RegistryClient {
-    /// Opens an upload session in `repo` (POST, 202 + `Location`).
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<Upload> {
-        let what = format!("POST /v2/{repo}/blobs/uploads/");
-        let url = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
-        // Opening a session sends no blob bytes: a retry after a lost answer at worst
-        // leaves an empty session behind, which the registry expires.
-        let opened = self
-            .retrying(|| self.open_session(&what, RequestKind::UploadStart, &url))
-            .await?;
-        match opened {
-            Opened::Session(session, min_chunk) => Ok(self.upload(repo, session, min_chunk)),
-            Opened::Created(_) => Err(Error::BadAnswer(format!(
-                "{what}: 201 Created for a new upload"
-            ))),
-        }
-    }
-
-    /// Mounts blob `digest` of repository `from` into `repo` (POST `?mount=&from=`).
-    /// When the registry declines (202), the session it opened instead comes back.
-    pub async fn mount_blob(
+impl Host {
+    /// POST to `url` (`/blobs/uploads/`, maybe with `?mount=`), retried: opening a
+    /// session or mounting sends no blob bytes, so a retry after a lost answer at worst
+    /// leaves an empty session behind, which the registry expires.
+    pub(super) async fn open_session(
         &self,
-        repo: &RepoName,
-        digest: &Digest,
-        from: &RepoName,
-    ) -> Result<MountOutcome> {
-        let what = format!("POST /v2/{repo}/blobs/uploads/?mount={digest}&from={from}");
-        let mut url = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
-        url.query_pairs_mut()
-            .append_pair("mount", digest.as_str())
-            .append_pair("from", from.as_str());
-        // Repeating a mount changes nothing, and a session it opens instead is empty.
-        let opened = self
-            .retrying(|| self.open_session(&what, RequestKind::BlobMount, &url))
-            .await?;
-        match opened {
-            Opened::Created(Some(named)) if named != *digest => Err(Error::BadAnswer(format!(
-                "{what}: the registry mounted {named}"
-            ))),
-            Opened::Created(_) => {
-                info!(%repo, %digest, %from, "blob mounted");
-                Ok(MountOutcome::Mounted)
-            }
-            Opened::Session(session, min_chunk) => {
-                info!(%repo, %digest, %from, "mount declined; the registry opened an upload");
-                Ok(MountOutcome::NotMounted(
-                    self.upload(repo, session, min_chunk),
-                ))
-            }
-        }
-    }
-
-    /// Copies blob `digest` from repository `from` into `upload`, a piece at a time
-    /// (bounded memory), and commits it: the fallback for a declined mount. On any
-    /// failure the upload is cancelled.
-    pub async fn copy_blob(&self, from: &RepoName, digest: &Digest, upload: Upload) -> Result<()> {
-        let mut upload = upload;
-        if let Err(e) = self.copy_into(from, digest, &mut upload).await {
-            upload.cancel().await;
-            return Err(e);
-        }
-        upload.commit(Some(digest)).await.map(|_| ())
-    }
-
-    async fn copy_into(&self, from: &RepoName, digest: &Digest, upload: &mut Upload) -> Result<()> {
-        let size = self.head_blob(from, digest).await?;
-        let mut offset = 0;
-        while offset < size {
-            let len = COPY_PIECE.min(size - offset);
-            let piece = self.get_blob_range(from, digest, offset, len).await?;
-            upload.append(&piece).await?;
-            offset += len;
-        }
-        Ok(())
-    }
-
-    fn upload(&self, repo: &RepoName, session: Session, min_chunk: Option<usize>) -> Upload {
-        let asked = self.options().chunk_size.max(1);
-        let mut chunk_size = min_chunk.map_or(asked, |min| asked.max(min));
-        if chunk_size > MAX_CHUNK_SIZE {
-            warn!(%repo, asked = chunk_size, "chunk size capped at {MAX_CHUNK_SIZE} bytes");
-            chunk_size = MAX_CHUNK_SIZE;
-        }
-        info!(%repo, chunk_size, "upload started");
-        Upload {
-            client: self.clone(),
-            repo: repo.clone(),
-            chunk_size,
-            hasher: DigestHasher::sha256(),
-            appended: 0,
-            filling: BytesMut::new(),
-            session,
-            sending: None,
-            failed: None,
-            finished: false,
-        }
+        what: &str,
+        kind: RequestKind,
+        url: &Url,
+    ) -> Result<Opened> {
+        self.retrying(|| self.open_session_once(what, kind, url))
+            .await
     }
 
     /// One POST to `url` (`/blobs/uploads/`, maybe with `?mount=`).
-    async fn open_session(&self, what: &str, kind: RequestKind, url: &Url) -> Result<Opened> {
+    async fn open_session_once(&self, what: &str, kind: RequestKind, url: &Url) -> Result<Opened> {
         let _in_flight = self.stats().request(kind);
-        let req = self.http.post(url.clone()).body(Bytes::new());
+        let req = self.request(Method::POST, url.clone()).body(Bytes::new());
         let resp = self.send(what, req).await?;
         match resp.status() {
-            StatusCode::CREATED => Ok(Opened::Created(self.digest_header(what, resp.headers())?)),
+            StatusCode::CREATED => Ok(Opened::Created(digest_header(what, resp.headers())?)),
             StatusCode::ACCEPTED => {
                 let session = Session {
                     url: self.session_url(what, url, resp.headers())?,
@@ -201,7 +78,7 @@ impl RegistryClient {
                     .and_then(|v| v.trim().parse().ok());
                 Ok(Opened::Session(session, min_chunk))
             }
-            _ => Err(Self::refusal(what, resp).await),
+            _ => Err(answer::write_error(what, resp).await),
         }
     }
 
@@ -225,7 +102,7 @@ impl RegistryClient {
     /// Sends blob bytes `start..` held in `chunk`. After a transient failure it asks
     /// where the upload stands and goes on from there; the bytes the registry lacks are
     /// still in `chunk`.
-    async fn send_chunk(
+    pub(super) async fn send_chunk(
         &self,
         repo: &RepoName,
         session: &mut Session,
@@ -273,7 +150,7 @@ impl RegistryClient {
     /// After a transient failure it waits (backoff, or the registry's `Retry-After`)
     /// and the next attempt asks where the upload stands first.
     async fn resuming(&self, repo: &RepoName, session: &mut Session, step: Step<'_>) -> Result<()> {
-        let mut waits = self.backoff();
+        let mut waits = self.retries().backoff();
         let mut resuming = false;
         let patience = self.options().total_timeout;
         let (mut progressed, mut confirmed) = (tokio::time::Instant::now(), session.confirmed);
@@ -297,7 +174,7 @@ impl RegistryClient {
                 let retries = self.options().max_retries;
                 return Err(e.with_note(&format!("gave up after {retries} retries")));
             };
-            let wait = Self::retry_wait(&e, planned);
+            let wait = Retries::wait_after(&e, planned);
             if session.confirmed > confirmed {
                 (progressed, confirmed) = (tokio::time::Instant::now(), session.confirmed);
             }
@@ -332,8 +209,7 @@ impl RegistryClient {
         let _in_flight = self.stats().request(RequestKind::UploadChunk);
         Stats::add(&self.stats().uploaded_bytes, bytes.len() as u64);
         let req = self
-            .http
-            .patch(session.url.clone())
+            .request(Method::PATCH, session.url.clone())
             .header(header::CONTENT_TYPE, OCTET_STREAM)
             .header(header::CONTENT_RANGE, format!("{first}-{last}"))
             .body(bytes);
@@ -345,7 +221,7 @@ impl RegistryClient {
             )));
         }
         if !resp.status().is_success() {
-            return Err(Self::refusal(&what, resp).await);
+            return Err(answer::write_error(&what, resp).await);
         }
         let stored = match header_str(resp.headers(), "range") {
             None => end,
@@ -366,9 +242,10 @@ impl RegistryClient {
     async fn ask_status(&self, repo: &RepoName, session: &mut Session) -> Result<()> {
         let what = format!("GET /v2/{repo}/blobs/uploads/ (upload status)");
         let _in_flight = self.stats().request(RequestKind::UploadStatus);
-        let resp = self.send(&what, self.http.get(session.url.clone())).await?;
+        let req = self.request(Method::GET, session.url.clone());
+        let resp = self.send(&what, req).await?;
         if !resp.status().is_success() {
-            return Err(match Self::refusal(&what, resp).await {
+            return Err(match answer::write_error(&what, resp).await {
                 // Distribution drops a session whose stored length moved without the
                 // client learning its new Location (a PATCH cut after part of its body).
                 Error::NotFound(m) => Error::Refused(format!(
@@ -391,7 +268,7 @@ impl RegistryClient {
     /// PUT `?digest=` on a session that holds all `len` bytes. After a transient failure
     /// it asks first: the session may still be open (PUT again), or gone because the
     /// lost PUT did commit (the blob is there).
-    async fn commit_session(
+    pub(super) async fn commit_session(
         &self,
         repo: &RepoName,
         session: &mut Session,
@@ -431,13 +308,17 @@ impl RegistryClient {
                 "upload to {repo}: the registry holds {} of {len} bytes before the commit",
                 session.confirmed
             ))),
-            Err(lost) if !lost.is_transient() => match self.head_blob(repo, digest).await {
-                Ok(_) => {
-                    info!(%repo, %digest, "the interrupted commit had gone through");
-                    Ok(false)
+            // The origin is asked, with retries: a mirror's copy would say nothing of
+            // this repository.
+            Err(lost) if !lost.is_transient() => {
+                match self.retrying(|| self.head_blob_once(repo, digest)).await {
+                    Ok(_) => {
+                        info!(%repo, %digest, "the interrupted commit had gone through");
+                        Ok(false)
+                    }
+                    Err(_) => Err(lost),
                 }
-                Err(_) => Err(lost),
-            },
+            }
             Err(e) => Err(e),
         }
     }
@@ -448,15 +329,14 @@ impl RegistryClient {
         let mut url = session.url.clone();
         url.query_pairs_mut().append_pair("digest", digest.as_str());
         let req = self
-            .http
-            .put(url)
+            .request(Method::PUT, url)
             .header(header::CONTENT_TYPE, OCTET_STREAM)
             .body(Bytes::new());
         let resp = self.send(&what, req).await?;
         if resp.status() != StatusCode::CREATED {
-            return Err(Self::refusal(&what, resp).await);
+            return Err(answer::write_error(&what, resp).await);
         }
-        match self.digest_header(&what, resp.headers())? {
+        match digest_header(&what, resp.headers())? {
             Some(stored) if stored != *digest => Err(Error::Mismatch(format!(
                 "{what}: the registry stored {stored}"
             ))),
@@ -466,195 +346,20 @@ impl RegistryClient {
 
     /// DELETE on the session, best effort: a failure is logged (the registry expires
     /// abandoned sessions by itself).
-    async fn delete_session(&self, repo: &RepoName, session: &Session) {
+    pub(super) async fn delete_session(&self, repo: &RepoName, session: &Session) {
         let what = format!("DELETE /v2/{repo}/blobs/uploads/");
         let _in_flight = self.stats().request(RequestKind::UploadCancel);
         match self
-            .send(&what, self.http.delete(session.url.clone()))
+            .send(&what, self.request(Method::DELETE, session.url.clone()))
             .await
         {
             Ok(resp) if resp.status().is_success() => info!(%repo, "upload cancelled"),
             Ok(resp) => {
-                let e = Self::fail(&what, resp).await;
+                let e = answer::error(&what, resp).await;
                 warn!(%repo, "could not cancel the upload: {e}");
             }
             Err(e) => warn!(%repo, "could not cancel the upload: {e}"),
         }
-    }
-}
-
-impl Upload {
-    /// Bytes appended so far.
-    pub fn len(&self) -> u64 {
-        self.appended
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.appended == 0
-    }
-
-    pub fn repo(&self) -> &RepoName {
-        &self.repo
-    }
-
-    /// Bytes per PATCH: the client's chunk size, or the registry's minimum if larger.
-    pub fn chunk_size(&self) -> usize {
-        self.chunk_size
-    }
-
-    /// Appends the next bytes of the blob. Returns once they are buffered; a full chunk
-    /// is sent in the background, after the previous one was acknowledged. An error of
-    /// an earlier PATCH is returned here.
-    pub async fn append(&mut self, data: &[u8]) -> Result<()> {
-        self.check()?;
-        self.hasher.update(data);
-        self.appended += data.len() as u64;
-        let mut rest = data;
-        while !rest.is_empty() {
-            if self.filling.capacity() == 0 {
-                self.filling.reserve(self.chunk_size);
-            }
-            let take = (self.chunk_size - self.filling.len()).min(rest.len());
-            self.filling.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.filling.len() == self.chunk_size {
-                let chunk = mem::take(&mut self.filling).freeze();
-                self.send_in_background(chunk).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends what is buffered, then commits with the sha256 of everything appended. If
-    /// `expected` is given and differs, or anything fails, the upload is cancelled and
-    /// nothing is committed. Returns the digest once the registry answered 201 with it.
-    pub async fn commit(mut self, expected: Option<&Digest>) -> Result<Digest> {
-        match self.finish(expected).await {
-            Ok(digest) => {
-                self.finished = true;
-                info!(repo = %self.repo, %digest, bytes = self.appended, "upload committed");
-                Ok(digest)
-            }
-            Err(e) => {
-                warn!(repo = %self.repo, "upload failed, cancelling it: {e}");
-                if e.is_transient() {
-                    // In the background: a registry that did not answer the commit will
-                    // not answer the DELETE quickly either, and close(2) must not wait.
-                    tokio::spawn(async move { self.cancel_now().await });
-                } else {
-                    self.cancel_now().await;
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Cancels the session (DELETE), best effort.
-    pub async fn cancel(mut self) {
-        self.cancel_now().await;
-    }
-
-    fn check(&self) -> Result<()> {
-        match &self.failed {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
-    }
-
-    async fn finish(&mut self, expected: Option<&Digest>) -> Result<Digest> {
-        self.check()?;
-        let digest = mem::replace(&mut self.hasher, DigestHasher::sha256()).digest();
-        if let Some(expected) = expected {
-            let what = format!("upload to {}", self.repo);
-            if expected.algorithm() != digest.algorithm() {
-                return Err(Error::Invalid(format!(
-                    "{what}: expected {expected}, but uploads are hashed with {}",
-                    digest.algorithm()
-                )));
-            }
-            if *expected != digest {
-                return Err(Error::Mismatch(format!(
-                    "{what}: {} bytes hash to {digest}, not {expected}",
-                    self.appended
-                )));
-            }
-        }
-        self.wait_sent().await?;
-        let last = mem::take(&mut self.filling).freeze();
-        if !last.is_empty() {
-            let start = self.session.confirmed;
-            self.client
-                .send_chunk(&self.repo, &mut self.session, &last, start)
-                .await?;
-        }
-        self.client
-            .commit_session(&self.repo, &mut self.session, &digest, self.appended)
-            .await?;
-        Ok(digest)
-    }
-
-    /// Waits for the previous chunk's PATCH (one in flight at most), then sends `chunk`.
-    async fn send_in_background(&mut self, chunk: Bytes) -> Result<()> {
-        self.wait_sent().await?;
-        let client = self.client.clone();
-        let repo = self.repo.clone();
-        let mut session = self.session.clone();
-        let start = session.confirmed;
-        self.sending = Some(tokio::spawn(async move {
-            let result = client.send_chunk(&repo, &mut session, &chunk, start).await;
-            (session, result)
-        }));
-        Ok(())
-    }
-
-    /// Waits for the PATCH in flight, if any, and takes its session and outcome.
-    async fn wait_sent(&mut self) -> Result<()> {
-        let Some(task) = self.sending.take() else {
-            return Ok(());
-        };
-        let result = match task.await {
-            Ok((session, result)) => {
-                self.session = session;
-                result
-            }
-            Err(e) => Err(Error::BadAnswer(format!(
-                "upload to {}: the chunk sender ended: {e}",
-                self.repo
-            ))),
-        };
-        result.inspect_err(|e| self.failed = Some(e.clone()))
-    }
-
-    async fn cancel_now(&mut self) {
-        self.finished = true;
-        if let Some(task) = self.sending.take() {
-            task.abort();
-            if let Ok((session, _)) = task.await {
-                self.session = session;
-            }
-        }
-        self.client.delete_session(&self.repo, &self.session).await;
-    }
-}
-
-impl Drop for Upload {
-    /// An upload dropped without commit or cancel (its writer went away): stop the PATCH
-    /// in flight and cancel the session in the background, if a runtime is there.
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        if let Some(task) = self.sending.take() {
-            task.abort();
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            debug!(repo = %self.repo, "upload dropped outside a runtime; not cancelled");
-            return;
-        };
-        let client = self.client.clone();
-        let repo = self.repo.clone();
-        let session = self.session.clone();
-        runtime.spawn(async move { client.delete_session(&repo, &session).await });
     }
 }
 
@@ -678,17 +383,6 @@ fn stored_length(range: &str, hint: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The filesystem keeps uploads in handles and drives them from tokio tasks.
-    #[allow(dead_code)]
-    fn uploads_can_move_between_tasks(mut upload: Upload, client: RegistryClient, d: Digest) {
-        fn send<T: Send>(_: &T) {}
-        fn shared<T: Send + Sync>(_: &T) {}
-        shared(&upload);
-        send(&upload.append(b""));
-        send(&client.mount_blob(upload.repo(), &d, upload.repo()));
-        send(&upload.commit(Some(&d)));
-    }
 
     #[test]
     fn range_header_is_the_stored_length() {

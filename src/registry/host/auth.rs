@@ -8,215 +8,30 @@
 //! blob redirected to object storage) are sent bare. Tokens and passwords go only to the
 //! registry's origin and to the realm its challenge named, and never into a log line.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::PoisonError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use reqwest::header::{self, HeaderMap, HeaderValue};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderValue};
 use serde::Deserialize;
 use tracing::debug;
 use url::{Origin, Url};
 
+use super::challenge::{Challenge, challenge};
 use super::credentials::{Credentials, Secret};
-use super::error::{Error, Result};
+use super::http::transport;
+use super::scopes::Scopes;
 use super::ssrf::Guard;
+use crate::registry::error::{Error, Result};
 
 /// Token lifetime when the token endpoint does not say (the token spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Token endpoint answers larger than this are refused.
 const MAX_TOKEN_ANSWER: usize = 1 << 20;
-
-/// Scopes as the token spec writes them: `repository:team/app:pull,push`, grouped so
-/// that scopes can be joined without repeating a resource.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Scopes(BTreeMap<(String, String), BTreeSet<String>>);
-
-impl Scopes {
-    fn add(&mut self, kind: &str, name: &str, actions: &str) {
-        self.0
-            .entry((kind.to_owned(), name.to_owned()))
-            .or_default()
-            .extend(
-                actions
-                    .split(',')
-                    .filter(|a| !a.is_empty())
-                    .map(str::to_owned),
-            );
-    }
-
-    /// Parses the challenge's `scope` parameter: space-separated `type:name:actions`.
-    fn parse(s: &str) -> Scopes {
-        let mut scopes = Scopes::default();
-        for item in s.split_whitespace() {
-            let Some((kind, rest)) = item.split_once(':') else {
-                continue;
-            };
-            let Some((name, actions)) = rest.rsplit_once(':') else {
-                continue;
-            };
-            scopes.add(kind, name, actions);
-        }
-        scopes
-    }
-
-    /// The scopes a request needs, from its method and path (what distribution checks).
-    pub fn for_request(method: &Method, url: &Url) -> Scopes {
-        let mut scopes = Scopes::default();
-        let Some(rest) = url.path().strip_prefix("/v2/") else {
-            return scopes;
-        };
-        if rest == "_catalog" {
-            scopes.add("registry", "catalog", "*");
-            return scopes;
-        }
-        let Some(repo) = repository_of(rest) else {
-            return scopes;
-        };
-        let actions = match *method {
-            Method::GET | Method::HEAD => "pull",
-            Method::DELETE => "delete",
-            _ => "pull,push",
-        };
-        scopes.add("repository", repo, actions);
-        // A cross-repository mount reads the blob from `from`.
-        if let Some((_, from)) = url.query_pairs().find(|(k, _)| k == "from") {
-            scopes.add("repository", &from, "pull");
-        }
-        scopes
-    }
-
-    fn join(&self, other: &Scopes) -> Scopes {
-        let mut joined = self.clone();
-        for ((kind, name), actions) in &other.0 {
-            joined
-                .0
-                .entry((kind.clone(), name.clone()))
-                .or_default()
-                .extend(actions.iter().cloned());
-        }
-        joined
-    }
-
-    /// One `scope` value per resource, as token endpoints take them.
-    fn to_strings(&self) -> Vec<String> {
-        self.0
-            .iter()
-            .map(|((kind, name), actions)| {
-                let actions: Vec<&str> = actions.iter().map(String::as_str).collect();
-                format!("{kind}:{name}:{}", actions.join(","))
-            })
-            .collect()
-    }
-
-    fn key(&self) -> String {
-        self.to_strings().join(" ")
-    }
-
-    /// Whether a token asked for with these scopes should also do for `needed` (a
-    /// `pull,push` token serves a pull).
-    fn covers(&self, needed: &Scopes) -> bool {
-        needed.0.iter().all(|(resource, actions)| {
-            self.0
-                .get(resource)
-                .is_some_and(|have| have.contains("*") || actions.is_subset(have))
-        })
-    }
-}
-
-/// The repository name in a `/v2/` path (after `/v2/`): `<name>/tags/list`,
-/// `<name>/manifests/<ref>`, `<name>/blobs/<digest>`, `<name>/blobs/uploads/[<id>]`.
-/// Names may themselves contain `blobs` or `manifests` components, so match at the end.
-fn repository_of(rest: &str) -> Option<&str> {
-    if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Some(name);
-    }
-    if let Some(i) = rest.rfind("/blobs/uploads/")
-        && !rest[i + "/blobs/uploads/".len()..].contains('/')
-    {
-        return Some(&rest[..i]);
-    }
-    let (prefix, _) = rest.rsplit_once('/')?;
-    prefix
-        .strip_suffix("/manifests")
-        .or_else(|| prefix.strip_suffix("/blobs"))
-}
-
-/// What a 401 asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Challenge {
-    Basic,
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
-}
-
-/// Parses `WWW-Authenticate` headers, preferring Bearer over Basic when both are offered.
-fn challenge(headers: &HeaderMap) -> Option<Challenge> {
-    let mut basic = false;
-    for value in headers.get_all(header::WWW_AUTHENTICATE) {
-        let Ok(value) = value.to_str() else { continue };
-        let value = value.trim();
-        let (scheme, params) = value.split_once(' ').unwrap_or((value, ""));
-        if scheme.eq_ignore_ascii_case("bearer") {
-            let params = auth_params(params);
-            let realm = params.get("realm")?.clone();
-            return Some(Challenge::Bearer {
-                realm,
-                service: params.get("service").cloned(),
-                scope: params.get("scope").cloned(),
-            });
-        }
-        basic |= scheme.eq_ignore_ascii_case("basic");
-    }
-    basic.then_some(Challenge::Basic)
-}
-
-/// `realm="https://a/token",service="x",scope="repository:a:pull,push"` → map.
-/// Values may be quoted (with commas inside) or bare tokens.
-fn auth_params(s: &str) -> HashMap<String, String> {
-    let mut params = HashMap::new();
-    let mut rest = s.trim();
-    while let Some(eq) = rest.find('=') {
-        let key = rest[..eq]
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
-        let after = rest[eq + 1..].trim_start();
-        let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
-            let mut value = String::new();
-            let mut chars = quoted.char_indices();
-            let mut end = quoted.len();
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        if let Some((_, escaped)) = chars.next() {
-                            value.push(escaped);
-                        }
-                    }
-                    '"' => {
-                        end = i + 1;
-                        break;
-                    }
-                    c => value.push(c),
-                }
-            }
-            (value, &quoted[end..])
-        } else {
-            let end = after.find(',').unwrap_or(after.len());
-            (after[..end].trim().to_owned(), &after[end..])
-        };
-        params.insert(key, value);
-        rest = remaining.trim_start().trim_start_matches(',').trim_start();
-    }
-    params
-}
 
 struct CachedToken {
     value: String,
@@ -517,25 +332,30 @@ impl Auth {
             }
             None => execute(&what, &self.token_http, sensitive(&what, get())?).await?,
         };
-        let status = resp.status();
-        let body = read_limited(&what, resp).await?;
-        if !status.is_success() {
-            return Err(Error::from_status(&what, status.as_u16(), &body));
-        }
-        let answer: TokenAnswer = serde_json::from_slice(&body)
-            .map_err(|e| Error::BadAnswer(format!("{what}: invalid JSON: {e}")))?;
-        let token = answer
-            .token
-            .filter(|t| !t.is_empty())
-            .or(answer.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| Error::BadAnswer(format!("{what}: answer has no token")))?;
-        let lifetime = answer
-            .expires_in
-            .filter(|s| *s > 0)
-            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
-        Ok((token, lifetime))
+        read_token(&what, resp).await
     }
+}
+
+/// The token in a token endpoint's answer, and how long it lives.
+async fn read_token(what: &str, resp: reqwest::Response) -> Result<(String, Duration)> {
+    let status = resp.status();
+    let body = read_limited(what, resp).await?;
+    if !status.is_success() {
+        return Err(Error::from_status(what, status.as_u16(), &body));
+    }
+    let answer: TokenAnswer = serde_json::from_slice(&body)
+        .map_err(|e| Error::BadAnswer(format!("{what}: invalid JSON: {e}")))?;
+    let token = answer
+        .token
+        .filter(|t| !t.is_empty())
+        .or(answer.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::BadAnswer(format!("{what}: answer has no token")))?;
+    let lifetime = answer
+        .expires_in
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    Ok((token, lifetime))
 }
 
 fn sensitive(what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Request> {
@@ -551,16 +371,12 @@ async fn execute(
     client
         .execute(request)
         .await
-        .map_err(|e| super::client::transport(what, &e))
+        .map_err(|e| transport(what, &e))
 }
 
 async fn read_limited(what: &str, mut resp: reqwest::Response) -> Result<Vec<u8>> {
     let mut body = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| super::client::transport(what, &e))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| transport(what, &e))? {
         if body.len() + chunk.len() > MAX_TOKEN_ANSWER {
             return Err(Error::BadAnswer(format!("{what}: answer too large")));
         }
@@ -592,191 +408,10 @@ fn secret_header(value: &str) -> Result<HeaderValue> {
 mod tests {
     use super::*;
 
-    fn scopes(method: Method, url: &str) -> Vec<String> {
-        Scopes::for_request(&method, &Url::parse(url).expect("url")).to_strings()
-    }
-
-    #[test]
-    fn scopes_from_method_and_path() {
-        let r = "https://r.example/v2";
-        assert_eq!(
-            scopes(Method::GET, &format!("{r}/_catalog?n=10")),
-            ["registry:catalog:*"]
-        );
-        assert_eq!(
-            scopes(Method::GET, &format!("{r}/team/app/tags/list")),
-            ["repository:team/app:pull"]
-        );
-        assert_eq!(
-            scopes(Method::HEAD, &format!("{r}/a/blobs/x/blobs/sha256:ab")),
-            ["repository:a/blobs/x:pull"]
-        );
-        assert_eq!(
-            scopes(Method::PUT, &format!("{r}/a/manifests/v1")),
-            ["repository:a:pull,push"]
-        );
-        assert_eq!(
-            scopes(Method::PATCH, &format!("{r}/a/b/blobs/uploads/1234-abcd")),
-            ["repository:a/b:pull,push"]
-        );
-        assert_eq!(
-            scopes(
-                Method::POST,
-                &format!("{r}/dst/blobs/uploads/?mount=sha256:ab&from=src/x")
-            ),
-            ["repository:dst:pull,push", "repository:src/x:pull"]
-        );
-        assert_eq!(
-            scopes(Method::DELETE, &format!("{r}/a/manifests/sha256:ab")),
-            ["repository:a:delete"]
-        );
-        assert!(scopes(Method::GET, &format!("{r}/")).is_empty());
-    }
-
-    #[test]
-    fn a_push_token_covers_a_pull_not_another_repository() {
-        let push = Scopes::parse("repository:team/app:pull,push");
-        assert!(push.covers(&Scopes::parse("repository:team/app:pull")));
-        assert!(!push.covers(&Scopes::parse("repository:other/app:pull")));
-        assert!(!Scopes::parse("repository:team/app:pull").covers(&push));
-        assert!(Scopes::parse("registry:catalog:*").covers(&Scopes::parse("registry:catalog:*")));
-    }
-
-    #[test]
-    fn challenge_scopes_join_derived_ones() {
-        let derived = Scopes::for_request(
-            &Method::GET,
-            &Url::parse("https://r/v2/a/manifests/v1").expect("url"),
-        );
-        let asked = Scopes::parse("repository:a:pull,push repository:b:pull bogus");
-        assert_eq!(
-            derived.join(&asked).to_strings(),
-            ["repository:a:pull,push", "repository:b:pull"]
-        );
-    }
-
-    fn headers(values: &[&str]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for v in values {
-            h.append(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_str(v).expect("header"),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn challenges() {
-        assert_eq!(
-            challenge(&headers(&[
-                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#
-            ])),
-            Some(Challenge::Bearer {
-                realm: "https://auth.example/token".into(),
-                service: Some("registry.example".into()),
-                scope: Some("repository:a/b:pull,push".into()),
-            })
-        );
-        assert_eq!(
-            challenge(&headers(&[r#"Basic realm="Registry Realm""#])),
-            Some(Challenge::Basic)
-        );
-        assert_eq!(
-            challenge(&headers(&[
-                r#"Basic realm="x""#,
-                r#"bearer realm=https://t/x, service=s"#
-            ])),
-            Some(Challenge::Bearer {
-                realm: "https://t/x".into(),
-                service: Some("s".into()),
-                scope: None,
-            })
-        );
-        assert_eq!(challenge(&headers(&["Bearer service=\"no realm\""])), None);
-        assert_eq!(challenge(&headers(&["Negotiate"])), None);
-        assert_eq!(challenge(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn auth_params_with_escapes_and_commas() {
-        let p = auth_params(r#"realm="a\"b,c", error="insufficient_scope" ,x=y"#);
-        assert_eq!(p["realm"], "a\"b,c");
-        assert_eq!(p["error"], "insufficient_scope");
-        assert_eq!(p["x"], "y");
-    }
-
     #[test]
     fn tokens_are_never_printed() {
         let h = bearer_header("secret-token").expect("header");
         assert!(h.is_sensitive());
         assert!(!format!("{h:?}").contains("secret-token"));
-    }
-
-    mod props {
-        use proptest::prelude::*;
-
-        use super::*;
-
-        /// How a header writes an auth parameter value: quoted, with `\\` and `"`
-        /// escaped.
-        fn quoted(value: &str) -> String {
-            format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
-        }
-
-        proptest! {
-            #[test]
-            fn auth_params_never_panic(s in any::<String>()) {
-                let _ = auth_params(&s);
-            }
-
-            #[test]
-            fn challenges_never_panic(values in prop::collection::vec("[ -~]{0,80}", 0..4)) {
-                let mut headers = HeaderMap::new();
-                for v in &values {
-                    if let Ok(v) = HeaderValue::from_str(v) {
-                        headers.append(header::WWW_AUTHENTICATE, v);
-                    }
-                }
-                let _ = challenge(&headers);
-            }
-
-            /// Parameters written as registries write them come back as they were.
-            #[test]
-            fn quoted_parameters_round_trip(
-                params in prop::collection::btree_map("[a-z]{1,10}", "[ -~]{0,40}", 1..6),
-                spaces in any::<bool>(),
-            ) {
-                let separator = if spaces { " , " } else { "," };
-                let written = params
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", quoted(v)))
-                    .collect::<Vec<_>>()
-                    .join(separator);
-                let parsed = auth_params(&written);
-                for (k, v) in &params {
-                    prop_assert_eq!(parsed.get(k), Some(v), "{}", written);
-                }
-                prop_assert_eq!(parsed.len(), params.len());
-            }
-
-            #[test]
-            fn a_bearer_challenge_gives_its_realm_service_and_scope(
-                realm in "https://[a-z]{1,12}\\.example/[a-z/]{0,12}",
-                service in "[a-z.]{1,20}",
-                scope in "repository:[a-z/]{1,20}:pull(,push)?",
-            ) {
-                let value = format!(
-                    "Bearer realm={},service={},scope={}",
-                    quoted(&realm), quoted(&service), quoted(&scope)
-                );
-                let mut headers = HeaderMap::new();
-                headers.append(header::WWW_AUTHENTICATE, HeaderValue::from_str(&value).expect("header"));
-                prop_assert_eq!(
-                    challenge(&headers),
-                    Some(Challenge::Bearer { realm, service: Some(service), scope: Some(scope) })
-                );
-            }
-        }
     }
 }

@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
 use tracing::warn;
 use url::{Host, Url};
 
-use super::error::{Error, Result};
+use crate::registry::error::{Error, Result};
 
 /// The address ranges a registry may not point regfs at on another host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -6,13 +6,15 @@
 
 use std::collections::BTreeMap;
 
-use reqwest::StatusCode;
 use reqwest::header;
+use reqwest::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::client::{MAX_MANIFEST_BYTES, RegistryClient, header_str, next_link};
-use super::error::{Error, Result};
-use super::types::{Digest, RepoName, Tag, media_type};
+use super::manifests::MAX_MANIFEST_BYTES;
+use crate::registry::error::{Error, Result};
+use crate::registry::host::headers::{header_str, next_link};
+use crate::registry::host::{Host, answer};
+use crate::registry::types::{Digest, RepoName, Tag, media_type};
 use crate::stats::RequestKind;
 
 /// Pages of one referrers answer followed before it counts as a loop.
@@ -143,7 +145,7 @@ pub fn fallback_tag(subject: &Digest) -> Option<Tag> {
     Tag::parse(&format!("{}-{hex}", subject.algorithm()))
 }
 
-impl RegistryClient {
+impl Host {
     /// `GET /v2/<name>/referrers/<digest>`, every page: the referrers, or None when the
     /// registry has no referrers API (404).
     pub async fn referrers(
@@ -159,8 +161,7 @@ impl RegistryClient {
                 .retrying(|| async {
                     let _in_flight = self.stats().request(RequestKind::Referrers);
                     let req = self
-                        .http
-                        .get(url.clone())
+                        .request(Method::GET, url.clone())
                         .header(header::ACCEPT, media_type::OCI_INDEX);
                     let resp = self.send(&what, req).await?;
                     match resp.status() {
@@ -169,10 +170,10 @@ impl RegistryClient {
                             let next = header_str(resp.headers(), "link")
                                 .and_then(next_link)
                                 .map(str::to_owned);
-                            let body = Self::body(&what, resp, MAX_MANIFEST_BYTES).await?;
+                            let body = answer::body(&what, resp, MAX_MANIFEST_BYTES).await?;
                             Ok(Some((next, body)))
                         }
-                        _ => Err(Self::fail(&what, resp).await),
+                        _ => Err(answer::error(&what, resp).await),
                     }
                 })
                 .await?;

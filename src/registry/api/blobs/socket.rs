@@ -20,25 +20,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use url::{Host, Url};
 
-use super::blob_get::content_range_start;
+use crate::registry::host::headers::content_range_start;
 
 /// The most an answer's head may take; a registry's is a few hundred bytes.
 const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 64;
 /// Read size while the head is awaited (body bytes that come with it are kept).
 const HEAD_READ: usize = 16 << 10;
-
-/// Proxy settings reqwest honours on this platform: with any of them set, streams go
-/// through the client, which applies them.
-const PROXY_VARIABLES: [&str; 4] = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"];
-
-/// Whether streams from the registry at `base` may be read from their own socket.
-pub(super) fn usable_for(base: &Url) -> bool {
-    base.scheme() == "http"
-        && PROXY_VARIABLES
-            .iter()
-            .all(|v| std::env::var_os(v).is_none_or(|value| value.is_empty()))
-}
 
 /// The body of a `206` answer, read from its connection.
 pub(super) struct SocketBody {

@@ -9,6 +9,8 @@ use docker_credential::{CredentialRetrievalError, DockerCredential};
 use serde::Deserialize;
 use url::Url;
 
+use super::address::is_docker_hub;
+
 /// The secret itself. Deliberately no `Debug`/`Display` that could print it.
 #[derive(Clone)]
 pub enum Secret {
@@ -105,7 +107,7 @@ impl Credentials {
 /// `host[:port]`, and the historical index URL for Docker Hub.
 pub fn docker_server_key(registry: &Url) -> String {
     let host = registry.host_str().unwrap_or_default();
-    if super::client::is_docker_hub(host) {
+    if is_docker_hub(host) {
         return "https://index.docker.io/v1/".to_owned();
     }
     match registry.port() {

@@ -1,19 +1,20 @@
 //! Deletes (`ManifestService.Delete`, `TagStore.Untag`, `BlobDeleter.Delete` of the
 //! Distribution API): `DELETE /v2/<name>/manifests/<reference>` and
-//! `DELETE /v2/<name>/blobs/<digest>`. What may be deleted is decided by the caller
-//! (src/fs/delete.rs); this only sends the request and reads the answer.
+//! `DELETE /v2/<name>/blobs/<digest>`. What may be deleted is decided by the
+//! filesystem (docs/SEMANTICS.md, "Deletes"); this only sends the request and reads the
+//! answer.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use tracing::info;
 
-use super::client::RegistryClient;
-use super::error::Result;
-use super::types::{Digest, Reference, RepoName};
+use crate::registry::error::Result;
+use crate::registry::host::{Host, answer};
+use crate::registry::types::{Digest, Reference, RepoName};
 use crate::stats::RequestKind;
 
-impl RegistryClient {
+impl Host {
     /// Deletes a manifest by digest, or a tag (where the registry supports deleting by
     /// tag: distribution 2.8 answers 400 `DIGEST_INVALID`, which is
     /// [`Error::NotPermitted`] like every other refusal).
@@ -40,11 +41,12 @@ impl RegistryClient {
         self.retrying(|| async {
             let retry = attempts.fetch_add(1, Ordering::Relaxed) > 0;
             let _in_flight = self.stats().request(RequestKind::Delete);
-            let resp = self.send(&what, self.http.delete(url.clone())).await?;
+            let req = self.request(Method::DELETE, url.clone());
+            let resp = self.send(&what, req).await?;
             match resp.status() {
                 StatusCode::ACCEPTED | StatusCode::OK | StatusCode::NO_CONTENT => Ok(()),
                 StatusCode::NOT_FOUND if retry => Ok(()),
-                _ => Err(Self::delete_refusal(&what, resp).await),
+                _ => Err(answer::delete_error(&what, resp).await),
             }
         })
         .await
