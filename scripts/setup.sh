@@ -7,12 +7,15 @@ set -euo pipefail
 # Image-content tests also convert images (containerd + ctr-remote, podman's
 # zstd:chunked), run a rootfs (busybox-static) and write hostile layers (python3). The
 # SOCI zTOC tests check regfs's codec against the code flatc generates from the schema
-# (flatbuffers-compiler, python3-flatbuffers).
+# (flatbuffers-compiler, python3-flatbuffers). The layer store tests run podman (with
+# runc, conmon, fuse-overlayfs and uidmap, which it uses).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
-    containerd ctr-remote podman busybox python3 unshare findmnt flatc)
+    containerd ctr-remote busybox python3 unshare findmnt flatc
+    podman runc conmon fuse-overlayfs newuidmap)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
-    containerd stargz-snapshotter podman busybox-static python3 util-linux
-    flatbuffers-compiler python3-flatbuffers)
+    containerd stargz-snapshotter busybox-static python3 util-linux
+    flatbuffers-compiler python3-flatbuffers
+    podman runc conmon fuse-overlayfs uidmap)
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then

@@ -31,9 +31,10 @@ use crate::registry::{RegistryClient, RepoName};
 use blob::{BlobReads, BlockFetcher};
 use handles::Handles;
 use images::Images;
+use tree::node::StorePath;
 use tree::{
-    ControlFiles, ImageDirs, InodeTable, Node, OpenFile, Opening, RegistryDirs, oci_layout,
-    referrers,
+    ControlFiles, ImageDirs, InodeTable, LayerStore, Node, OpenFile, Opening, RegistryDirs,
+    RegistryDomain, layer_store, oci_layout, referrers,
 };
 use view::RegistryView;
 use write::{Deletes, HeldIndexes, Overlay, WrittenFiles};
@@ -52,6 +53,7 @@ pub struct Fs {
     registry: RegistryDirs,
     images: ImageDirs,
     control: ControlFiles,
+    store: LayerStore,
     /// The write side.
     written: Arc<WrittenFiles>,
     overlay: Arc<Overlay>,
@@ -123,6 +125,7 @@ impl Fs {
                 blobs: blobs.clone(),
                 tag_ttl,
             },
+            store: LayerStore::new(images.clone(), RegistryDomain::of(client.base()), tag_ttl),
             images: ImageDirs::new(images, view.clone(), tag_ttl),
             control: ControlFiles::new(client.stats().clone(), cache),
             deletes: Deletes::new(origin, view.clone()),
@@ -178,6 +181,7 @@ impl Fs {
             Node::Image(path) => self.images.child(path, name.as_bytes()).await,
             Node::Oci(repo, path) => oci_layout::child(&self.view, repo, path, name).await,
             Node::Referrers(repo, path) => referrers::child(&self.view, repo, path, name).await,
+            Node::Store(path) => self.store.child(path, name).await,
             _ => self.registry.child(parent, name).await,
         }
     }
@@ -197,6 +201,14 @@ impl Fs {
                 None => oci_layout::attr(&self.view, repo, path, ino, ttl).await,
             },
             Node::Referrers(repo, path) => referrers::attr(&self.view, repo, path, ino, ttl).await,
+            Node::Store(path) => match layer_store::object(path) {
+                // `blob` is the registry's object under another name.
+                Some(object) => Ok(Attr {
+                    ino,
+                    ..Box::pin(self.attr(&object)).await?
+                }),
+                None => self.store.attr(path, ino).await,
+            },
             _ => self.registry.attr(node, ino).await,
         }
     }
@@ -207,6 +219,7 @@ impl Fs {
             Node::Control(path) => self.control.children(*path),
             Node::Oci(repo, path) => oci_layout::children(&self.view, repo, path).await,
             Node::Referrers(repo, path) => referrers::children(&self.view, repo, path).await,
+            Node::Store(path) => self.store.children(path),
             _ => self.registry.children(node).await,
         }
     }
@@ -221,6 +234,10 @@ impl Fs {
                 None => oci_layout::open(&self.view, repo, path).await,
             },
             Node::Referrers(repo, path) => referrers::open(&self.view, repo, path).await,
+            Node::Store(path) => match layer_store::object(path) {
+                Some(object) => self.registry.open_object(&object).await,
+                None => self.store.open(path).await,
+            },
             _ => self.registry.open(node).await,
         }
     }
@@ -404,10 +421,14 @@ impl Fs {
     /// The backstop for an operation on inode `ino`. In the files of images the first
     /// look can be an index pass, a long stream that is not waiting on the registry (its
     /// requests keep their own `--timeout` and trickle floor, so a stalled registry
-    /// still fails it): that may take as long as the layers take to read.
+    /// still fails it): that may take as long as the layers take to read. Looking up
+    /// the root of a layer's files (`rootfs` in a tag's directory, a layer store's
+    /// `diff`) is such a first look too.
     pub fn deadline_at(&self, ino: u64) -> Duration {
         match self.node(ino) {
-            Ok(Node::Image(_) | Node::TagDir(..)) => IMAGE_DEADLINE,
+            Ok(Node::Image(_) | Node::TagDir(..) | Node::Store(StorePath::Layer(_))) => {
+                IMAGE_DEADLINE
+            }
             _ => self.deadline(),
         }
     }

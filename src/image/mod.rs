@@ -1,7 +1,8 @@
 //! Image contents (docs/SEMANTICS.md, "Image contents"): the files of layers and of
 //! whole images, read lazily.
 //!
-//! - [`manifest`]: an image's layers, an index's image for a platform;
+//! - [`manifest`]: an image's layers, an index's image for a platform; [`config`]: the
+//!   config a manifest names, and its layers' diff_ids;
 //! - [`codec`]: decoders that start at a layer's beginning or
 //!   at a checkpoint; [`tar`]: tar entries from the decoded stream ([`tar_pax`]: PAX
 //!   records);
@@ -16,6 +17,7 @@
 
 pub mod chunks;
 pub mod codec;
+pub mod config;
 pub mod content;
 pub mod entry;
 pub mod flights;

@@ -17,7 +17,7 @@ pub use api::referrers::Referrer;
 pub use api::uploads::{MountOutcome, Upload};
 pub use client::RegistryClient;
 pub use error::{Error, Result};
-pub use host::{ClientOptions, Credentials, parse_registry_url};
+pub use host::{ClientOptions, Credentials, is_docker_hub, parse_registry_url};
 pub use mirrors::MirrorSpec;
 pub use types::{Descriptor, Digest, DigestHasher, ManifestLinks, Reference, RepoName, Tag};
 

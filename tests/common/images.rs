@@ -27,7 +27,7 @@ pub const UTF8_DIR: &str = "names/ünïcødé ファイル";
 
 /// Fails with a message naming setup.sh unless the tools of the image tests exist.
 pub fn require_image_tools() {
-    for tool in [
+    require_commands(&[
         "umoci",
         "skopeo",
         "python3",
@@ -35,7 +35,12 @@ pub fn require_image_tools() {
         "containerd",
         "ctr-remote",
         "busybox",
-    ] {
+    ]);
+}
+
+/// Fails with a message naming setup.sh unless every one of `tools` is a command.
+pub fn require_commands(tools: &[&str]) {
+    for tool in tools {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())

@@ -38,13 +38,13 @@ const MAX_PIECES: u64 = 64 << 20;
 /// another TOC is another index (one registry's manifest cannot change the files that
 /// another registry's manifest shows for the same layer through the shared disk cache).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct IndexKey {
+pub struct IndexKey {
     layer: Digest,
     toc: Option<Digest>,
 }
 
 impl IndexKey {
-    fn of(layer: &Layer) -> IndexKey {
+    pub fn of(layer: &Layer) -> IndexKey {
         let toc = Codec::of_media_type(&layer.media_type)
             .and_then(|codec| TocRef::from_annotations(codec, &layer.annotations))
             .map(|t| t.digest().clone());
@@ -129,25 +129,34 @@ impl LayerIndexes {
         if let Some(outcome) = self.kept.peek(&key) {
             return outcome;
         }
-        let job = {
-            let mut indexing = self.indexing.lock().unwrap_or_else(PoisonError::into_inner);
-            match indexing.get(&key) {
-                Some(job) => job.clone(),
-                None => {
-                    let job = tokio::spawn(self.index_job(repo, layer, key.clone()))
-                        .map(|done| {
-                            done.unwrap_or_else(|e| {
-                                Err(Error::Unavailable(format!("indexing task failed: {e}")))
-                            })
-                        })
-                        .boxed()
-                        .shared();
-                    indexing.insert(key, job.clone());
-                    job
-                }
-            }
-        };
-        job.await?
+        self.job(repo, layer, key).await?
+    }
+
+    /// Starts indexing a layer in the background, unless it is indexed or being indexed.
+    pub fn start(&self, repo: &RepoName, layer: &Layer) {
+        let key = IndexKey::of(layer);
+        if self.kept.peek(&key).is_none() {
+            // The job runs as a task of its own, awaited or not.
+            drop(self.job(repo, layer, key));
+        }
+    }
+
+    /// The indexing job of a layer: the one running, or a new one.
+    fn job(&self, repo: &RepoName, layer: &Layer, key: IndexKey) -> IndexJob {
+        let mut indexing = self.indexing.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(job) = indexing.get(&key) {
+            return job.clone();
+        }
+        let job = tokio::spawn(self.index_job(repo, layer, key.clone()))
+            .map(|done| {
+                done.unwrap_or_else(|e| {
+                    Err(Error::Unavailable(format!("indexing task failed: {e}")))
+                })
+            })
+            .boxed()
+            .shared();
+        indexing.insert(key, job.clone());
+        job
     }
 
     /// The task that indexes a layer: from the disk cache, else its TOC or a pass;
@@ -210,7 +219,7 @@ impl LayerIndexes {
     }
 
     /// A blob's bytes through the block cache, for the image code.
-    fn blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> LayerBlob {
+    pub(super) fn blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> LayerBlob {
         LayerBlob {
             repo: repo.clone(),
             digest: digest.clone(),

@@ -1,6 +1,7 @@
 //! The files of images (docs/SEMANTICS.md, "Image contents"): `tags/<tag>/rootfs/`,
-//! `.images/<digest>/rootfs/` (an image's files, its layers merged) and
-//! `.layers/<digest>/` (one layer as an overlayfs lowerdir).
+//! `.images/<digest>/rootfs/` (an image's files, its layers merged), and one layer as an
+//! overlayfs lowerdir: `.layers/<digest>/`, `.images/<m>/layers/<digest>/` and the layer
+//! store's `diff` (described by that manifest, described.rs).
 //!
 //! A root is named by what it shows (a manifest digest, or a layer digest), so the
 //! files under `tags/<tag>/rootfs/` are content-addressed too: when the tag moves, the
@@ -14,43 +15,37 @@ use std::sync::Arc;
 use futures_util::future::try_join_all;
 
 use super::image_tree::ImageTree;
-use super::layers::LayerIndexes;
+use super::layers::{IndexKey, LayerIndexes};
 use crate::cache::Memo;
 use crate::fs::blob::BlockFetcher;
 use crate::fs::tree::node::{ImageRoot, RootOf};
 use crate::fs::view::RegistryView;
 use crate::image::entry::Entry;
-use crate::image::manifest::{ImageManifest, Layer, Platform, select};
+use crate::image::manifest::{Layer, Platform};
 use crate::image::tree::Tree;
 use crate::registry::{Digest, Error, RepoName, Result, Tag};
 
 /// Merged trees kept in memory, at most, and their memory.
 const KEPT_TREES: usize = 64;
 const TREE_MEMORY: usize = 128 << 20;
-/// Layers an image may have (docker stops at 127).
-const MAX_LAYERS: usize = 1000;
+/// Image configs whose diff_ids are kept (the layer store's records).
+const KEPT_CONFIGS: usize = 1024;
 
-/// Trees depend only on content, not on how they were reached.
+/// Trees depend only on content, not on how they were reached: an image's on its
+/// manifest, a layer's on its index (the blob, and the TOC its descriptor announces).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum TreeKey {
     Image(Digest),
-    Layer(Digest),
-}
-
-impl TreeKey {
-    fn of(root: &ImageRoot) -> TreeKey {
-        match &root.of {
-            RootOf::Tag(_, d) | RootOf::Image(d) => TreeKey::Image(d.clone()),
-            RootOf::Layer(d) => TreeKey::Layer(d.clone()),
-        }
-    }
+    Layer(IndexKey),
 }
 
 pub struct Images {
-    view: Arc<RegistryView>,
-    platform: Platform,
-    layers: LayerIndexes,
+    pub(super) view: Arc<RegistryView>,
+    pub(super) platform: Platform,
+    pub(super) layers: LayerIndexes,
     trees: Memo<TreeKey, Arc<ImageTree>>,
+    /// The diff_ids of image configs, by repository and config digest.
+    pub(super) diff_ids: Memo<(RepoName, Digest), Arc<Vec<Digest>>>,
 }
 
 impl Images {
@@ -60,6 +55,7 @@ impl Images {
             view,
             platform,
             trees: Memo::new(KEPT_TREES, None).weighing(|t| t.tree.heap_bytes(), TREE_MEMORY),
+            diff_ids: Memo::new(KEPT_CONFIGS, None),
         }
     }
 
@@ -74,73 +70,58 @@ impl Images {
 
     /// The files under a root (built, or kept from before).
     pub async fn tree(&self, root: &ImageRoot) -> Result<Arc<ImageTree>> {
-        let key = TreeKey::of(root);
         let repo = &root.repo;
+        let layer = match &root.of {
+            RootOf::Tag(_, d) | RootOf::Image(d) => return self.image_tree(repo, d).await,
+            RootOf::Layer(d) => self.layers.descriptor(repo, d).await?,
+            RootOf::ImageLayer(m, d) => self.manifest_layer(repo, m, d).await?,
+            RootOf::StoreLayer(l) => self.manifest_layer(repo, &l.manifest, &l.layer).await?,
+        };
+        self.layer_tree(repo, layer).await
+    }
+
+    /// An image's files: its layers merged.
+    async fn image_tree(&self, repo: &RepoName, digest: &Digest) -> Result<Arc<ImageTree>> {
+        let key = TreeKey::Image(digest.clone());
         self.trees
             .get_or_fetch(&key, || async {
-                let layers = match &key {
-                    TreeKey::Image(d) => {
-                        let layers = self.image_layers(repo, d).await?;
-                        try_join_all(layers.iter().map(|l| self.layers.get(repo, l))).await?
-                    }
-                    TreeKey::Layer(d) => {
-                        let layer = self.layers.descriptor(repo, d).await?;
-                        vec![self.layers.get(repo, &layer).await?]
-                    }
-                };
-                let overlay = matches!(key, TreeKey::Layer(_));
-                let tree = tokio::task::spawn_blocking(move || {
-                    let entries: Vec<&[Entry]> = layers
-                        .iter()
-                        .map(|l| &l.content.index().entries[..])
-                        .collect();
-                    let tree = if overlay {
-                        Tree::overlay(entries.first().copied().unwrap_or_default())
-                    } else {
-                        Tree::merge(&entries)
-                    };
-                    ImageTree { tree, layers }
-                })
-                .await
-                .map_err(|e| Error::Unavailable(format!("merging layers failed: {e}")))?;
-                Ok(Arc::new(tree))
+                let image = self.resolve_image(repo, digest).await?;
+                let layers = image.layers.iter().map(|l| self.layers.get(repo, l));
+                let layers = try_join_all(layers).await?;
+                build(layers, Tree::merge).await
             })
             .await
     }
 
-    /// The layers of the image `digest` names (for an index, the image of the
-    /// platform), lowest first.
-    async fn image_layers(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Layer>> {
-        let parse = |m: &crate::registry::FetchedManifest| {
-            ImageManifest::parse(&m.bytes, &m.media_type)
-                .map_err(|e| Error::BadAnswer(format!("{repo}@{}: {e}", m.digest)))
-        };
-        let manifest = self.view.manifest(repo, digest).await?;
-        let layers = match parse(&manifest)? {
-            ImageManifest::Image { layers } => layers,
-            ImageManifest::Index { children } => {
-                let child = select(&children, &self.platform).ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "{repo}@{digest}: the index has no {} image (see --platform)",
-                        self.platform
-                    ))
-                })?;
-                match parse(&*self.view.manifest(repo, child).await?)? {
-                    ImageManifest::Image { layers } => layers,
-                    ImageManifest::Index { .. } => {
-                        return Err(Error::BadAnswer(format!(
-                            "{repo}@{child}: an index where an image was expected"
-                        )));
-                    }
-                }
-            }
-        };
-        if layers.len() > MAX_LAYERS {
-            return Err(Error::BadAnswer(format!(
-                "{repo}@{digest}: {} layers (at most {MAX_LAYERS})",
-                layers.len()
-            )));
-        }
-        Ok(layers)
+    /// One layer as an overlayfs lowerdir.
+    async fn layer_tree(&self, repo: &RepoName, layer: Layer) -> Result<Arc<ImageTree>> {
+        let key = TreeKey::Layer(IndexKey::of(&layer));
+        self.trees
+            .get_or_fetch(&key, || async {
+                let indexed = self.layers.get(repo, &layer).await?;
+                build(vec![indexed], |entries| {
+                    Tree::overlay(entries.first().copied().unwrap_or_default())
+                })
+                .await
+            })
+            .await
     }
+}
+
+/// The tree of indexed layers, made on a blocking thread.
+async fn build(
+    layers: Vec<Arc<super::layers::Indexed>>,
+    make: fn(&[&[Entry]]) -> Tree,
+) -> Result<Arc<ImageTree>> {
+    let tree = tokio::task::spawn_blocking(move || {
+        let entries: Vec<&[Entry]> = layers
+            .iter()
+            .map(|l| &l.content.index().entries[..])
+            .collect();
+        let tree = make(&entries);
+        ImageTree { tree, layers }
+    })
+    .await
+    .map_err(|e| Error::Unavailable(format!("merging layers failed: {e}")))?;
+    Ok(Arc::new(tree))
 }

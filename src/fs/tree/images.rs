@@ -1,6 +1,7 @@
 //! The image area of the tree (docs/SEMANTICS.md, "Image contents"): `.images/`,
 //! `.layers/`, and the files under a root (`tags/<tag>/rootfs/`,
-//! `.images/<digest>/rootfs/`, `.layers/<digest>/`), as images/ builds them.
+//! `.images/<digest>/rootfs/`, `.layers/<digest>/`, `.images/<digest>/layers/<digest>/`,
+//! the layer store's `diff/`), as images/ builds them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use crate::fs::attr::{Attr, IMMUTABLE_TTL, Kind};
 use crate::fs::errno::{Errno, fail};
 use crate::fs::images::{ImageTree, Images};
-use crate::fs::tree::node::{ImagePath, ImageRoot, Node, ROOTFS, RootOf};
+use crate::fs::tree::node::{IMAGE_LAYERS, ImagePath, ImageRoot, Node, ROOTFS, RootOf};
 use crate::fs::tree::open_file::{OpenFile, Opening};
 use crate::fs::view::RegistryView;
 use crate::image::entry::Xattrs;
@@ -73,10 +74,22 @@ impl ImageDirs {
             ImagePath::ImageDir(repo, digest) if name == ROOTFS => {
                 Ok(root_of(repo, RootOf::Image(digest.clone())))
             }
+            ImagePath::ImageDir(repo, digest) if name == IMAGE_LAYERS => Ok(Node::Image(
+                ImagePath::ImageLayers(repo.clone(), digest.clone()),
+            )),
             ImagePath::ImageDir(..) => Err(Errno::ENOENT),
             ImagePath::LayersDir(repo) => {
                 let digest = Digest::parse(name).ok_or(Errno::ENOENT)?;
                 Ok(root_of(repo, RootOf::Layer(digest)))
+            }
+            ImagePath::ImageLayers(repo, manifest) => {
+                // Only a layer that manifest lists, described as it describes it.
+                let layer = Digest::parse(name).ok_or(Errno::ENOENT)?;
+                self.images
+                    .manifest_layer(repo, manifest, &layer)
+                    .await
+                    .map_err(|e| fail(path, e))?;
+                Ok(root_of(repo, RootOf::ImageLayer(manifest.clone(), layer)))
             }
             ImagePath::Inside(..) => Err(Errno::ENOENT),
         }
@@ -90,7 +103,9 @@ impl ImageDirs {
         let (root, id) = match path {
             // Opened by digest, never listed: listing them would index every layer a
             // `ls --color` stats.
-            ImagePath::ImagesDir(_) | ImagePath::LayersDir(_) => return Ok((parent, Vec::new())),
+            ImagePath::ImagesDir(_) | ImagePath::LayersDir(_) | ImagePath::ImageLayers(..) => {
+                return Ok((parent, Vec::new()));
+            }
             ImagePath::ImageDir(repo, d) => {
                 return Ok((parent, vec![(ROOTFS.as_bytes().into(), rootfs(repo, d))]));
             }

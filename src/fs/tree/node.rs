@@ -1,12 +1,12 @@
 //! What each path in the tree stands for (docs/SEMANTICS.md, "The tree"): [`Node`],
 //! and the paths of each area below a repository ([`OciPath`], [`RefPath`],
-//! [`ImagePath`]), with the names they are made of.
+//! [`ImagePath`]) or the root ([`StorePath`]), with the names they are made of.
 
 use std::fmt;
 use std::sync::Arc;
 
 use crate::fs::attr::Kind;
-use crate::registry::{Digest, RepoName, Tag};
+use crate::registry::{Digest, Reference, RepoName, Tag};
 
 /// The names of a repository's own directories. They shadow a child repository of the
 /// same name (`a/tags` under `a`), which stays reachable through its full name nowhere
@@ -27,6 +27,15 @@ pub const STATS: &str = "stats";
 pub const IMAGES: &str = ".images";
 pub const LAYERS: &str = ".layers";
 pub const ROOTFS: &str = "rootfs";
+/// `.images/<digest>/layers/`: the image's layers as its manifest describes them.
+pub const IMAGE_LAYERS: &str = "layers";
+/// The layer store for containers/storage at the root (docs/SEMANTICS.md, "Container
+/// runtimes"), opened by name only like `/.regfs`, and the names in a layer's
+/// directory there (containers/storage's).
+pub const LAYER_STORE: &str = ".layerstore";
+pub const STORE_DIFF: &str = "diff";
+pub const STORE_BLOB: &str = "blob";
+pub const STORE_INFO: &str = "info";
 /// The repository as an OCI image layout (oci_layout.rs), and the referrers of its
 /// manifests (referrers.rs): opened by name only too.
 pub const OCI: &str = ".oci";
@@ -68,6 +77,8 @@ pub enum Node {
     Oci(RepoName, OciPath),
     /// Under `<repo>/.referrers` (see referrers.rs).
     Referrers(RepoName, RefPath),
+    /// Under `/.layerstore` (see layer_store.rs).
+    Store(StorePath),
 }
 
 /// Where in `/.regfs` a node is.
@@ -88,6 +99,8 @@ pub enum ImagePath {
     ImageDir(RepoName, Digest),
     /// `<repo>/.layers`: layers by digest (not listed).
     LayersDir(RepoName),
+    /// `<repo>/.images/<digest>/layers`: that image's layers by digest (not listed).
+    ImageLayers(RepoName, Digest),
     /// A file or directory of an image: node `id` of its tree, and its kind (fixed for
     /// a given root and id: trees are built the same way every time).
     Inside(Arc<ImageRoot>, u32, Kind),
@@ -108,6 +121,10 @@ pub enum RootOf {
     Image(Digest),
     /// `.layers/<digest>`.
     Layer(Digest),
+    /// `.images/<manifest>/layers/<layer>`: a layer as that manifest describes it.
+    ImageLayer(Digest, Digest),
+    /// `/.layerstore/<ref>/<digest>/diff`: the same, reached through the layer store.
+    StoreLayer(Arc<StoreLayer>),
 }
 
 /// Where in `.oci/` a node is.
@@ -127,6 +144,50 @@ pub enum OciPath {
 pub enum Object {
     Manifest,
     Blob,
+}
+
+/// Where in `/.layerstore` a node is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StorePath {
+    /// `/.layerstore`: lists nothing, opens any image reference of this registry.
+    Root,
+    /// `/.layerstore/<base64 of an image reference>`.
+    Image(Arc<StoreImage>),
+    /// `/.layerstore/<ref>/<digest>`: a layer of that image, by blob or TOC digest.
+    Layer(Arc<StoreLayer>),
+    /// `<layer>/info`: the layer record containers/storage reads.
+    Info(Arc<StoreLayer>),
+    /// `<layer>/blob`: the layer blob (`blobs/<digest>` under another name).
+    Blob(Arc<StoreLayer>),
+}
+
+/// An image reference of this registry, as the layer store is asked for it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StoreImage {
+    /// The directory's name as given (the reference in base64).
+    pub name: String,
+    pub repo: RepoName,
+    pub reference: Reference,
+}
+
+/// A layer of an image in the layer store, found at lookup.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StoreLayer {
+    pub image: Arc<StoreImage>,
+    /// The digest it was looked up by: its blob digest, or the digest of its TOC.
+    pub name: Digest,
+    /// The image manifest that lists it (for an index, the child that does), so that
+    /// its descriptor and config come from there and nodes below are content-addressed.
+    pub manifest: Digest,
+    /// The layer blob's digest.
+    pub layer: Digest,
+}
+
+impl StoreLayer {
+    /// Whether it was looked up by the digest of its TOC.
+    pub fn by_toc(&self) -> bool {
+        self.name != self.layer
+    }
 }
 
 /// Where in `.referrers/` a node is.
@@ -159,14 +220,18 @@ impl Node {
             Node::Image(ImagePath::Inside(_, _, kind)) => *kind,
             Node::Oci(_, p) => p.kind(),
             Node::Referrers(_, p) => p.kind(),
+            Node::Store(StorePath::Info(_) | StorePath::Blob(_)) => Kind::File,
             _ => Kind::Dir,
         }
     }
 
     /// Whether the node is in an area that is read-only whatever the mount: an image's
-    /// files, `.oci/` and `.referrers/`.
+    /// files, `.oci/`, `.referrers/` and `/.layerstore`.
     pub fn is_read_only(&self) -> bool {
-        matches!(self, Node::Image(_) | Node::Oci(..) | Node::Referrers(..))
+        matches!(
+            self,
+            Node::Image(_) | Node::Oci(..) | Node::Referrers(..) | Node::Store(_)
+        )
     }
 
     /// The directory that holds this node (the root is its own parent).
@@ -186,6 +251,7 @@ impl Node {
             Node::Image(p) => p.parent(),
             Node::Oci(r, p) => p.parent(r),
             Node::Referrers(r, p) => p.parent(r),
+            Node::Store(p) => p.parent(),
         }
     }
 }
@@ -196,6 +262,7 @@ impl ImagePath {
         match self {
             ImagePath::ImagesDir(r) | ImagePath::LayersDir(r) => Node::Dir(r.as_str().to_owned()),
             ImagePath::ImageDir(r, _) => at(ImagePath::ImagesDir(r.clone())),
+            ImagePath::ImageLayers(r, d) => at(ImagePath::ImageDir(r.clone(), d.clone())),
             // Only a root has its parent here; the image's tree knows the others'.
             ImagePath::Inside(root, _, _) => root.holder(),
         }
@@ -210,6 +277,33 @@ impl ImageRoot {
             RootOf::Tag(t, _) => Node::TagDir(repo, t.clone()),
             RootOf::Image(d) => Node::Image(ImagePath::ImageDir(repo, d.clone())),
             RootOf::Layer(_) => Node::Image(ImagePath::LayersDir(repo)),
+            RootOf::ImageLayer(m, _) => Node::Image(ImagePath::ImageLayers(repo, m.clone())),
+            RootOf::StoreLayer(l) => Node::Store(StorePath::Layer(l.clone())),
+        }
+    }
+}
+
+impl StorePath {
+    fn parent(&self) -> Node {
+        let at = Node::Store;
+        match self {
+            StorePath::Root => Node::root(),
+            StorePath::Image(_) => at(StorePath::Root),
+            StorePath::Layer(l) => at(StorePath::Image(l.image.clone())),
+            StorePath::Info(l) | StorePath::Blob(l) => at(StorePath::Layer(l.clone())),
+        }
+    }
+}
+
+impl fmt::Display for StorePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let layer = |l: &StoreLayer| format!("/{LAYER_STORE}/{}/{}", l.image.name, l.name);
+        match self {
+            StorePath::Root => write!(f, "/{LAYER_STORE}"),
+            StorePath::Image(i) => write!(f, "/{LAYER_STORE}/{}", i.name),
+            StorePath::Layer(l) => f.write_str(&layer(l)),
+            StorePath::Info(l) => write!(f, "{}/{STORE_INFO}", layer(l)),
+            StorePath::Blob(l) => write!(f, "{}/{STORE_BLOB}", layer(l)),
         }
     }
 }
@@ -306,6 +400,7 @@ impl fmt::Display for Node {
             Node::Image(p) => write!(f, "{p}"),
             Node::Oci(r, p) => write!(f, "/{r}/{}", p.show()),
             Node::Referrers(r, p) => write!(f, "/{r}/{}", p.show()),
+            Node::Store(p) => write!(f, "{p}"),
         }
     }
 }
@@ -316,12 +411,17 @@ impl fmt::Display for ImagePath {
             ImagePath::ImagesDir(r) => write!(f, "/{r}/{IMAGES}"),
             ImagePath::ImageDir(r, d) => write!(f, "/{r}/{IMAGES}/{d}"),
             ImagePath::LayersDir(r) => write!(f, "/{r}/{LAYERS}"),
+            ImagePath::ImageLayers(r, d) => write!(f, "/{r}/{IMAGES}/{d}/{IMAGE_LAYERS}"),
             ImagePath::Inside(root, id, _) => {
                 let r = &root.repo;
                 match &root.of {
                     RootOf::Tag(t, _) => write!(f, "/{r}/{TAGS}/{t}/{ROOTFS}")?,
                     RootOf::Image(d) => write!(f, "/{r}/{IMAGES}/{d}/{ROOTFS}")?,
                     RootOf::Layer(d) => write!(f, "/{r}/{LAYERS}/{d}")?,
+                    RootOf::ImageLayer(m, d) => write!(f, "/{r}/{IMAGES}/{m}/{IMAGE_LAYERS}/{d}")?,
+                    RootOf::StoreLayer(l) => {
+                        write!(f, "{}/{STORE_DIFF}", StorePath::Layer(l.clone()))?
+                    }
                 }
                 // Paths inside an image are not kept (hardlinks have several).
                 if *id != 0 {

@@ -15,8 +15,8 @@ use crate::fs::blob::BlobReads;
 use crate::fs::errno::{Errno, fail};
 use crate::fs::images::Images;
 use crate::fs::tree::node::{
-    BLOBS, CONTROL, ControlPath, IMAGES, ImagePath, LAYERS, MANIFEST_JSON, MANIFESTS, Node, OCI,
-    OciPath, REFERRERS, ROOTFS, RefPath, TAGS, UPLOADS,
+    BLOBS, CONTROL, ControlPath, IMAGES, ImagePath, LAYER_STORE, LAYERS, MANIFEST_JSON, MANIFESTS,
+    Node, OCI, OciPath, REFERRERS, ROOTFS, RefPath, StorePath, TAGS, UPLOADS,
 };
 use crate::fs::tree::open_file::{OpenFile, Opening};
 use crate::fs::view::RegistryView;
@@ -49,6 +49,9 @@ impl RegistryDirs {
         match parent {
             Node::Dir(path) if path.is_empty() && name == CONTROL => {
                 Ok(Node::Control(ControlPath::Dir))
+            }
+            Node::Dir(path) if path.is_empty() && name == LAYER_STORE => {
+                Ok(Node::Store(StorePath::Root))
             }
             Node::Dir(path) => self.dir_child(path, name).await,
             Node::Tags(repo) => self.tag_child(repo, name).await,
@@ -322,8 +325,9 @@ impl RegistryDirs {
             let full = format!("{prefix}{name}");
             (name, Node::Dir(full))
         }));
-        // `/.regfs` is not listed: `rsync -a` and `grep -r` of the whole mount
-        // must not pick up regfs's own counters. It opens by name.
+        // `/.regfs` and `/.layerstore` are not listed: `rsync -a` and `grep -r` of the
+        // whole mount must not pick up regfs's own counters, nor every image's layers
+        // again. They open by name.
         if let Some(repo) = self.repo_at(path).await? {
             out.extend([
                 (TAGS.to_owned(), Node::Tags(repo.clone())),

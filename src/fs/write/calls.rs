@@ -2,7 +2,8 @@
 //! writing, create, write, close, setattr, mkdir, rename, link, symlink, unlink and
 //! rmdir, each checked against the mount's mode and the tree (the files of images,
 //! `.oci/` and `.referrers/` are read-only), then handed to the files being written
-//! (files.rs), the overlay (overlay.rs) or the deleter (deletes.rs).
+//! (files.rs), the overlay (overlay.rs) or the deleter (deletes.rs). The layer store's
+//! create and rmdir are containers/storage's notes of use, answered there.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -66,6 +67,9 @@ impl Fs {
         name: &OsStr,
         pid: u32,
     ) -> Result<(Attr, Opened), Errno> {
+        if let Node::Store(dir) = self.node(parent)? {
+            return Err(self.store.create(&dir, &name.to_string_lossy()));
+        }
         let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::EINVAL)?;
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
@@ -260,6 +264,9 @@ impl Fs {
     /// rmdir: only of an empty tag directory (made with mkdir, or left by an untag) or
     /// a repository directory made with mkdir and not pushed to: names held here.
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), Errno> {
+        if let Node::Store(dir) = self.node(parent)? {
+            return Err(self.store.rmdir(&dir, &name.to_string_lossy()));
+        }
         let dir = self.writable_at(parent)?;
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         match self.child(&dir, name).await? {
