@@ -5,11 +5,16 @@
 set -euo pipefail
 
 # Image-content tests also convert images (containerd + ctr-remote), run a rootfs
-# (busybox-static) and write hostile layers (python3).
+# (busybox-static) and write hostile layers (python3). The runtime tests run containers
+# (runc) and build containerd's snapshotter conformance suite (Go 1.19 in GOPATH mode
+# on Debian's containerd sources).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
-    containerd ctr-remote busybox python3 unshare findmnt)
+    containerd ctr-remote busybox python3 unshare findmnt runc go)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
-    containerd stargz-snapshotter busybox-static python3 util-linux)
+    containerd stargz-snapshotter busybox-static python3 util-linux runc golang-go
+    golang-github-containerd-containerd-dev)
+# Files of packages that bring no command.
+files=(/usr/share/gocode/src/github.com/containerd/containerd/snapshots/testsuite)
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -19,6 +24,9 @@ fi
 missing=()
 for t in "${tools[@]}"; do
     command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+for f in "${files[@]}"; do
+    [[ -e $f ]] || missing+=("$f")
 done
 
 if ((${#missing[@]} > 0)); then
