@@ -5,5 +5,9 @@
 mod common;
 #[path = "runtime/conformance.rs"]
 mod conformance;
+#[path = "runtime/containerd.rs"]
+mod containerd;
 #[path = "runtime/harness.rs"]
 mod harness;
+#[path = "runtime/remote.rs"]
+mod remote;

@@ -34,6 +34,18 @@ pub struct LayerRef {
     pub manifest: Option<Digest>,
 }
 
+/// The layer (chain ID) an unpack's key names: containerd's metadata store hands a
+/// snapshotter `<namespace>/<n>/extract-<unique> <chain ID>` for each layer it unpacks,
+/// with or without labels (`ctr image pull` sets none).
+pub fn unpack_target(key: &str) -> Option<&str> {
+    let own = match key.splitn(3, '/').collect::<Vec<_>>().as_slice() {
+        [_, n, rest] if n.bytes().all(|b| b.is_ascii_digit()) => *rest,
+        _ => key,
+    };
+    let (unique, chain) = own.strip_prefix("extract-")?.split_once(' ')?;
+    (!unique.is_empty() && !chain.is_empty()).then_some(chain)
+}
+
 /// Whether the labels try to name a layer at all (then a failure to parse them is a
 /// fallback worth reporting).
 pub fn names_a_layer(labels: &BTreeMap<String, String>) -> bool {
@@ -135,6 +147,18 @@ mod tests {
         assert!(split("r.io/../x").is_err());
         assert!(split("a:b/../../x").is_err());
         assert!(split("bad/host/x\u{0}").is_err());
+    }
+
+    #[test]
+    fn unpack_keys() {
+        assert_eq!(
+            unpack_target("default/12/extract-1-abc sha256:9"),
+            Some("sha256:9")
+        );
+        assert_eq!(unpack_target("extract-1-abc sha256:9"), Some("sha256:9"));
+        assert_eq!(unpack_target("default/12/my-container"), None);
+        assert_eq!(unpack_target("default/x/extract-1 sha256:9"), None);
+        assert_eq!(unpack_target("extract- sha256:9"), None);
     }
 
     #[test]

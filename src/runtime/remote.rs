@@ -44,9 +44,7 @@ impl Remote {
     /// ordinary snapshot, and the reason was counted and logged.
     pub fn serve(&self, key: &str, labels: &BTreeMap<String, String>) -> Option<Served> {
         if !names_a_layer(labels) {
-            let target = labels
-                .get(LABEL_TARGET)
-                .map_or(key, String::as_str);
+            let target = labels.get(LABEL_TARGET).map_or(key, String::as_str);
             self.stats.fallback(
                 target,
                 Fallback::NoLabels,
@@ -58,11 +56,12 @@ impl Remote {
         let layer = match layer_ref(labels) {
             Ok(layer) => layer,
             Err(why) => {
-                self.stats.fallback(key, Fallback::BadLabels, &why);
+                self.stats
+                    .fallback(&format!("the unpack {key:?}"), Fallback::BadLabels, &why);
                 return None;
             }
         };
-        let digest = layer.layer.as_str();
+        let digest = &format!("layer {}", layer.layer);
         let mountpoint = match self.mounts.ensure(&layer.host) {
             Ok(m) => m,
             Err(why) => {
@@ -105,6 +104,16 @@ impl Remote {
         )
     }
 
+    /// Counts the unpack of layer `chain` whose labels name no image layer.
+    pub fn unlabelled(&self, chain: &str) {
+        self.stats.fallback(
+            &format!("layer (chain ID) {chain}"),
+            Fallback::NoLabels,
+            "the unpack names no image layer (no containerd.io/snapshot/remote/stargz.* \
+             or containerd.io/snapshot/cri.* labels)",
+        );
+    }
+
     /// Counts a layer committed as a remote snapshot.
     pub fn committed(&self, layer: &RemoteLayer) {
         self.stats.served();
@@ -116,7 +125,8 @@ impl Remote {
 
     /// Counts a layer that was to be served but could not be bound into its snapshot.
     pub fn bind_failed(&self, layer: &str, detail: &str) {
-        self.stats.fallback(layer, Fallback::BindFailed, detail);
+        self.stats
+            .fallback(&format!("layer {layer}"), Fallback::BindFailed, detail);
     }
 
     /// Binds a remote snapshot's layer again where the bind is gone (after a reboot,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use tracing::warn;
 
 use super::filter::{Fields, Filters};
-use super::labels::LABEL_TARGET;
+use super::labels::{LABEL_TARGET, unpack_target};
 use super::overlay::{Layout, Mount, disk_usage};
 use super::remote::{Remote, Served};
 use super::store::{Error, Kind, NewSnapshot, Record, Result, Store, Usage};
@@ -57,6 +57,8 @@ impl Snapshotter {
     ) -> Result<Vec<Mount>> {
         if let Some(target) = labels.get(LABEL_TARGET).cloned() {
             self.try_remote(key, &target, parent, &labels)?;
+        } else if let Some(chain) = unpack_target(key) {
+            self.remote.unlabelled(chain);
         }
         self.create(key, parent, Kind::Active, labels)
     }

@@ -79,7 +79,8 @@ impl RuntimeStats {
         self.change(|c| c.remote_snapshots += 1);
     }
 
-    /// Counts a fallback of `layer` and logs it the first time for that layer.
+    /// Counts a fallback of `layer` ("layer sha256:…", or the chain ID where the
+    /// unpack named no layer) and logs it the first time for that layer.
     pub fn fallback(&self, layer: &str, why: Fallback, detail: &str) {
         self.change(|c| {
             c.fallbacks += 1;
@@ -91,7 +92,7 @@ impl RuntimeStats {
             .is_ok_and(|mut l| l.insert(layer.to_owned()));
         if first {
             warn!(
-                "layer {layer}: not served by regfs ({}): {detail}; containerd downloads and unpacks it",
+                "{layer}: not served by regfs ({}): {detail}; containerd downloads and unpacks it",
                 why.key()
             );
         }
@@ -123,8 +124,8 @@ mod tests {
         let path = dir.path().join("stats.json");
         let stats = RuntimeStats::load(path.clone());
         stats.served();
-        stats.fallback("sha256:a", Fallback::NoLabels, "plain pull");
-        stats.fallback("sha256:a", Fallback::NoLabels, "plain pull");
+        stats.fallback("layer sha256:a", Fallback::NoLabels, "plain pull");
+        stats.fallback("layer sha256:a", Fallback::NoLabels, "plain pull");
         let again = RuntimeStats::load(path);
         let c = again.counters.lock().unwrap();
         assert_eq!((c.remote_snapshots, c.fallbacks), (1, 2));
