@@ -12,12 +12,17 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::hosts_toml::host_config;
 use crate::mount::mountinfo::mount_entry;
 use crate::mount::unmount::{SOURCE_PREFIX, is_dead};
+
+/// How long a host whose mount failed is not tried again: the other layers of the pull
+/// fall back at once instead of each waiting for the registry's probe.
+const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 
 /// Where systemd says it runs (sd_booted(3)).
 const SYSTEMD_RUNNING: &str = "/run/systemd/system";
@@ -32,6 +37,8 @@ pub struct HostMounts {
     mount_args: Vec<OsString>,
     /// One lock per host: concurrent Prepares of one host make one mount.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Hosts whose mount failed lately: when, and why.
+    failed: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 impl HostMounts {
@@ -47,6 +54,7 @@ impl HostMounts {
             exe,
             mount_args,
             locks: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -83,7 +91,21 @@ impl HostMounts {
         if self.is_live(&mountpoint) {
             return Ok(mountpoint);
         }
-        std::fs::create_dir_all(&mountpoint)
+        if let Some((when, why)) = self.failed.lock().ok().and_then(|f| f.get(host).cloned()) {
+            if when.elapsed() < FAILURE_MEMORY {
+                return Err(why);
+            }
+        }
+        let made = self.make(host, &mountpoint);
+        if let (Err(why), Ok(mut failed)) = (&made, self.failed.lock()) {
+            failed.insert(host.to_owned(), (Instant::now(), why.clone()));
+        }
+        made
+    }
+
+    /// Starts the mount of `host` at `mountpoint`.
+    fn make(&self, host: &str, mountpoint: &Path) -> Result<PathBuf, String> {
+        std::fs::create_dir_all(mountpoint)
             .map_err(|e| format!("cannot make {}: {e}", mountpoint.display()))?;
         let config = host_config(&self.hosts_dir, host)?;
         let mut args: Vec<OsString> = vec![
@@ -100,9 +122,9 @@ impl HostMounts {
         args.push(logs.join(format!("{host}.log")).into());
         args.extend(self.mount_args.iter().cloned());
         args.extend(config.mount_args());
-        args.push(mountpoint.clone().into());
+        args.push(mountpoint.into());
         self.spawn(host, &args)?;
-        if !self.is_live(&mountpoint) {
+        if !self.is_live(mountpoint) {
             return Err(format!(
                 "{}: regfs said it mounted, but nothing is there",
                 mountpoint.display()
@@ -113,7 +135,7 @@ impl HostMounts {
             config.server,
             mountpoint.display()
         );
-        Ok(mountpoint)
+        Ok(mountpoint.to_owned())
     }
 
     /// Runs `regfs mount --daemon …` outside this process's cgroup and waits for its

@@ -22,15 +22,15 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
-    /// Root, hosts dir (with a hosts.toml that says plain HTTP for `registry`) and disk
-    /// cache under `dir`.
-    pub fn start(dir: &Path, registry: &Registry) -> Snapshotter {
+    /// Root, hosts dir (with a hosts.toml whose `server` is `server`, for the host of
+    /// `registry`) and disk cache under `dir`.
+    pub fn start(dir: &Path, registry: &Registry, server: &str) -> Snapshotter {
         let hosts = dir.join("certs.d");
         let host_dir = hosts.join(registry.addr.to_string());
         std::fs::create_dir_all(&host_dir).unwrap();
         std::fs::write(
             host_dir.join("hosts.toml"),
-            format!("server = \"{}\"\n", registry.url()),
+            format!("server = \"{server}\"\n"),
         )
         .unwrap();
         let mut s = Snapshotter {
@@ -247,7 +247,13 @@ pub struct Rig {
 }
 
 impl Rig {
+    /// The snapshotter reaches the registry as containerd does.
     pub fn start() -> Rig {
+        Rig::start_with(None)
+    }
+
+    /// `server`: what the snapshotter's hosts.toml says instead of the registry's URL.
+    pub fn start_with(server: Option<&str>) -> Rig {
         require_tools();
         require(&["containerd", "ctr-remote", "runc", "busybox"]);
         let registry = Registry::start();
@@ -255,7 +261,8 @@ impl Rig {
             .prefix("regfs-runtime-")
             .tempdir()
             .unwrap();
-        let snapshotter = Snapshotter::start(dir.path(), &registry);
+        let server = server.map_or_else(|| registry.url(), str::to_owned);
+        let snapshotter = Snapshotter::start(dir.path(), &registry, &server);
         let containerd = Containerd::start(dir.path(), &snapshotter);
         Rig {
             containerd: Some(containerd),

@@ -188,6 +188,46 @@ fn a_plain_pull_falls_back_visibly() {
 }
 
 #[test]
+fn a_layer_regfs_cannot_serve_falls_back_visibly() {
+    // The snapshotter's hosts.toml names a registry that is down; containerd's own
+    // pull still reaches the real one.
+    let rig = Rig::start_with(Some("http://127.0.0.1:1"));
+    let (image, layers) = push_two_layer_image(&rig.registry);
+    let ctr = rig.ctr();
+    ctr.ctr_ok(&[
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "regfs",
+        &image,
+    ]);
+    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
+    assert!(
+        layers.iter().all(|l| content.contains(l.as_str())),
+        "{content}"
+    );
+    assert_eq!(counter(&rig, &["remote_snapshots"]), 0);
+    assert_eq!(counter(&rig, &["fallback_reasons", "mount_failed"]), 2);
+    let log = rig.snapshotter.log();
+    for layer in &layers {
+        let line = format!("layer {layer}: not served by regfs (mount_failed)");
+        assert_eq!(log.matches(&line).count(), 1, "{log}");
+    }
+    let out = ctr.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "regfs",
+        &image,
+        "c1",
+        "cat",
+        "/data/one",
+    ]);
+    assert_eq!(out, "one\n");
+}
+
+#[test]
 fn a_running_container_outlives_a_snapshotter_restart() {
     let mut rig = Rig::start();
     let (image, _) = push_two_layer_image(&rig.registry);
