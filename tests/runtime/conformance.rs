@@ -5,54 +5,18 @@
 //! one snapshotter per subtest on its own root. Built in GOPATH mode with Debian's Go
 //! 1.19 (about a minute the first time; Go's build cache under target/ after that).
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::harness::{build_dir, require, require_path};
+use super::harness::{GoBuild, go_build};
 
-/// Where Debian's package puts containerd's Go sources.
-const GOCODE: &str = "/usr/share/gocode";
 /// Cases that containerd's own overlayfs snapshotter passes in 1.6 (Rename is skipped
 /// by the suite itself).
 const PASSING_CASES: usize = 20;
 
-fn build_suite() -> std::path::PathBuf {
-    require(&["go", "unshare"]);
-    require_path(
-        &Path::new(GOCODE).join("src/github.com/containerd/containerd/snapshots/testsuite"),
-        "golang-github-containerd-containerd-dev",
-    );
-    let dir = build_dir("go-conformance");
-    let gopath = dir.join("gopath");
-    let package = gopath.join("src/regfs/conformance");
-    std::fs::create_dir_all(package.parent().unwrap()).unwrap();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/go/snapshotter_conformance");
-    let _ = std::fs::remove_file(&package);
-    std::os::unix::fs::symlink(&source, &package).expect("link the Go package into GOPATH");
-    let binary = dir.join("conformance.test");
-    let out = Command::new("go")
-        .args(["test", "-c", "-o"])
-        .arg(&binary)
-        .arg(".")
-        .current_dir(&package)
-        .env("GOPATH", format!("{}:{GOCODE}", gopath.display()))
-        .env("GO111MODULE", "off")
-        .env("GOCACHE", dir.join("cache"))
-        .env("GOFLAGS", "")
-        .output()
-        .expect("run go (scripts/setup.sh installs golang-go)");
-    assert!(
-        out.status.success(),
-        "building the conformance suite failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    binary
-}
-
 #[test]
 fn containerd_snapshotter_suite_passes() {
-    let binary = build_suite();
+    let binary = go_build("snapshotter_conformance", GoBuild::Test);
     // Root, in a mount namespace of its own: the suite mounts what it is handed.
     let out = Command::new("timeout")
         .arg(Duration::from_secs(240).as_secs().to_string())

@@ -157,6 +157,11 @@ impl Containerd {
         containerd
     }
 
+    /// containerd's socket.
+    pub fn address(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
     /// `ctr-remote` (ctr and its rpull) on this containerd, bounded in time.
     pub fn ctr(&self, args: &[&str]) -> Output {
         Command::new("timeout")

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use super::common::{Layout, Registry, get_manifest, run};
 use super::containerd::Rig;
+use super::harness::{GoBuild, go_build};
 
 const REPO: &str = "t/app";
 
@@ -142,6 +143,52 @@ fn rpull_serves_layers_from_regfs_and_runs_containers() {
         rig.snapshotter.mounts(),
         [format!("mounts/{}", rig.registry.addr)]
     );
+}
+
+#[test]
+fn cri_labels_serve_layers_from_regfs() {
+    // containerd's CRI puts containerd.io/snapshot/cri.* on each layer; cri-pull pulls
+    // with containerd's own handler for them (Debian has no crictl or nerdctl).
+    let cri_pull = go_build("cri_pull", GoBuild::Program);
+    let rig = Rig::start();
+    let (image, layers) = push_two_layer_image(&rig.registry);
+    let ctr = rig.ctr();
+    run(Command::new("timeout")
+        .arg("120")
+        .arg(&cri_pull)
+        .arg(ctr.address())
+        .arg("regfs")
+        .arg(&image));
+    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
+    for layer in &layers {
+        assert!(
+            !content.contains(layer.as_str()),
+            "layer {layer} was downloaded:\n{content}"
+        );
+    }
+    assert_eq!(
+        counter(&rig, &["remote_snapshots"]),
+        2,
+        "{}",
+        rig.snapshotter.log()
+    );
+    assert_eq!(
+        counter(&rig, &["fallbacks"]),
+        0,
+        "{}",
+        rig.snapshotter.log()
+    );
+    let out = ctr.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "regfs",
+        &image,
+        "c1",
+        "cat",
+        "/data/two",
+    ]);
+    assert_eq!(out, "two\n");
 }
 
 #[test]
