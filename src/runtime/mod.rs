@@ -95,7 +95,9 @@ fn open(config: &SnapshotterConfig) -> Result<Arc<Snapshotter>, String> {
     Ok(snapshotter)
 }
 
-/// Takes the socket over from a snapshotter that is gone; refuses one that answers.
+/// Takes the socket over from a snapshotter that is gone; refuses one that answers. The
+/// socket is made under a temporary name and renamed into place once it listens, so
+/// whoever sees the path can connect.
 fn listen(address: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = address.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
@@ -111,17 +113,26 @@ fn listen(address: &Path) -> Result<UnixListener, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("cannot remove {}: {e}", address.display())),
     }
-    UnixListener::bind(address).map_err(|e| format!("cannot listen on {}: {e}", address.display()))
+    let mut temporary = address.as_os_str().to_owned();
+    temporary.push(format!(".{}", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let listener = UnixListener::bind(&temporary)
+        .map_err(|e| format!("cannot listen on {}: {e}", temporary.display()))?;
+    std::fs::rename(&temporary, address)
+        .map_err(|e| format!("cannot move {} into place: {e}", temporary.display()))?;
+    Ok(listener)
 }
 
 async fn serve(address: &Path, snapshotter: Arc<Snapshotter>) -> Result<(), String> {
+    // Before the socket appears: a SIGTERM right after must stop us cleanly.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let listener = listen(address)?;
     let incoming = futures_util::stream::unfold(listener, |listener| async move {
         let accepted = listener.accept().await.map(|(stream, _)| stream);
         Some((accepted, listener))
     });
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let stop = async move {
         tokio::select! {
             _ = term.recv() => {}

@@ -277,6 +277,16 @@ impl Rig {
         }
     }
 
+    /// A container ID of this test's own: runc keeps its state per namespace in one
+    /// place for every containerd on the machine, so parallel tests must not share IDs.
+    pub fn id(&self, name: &str) -> String {
+        let dir = self.dir.path().file_name().unwrap_or_default();
+        format!(
+            "{name}-{}",
+            dir.to_string_lossy().trim_start_matches("regfs-runtime-")
+        )
+    }
+
     pub fn ctr(&self) -> &Containerd {
         self.containerd.as_ref().expect("containerd runs")
     }

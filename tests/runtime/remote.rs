@@ -109,7 +109,7 @@ fn rpull_serves_layers_from_regfs_and_runs_containers() {
         "--snapshotter",
         "regfs",
         &image,
-        "c1",
+        &rig.id("c1"),
         "sh",
         "-c",
         "cat /data/one /data/two && echo mine > /data/one && cat /data/one",
@@ -121,21 +121,21 @@ fn rpull_serves_layers_from_regfs_and_runs_containers() {
         "--snapshotter",
         "regfs",
         &image,
-        "c2",
+        &rig.id("c2"),
         "cat",
         "/data/one",
     ]);
     assert_eq!(out, "one\n", "a write of another container leaked");
 
     // Two containers of the image at once.
-    ctr.start_sleeper(&image, "s1");
-    ctr.start_sleeper(&image, "s2");
-    for id in ["s1", "s2"] {
-        let out = ctr.ctr_ok(&["task", "exec", "--exec-id", "e", id, "cat", "/data/two"]);
+    ctr.start_sleeper(&image, &rig.id("s1"));
+    ctr.start_sleeper(&image, &rig.id("s2"));
+    for id in [rig.id("s1"), rig.id("s2")] {
+        let out = ctr.ctr_ok(&["task", "exec", "--exec-id", "e", &id, "cat", "/data/two"]);
         assert_eq!(out, "two\n");
     }
-    ctr.kill_task("s1");
-    ctr.kill_task("s2");
+    ctr.kill_task(&rig.id("s1"));
+    ctr.kill_task(&rig.id("s2"));
 
     // Removing the image removes its snapshots' mounts; the host's mount stays.
     ctr.ctr_ok(&["image", "rm", "--sync", &image]);
@@ -184,7 +184,7 @@ fn cri_labels_serve_layers_from_regfs() {
         "--snapshotter",
         "regfs",
         &image,
-        "c1",
+        &rig.id("c1"),
         "cat",
         "/data/two",
     ]);
@@ -225,7 +225,7 @@ fn a_plain_pull_falls_back_visibly() {
         "--snapshotter",
         "regfs",
         &image,
-        "c1",
+        &rig.id("c1"),
         "cat",
         "/data/two",
     ]);
@@ -267,7 +267,7 @@ fn a_layer_regfs_cannot_serve_falls_back_visibly() {
         "--snapshotter",
         "regfs",
         &image,
-        "c1",
+        &rig.id("c1"),
         "cat",
         "/data/one",
     ]);
@@ -286,10 +286,10 @@ fn a_running_container_outlives_a_snapshotter_restart() {
         "regfs",
         &image,
     ]);
-    rig.ctr().start_sleeper(&image, "r1");
+    rig.ctr().start_sleeper(&image, &rig.id("r1"));
     let exec = |rig: &Rig, id: &str, file: &str| {
         rig.ctr()
-            .ctr_ok(&["task", "exec", "--exec-id", id, "r1", "cat", file])
+            .ctr_ok(&["task", "exec", "--exec-id", id, &rig.id("r1"), "cat", file])
     };
     assert_eq!(exec(&rig, "e1", "/data/one"), "one\n");
 
@@ -311,10 +311,10 @@ fn a_running_container_outlives_a_snapshotter_restart() {
         "--snapshotter",
         "regfs",
         &image,
-        "r2",
+        &rig.id("r2"),
         "cat",
         "/data/later",
     ]);
     assert_eq!(out, "read after a restart\n");
-    rig.ctr().kill_task("r1");
+    rig.ctr().kill_task(&rig.id("r1"));
 }
