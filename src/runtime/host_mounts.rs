@@ -24,6 +24,9 @@ use crate::mount::unmount::{SOURCE_PREFIX, is_dead};
 /// fall back at once instead of each waiting for the registry's probe.
 const FAILURE_MEMORY: Duration = Duration::from_secs(10);
 
+/// The names of the mounts' cgroups (beside the cgroup v2 root's others).
+const CGROUP_PREFIX: &str = "regfs-mount-";
+
 /// Where systemd says it runs (sd_booted(3)).
 const SYSTEMD_RUNNING: &str = "/run/systemd/system";
 
@@ -180,8 +183,33 @@ impl HostMounts {
 /// A systemd unit name for the mount of `host` (unique: a scope of a mount that
 /// ended may linger until collected).
 fn unit_name(host: &str) -> String {
-    let safe: String = host
-        .chars()
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    format!("{CGROUP_PREFIX}{}-{now}.scope", safe_name(host))
+}
+
+/// Removes the cgroups of mounts that ended (rmdir refuses a cgroup that holds a
+/// process, so a live mount's stays).
+fn sweep_cgroups(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(CGROUP_PREFIX)
+        {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+/// `host` with anything but letters, digits and '.' as '-': a unit or cgroup name.
+fn safe_name(host: &str) -> String {
+    host.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' {
                 c
@@ -189,12 +217,7 @@ fn unit_name(host: &str) -> String {
                 '-'
             }
         })
-        .collect();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    format!("regfs-mount-{safe}-{now}.scope")
+        .collect()
 }
 
 /// A cgroup v2 of the mount's own beside this process's, if cgroup v2 is mounted and
@@ -206,17 +229,8 @@ fn own_cgroup(host: &str) -> Option<CString> {
         (after.split(' ').next()? == "cgroup2")
             .then(|| before.split(' ').nth(4).map(str::to_owned))?
     })?;
-    let safe: String = host
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let dir = Path::new(&root).join(format!("regfs-mount-{safe}"));
+    sweep_cgroups(Path::new(&root));
+    let dir = Path::new(&root).join(format!("{CGROUP_PREFIX}{}", safe_name(host)));
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

@@ -2,6 +2,7 @@
 //! as its proxy plugin `regfs`, runc, and a real registry: what `ctr` and `ctr-remote`
 //! users do, checked as they would check it.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -94,6 +95,31 @@ impl Snapshotter {
     pub fn stats(&self) -> serde_json::Value {
         let bytes = std::fs::read(self.root.join("stats.json")).unwrap_or_default();
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the snapshotter runs").id()
+    }
+
+    /// The processes serving the host mounts under the root (`regfs mount … ROOT/mounts/…`).
+    pub fn mount_pids(&self) -> Vec<u32> {
+        let mounts = self.root.join("mounts");
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|p| {
+                let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+                let ours = args.contains(&b"mount".as_slice())
+                    && args
+                        .iter()
+                        .any(|a| Path::new(std::ffi::OsStr::from_bytes(a)).starts_with(&mounts));
+                ours.then_some(pid)
+            })
+            .collect()
     }
 
     /// Mount points under the root: `snapshots/<id>/fs` binds and `mounts/<host>`.
@@ -300,5 +326,40 @@ impl Drop for Rig {
             let _ = child.wait();
         }
         unmount_below(self.dir.path());
+        remove_mount_cgroup(&self.registry);
+    }
+}
+
+/// The cgroup v2 root, where it is mounted.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        let point = before.split(' ').nth(4)?;
+        (after.split(' ').next()? == "cgroup2").then(|| PathBuf::from(point))
+    })
+}
+
+/// The cgroup line of cgroup v2 ("0::/…") of a process.
+pub fn cgroup_of(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("0::"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The snapshotter gives each host's mount a cgroup of its own (without systemd); once
+/// the test unmounted it and its daemon exited, the empty cgroup is removed.
+fn remove_mount_cgroup(registry: &Registry) {
+    let Some(root) = cgroup2_root() else {
+        return;
+    };
+    let name = format!("regfs-mount-{}", registry.addr).replace(':', "-");
+    let dir = root.join(name);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while dir.exists() && std::fs::remove_dir(&dir).is_err() && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::common::{Layout, Registry, get_manifest, run};
-use super::containerd::Rig;
+use super::containerd::{Rig, cgroup_of, cgroup2_root};
 use super::harness::{GoBuild, go_build};
 
 const REPO: &str = "t/app";
@@ -292,6 +292,26 @@ fn a_running_container_outlives_a_snapshotter_restart() {
             .ctr_ok(&["task", "exec", "--exec-id", id, &rig.id("r1"), "cat", file])
     };
     assert_eq!(exec(&rig, "e1", "/data/one"), "one\n");
+
+    // The host's mount is served outside the snapshotter's cgroup (its own scope or
+    // cgroup), so a service manager stopping the snapshotter's cgroup spares it.
+    let mounts = rig.snapshotter.mount_pids();
+    assert!(!mounts.is_empty(), "no regfs mount process found");
+    let confined = Path::new("/run/systemd/system").exists()
+        || cgroup2_root().is_some_and(|r| {
+            let probe = r.join(format!("regfs-test-{}", std::process::id()));
+            std::fs::create_dir(&probe).is_ok() && std::fs::remove_dir(&probe).is_ok()
+        });
+    if confined {
+        let own = cgroup_of(rig.snapshotter.pid());
+        for pid in &mounts {
+            assert_ne!(
+                cgroup_of(*pid),
+                own,
+                "mount process {pid} shares the snapshotter's cgroup"
+            );
+        }
+    }
 
     rig.snapshotter.stop();
     // Down: the container still reads a file it had not read.
