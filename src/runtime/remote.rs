@@ -15,6 +15,7 @@ use super::overlay::Layout;
 use super::stats::{Fallback, RuntimeStats};
 use super::store::{Record, RemoteLayer};
 use crate::mount::mountinfo::is_mount_point;
+use crate::mount::unmount::is_dead;
 
 /// A layer regfs serves: its directory in the host's mount.
 pub struct Served {
@@ -123,6 +124,15 @@ impl Remote {
         );
     }
 
+    /// Counts a layer whose target name is taken by a snapshot over another parent.
+    pub fn name_taken(&self, target: &str, parent: &str) {
+        self.stats.fallback(
+            &format!("layer (chain ID) {target}"),
+            Fallback::NameTaken,
+            &format!("a snapshot of that name exists over another parent than {parent:?}"),
+        );
+    }
+
     /// Counts a layer that was to be served but could not be bound into its snapshot.
     pub fn bind_failed(&self, layer: &str, detail: &str) {
         self.stats
@@ -130,14 +140,18 @@ impl Remote {
     }
 
     /// Binds a remote snapshot's layer again where the bind is gone (after a reboot,
-    /// the host's mount too). Failures are logged; the mount then fails visibly.
+    /// the host's mount too) or dead (its host's mount process ended). Failures are logged; the mount then fails visibly.
     pub fn ensure_bound(&self, layout: &Layout, record: &Record) {
         let Some(layer) = &record.remote else {
             return;
         };
         let fs = layout.fs(record.id);
         if is_mount_point(&fs) {
-            return;
+            if !is_dead(&fs) {
+                return;
+            }
+            // Its host's mount process died: bind the new mount's directory instead.
+            unbind(&fs);
         }
         let bound = self.mounts.ensure(&layer.host).and_then(|mountpoint| {
             let dir = layer_dir(

@@ -85,6 +85,9 @@ impl Snapshotter {
             if existing.kind == Kind::Committed && existing.parent == parent {
                 return Err(Error::AlreadyExists(format!("snapshot {target:?} exists")));
             }
+            // containerd could not find it over this parent: unpack here instead.
+            self.remote.name_taken(target, parent);
+            return Ok(());
         }
         let Served { dir, layer } = match self.remote.serve(key, labels) {
             Some(served) => served,

@@ -28,6 +28,9 @@ pub enum Fallback {
     Unreadable,
     /// The layer directory could not be bound into the snapshot.
     BindFailed,
+    /// The name the layer is to be committed under is taken by a snapshot of another
+    /// parent (the same layer unpacked over another snapshot of its parent chain).
+    NameTaken,
 }
 
 impl Fallback {
@@ -40,6 +43,7 @@ impl Fallback {
             Fallback::NotFound => "not_found",
             Fallback::Unreadable => "unreadable",
             Fallback::BindFailed => "bind_failed",
+            Fallback::NameTaken => "name_taken",
         }
     }
 }
