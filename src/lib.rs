@@ -10,4 +10,5 @@ pub mod image;
 pub mod mount;
 pub mod passthrough;
 pub mod registry;
+pub mod runtime;
 pub mod stats;
