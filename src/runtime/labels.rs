@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::registry::{Digest, RepoName};
+use crate::registry::{Digest, RepoName, Tag};
 
 /// The label containerd's unpacker sets on a layer's Prepare: the name (chain ID) the
 /// layer's snapshot will be committed under.
@@ -29,9 +29,10 @@ pub struct LayerRef {
     pub host: String,
     pub repo: RepoName,
     pub layer: Digest,
-    /// The image manifest, where the labels name it (CRI does; stargz labels name a
-    /// reference, which may be a tag).
+    /// The image manifest, where the labels name it (CRI does, and a reference by
+    /// digest); else the tag the reference names, to resolve at the registry.
     pub manifest: Option<Digest>,
+    pub tag: Option<Tag>,
 }
 
 /// The layer (chain ID) an unpack's key names: containerd's metadata store hands a
@@ -72,12 +73,30 @@ pub fn layer_ref(labels: &BTreeMap<String, String>) -> Result<LayerRef, String> 
     let manifest = manifest
         .map(|m| Digest::parse(m).ok_or_else(|| format!("manifest digest {m:?} is invalid")))
         .transpose()?;
+    let (tag, pinned) = reference_pin(reference);
     Ok(LayerRef {
         host,
         repo,
         layer,
-        manifest,
+        manifest: manifest.or(pinned),
+        tag,
     })
+}
+
+/// What a reference pins the image by: its tag ("latest" when it names neither) and
+/// its digest, when it has one ("host/repo:tag@sha256:…").
+pub fn reference_pin(reference: &str) -> (Option<Tag>, Option<Digest>) {
+    let (name, digest) = match reference.split_once('@') {
+        Some((name, d)) => (name, Digest::parse(d)),
+        None => (reference, None),
+    };
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let tag = match last.rsplit_once(':') {
+        Some((_, t)) => Tag::parse(t),
+        None if digest.is_none() => Tag::parse("latest"),
+        None => None,
+    };
+    (tag, digest)
 }
 
 /// "host[:port]/repo[:tag][@digest]" → (host, repo), as containerd's reference
@@ -129,6 +148,24 @@ mod tests {
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn reference_pins() {
+        let pin = |r: &str| {
+            let (t, d) = reference_pin(r);
+            (
+                t.map(|t| t.as_str().to_owned()),
+                d.map(|d| d.as_str().to_owned()),
+            )
+        };
+        assert_eq!(pin("127.0.0.1:5000/t/app:v1"), (Some("v1".into()), None));
+        assert_eq!(pin("127.0.0.1:5000/t/app"), (Some("latest".into()), None));
+        assert_eq!(pin(&format!("h:1/app@{D1}")), (None, Some(D1.into())));
+        assert_eq!(
+            pin(&format!("h:1/app:v2@{D1}")),
+            (Some("v2".into()), Some(D1.into()))
+        );
+    }
 
     #[test]
     fn references() {

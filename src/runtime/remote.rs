@@ -16,6 +16,7 @@ use super::stats::{Fallback, RuntimeStats};
 use super::store::{Record, RemoteLayer};
 use crate::mount::mountinfo::is_mount_point;
 use crate::mount::unmount::is_dead;
+use crate::registry::{Digest, RepoName, Tag};
 
 /// A layer regfs serves: its directory in the host's mount.
 pub struct Served {
@@ -30,10 +31,27 @@ pub struct Remote {
 
 /// The directory of a layer in its host's mount, as an overlayfs lower dir (whiteouts
 /// as 0:0 character devices, opaque directories marked; docs/SEMANTICS.md, "Image
-/// contents"). The one place that knows the path: the layer is found by its digest
-/// among the repository's images, `manifest` is not used yet.
-pub fn layer_dir(mountpoint: &Path, repo: &str, _manifest: Option<&str>, layer: &str) -> PathBuf {
-    mountpoint.join(repo).join(".layers").join(layer)
+/// contents"). The one place that knows the path. With the image's manifest, the
+/// layer is described by that manifest (media type, TOC annotations:
+/// `.images/<manifest>/layers/<layer>`); without it, by whichever tagged image of the
+/// repository lists it (`.layers/<layer>`).
+pub fn layer_dir(mountpoint: &Path, repo: &str, manifest: Option<&str>, layer: &str) -> PathBuf {
+    let repo_dir = mountpoint.join(repo);
+    match manifest {
+        Some(m) => repo_dir.join(".images").join(m).join("layers").join(layer),
+        None => repo_dir.join(".layers").join(layer),
+    }
+}
+
+/// The digest of the manifest `tag` names now, read through the mount: the bytes of
+/// `tags/<tag>/manifest.json` are the manifest as served, so their SHA-256 is its digest.
+fn tag_manifest(mountpoint: &Path, repo: &RepoName, tag: &Tag) -> std::io::Result<Digest> {
+    let path = mountpoint
+        .join(repo.as_str())
+        .join("tags")
+        .join(tag.as_str())
+        .join("manifest.json");
+    Ok(Digest::sha256_of(&std::fs::read(path)?))
 }
 
 impl Remote {
@@ -70,6 +88,10 @@ impl Remote {
                 return None;
             }
         };
+        let mut layer = layer;
+        if layer.manifest.is_none() {
+            layer.manifest = self.resolve_tag(&mountpoint, &layer);
+        }
         let dir = self.dir_of(&mountpoint, &layer);
         if let Err(e) = std::fs::read_dir(&dir).and_then(|mut d| d.next().transpose()) {
             let why = match e.raw_os_error() {
@@ -94,6 +116,26 @@ impl Remote {
                 manifest: layer.manifest.map(|m| m.as_str().to_owned()),
             },
         })
+    }
+
+    /// The manifest a stargz reference's tag names (ctr-remote's labels carry the
+    /// reference, not the manifest), so the layer is described by its own image.
+    fn resolve_tag(&self, mountpoint: &Path, layer: &LayerRef) -> Option<Digest> {
+        let tag = layer.tag.as_ref()?;
+        match tag_manifest(mountpoint, &layer.repo, tag) {
+            Ok(digest) => Some(digest),
+            Err(e) => {
+                warn!(
+                    "layer {} of {}/{}:{}: cannot read the tag's manifest ({e}); the layer is \
+                     described by whichever tagged image lists it",
+                    layer.layer,
+                    layer.host,
+                    layer.repo,
+                    tag.as_str()
+                );
+                None
+            }
+        }
     }
 
     fn dir_of(&self, mountpoint: &Path, layer: &LayerRef) -> PathBuf {
