@@ -19,8 +19,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use crate::fs::deadline::within;
-use crate::fs::node::Kind;
-use crate::fs::{Attr, Fs};
+use crate::fs::{Attr, Fs, Kind};
 use crate::passthrough::Passthrough;
 
 /// Asks the kernel for reads this large (with FUSE_MAX_PAGES) and lets it read ahead as
@@ -286,7 +285,8 @@ impl Filesystem for FuseAdapter {
         reply.statfs(0, 0, 0, 0, 0, 1 << 20, 255, 1 << 20);
     }
 
-    // Writes (DESIGN §2): files under a repository become uploads and pushes.
+    // Writes (docs/SEMANTICS.md, "Writes"): files under a repository become uploads and
+    // pushes.
 
     fn setattr(
         &self,

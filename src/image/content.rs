@@ -7,8 +7,9 @@
 //!   of a layer, so a file read front to back, or many files read in layer order (`tar
 //!   -c`, `cp -a`), decode the stream once; a single-frame zstd layer, whose only
 //!   checkpoint is its start, relies on that.
-//! - TOC layers: the file's chunks are decoded on their own, each checked against its
-//!   chunk digest before any of it is returned.
+//! - TOC layers: the file's chunks are fetched by their own ranges and decoded on their
+//!   own, each checked against its chunk digest before any of it is returned
+//!   (chunks.rs).
 //!
 //! Checked pieces (spans, decoded chunks) are kept in a small shared cache.
 
@@ -16,10 +17,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 
-use super::codec::{Checkpoint, Codec, Decoder};
+use super::chunks::ChunkReader;
+use super::codec::{Codec, Decoder};
 use super::entry::{DataRef, Entry};
+use super::flights::Flights;
 use super::index::unreadable;
-use super::index::{Chunk, Content, LayerIndex, StreamMap};
+use super::index::{Content, LayerIndex, StreamMap};
 use super::source::BlobSource;
 use crate::cache::BlockCache;
 use crate::registry::{Digest, Error, Result};
@@ -29,13 +32,6 @@ use crate::stats::Stats;
 const CURSORS: usize = 4;
 /// Decoder output buffer of a cursor.
 const SCRATCH: usize = 128 << 10;
-/// Decoded chunks up to this size are kept whole in the piece cache; larger ones are
-/// decoded for each read (they are rare: writers cut files into chunks of 4 MiB or less).
-const MAX_CACHED_CHUNK: u64 = 16 << 20;
-/// Compressed bytes fetched at a time while decoding a chunk.
-const FETCH_PIECE: u64 = 1 << 20;
-/// Keys of the piece cache: spans by index, decoded chunks by index with this bit set.
-const CHUNK_KEY: u64 = 1 << 63;
 
 /// Checked pieces of layers, shared by every layer of a mount.
 pub type PieceCache = BlockCache;
@@ -88,6 +84,8 @@ pub struct LayerContent {
     source: Arc<dyn BlobSource>,
     readers: Readers,
     cursors: Mutex<Vec<Cursor>>,
+    /// TOC chunks being fetched.
+    flights: Flights,
 }
 
 impl LayerContent {
@@ -96,11 +94,15 @@ impl LayerContent {
         source: Arc<dyn BlobSource>,
         readers: Readers,
     ) -> LayerContent {
+        if let Some(why) = &index.toc_unused {
+            readers.stats.toc_unused(&source.digest().to_string(), why);
+        }
         LayerContent {
             index,
             source,
             readers,
             cursors: Mutex::new(Vec::new()),
+            flights: Flights::default(),
         }
     }
 
@@ -125,9 +127,18 @@ impl LayerContent {
                     .ok_or_else(|| unreadable(self.digest(), "file offset overflows"))?;
                 self.read_stream(map, start, start + len).await?
             }
-            (DataRef::Chunks(range), Content::Chunks(_)) => {
+            (DataRef::Chunks(range), Content::Chunks(map)) => {
+                let reader = ChunkReader {
+                    layer: self.source.digest(),
+                    source: &*self.source,
+                    pieces: &self.readers.pieces,
+                    stats: &self.readers.stats,
+                    flights: &self.flights,
+                    codec: map.codec,
+                };
                 let chunks = self.index.chunks(range);
-                self.read_chunks(range.start, chunks, offset, offset + len)
+                reader
+                    .read(range.start, chunks, offset, offset + len)
                     .await?
             }
             _ => {
@@ -274,122 +285,6 @@ impl LayerContent {
                 Ok(bytes)
             })
             .await
-    }
-
-    /// Bytes `start..end` of a file made of `chunks` (TOC layers); `first` is the
-    /// index of its first chunk.
-    async fn read_chunks(
-        &self,
-        first: u32,
-        chunks: &[Chunk],
-        start: u64,
-        end: u64,
-    ) -> Result<Bytes> {
-        let mut out = BytesMut::with_capacity((end - start) as usize);
-        for (i, chunk) in chunks.iter().enumerate() {
-            let c_end = chunk.file_offset + chunk.size;
-            if c_end <= start || chunk.file_offset >= end {
-                continue;
-            }
-            let from = start.max(chunk.file_offset) - chunk.file_offset;
-            let to = end.min(c_end) - chunk.file_offset;
-            if chunk.digest.is_none() {
-                out.resize(out.len() + (to - from) as usize, 0); // a hole
-                continue;
-            }
-            let piece = self.chunk(first + i as u32, chunk, from, to).await?;
-            out.extend_from_slice(&piece);
-        }
-        Ok(out.freeze())
-    }
-
-    /// Bytes `from..to` of a chunk, after the whole chunk was checked.
-    async fn chunk(&self, index: u32, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
-        if chunk.size <= MAX_CACHED_CHUNK {
-            let key = (self.digest().clone(), CHUNK_KEY | u64::from(index));
-            let whole = self
-                .readers
-                .pieces
-                .get(&key, || self.decode_chunk(chunk, 0, chunk.size))
-                .await?;
-            return Ok(whole.slice(from as usize..(to as usize).min(whole.len())));
-        }
-        self.decode_chunk(chunk, from, to).await
-    }
-
-    /// Decodes a whole chunk, checks its digest, and returns bytes `from..to` of it.
-    async fn decode_chunk(&self, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
-        let Content::Chunks(map) = &self.index.content else {
-            return Err(unreadable(self.digest(), "not a TOC layer"));
-        };
-        let bad = |e: String| {
-            unreadable(
-                self.digest(),
-                format!("chunk at byte {}: {e}", chunk.compressed.start),
-            )
-        };
-        let mut decoder = Decoder::at(
-            map.codec,
-            &Checkpoint {
-                in_bit: chunk.compressed.start * 8,
-                out: 0,
-                window: None,
-            },
-        )
-        .map_err(bad)?;
-        // Incompressible data grows a little in gzip/zstd; more than this is not a chunk.
-        let limit = chunk
-            .compressed
-            .end
-            .min(chunk.compressed.start + chunk.size + chunk.size / 16 + (64 << 10));
-        let (skip, want) = (chunk.inner_offset, chunk.size);
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        let mut out = BytesMut::with_capacity((to - from) as usize);
-        let mut scratch = vec![0u8; SCRATCH];
-        let mut got = 0u64; // chunk bytes decoded so far
-        let mut pos = chunk.compressed.start;
-        while got < want {
-            if pos >= limit {
-                return Err(bad("compressed data ends before the chunk does".into()));
-            }
-            let n = FETCH_PIECE.min(limit - pos);
-            let input = self.source.read(pos, n).await?;
-            Stats::add(
-                &self.readers.stats.content_fetched_bytes,
-                input.len() as u64,
-            );
-            pos += n;
-            let mut rest = &input[..];
-            loop {
-                let before = decoder.output_pos();
-                let step = decoder.decode(rest, &mut scratch).map_err(bad)?;
-                rest = &rest[step.consumed..];
-                let made = &scratch[..step.produced];
-                // Output positions are relative to the member start; the chunk is
-                // `skip .. skip + want` of it.
-                let lo = skip.saturating_sub(before).min(made.len() as u64) as usize;
-                let hi = (skip + want).saturating_sub(before).min(made.len() as u64) as usize;
-                if lo < hi {
-                    let piece = &made[lo..hi];
-                    sha2::Digest::update(&mut hasher, piece);
-                    let at = got;
-                    got += piece.len() as u64;
-                    let (a, b) = (from.max(at), to.min(got));
-                    if a < b {
-                        out.extend_from_slice(&piece[(a - at) as usize..(b - at) as usize]);
-                    }
-                }
-                if got >= want || (rest.is_empty() && step.produced == 0 && !step.boundary) {
-                    break;
-                }
-            }
-        }
-        let digest: [u8; 32] = sha2::Digest::finalize(hasher).into();
-        if Some(digest) != chunk.digest {
-            self.source.distrust();
-            return Err(bad("content does not match its chunk digest".into()));
-        }
-        Ok(out.freeze())
     }
 }
 

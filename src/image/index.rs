@@ -1,5 +1,5 @@
 //! The index of one layer: every entry, and how to reach any file's bytes without
-//! reading the layer from its start (DESIGN §7).
+//! reading the layer from its start (ARCHITECTURE.md, "A file inside an image").
 
 use std::ops::Range;
 
@@ -12,6 +12,9 @@ use crate::registry::{Digest, Error};
 /// Entries and index memory one layer may have.
 pub const MAX_ENTRIES: usize = 1_000_000;
 pub const MAX_INDEX_BYTES: usize = 256 << 20;
+/// Largest TOC accepted, compressed and uncompressed.
+pub const MAX_TOC: u64 = 64 << 20;
+pub const MAX_TOC_JSON: usize = 256 << 20;
 
 /// The error for a layer that cannot be read as what it says it is.
 pub fn unreadable(digest: &Digest, what: impl std::fmt::Display) -> Error {
@@ -35,6 +38,9 @@ pub struct LayerIndex {
     pub entries: Vec<Entry>,
     pub content: Content,
     pub source: IndexSource,
+    /// Why the layer was read whole although it announced a TOC (`None`: it did not,
+    /// or its TOC was used). Shown in `/.regfs/stats` as `images.toc_unused`.
+    pub toc_unused: Option<String>,
 }
 
 /// Where file bytes are.
@@ -83,19 +89,21 @@ pub struct ChunkMap {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     /// The blob range holding the chunk's gzip member or zstd frame(s); may end later
-    /// than the member (it is bounded by the next thing the TOC names).
+    /// than the member (it is bounded by the next thing the TOC names). Empty for a hole.
     pub compressed: Range<u64>,
     /// Decoded bytes to skip before the chunk (eStargz `innerOffset`).
     pub inner_offset: u64,
     /// Where the chunk starts in its file, and its length.
     pub file_offset: u64,
     pub size: u64,
-    /// SHA-256 of the chunk's bytes; `None` for a hole (zstd:chunked `zeros`).
+    /// SHA-256 of the chunk's bytes; `None` only for a hole the TOC gives no digest.
     pub digest: Option<[u8; 32]>,
+    /// A run of zeros (zstd:chunked `chunkType: zeros`): nothing to fetch.
+    pub hole: bool,
 }
 
 /// The disk cache's name for layer indexes; a new format gets a new number.
-pub const DISK_KIND: &str = "layer-index-v1";
+pub const DISK_KIND: &str = "layer-index-v2";
 
 impl LayerIndex {
     /// The index as bytes for the disk cache.
@@ -178,6 +186,7 @@ mod tests {
                 blob_size: 77,
             }),
             source: IndexSource::Pass,
+            toc_unused: Some("why".into()),
         };
         let back = LayerIndex::decode(&index.encode().expect("encodes")).expect("decodes");
         assert_eq!(back.entries, vec![entry]);

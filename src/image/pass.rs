@@ -118,54 +118,10 @@ pub fn index_pass(
     size: u64,
     pieces: impl Iterator<Item = Result<Bytes>>,
 ) -> Result<LayerIndex> {
-    let bad = |what: String| unreadable(digest, format!("{} layer: {what}", codec.name()));
     let mut blob_hash = digest.hasher();
     let mut spans = SpanHasher::new(SPAN_SIZE);
-    let mut decoder = Decoder::at(codec, &Checkpoint::START).map_err(&bad)?;
-    let mut tar = TarParser::default();
-    let mut entries = Entries {
-        digest,
-        list: Vec::new(),
-        bytes: 0,
-        refused: 0,
-        over: None,
-    };
-    let mut checkpoints = vec![Checkpoint::START];
-    let spacing = spacing(size);
-    let max_out = EXPANSION_FLOOR.max(size.saturating_mul(MAX_EXPANSION));
-    let mut buf = vec![0u8; OUT_BUF];
+    let mut pass = Pass::new(digest, codec, size)?;
     let mut received = 0u64;
-    let mut decode = |input: &[u8],
-                      decoder: &mut Decoder,
-                      tar: &mut TarParser,
-                      entries: &mut Entries|
-     -> Result<()> {
-        let mut input = input;
-        loop {
-            let step = decoder.decode(input, &mut buf).map_err(&bad)?;
-            input = &input[step.consumed..];
-            if step.produced > 0 {
-                tar.feed(&buf[..step.produced], &mut |item| entries.add(item))
-                    .map_err(|e| bad(e.to_string()))?;
-            }
-            if let Some(over) = &entries.over {
-                return Err(bad(over.clone()));
-            }
-            let out = decoder.output_pos();
-            if out > max_out {
-                return Err(bad(format!(
-                    "expands to more than {max_out} bytes ({MAX_EXPANSION} times its size): refused as a decompression bomb"
-                )));
-            }
-            let last = checkpoints.last().map_or(0, |c| c.out);
-            if step.boundary && codec != Codec::Tar && !tar.ended() && out >= last + spacing {
-                checkpoints.push(decoder.checkpoint());
-            }
-            if input.is_empty() && step.produced == 0 && step.consumed == 0 && !step.boundary {
-                return Ok(());
-            }
-        }
-    };
     for piece in pieces {
         let piece = piece?;
         received += piece.len() as u64;
@@ -177,37 +133,123 @@ pub fn index_pass(
         }
         blob_hash.update(&piece);
         spans.update(&piece);
-        decode(&piece, &mut decoder, &mut tar, &mut entries)?;
+        pass.feed(&piece)?;
     }
     if received != size {
         return Err(Error::Unavailable(format!(
             "layer {digest}: the stream ended after {received} of {size} bytes"
         )));
     }
-    decode(&[], &mut decoder, &mut tar, &mut entries)?;
+    pass.feed(&[])?;
     if !blob_hash.matches(digest) {
         return Err(unreadable(digest, "content does not match its digest"));
     }
-    decoder.finish().map_err(&bad)?;
-    tar.finish().map_err(|e| bad(e.to_string()))?;
-    if entries.refused > LOGGED_REFUSALS {
-        warn!(layer = %digest, "{} entries not shown in all", entries.refused);
-    }
-    let mut list = entries.list;
-    if codec == Codec::Gzip {
-        super::entry::drop_estargz_metadata(&mut list);
-    }
-    Ok(LayerIndex {
-        entries: list,
-        content: Content::Stream(StreamMap {
+    pass.finish(spans.finish())
+}
+
+/// The decoding half of a pass: blob bytes in, entries and checkpoints out.
+struct Pass<'a> {
+    digest: &'a Digest,
+    codec: Codec,
+    size: u64,
+    decoder: Decoder,
+    tar: TarParser,
+    entries: Entries<'a>,
+    checkpoints: Vec<Checkpoint>,
+    spacing: u64,
+    /// Output beyond this is a decompression bomb.
+    max_out: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a> Pass<'a> {
+    fn new(digest: &'a Digest, codec: Codec, size: u64) -> Result<Pass<'a>> {
+        let decoder = Decoder::at(codec, &Checkpoint::START)
+            .map_err(|e| unreadable(digest, format!("{} layer: {e}", codec.name())))?;
+        Ok(Pass {
+            digest,
             codec,
-            checkpoints,
-            span_size: SPAN_SIZE,
-            spans: spans.finish(),
-            blob_size: size,
-        }),
-        source: IndexSource::Pass,
-    })
+            size,
+            decoder,
+            tar: TarParser::default(),
+            entries: Entries {
+                digest,
+                list: Vec::new(),
+                bytes: 0,
+                refused: 0,
+                over: None,
+            },
+            checkpoints: vec![Checkpoint::START],
+            spacing: spacing(size),
+            max_out: EXPANSION_FLOOR.max(size.saturating_mul(MAX_EXPANSION)),
+            buf: vec![0u8; OUT_BUF],
+        })
+    }
+
+    fn bad(&self, what: impl std::fmt::Display) -> Error {
+        unreadable(self.digest, format!("{} layer: {what}", self.codec.name()))
+    }
+
+    /// Decodes the next blob bytes (none: the end), parsing what comes out.
+    fn feed(&mut self, mut input: &[u8]) -> Result<()> {
+        loop {
+            let step = self
+                .decoder
+                .decode(input, &mut self.buf)
+                .map_err(|e| self.bad(e))?;
+            input = &input[step.consumed..];
+            if step.produced > 0 {
+                let entries = &mut self.entries;
+                let parsed = self
+                    .tar
+                    .feed(&self.buf[..step.produced], &mut |item| entries.add(item));
+                parsed.map_err(|e| self.bad(e))?;
+            }
+            if let Some(over) = &self.entries.over {
+                return Err(self.bad(over));
+            }
+            let out = self.decoder.output_pos();
+            if out > self.max_out {
+                return Err(self.bad(format_args!(
+                    "expands to more than {} bytes ({MAX_EXPANSION} times its size): refused as a decompression bomb",
+                    self.max_out
+                )));
+            }
+            let last = self.checkpoints.last().map_or(0, |c| c.out);
+            let ended = self.tar.ended();
+            if step.boundary && self.codec != Codec::Tar && !ended && out >= last + self.spacing {
+                self.checkpoints.push(self.decoder.checkpoint());
+            }
+            if input.is_empty() && step.produced == 0 && step.consumed == 0 && !step.boundary {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The index, once every byte was fed and the blob matched its digest.
+    fn finish(self, spans: Vec<[u8; 32]>) -> Result<LayerIndex> {
+        self.decoder.finish().map_err(|e| self.bad(e))?;
+        self.tar.finish().map_err(|e| self.bad(e))?;
+        if self.entries.refused > LOGGED_REFUSALS {
+            warn!(layer = %self.digest, "{} entries not shown in all", self.entries.refused);
+        }
+        let mut list = self.entries.list;
+        if self.codec == Codec::Gzip {
+            super::entry::drop_estargz_metadata(&mut list);
+        }
+        Ok(LayerIndex {
+            entries: list,
+            content: Content::Stream(StreamMap {
+                codec: self.codec,
+                checkpoints: self.checkpoints,
+                span_size: SPAN_SIZE,
+                spans,
+                blob_size: self.size,
+            }),
+            source: IndexSource::Pass,
+            toc_unused: None,
+        })
+    }
 }
 
 #[cfg(test)]

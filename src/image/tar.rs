@@ -12,9 +12,10 @@
 //! carry no data whatever their size field says; PAX `path`, `linkpath`, `size`,
 //! `uid`, `gid` and `mtime` override the header; `SCHILY.xattr.*` are xattrs.
 
-use tar::{EntryType, Header, PaxExtensions};
+use tar::{EntryType, Header};
 
-use super::entry::{DataRef, Entry, EntryKind, Xattrs, normalise, shown};
+use super::entry::{DataRef, Entry, EntryKind, normalise, shown};
+use super::tar_pax::Pax;
 
 const BLOCK: u64 = 512;
 /// Longest GNU long name or long link accepted (Linux paths are at most 4 KiB).
@@ -265,90 +266,29 @@ impl TarParser {
         &self,
         header: &Header,
         pending: &Pending,
-        pax: Pax,
+        mut pax: Pax,
         size: u64,
         data_at: u64,
     ) -> Result<Option<Entry>, String> {
-        let raw_path: Vec<u8> = match (pax.path, &pending.long_name) {
+        let raw_path: Vec<u8> = match (pax.path.take(), &pending.long_name) {
             (Some(p), _) => p,
             (None, Some(long)) => trim_nul(long).to_vec(),
             (None, None) => header.path_bytes().into_owned(),
         };
-        let kind = match header.entry_type() {
-            EntryType::Regular | EntryType::Continuous if raw_path.ends_with(b"/") => {
-                // Old (V7) archives mark directories by a trailing slash only.
-                EntryKind::Dir
-            }
-            EntryType::Regular | EntryType::Continuous => EntryKind::File,
-            EntryType::Link => EntryKind::Hardlink,
-            EntryType::Symlink => EntryKind::Symlink,
-            EntryType::Char => EntryKind::CharDev,
-            EntryType::Block => EntryKind::BlockDev,
-            EntryType::Directory => EntryKind::Dir,
-            // GNU dump directories ('D'): a directory with a listing as data.
-            other if other.as_byte() == b'D' => EntryKind::Dir,
-            EntryType::Fifo => EntryKind::Fifo,
-            // A GNU volume label ('V') names no file.
-            other if other.as_byte() == b'V' => return Ok(None),
-            other => {
-                return Err(format!(
-                    "{}: entry type {:?} is not supported",
-                    shown(&raw_path),
-                    other.as_byte() as char
-                ));
-            }
+        let Some(kind) = kind_of(header, &raw_path)? else {
+            return Ok(None);
         };
         let path = normalise(&raw_path).map_err(|e| format!("{}: {e}", shown(&raw_path)))?;
         if path.is_empty() && kind != EntryKind::Dir {
             return Err(format!("{}: names the root", shown(&raw_path)));
         }
-        let raw_link: Option<Vec<u8>> = match (pax.linkpath, &pending.long_link) {
+        let raw_link: Option<Vec<u8>> = match (pax.linkpath.take(), &pending.long_link) {
             (Some(l), _) => Some(l),
             (None, Some(long)) => Some(trim_nul(long).to_vec()),
             (None, None) => header.link_name_bytes().map(|l| l.into_owned()),
         };
-        let link = match kind {
-            EntryKind::Symlink => {
-                let target = raw_link.unwrap_or_default();
-                if target.contains(&0) || target.is_empty() {
-                    return Err(format!("{}: bad symlink target", shown(&path)));
-                }
-                Some(target.into_boxed_slice())
-            }
-            EntryKind::Hardlink => {
-                let target = raw_link.unwrap_or_default();
-                let normal = normalise(&target)
-                    .map_err(|e| format!("{}: hardlink target: {e}", shown(&path)))?;
-                if normal.is_empty() {
-                    return Err(format!("{}: hardlink to the root", shown(&path)));
-                }
-                Some(normal)
-            }
-            _ => None,
-        };
-        let old = header.as_old();
-        let field = |what: &str, raw: &[u8], v: std::io::Result<u64>| -> Result<u32, String> {
-            numeric(raw, v)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| format!("{}: bad {what}", shown(&path)))
-        };
-        let uid = match pax.uid {
-            Some(uid) => uid,
-            None => field("uid", &old.uid, header.uid())?,
-        };
-        let gid = match pax.gid {
-            Some(gid) => gid,
-            None => field("gid", &old.gid, header.gid())?,
-        };
-        let mode = field("mode", &old.mode, header.mode().map(u64::from))? & 0o7777;
-        let (mtime, mtime_nsec) = match pax.mtime {
-            Some(t) => t,
-            None => {
-                let secs = numeric(&old.mtime, header.mtime())
-                    .ok_or_else(|| format!("{}: bad mtime", shown(&path)))?;
-                (i64::try_from(secs).unwrap_or(i64::MAX), 0)
-            }
-        };
+        let link = link_of(kind, raw_link, &path)?;
+        let (uid, gid, mode, (mtime, mtime_nsec)) = owner_mode_time(header, &pax, &path)?;
         let rdev = match kind {
             EntryKind::CharDev | EntryKind::BlockDev => {
                 let major = header.device_major().ok().flatten().unwrap_or(0);
@@ -376,6 +316,93 @@ impl TarParser {
             data,
         }))
     }
+}
+
+/// What kind of file a header describes (`None`: no file, a volume label).
+fn kind_of(header: &Header, raw_path: &[u8]) -> Result<Option<EntryKind>, String> {
+    Ok(Some(match header.entry_type() {
+        EntryType::Regular | EntryType::Continuous if raw_path.ends_with(b"/") => {
+            // Old (V7) archives mark directories by a trailing slash only.
+            EntryKind::Dir
+        }
+        EntryType::Regular | EntryType::Continuous => EntryKind::File,
+        EntryType::Link => EntryKind::Hardlink,
+        EntryType::Symlink => EntryKind::Symlink,
+        EntryType::Char => EntryKind::CharDev,
+        EntryType::Block => EntryKind::BlockDev,
+        EntryType::Directory => EntryKind::Dir,
+        // GNU dump directories ('D'): a directory with a listing as data.
+        other if other.as_byte() == b'D' => EntryKind::Dir,
+        EntryType::Fifo => EntryKind::Fifo,
+        // A GNU volume label ('V') names no file.
+        other if other.as_byte() == b'V' => return Ok(None),
+        other => {
+            return Err(format!(
+                "{}: entry type {:?} is not supported",
+                shown(raw_path),
+                other.as_byte() as char
+            ));
+        }
+    }))
+}
+
+/// A symlink's target as written, a hardlink's normalised; `None` for other kinds.
+fn link_of(
+    kind: EntryKind,
+    raw_link: Option<Vec<u8>>,
+    path: &[u8],
+) -> Result<Option<Box<[u8]>>, String> {
+    Ok(match kind {
+        EntryKind::Symlink => {
+            let target = raw_link.unwrap_or_default();
+            if target.contains(&0) || target.is_empty() {
+                return Err(format!("{}: bad symlink target", shown(path)));
+            }
+            Some(target.into_boxed_slice())
+        }
+        EntryKind::Hardlink => {
+            let target = raw_link.unwrap_or_default();
+            let normal =
+                normalise(&target).map_err(|e| format!("{}: hardlink target: {e}", shown(path)))?;
+            if normal.is_empty() {
+                return Err(format!("{}: hardlink to the root", shown(path)));
+            }
+            Some(normal)
+        }
+        _ => None,
+    })
+}
+
+/// Owner, permission bits and mtime: PAX records first, else the header's fields.
+fn owner_mode_time(
+    header: &Header,
+    pax: &Pax,
+    path: &[u8],
+) -> Result<(u32, u32, u32, (i64, u32)), String> {
+    let old = header.as_old();
+    let field = |what: &str, raw: &[u8], v: std::io::Result<u64>| -> Result<u32, String> {
+        numeric(raw, v)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| format!("{}: bad {what}", shown(path)))
+    };
+    let uid = match pax.uid {
+        Some(uid) => uid,
+        None => field("uid", &old.uid, header.uid())?,
+    };
+    let gid = match pax.gid {
+        Some(gid) => gid,
+        None => field("gid", &old.gid, header.gid())?,
+    };
+    let mode = field("mode", &old.mode, header.mode().map(u64::from))? & 0o7777;
+    let mtime = match pax.mtime {
+        Some(t) => t,
+        None => {
+            let secs = numeric(&old.mtime, header.mtime())
+                .ok_or_else(|| format!("{}: bad mtime", shown(path)))?;
+            (i64::try_from(secs).unwrap_or(i64::MAX), 0)
+        }
+    };
+    Ok((uid, gid, mode, mtime))
 }
 
 /// Whether the data of a header the parser does not show still follows it (it must be
@@ -423,74 +450,6 @@ fn check_checksum(header: &Header) -> Result<(), String> {
         )),
         Err(e) => Err(format!("bad header checksum field: {e}")),
     }
-}
-
-/// The PAX records regfs applies.
-#[derive(Default)]
-struct Pax {
-    path: Option<Vec<u8>>,
-    linkpath: Option<Vec<u8>>,
-    size: Option<u64>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    mtime: Option<(i64, u32)>,
-    xattrs: Xattrs,
-}
-
-const XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
-/// Xattrs kept per file; more are dropped (the log of the pass says so).
-const MAX_XATTRS: usize = 128;
-
-impl Pax {
-    fn parse(bytes: &[u8]) -> Result<Pax, String> {
-        let mut pax = Pax::default();
-        for record in PaxExtensions::new(bytes) {
-            let record = record.map_err(|e| format!("malformed PAX header: {e}"))?;
-            let (key, value) = (record.key_bytes(), record.value_bytes());
-            let number = || {
-                std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or_else(|| format!("bad PAX {}", shown(key)))
-            };
-            match key {
-                b"path" => pax.path = Some(value.to_vec()),
-                b"linkpath" => pax.linkpath = Some(value.to_vec()),
-                b"size" => pax.size = Some(number()?),
-                b"uid" => pax.uid = Some(u32::try_from(number()?).map_err(|e| e.to_string())?),
-                b"gid" => pax.gid = Some(u32::try_from(number()?).map_err(|e| e.to_string())?),
-                b"mtime" => pax.mtime = parse_pax_time(value),
-                k if k.starts_with(b"GNU.sparse.") => {
-                    return Err("GNU sparse files are not supported".into());
-                }
-                k if k.starts_with(XATTR_PREFIX) && pax.xattrs.len() < MAX_XATTRS => {
-                    let name = &k[XATTR_PREFIX.len()..];
-                    if !name.is_empty() && !name.contains(&0) {
-                        pax.xattrs.push((name.into(), value.into()));
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(pax)
-    }
-}
-
-/// A PAX time: decimal seconds, possibly negative, with an optional fraction.
-fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
-    let s = std::str::from_utf8(value).ok()?.trim();
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = secs.parse().ok()?;
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-    let nanos: u32 = digits.parse().ok()?;
-    if secs < 0 && nanos > 0 {
-        // "-1.5" is half a second before -1: one second earlier plus the complement.
-        return Some((secs - 1, 1_000_000_000 - nanos));
-    }
-    Some((secs, nanos))
 }
 
 #[cfg(test)]
@@ -670,14 +629,5 @@ mod tests {
         pad(&mut s);
         s.extend_from_slice(header("sparse", EntryType::Regular, 0).as_bytes());
         assert!(parse(&s, 512).is_err());
-    }
-
-    #[test]
-    fn pax_times() {
-        assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
-        assert_eq!(parse_pax_time(b"12.5"), Some((12, 500_000_000)));
-        assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
-        assert_eq!(parse_pax_time(b"1.1234567891"), Some((1, 123_456_789)));
-        assert_eq!(parse_pax_time(b"x"), None);
     }
 }

@@ -1,5 +1,5 @@
 //! One error type for everything the registry client can report, and the one place
-//! where it becomes an errno (DESIGN §3).
+//! where it becomes an errno (docs/SEMANTICS.md, "Errors").
 
 use std::fmt;
 use std::time::Duration;

@@ -1,22 +1,26 @@
 //! The Distribution API client. Knows nothing of FUSE.
+//!
+//! `host/` is one host's connection (auth, retries, errors, the SSRF guard); `api/` the
+//! calls made on a host, one file per group; `client.rs` the [`RegistryClient`] that
+//! routes each call to the origin or its mirrors (`mirrors.rs`).
 
-pub mod auth;
-mod blob_get;
+mod api;
 pub mod client;
-pub mod credentials;
-pub mod delete;
 pub mod error;
-pub mod hosts;
-pub mod referrers;
-mod socket_body;
-pub mod ssrf;
+mod host;
+mod mirrors;
 pub mod types;
-pub mod upload;
 
-pub use blob_get::BlobBody;
-pub use client::{ClientOptions, FetchedManifest, RegistryClient, parse_registry_url};
-pub use credentials::Credentials;
+pub use api::blobs::BlobBody;
+pub use api::manifests::{FetchedManifest, MAX_MANIFEST_BYTES};
+pub use api::referrers::Referrer;
+pub use api::uploads::{MountOutcome, Upload};
+pub use client::RegistryClient;
 pub use error::{Error, Result};
-pub use hosts::MirrorSpec;
+pub use host::{ClientOptions, Credentials, is_docker_hub, parse_registry_url};
+pub use mirrors::MirrorSpec;
 pub use types::{Descriptor, Digest, DigestHasher, ManifestLinks, Reference, RepoName, Tag};
-pub use upload::{MountOutcome, Upload};
+
+/// The paths src/fs uses for uploads and referrers (`registry::upload::Upload`,
+/// `registry::referrers::fallback_tag`).
+pub use api::{referrers, uploads as upload};

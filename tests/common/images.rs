@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
-use super::{Layout, Registry, noise, push_blob, put_manifest, run, sha256_digest};
+use super::{
+    Layout, Registry, noise, push_blob, put_manifest, require_commands, run, sha256_digest,
+};
 
 pub const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
@@ -27,7 +29,7 @@ pub const UTF8_DIR: &str = "names/ünïcødé ファイル";
 
 /// Fails with a message naming setup.sh unless the tools of the image tests exist.
 pub fn require_image_tools() {
-    for tool in [
+    require_commands(&[
         "umoci",
         "skopeo",
         "python3",
@@ -35,17 +37,7 @@ pub fn require_image_tools() {
         "containerd",
         "ctr-remote",
         "busybox",
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "{tool} is missing: run scripts/setup.sh (installs it with apt-get)"
-        );
-    }
+    ]);
 }
 
 fn busybox() -> PathBuf {

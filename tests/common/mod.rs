@@ -35,7 +35,7 @@ use sha2::{Digest as _, Sha256};
 
 pub use http::{Response, header, http, http_get, read_response, try_http};
 pub use layout::{Layout, layers, skopeo_copy, skopeo_copy_to_oci, skopeo_raw_manifest};
-pub use mount::{Mount, MountInput, is_mounted, ls, stat};
+pub use mount::{Mount, MountInput, is_mounted, ls, stat, unmount_below};
 pub use proxy::{ANNOUNCE_LENGTH, LocationRewrite, Proxy, ProxyRules, Tamper};
 pub use registry::api::{
     blob_status, catalog, get_blob, get_manifest, get_manifest_at, manifest_status, next_link,
@@ -71,6 +71,21 @@ pub fn require_tools() {
         "/dev/fuse is missing: FUSE tests need it (see scripts/setup.sh; in a container pass \
          --device /dev/fuse --cap-add SYS_ADMIN)"
     );
+}
+
+/// Fails with a message naming setup.sh unless every one of `tools` is a command.
+pub fn require_commands(tools: &[&str]) {
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            found,
+            "{tool} is missing: run scripts/setup.sh (installs it with apt-get)"
+        );
+    }
 }
 
 pub fn find_in_path(tool: &str) -> Option<PathBuf> {

@@ -289,6 +289,25 @@ pub fn is_mounted(path: &Path) -> bool {
     })
 }
 
+/// Unmounts (lazily) every mount at or below `dir`, deepest first: what a test's
+/// containerd, snapshotter and regfs mounts leave when it fails half-way.
+pub fn unmount_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(regfs::mount::unescape_mountinfo)
+        .filter(|p| Path::new(p).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    for point in points {
+        let _ = nix::mount::umount2(point.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// A number in `/.regfs/stats`, by its path of keys.
 pub fn stat(mnt: &Mount, key: &[&str]) -> u64 {
     let mut v = mnt.stats();

@@ -1,5 +1,5 @@
 //! Child processes of the harness (registries, regfs, containerd): they die with the test
-//! that started them, and are waited for with a bound.
+//! that started them, and are waited for with a bound; bounded waits for anything else.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -47,5 +47,14 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
             Ok(None) => return None,
             Err(e) => panic!("waiting for child {}: {e}", child.id()),
         }
+    }
+}
+
+/// Waits until `ready` holds, at most `limit`; panics with `what` otherwise.
+pub fn wait_until(limit: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        thread::sleep(POLL);
     }
 }

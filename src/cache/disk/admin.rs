@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::budget::{Budget, remove_files};
 use super::layout::{self, Entry, Kind};
-use super::{entry, partial::Partial};
+use super::{entry, partial::Partial, private};
 use crate::registry::Digest;
 
 /// Refuses a directory that is not a regfs cache (prune and verify delete files).
@@ -65,6 +65,10 @@ pub fn du(root: &Path) -> Result<String, String> {
         count(|k| matches!(k, Kind::Meta { .. })),
         held_count(root),
     ))
+    .map(|line| match private::report(root, true) {
+        Some(warning) => format!("{line}\nwarning: {warning}"),
+        None => line,
+    })
 }
 
 /// `regfs cache ls`: one line per entry, least recently used first.
@@ -142,7 +146,7 @@ fn damage(entry: &Entry) -> Option<String> {
         },
         Kind::Meta { kind, key } => match entry::read(main) {
             None => Some("torn or changed (checksum)".to_owned()),
-            Some(body) if kind == super::MANIFEST_KIND => {
+            Some(body) if kind == layout::MANIFEST_KIND => {
                 let bytes = body
                     .iter()
                     .position(|&b| b == b'\n')

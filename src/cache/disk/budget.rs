@@ -9,7 +9,7 @@
 //! writing leaves it too high, never too low); every daemon start recounts it from
 //! the directory.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use super::layout;
 use super::partial::with_lock;
+use super::private;
 
 /// How far below the budget eviction goes once it has to run: 1/16 of the budget.
 const EVICTION_SLACK_DIVISOR: u64 = 16;
@@ -44,7 +45,7 @@ pub fn allocated(bytes: u64) -> u64 {
 
 impl Budget {
     pub fn open(root: &Path, limit: u64) -> io::Result<Budget> {
-        let lock = OpenOptions::new()
+        let lock = private::options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -127,8 +128,14 @@ impl Budget {
 
     fn load(&self) -> io::Result<u64> {
         let mut text = String::new();
-        let mut file = File::open(self.root.join(layout::USAGE))
-            .or_else(|_| File::create(self.root.join(layout::USAGE)))?;
+        let mut file = File::open(self.root.join(layout::USAGE)).or_else(|_| {
+            private::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(self.root.join(layout::USAGE))
+        })?;
         file.read_to_string(&mut text)?;
         match text.trim().parse() {
             Ok(used) => Ok(used),
@@ -138,7 +145,7 @@ impl Budget {
     }
 
     fn store(&self, used: u64) -> io::Result<()> {
-        let mut file = OpenOptions::new()
+        let mut file = private::options()
             .write(true)
             .create(true)
             .truncate(false)

@@ -11,6 +11,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 
+use super::private;
+
 const MAGIC: &[u8; 8] = b"RGFSENT1";
 const HEADER: usize = 24;
 /// Entries are metadata: anything larger than this is not one of ours.
@@ -58,7 +60,11 @@ pub fn read(path: &Path) -> Option<Bytes> {
 pub fn write(path: &Path, temp: &Path, body: &[u8]) -> io::Result<u64> {
     let encoded = encode(body);
     let result = (|| {
-        let mut file = File::create(temp)?;
+        let mut file = private::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(temp)?;
         file.write_all(&encoded)?;
         fs::rename(temp, path)
     })();

@@ -19,6 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use super::private;
 use crate::registry::Digest;
 
 pub const TAG: &str = "CACHEDIR.TAG";
@@ -30,6 +31,8 @@ pub const META: &str = "meta";
 pub const HELD: &str = "held";
 pub const TMP: &str = "tmp";
 pub const ORIGIN: &str = "origin";
+/// The metadata kind (a directory under `meta/`) manifests are stored under.
+pub const MANIFEST_KIND: &str = "manifest";
 
 const TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 # This directory is regfs's disk cache (content-addressed registry objects).\n\
@@ -37,12 +40,13 @@ const TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 
 /// Makes the directory's skeleton (idempotent).
 pub fn create(root: &Path) -> io::Result<()> {
+    private::create_dir_all(root)?;
     for dir in [BLOBS, PARTIAL, META, HELD, TMP] {
-        fs::create_dir_all(root.join(dir))?;
+        private::create_dir_all(&root.join(dir))?;
     }
     let tag = root.join(TAG);
     if !tag.exists() {
-        fs::write(tag, TAG_TEXT)?;
+        private::write(&tag, TAG_TEXT.as_bytes())?;
     }
     Ok(())
 }

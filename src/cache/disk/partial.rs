@@ -31,6 +31,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 
+use super::private;
 use crate::buf::{BlockBuf, PAGE, Page, page_aligned, page_bytes, page_bytes_mut};
 
 const RECORD: usize = 32;
@@ -133,7 +134,7 @@ impl Partial {
     pub fn open(data_path: &Path, block_size: u64, create: bool) -> io::Result<Option<Partial>> {
         let log_path = log_path(data_path);
         let open = |path: &Path, append: bool| {
-            let mut options = OpenOptions::new();
+            let mut options = private::options();
             options.read(true).create(create);
             if append {
                 options.append(true);

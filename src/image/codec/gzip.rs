@@ -271,74 +271,91 @@ impl GzipDecoder {
             input = rest;
         }
         while !input.is_empty() || self.part == Part::Deflate {
-            match self.part {
+            let take = match self.part {
                 Part::Between => {
-                    if input[0] != 0x1f {
-                        return Err(format!(
-                            "byte {} after gzip member {}: not another member (trailing garbage)",
-                            self.pos, self.members
-                        ));
-                    }
-                    self.part = Part::Header;
+                    self.next_member(input[0])?;
+                    0
                 }
-                Part::Header => {
-                    let take = self.collect_header(input)?;
-                    input = &input[take..];
-                    step.consumed += take;
-                }
-                Part::Trailer => {
-                    let take = (8 - self.held.len()).min(input.len());
-                    self.held.extend_from_slice(&input[..take]);
-                    self.pos += take as u64;
-                    input = &input[take..];
-                    step.consumed += take;
-                    if self.held.len() == 8 {
-                        self.check_trailer()?;
-                    }
-                }
+                Part::Header => self.collect_header(input)?,
+                Part::Trailer => self.collect_trailer(input)?,
                 Part::Deflate => {
-                    let room = &mut out[step.produced..];
-                    if room.is_empty() {
+                    let (used, stop) = self.inflate(input, out, &mut step)?;
+                    if stop {
+                        step.consumed += used;
                         return Ok(step);
                     }
-                    let (ret, used, made, data_type) = self.z.run(input, room);
-                    if let Some(crc) = &mut self.crc {
-                        *crc = crc32(*crc, &room[..made]);
-                    }
-                    self.member_len = self.member_len.wrapping_add(made as u32);
-                    input = &input[used..];
-                    self.pos += used as u64;
-                    self.out += made as u64;
-                    step.consumed += used;
-                    step.produced += made;
-                    match ret {
-                        Z_STREAM_END => {
-                            self.part = Part::Trailer;
-                            self.held.clear();
-                        }
-                        Z_OK | Z_BUF_ERROR => {
-                            // End of a block that is not the last one: resumable here.
-                            if data_type & 128 != 0 && data_type & 64 == 0 {
-                                self.bits = (data_type & 7) as u32;
-                                step.boundary = true;
-                                return Ok(step);
-                            }
-                            if used == 0 && made == 0 {
-                                return Ok(step); // needs more input (or more room)
-                            }
-                        }
-                        _ => {
-                            return Err(format!(
-                                "corrupt deflate data near byte {}: {}",
-                                self.pos,
-                                self.z.message()
-                            ));
-                        }
-                    }
+                    used
                 }
-            }
+            };
+            input = &input[take..];
+            step.consumed += take;
         }
         Ok(step)
+    }
+
+    /// Between members: `first` must start another.
+    fn next_member(&mut self, first: u8) -> Result<(), String> {
+        if first != 0x1f {
+            return Err(format!(
+                "byte {} after gzip member {}: not another member (trailing garbage)",
+                self.pos, self.members
+            ));
+        }
+        self.part = Part::Header;
+        Ok(())
+    }
+
+    /// Takes trailer bytes from `input`; checks the trailer once it is whole.
+    fn collect_trailer(&mut self, input: &[u8]) -> Result<usize, String> {
+        let take = (8 - self.held.len()).min(input.len());
+        self.held.extend_from_slice(&input[..take]);
+        self.pos += take as u64;
+        if self.held.len() == 8 {
+            self.check_trailer()?;
+        }
+        Ok(take)
+    }
+
+    /// Inflates from `input` into what is left of `out`: (input bytes used, whether
+    /// `decode` stops here: a block boundary, a full `out`, or more input needed).
+    fn inflate(
+        &mut self,
+        input: &[u8],
+        out: &mut [u8],
+        step: &mut Step,
+    ) -> Result<(usize, bool), String> {
+        let room = &mut out[step.produced..];
+        if room.is_empty() {
+            return Ok((0, true));
+        }
+        let (ret, used, made, data_type) = self.z.run(input, room);
+        if let Some(crc) = &mut self.crc {
+            *crc = crc32(*crc, &room[..made]);
+        }
+        self.member_len = self.member_len.wrapping_add(made as u32);
+        self.pos += used as u64;
+        self.out += made as u64;
+        step.produced += made;
+        match ret {
+            Z_STREAM_END => {
+                self.part = Part::Trailer;
+                self.held.clear();
+                Ok((used, false))
+            }
+            // End of a block that is not the last one: resumable here.
+            Z_OK | Z_BUF_ERROR if data_type & 128 != 0 && data_type & 64 == 0 => {
+                self.bits = (data_type & 7) as u32;
+                step.boundary = true;
+                Ok((used, true))
+            }
+            // Needs more input (or more room).
+            Z_OK | Z_BUF_ERROR => Ok((used, used == 0 && made == 0)),
+            _ => Err(format!(
+                "corrupt deflate data near byte {}: {}",
+                self.pos,
+                self.z.message()
+            )),
+        }
     }
 
     /// The input ended: fine only between members, after at least one.
@@ -406,8 +423,9 @@ impl GzipDecoder {
 }
 
 /// The length of the gzip member header at the start of `buf`, `None` if more bytes
-/// are needed (RFC 1952 §2.3).
-fn parse_member_header(buf: &[u8]) -> Result<Option<usize>, String> {
+/// are needed (RFC 1952 §2.3). A layer's first deflate byte, where SOCI's first
+/// checkpoint is (src/image/soci/).
+pub fn parse_member_header(buf: &[u8]) -> Result<Option<usize>, String> {
     if buf.len() < 10 {
         if buf.first().is_some_and(|&b| b != 0x1f) || buf.get(1).is_some_and(|&b| b != 0x8b) {
             return Err("not gzip data (bad magic)".into());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 use regfs::cache::memo::FAILURE_MEMORY;
-use regfs::fs::node::Kind;
+use regfs::fs::Kind;
 
 use super::deletes::Object;
 use super::generators::Op;

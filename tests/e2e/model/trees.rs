@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use regfs::cache::BlockCache;
 use regfs::fs::deadline::within;
-use regfs::fs::node::Kind;
-use regfs::fs::{Errno, Fs, FsOptions, ROOT_INO};
+use regfs::fs::{Errno, Fs, FsOptions, Kind, ROOT_INO};
 use regfs::image::manifest::Platform;
 use regfs::registry::{ClientOptions, RegistryClient, parse_registry_url};
 use regfs::stats::Stats;
