@@ -98,49 +98,9 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     one_malloc_arena();
     // One TLS provider for the process; an error only means one is already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // One worker per core: nothing a worker runs blocks for long (disk reads, image
-    // indexing and unmounting go to the blocking pool). Four on two cores only traded
-    // the same work between threads: a cold 1 GiB read took 1.41 -> 1.30 s of daemon
-    // CPU (medians of 5 alternated runs, 2026-12-02), a third of the context switches.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
-        .thread_name("regfs-io")
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the I/O runtime: {e}"))?;
-
-    if config.insecure {
-        warn!("--insecure: the registry's TLS certificate is not verified");
-    }
-    info!("registry credentials: {}", config.credentials.describe());
-    let options = ClientOptions {
-        page_size: config.page_size,
-        read_timeout: config.timeout,
-        total_timeout: config.timeout,
-        ca_file: config.ca_file.clone(),
-        insecure: config.insecure,
-        credentials: config.credentials.clone(),
-        chunk_size: usize::try_from(config.chunk_size).unwrap_or(usize::MAX),
-        ..ClientOptions::default()
-    };
+    let runtime = io_runtime()?;
     let stats = Arc::new(Stats::default());
-    let client = RegistryClient::new(config.registry.clone(), options, stats.clone())
-        .and_then(|client| client.with_mirrors(config.mirrors.clone()))
-        .map_err(|e| e.to_string())?;
-    let registry = config.registry.as_str().trim_end_matches('/');
-    runtime.block_on(async {
-        match tokio::time::timeout(PROBE_TIMEOUT, client.ping()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!(
-                "registry {registry} does not answer /v2/: {e}{}",
-                tls_hint(&e.to_string())
-            )),
-            Err(_) => Err(format!(
-                "registry {registry} does not answer /v2/ within {}s",
-                PROBE_TIMEOUT.as_secs()
-            )),
-        }
-    })?;
+    let client = connect(config, &runtime, &stats)?;
 
     let disk = config
         .disk_cache
@@ -158,6 +118,81 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     let resuming = fs.clone();
     runtime.spawn(async move { resuming.resume_held().await });
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
+    let (session, own_mount) = mount_session(config, &canonical_mountpoint, adapter)?;
+    match mount_device(&canonical_mountpoint) {
+        Some(device) => watchdog.watch(&device),
+        None => warn!("cannot find the new mount in mountinfo; no watchdog for it"),
+    }
+    raise_kernel_readahead(&canonical_mountpoint);
+    Ok(Prepared {
+        runtime,
+        session,
+        mountpoint: canonical_mountpoint,
+        watchdog,
+        own_mount,
+    })
+}
+
+/// The tokio runtime that answers the kernel's requests and talks to the registry.
+fn io_runtime() -> Result<tokio::runtime::Runtime, String> {
+    // One worker per core: nothing a worker runs blocks for long (disk reads, image
+    // indexing and unmounting go to the blocking pool). Four on two cores only traded
+    // the same work between threads: a cold 1 GiB read took 1.41 -> 1.30 s of daemon
+    // CPU (medians of 5 alternated runs, 2026-12-02), a third of the context switches.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+        .thread_name("regfs-io")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the I/O runtime: {e}"))
+}
+
+/// The registry client (and its mirrors), once the registry answers `/v2/`.
+fn connect(
+    config: &MountConfig,
+    runtime: &tokio::runtime::Runtime,
+    stats: &Arc<Stats>,
+) -> Result<RegistryClient, String> {
+    if config.insecure {
+        warn!("--insecure: the registry's TLS certificate is not verified");
+    }
+    info!("registry credentials: {}", config.credentials.describe());
+    let options = ClientOptions {
+        page_size: config.page_size,
+        read_timeout: config.timeout,
+        total_timeout: config.timeout,
+        ca_file: config.ca_file.clone(),
+        insecure: config.insecure,
+        credentials: config.credentials.clone(),
+        chunk_size: usize::try_from(config.chunk_size).unwrap_or(usize::MAX),
+        ..ClientOptions::default()
+    };
+    let client = RegistryClient::new(config.registry.clone(), options, stats.clone())
+        .and_then(|client| client.with_mirrors(config.mirrors.clone()))
+        .map_err(|e| e.to_string())?;
+    let registry = config.registry.as_str().trim_end_matches('/');
+    runtime.block_on(async {
+        match tokio::time::timeout(PROBE_TIMEOUT, client.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!(
+                "registry {registry} does not answer /v2/: {e}{}",
+                tls_hint(&e.to_string())
+            )),
+            Err(_) => Err(format!(
+                "registry {registry} does not answer /v2/ within {}s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    })?;
+    Ok(client)
+}
+
+/// The kernel mount and its FUSE session; true when regfs mounted the device itself.
+fn mount_session(
+    config: &MountConfig,
+    canonical_mountpoint: &Path,
+    adapter: FuseAdapter,
+) -> Result<(Session<FuseAdapter>, bool), String> {
     let mut fuse_config = Config::default();
     // Requests are answered from tokio tasks; a second thread reading /dev/fuse (on its
     // own cloned fd) keeps the queue moving while the first copies a large reply.
@@ -187,28 +222,17 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         read_only: config.read_only,
         allow_other: config.allow_other,
     }
-    .mount(&canonical_mountpoint)?;
+    .mount(canonical_mountpoint)?;
     let own_mount = own_device.is_some();
     let session = match own_device {
         Some(device) => Session::from_fd(adapter, device, fuse_config.acl, fuse_config.clone())
             .inspect_err(|_| {
-                let _ = unmount::detach(&canonical_mountpoint);
+                let _ = unmount::detach(canonical_mountpoint);
             }),
         None => Session::new(adapter, &config.mountpoint, &fuse_config),
     }
     .map_err(|e| format!("cannot mount at {}: {e}", config.mountpoint.display()))?;
-    match mount_device(&canonical_mountpoint) {
-        Some(device) => watchdog.watch(&device),
-        None => warn!("cannot find the new mount in mountinfo; no watchdog for it"),
-    }
-    raise_kernel_readahead(&canonical_mountpoint);
-    Ok(Prepared {
-        runtime,
-        session,
-        mountpoint: canonical_mountpoint,
-        watchdog,
-        own_mount,
-    })
+    Ok((session, own_mount))
 }
 
 /// The disk cache, or none (with a warning) when its directory cannot be used: a mount
