@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{Layout, Registry, get_manifest, run};
 use super::containerd::{Rig, cgroup_of, cgroup2_root};
 use super::go::{GoBuild, go_build};
+use crate::common::{Layout, Registry, get_manifest, run};
 
 const REPO: &str = "t/app";
 
