@@ -2,7 +2,8 @@
 //! (`regfs mount` in the foreground, stopped on drop), and what tests ask of a mount.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::fd::IntoRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -316,4 +317,16 @@ pub fn stat(mnt: &Mount, key: &[&str]) -> u64 {
     }
     v.as_u64()
         .unwrap_or_else(|| panic!("stats {key:?} missing: {}", mnt.stats()))
+}
+
+/// close(2) of a file, with its error (dropping a `File` ignores it): for a file
+/// written into a mount, this is the commit.
+pub fn close(file: File) -> io::Result<()> {
+    let fd = file.into_raw_fd();
+    // SAFETY: `fd` was just released by `file`, so it is open and closed exactly once.
+    if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

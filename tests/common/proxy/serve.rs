@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{LocationRewrite, ProxyShared, STALL_LIMIT, Seen};
+use super::rules::LocationRewrite;
+use super::shared::{ProxyShared, STALL_LIMIT, Seen};
 use crate::common::http::{
     ANNOUNCE_LENGTH, IO_TIMEOUT, Request, Response, connect, header, json_response,
     method_has_body, push_headers, read_body, read_request_head, read_response,

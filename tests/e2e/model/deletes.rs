@@ -1,4 +1,4 @@
-//! The deleting operations of a run (README "Deleting"): EPERM without
+//! The deleting operations of a run (docs/SEMANTICS.md, "Deletes"): EPERM without
 //! `--allow-delete`; with it, an untag, a manifest, a blob or an `uploads/` link goes,
 //! and never more than it names (EBUSY instead). Checked in the registry too: what was
 //! deleted is gone there, and a delete that failed deleted nothing.
@@ -6,17 +6,11 @@
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
+use super::generators::Object;
 use super::harness::Run;
 use super::reference::Res;
 use super::trees::Tree;
 use crate::common::{blob_status, manifest_status};
-
-/// What `rm` of a registry object names by digest.
-#[derive(Clone, Copy, Debug)]
-pub enum Object {
-    Manifest,
-    Blob,
-}
 
 /// What the registry holds of what a delete names: a tag, a manifest or a blob.
 enum Named<'a> {

@@ -3,6 +3,13 @@
 
 use proptest::prelude::*;
 
+/// What `rm` of a registry object names by digest.
+#[derive(Clone, Copy, Debug)]
+pub enum Object {
+    Manifest,
+    Blob,
+}
+
 #[derive(Clone, Debug)]
 pub enum Op {
     /// `ls` of one of the model's directories (picked by index).

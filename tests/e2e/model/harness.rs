@@ -11,8 +11,7 @@ use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestR
 use regfs::cache::memo::FAILURE_MEMORY;
 use regfs::fs::Kind;
 
-use super::deletes::Object;
-use super::generators::Op;
+use super::generators::{Object, Op};
 use super::reference::{Entry, Model, RepoModel, Res};
 use super::trees::Tree;
 use crate::common::{self, Proxy, ProxyRules, Registry, noise, push_image};

@@ -1,5 +1,5 @@
-//! A reference model of the tree and its write and delete semantics (README "The tree",
-//! "Writing", "Deleting") in plain Rust, and random sequences of operations run against
+//! A reference model of the tree and its write and delete semantics (docs/SEMANTICS.md,
+//! "The tree", "Writes", "Deletes") in plain Rust, and random sequences of operations run against
 //! regfs and the model side by side, compared after every step:
 //!
 //! - without a kernel: `regfs::fs::Fs` driven directly (as the FUSE adapter drives it,

@@ -1,5 +1,5 @@
-//! The reference model: what the tree of one run's namespace should be, by README "The
-//! tree", "Writing" and "Deleting", in plain Rust and nothing of regfs.
+//! The reference model: what the tree of one run's namespace should be, by
+//! docs/SEMANTICS.md ("The tree", "Writes", "Deletes"), in plain Rust and nothing of regfs.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,4 +1,4 @@
-//! The writing operations of a run (README "Writing"): uploads, out-of-order writes,
+//! The writing operations of a run (docs/SEMANTICS.md, "Writes"): uploads, out-of-order writes,
 //! temp file and rename, mkdir (-p), `ln`, tags pushed; each checked in the registry
 //! too: what succeeded is there, what failed left nothing.
 
