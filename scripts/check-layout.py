@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""The house rules of src/ that the compiler does not check (ARCHITECTURE.md, "Layout"):
+"""The house rules that the compiler does not check (ARCHITECTURE.md, "Layout"):
 
-- no source file over 700 lines;
-- no import circle between files: a `use crate::…` / `super::…` / child-module path from
-  file A to file B and back, through any chain (re-exports are followed to the file that
-  defines the item, so a folder's mod.rs listing its parts is not a circle);
+- no source file over 700 lines, in src/, tests/ and examples/;
+- no import circle between files, in src/ and in tests/: a `use crate::…` / `super::…` /
+  child-module path from file A to file B and back, through any chain (re-exports are
+  followed to the file that defines the item, so a folder's mod.rs listing its parts is
+  not a circle). In tests/, each folder but common/ is a test binary whose root is its
+  main.rs, and `common` (the harness every binary takes in with #[path]) is tests/common/;
 - dependencies point down: registry, cache and image never import fs, mount, fuse or
   runtime; registry imports neither cache nor image; fs never imports fuse, mount or runtime.
 
@@ -15,7 +17,12 @@ import re
 import sys
 
 MAX_LINES = 700
-SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+SRC = os.path.join(ROOT, "src")
+TESTS = os.path.join(ROOT, "tests")
+EXAMPLES = os.path.join(ROOT, "examples")
+# In tests/: the harness every test binary takes in as `mod common`.
+HARNESS = "common"
 # module (first component under crate) -> modules it must never import
 FORBIDDEN = {
     "registry": {"fs", "mount", "fuse", "runtime", "cache", "image"},
@@ -27,12 +34,25 @@ FORBIDDEN = {
 }
 
 
-def module_of(path):
-    """src/a/b.rs -> ('a','b'); src/a/mod.rs -> ('a',); src/lib.rs -> ()."""
-    rel = os.path.relpath(path, SRC)[:-3].split(os.sep)
+# A path spelled in code, and `::{` when it is a use tree's head (the use's own paths say
+# which items it takes).
+SPELLED_PATH = r"\b((?:crate|super)(?:::\w+)+)(::\{)?"
+
+
+def module_of(path, base=SRC):
+    """src/a/b.rs -> ('a','b'); src/a/mod.rs -> ('a',); src/lib.rs -> ();
+    tests/e2e/main.rs -> ('e2e',); tests/common/mod.rs -> ('common',)."""
+    rel = os.path.relpath(path, base)[:-3].split(os.sep)
     if rel[-1] in ("mod", "lib", "main"):
         rel = rel[:-1]
     return tuple(rel)
+
+
+def rust_files(base):
+    for root, _, names in os.walk(base):
+        for n in sorted(names):
+            if n.endswith(".rs"):
+                yield os.path.join(root, n)
 
 
 def strip_comments(text):
@@ -43,13 +63,13 @@ def strip_comments(text):
 
 def expand_use_tree(tree):
     """'a::{b, c::{d, e}}' -> ['a::b', 'a::c::d', 'a::c::e'] (aliases dropped)."""
+    tree = re.sub(r"\s+as\s+\w+", "", tree)
     tree = re.sub(r"\s+", "", tree)
     out = []
 
     def walk(prefix, s):
         i = s.find("{")
         if i < 0:
-            s = s.split("as")[0] if re.search(r"\bas\b", s) else s
             out.append(prefix + s)
             return
         head = s[:i]
@@ -70,16 +90,54 @@ def expand_use_tree(tree):
                 walk(prefix + head, p)
 
     walk("", tree)
-    return [re.sub(r"as[A-Za-z_0-9]+$", "", p) for p in out]
+    return out
 
 
 def main():
-    files = {}
-    for root, _, names in os.walk(SRC):
-        for n in names:
-            if n.endswith(".rs"):
-                p = os.path.join(root, n)
-                files[module_of(p)] = p
+    src_problems, src_edges, src_files = analyse(SRC, crate_of=lambda m: ())
+    test_problems, test_edges, test_files = analyse(TESTS, crate_of=test_crate_of)
+    problems = src_problems + test_problems
+    for p in rust_files(EXAMPLES):
+        problems += too_long(p)
+
+    if "--graph" in sys.argv:
+        for edges in (src_edges, test_edges):
+            for m in sorted(edges):
+                for t in sorted(edges[m]):
+                    print(f"{name(m)} -> {name(t)}")
+    for p in problems:
+        print(p)
+    for base, files, edges in ((SRC, src_files, src_edges), (TESTS, test_files, test_edges)):
+        big = sorted(((lines(p), p) for p in files.values()), reverse=True)[:5]
+        where = os.path.relpath(base, ROOT)
+        print(f"{where}/: largest files: "
+              + ", ".join(f"{os.path.relpath(p, base)} {n}" for n, p in big))
+        print(f"{where}/: {len(files)} files, {sum(len(e) for e in edges.values())} import "
+              f"edges, {sum(1 for s in strongly_connected(edges) if len(s) > 1)} circles")
+    sys.exit(1 if problems else 0)
+
+
+def test_crate_of(m):
+    """The crate root a file of tests/ speaks of as `crate`: its binary's folder. The
+    harness is compiled into every binary; it names itself `crate::common`."""
+    return () if not m or m[0] == HARNESS else (m[0],)
+
+
+def lines(path):
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def too_long(path):
+    n = lines(path)
+    if n > MAX_LINES:
+        return [f"{os.path.relpath(path, ROOT)}: {n} lines (most {MAX_LINES})"]
+    return []
+
+
+def analyse(base, crate_of):
+    """(problems, import edges, files) of the tree under `base`."""
+    files = {module_of(p, base): p for p in rust_files(base)}
     if ("",) in files:
         del files[("",)]
     texts = {m: strip_comments(open(p).read()) for m, p in files.items()}
@@ -88,13 +146,26 @@ def main():
         if m:
             children.setdefault(m[:-1], set()).add(m[-1])
 
+    def absolute_in(m, segs):
+        path = absolute(m, segs, children, crate_of(m))
+        # `crate::common::…` or a bare `common::…` (after `use crate::common;`) in a test
+        # binary is the harness.
+        if base == TESTS and path is not None:
+            if len(path) > 1 and crate_of(m) and path[0] == crate_of(m)[0] and path[1] == HARNESS:
+                return path[1:]
+            if segs and segs[0] == HARNESS:
+                return list(segs)
+        elif base == TESTS and segs and segs[0] == HARNESS:
+            return list(segs)
+        return path
+
     # `pub use x::Y` in a module: Y -> full path, to follow re-exports.
     reexports = {}
     for m, t in texts.items():
         for tree in re.findall(r"\bpub(?:\([^)]*\))?\s+use\s+([^;]+);", t):
             for p in expand_use_tree(tree):
                 segs = p.split("::")
-                reexports.setdefault(m, {})[segs[-1]] = absolute(m, segs, children)
+                reexports.setdefault(m, {})[segs[-1]] = absolute_in(m, segs)
 
     def resolve(segs, seen=0):
         """Longest module prefix that is a file; follow a re-export of the next name."""
@@ -114,48 +185,38 @@ def main():
     for m, t in texts.items():
         # An inline module (`mod tests { use super::*; }`) speaks for its file: its
         # `super` is the file itself.
-        for base, block in split_inline_modules(m, t):
+        for inner, block in split_inline_modules(m, t):
             paths = []
             for tree in re.findall(r"\buse\s+([^;]+);", block):
                 paths += [p.split("::") for p in expand_use_tree(tree)]
-            paths += [p.split("::") for p in re.findall(r"\b((?:crate|super)(?:::\w+)+)", block)]
+            # Paths in code (`crate::a::f()`); a use tree's `crate::a::{…}` is the use's.
+            paths += [p.split("::") for p, tree in re.findall(SPELLED_PATH, block) if not tree]
             for segs in paths:
-                target = resolve(absolute(base, segs, children))
+                target = resolve(absolute_in(inner, segs))
                 if target is not None and target != m and target != ():
                     edges[m].add(target)
 
     problems = []
     for m, p in sorted(files.items()):
-        n = sum(1 for _ in open(p))
-        if n > MAX_LINES:
-            problems.append(f"{os.path.relpath(p, SRC + '/..')}: {n} lines (most {MAX_LINES})")
-    for m, targets in sorted(edges.items()):
-        for t in sorted(targets):
-            if m and t and t[0] in FORBIDDEN.get(m[0], ()):
-                problems.append(f"layer: {name(m)} imports {name(t)}")
+        problems += too_long(p)
+    if base == SRC:
+        for m, targets in sorted(edges.items()):
+            for t in sorted(targets):
+                if m and t and t[0] in FORBIDDEN.get(m[0], ()):
+                    problems.append(f"layer: {name(m)} imports {name(t)}")
     for scc in strongly_connected(edges):
         if len(scc) > 1:
-            problems.append("circle: " + " <-> ".join(sorted(name(x) for x in scc)))
-
-    if "--graph" in sys.argv:
-        for m in sorted(edges):
-            for t in sorted(edges[m]):
-                print(f"{name(m)} -> {name(t)}")
-    for p in problems:
-        print(p)
-    big = sorted(((sum(1 for _ in open(p)), p) for p in files.values()), reverse=True)[:5]
-    print("largest files: " + ", ".join(f"{os.path.relpath(p, SRC)} {n}" for n, p in big))
-    print(f"{len(files)} files, {sum(len(e) for e in edges.values())} import edges, "
-          f"{sum(1 for s in strongly_connected(edges) if len(s) > 1)} circles")
-    sys.exit(1 if problems else 0)
+            where = os.path.relpath(base, ROOT)
+            problems.append(f"circle in {where}/: " + " <-> ".join(sorted(name(x) for x in scc)))
+    return problems, edges, files
 
 
-def absolute(m, segs, children):
+def absolute(m, segs, children, crate=()):
     segs = [s for s in segs if s]
     if not segs:
         return None
     if segs[0] == "crate":
-        return segs[1:]
+        return list(crate) + segs[1:]
     if segs[0] == "self":
         return list(m) + segs[1:]
     if segs[0] == "super":
