@@ -115,7 +115,11 @@ impl LayerIndexes {
             view,
             cache,
             fetcher,
-            readers: Readers { pieces, stats },
+            readers: Readers {
+                pieces,
+                stats,
+                refused: None,
+            },
             kept: Arc::new(Memo::new(KEPT_LAYERS, None).weighing(outcome_bytes, INDEX_MEMORY)),
             indexing: Arc::default(),
             descriptors: Memo::new(4096, None),
@@ -183,7 +187,7 @@ impl LayerIndexes {
                     Stats::add(&stats.indexes_from_disk, 1);
                     Ok(Ok(indexed(index, source, &readers)))
                 }
-                None => match image_mod::index_layer(source.clone(), &layer).await {
+                None => match image_mod::index_layer(source.clone(), &layer, None).await {
                     Ok(index) => {
                         Stats::add(&stats.layers_indexed, 1);
                         if let Some(disk) = &disk {
