@@ -157,10 +157,37 @@ pub struct Chunk {
 /// The disk cache's name for layer indexes; a new format gets a new number.
 pub const DISK_KIND: &str = "layer-index-v3";
 
+/// A [`LayerIndex`] by reference, field for field as it is written, with another
+/// source (a zTOC's index, once the whole layer was checked against it).
+#[derive(Serialize)]
+struct IndexAs<'a> {
+    entries: &'a [Entry],
+    places: &'a [TarPlace],
+    content: &'a Content,
+    source: &'a IndexSource,
+    toc_unused: &'a Option<String>,
+    tar_size: u64,
+    publishable: bool,
+}
+
 impl LayerIndex {
     /// The index as bytes for the disk cache.
     pub fn encode(&self) -> Option<Vec<u8>> {
-        postcard::to_allocvec(self).ok()
+        self.encode_as(&self.source)
+    }
+
+    /// The index as bytes for the disk cache, as made by `source`.
+    pub fn encode_as(&self, source: &IndexSource) -> Option<Vec<u8>> {
+        postcard::to_allocvec(&IndexAs {
+            entries: &self.entries,
+            places: &self.places,
+            content: &self.content,
+            source,
+            toc_unused: &self.toc_unused,
+            tar_size: self.tar_size,
+            publishable: self.publishable,
+        })
+        .ok()
     }
 
     /// An index the disk cache kept (it checksums its entries; a damaged one never
@@ -238,7 +265,7 @@ mod tests {
             index: Digest::sha256_of(b"index"),
             ztoc: Digest::sha256_of(b"ztoc"),
             vouched: false,
-            checked: true,
+            checked: false,
         };
         let index = LayerIndex {
             entries: vec![entry.clone()],
@@ -267,6 +294,14 @@ mod tests {
         assert_eq!(back.places, vec![place]);
         assert_eq!(back.source, source);
         assert_eq!((back.tar_size, back.publishable), (1 << 23, true));
+        let checked = IndexSource::Soci {
+            index: Digest::sha256_of(b"index"),
+            ztoc: Digest::sha256_of(b"ztoc"),
+            vouched: false,
+            checked: true,
+        };
+        let again = LayerIndex::decode(&index.encode_as(&checked).expect("encodes"));
+        assert_eq!(again.map(|i| i.source), Some(checked));
         let (Content::Stream(a), Content::Stream(b)) = (&index.content, &back.content) else {
             panic!("a stream map");
         };

@@ -34,7 +34,9 @@ pub mod tree;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -140,27 +142,66 @@ async fn ztoc_index(ztoc: &ZtocSource, codec: Codec, layer: &Layer) -> Result<La
 
 /// Runs the pass on a blocking thread, fed from the source's stream.
 async fn index_by_pass(source: Arc<dyn BlobSource>, codec: Codec) -> Result<LayerIndex> {
-    let (tx, mut rx) = mpsc::channel(PASS_QUEUE);
     let (digest, size) = (source.digest().clone(), source.size());
+    consume_blocking(source.stream(), move |pieces| {
+        pass::index_pass(&digest, codec, size, pieces)
+    })
+    .await?
+}
+
+/// Checks a layer whose index came from a zTOC against the whole blob, fed by
+/// `pieces` (soci/verify.rs): the blob's digest, and everything the index says. An
+/// error is a read that failed (worth trying again); `Ok(Err(why))` is an index that
+/// lied.
+pub async fn check_layer(
+    pieces: BoxStream<'_, Result<Bytes>>,
+    digest: &Digest,
+    index: Arc<LayerIndex>,
+) -> Result<std::result::Result<(), String>> {
+    let digest = digest.clone();
+    consume_blocking(pieces, move |pieces| {
+        let index::Content::Stream(map) = &index.content else {
+            return Err("not a plain layer".to_owned());
+        };
+        let claims = soci::verify::Claims {
+            codec: map.codec,
+            entries: &index.entries,
+            checkpoints: &map.checkpoints,
+            spans: &map.spans,
+            blob_size: map.blob_size,
+        };
+        soci::verify::verify_layer(&digest, claims, pieces)
+    })
+    .await
+}
+
+/// Runs `consume` on a blocking thread over the pieces of `stream`, a few queued at a
+/// time. A piece that fails ends the stream, and its error is the answer.
+async fn consume_blocking<T: Send + 'static>(
+    mut stream: BoxStream<'_, Result<Bytes>>,
+    consume: impl FnOnce(&mut dyn Iterator<Item = Result<Bytes>>) -> T + Send + 'static,
+) -> Result<T> {
+    let (tx, mut rx) = mpsc::channel(PASS_QUEUE);
     let worker = tokio::task::spawn_blocking(move || {
-        pass::index_pass(
-            &digest,
-            codec,
-            size,
-            std::iter::from_fn(|| rx.blocking_recv()),
-        )
+        consume(&mut std::iter::from_fn(|| rx.blocking_recv()))
     });
-    let mut pieces = source.stream();
-    while let Some(piece) = pieces.next().await {
-        let failed = piece.is_err();
-        if tx.send(piece).await.is_err() || failed {
-            break; // the pass stopped (it reports why), or the read failed (passed on)
+    let mut failed = None;
+    while let Some(piece) = stream.next().await {
+        if let Err(e) = &piece {
+            failed = Some(e.clone());
+        }
+        if tx.send(piece).await.is_err() || failed.is_some() {
+            break; // the consumer stopped (it says why), or the read failed
         }
     }
     drop(tx);
-    worker
+    let made = worker
         .await
-        .map_err(|e| Error::Unavailable(format!("index pass task failed: {e}")))?
+        .map_err(|e| Error::Unavailable(format!("decoding task failed: {e}")))?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(made),
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use futures_util::future::try_join_all;
 
 use super::image_tree::ImageTree;
 use super::layers::{IndexKey, LayerIndexes};
+use super::publish::Publisher;
 use crate::cache::Memo;
 use crate::fs::blob::BlockFetcher;
 use crate::fs::tree::node::{ImageRoot, RootOf};
@@ -23,7 +24,7 @@ use crate::fs::view::RegistryView;
 use crate::image::entry::Entry;
 use crate::image::manifest::{Layer, Platform};
 use crate::image::tree::Tree;
-use crate::registry::{Digest, Error, RepoName, Result, Tag};
+use crate::registry::{Digest, Error, FetchedManifest, RepoName, Result, Tag};
 
 /// Merged trees kept in memory, at most, and their memory.
 const KEPT_TREES: usize = 64;
@@ -43,15 +44,34 @@ pub struct Images {
     pub(super) view: Arc<RegistryView>,
     pub(super) platform: Platform,
     pub(super) layers: LayerIndexes,
+    /// `--publish-indexes`.
+    publisher: Option<Publisher>,
     trees: Memo<TreeKey, Arc<ImageTree>>,
     /// The diff_ids of image configs, by repository and config digest.
     pub(super) diff_ids: Memo<(RepoName, Digest), Arc<Vec<Digest>>>,
 }
 
+/// What the command line decides about shared (SOCI) indexes (docs/SEMANTICS.md,
+/// "Shared indexes").
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IndexOptions {
+    /// `--verify-before-serving`: no shared index; nothing of a plain layer is shown
+    /// before its pass.
+    pub verify_before_serving: bool,
+    /// `--publish-indexes`: push the index a pass built for every other machine.
+    pub publish: bool,
+}
+
 impl Images {
-    pub fn new(view: Arc<RegistryView>, fetcher: BlockFetcher, platform: Platform) -> Images {
+    pub fn new(
+        view: Arc<RegistryView>,
+        fetcher: BlockFetcher,
+        platform: Platform,
+        indexes: IndexOptions,
+    ) -> Images {
         Images {
-            layers: LayerIndexes::new(view.clone(), fetcher),
+            layers: LayerIndexes::new(view.clone(), fetcher, !indexes.verify_before_serving),
+            publisher: indexes.publish.then(|| Publisher::new(view.clone())),
             view,
             platform,
             trees: Memo::new(KEPT_TREES, None).weighing(|t| t.tree.heap_bytes(), TREE_MEMORY),
@@ -71,40 +91,74 @@ impl Images {
     /// The files under a root (built, or kept from before).
     pub async fn tree(&self, root: &ImageRoot) -> Result<Arc<ImageTree>> {
         let repo = &root.repo;
-        let layer = match &root.of {
+        let (layer, image) = match &root.of {
             RootOf::Tag(_, d) | RootOf::Image(d) => return self.image_tree(repo, d).await,
-            RootOf::Layer(d) => self.layers.descriptor(repo, d).await?,
-            RootOf::ImageLayer(m, d) => self.manifest_layer(repo, m, d).await?,
-            RootOf::StoreLayer(l) => self.manifest_layer(repo, &l.manifest, &l.layer).await?,
+            RootOf::Layer(d) => (self.layers.descriptor(repo, d).await?, None),
+            RootOf::ImageLayer(m, d) => {
+                let (layer, image) = self.image_layer(repo, m, d).await?;
+                (layer, Some(image))
+            }
+            RootOf::StoreLayer(l) => {
+                let (layer, image) = self.image_layer(repo, &l.manifest, &l.layer).await?;
+                (layer, Some(image))
+            }
         };
-        self.layer_tree(repo, layer).await
+        self.layer_tree(repo, layer, image).await
+    }
+
+    /// A tree kept in memory, unless one of its layers' index was refused since (its
+    /// files fail): then it is made again, that layer by a pass (docs/SEMANTICS.md,
+    /// "Shared indexes").
+    async fn kept_tree<F, Fut>(&self, key: TreeKey, make: F) -> Result<Arc<ImageTree>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<ImageTree>>>,
+    {
+        if let Some(tree) = self.trees.peek(&key) {
+            if tree.layers.iter().all(|l| l.content.refusal().is_none()) {
+                return Ok(tree);
+            }
+            self.trees.forget(&key);
+        }
+        self.trees.get_or_fetch(&key, make).await
     }
 
     /// An image's files: its layers merged.
     async fn image_tree(&self, repo: &RepoName, digest: &Digest) -> Result<Arc<ImageTree>> {
         let key = TreeKey::Image(digest.clone());
-        self.trees
-            .get_or_fetch(&key, || async {
-                let image = self.resolve_image(repo, digest).await?;
-                let layers = image.layers.iter().map(|l| self.layers.get(repo, l));
-                let layers = try_join_all(layers).await?;
-                build(layers, Tree::merge).await
-            })
-            .await
+        self.kept_tree(key, || async {
+            let image = self.resolve_image(repo, digest).await?;
+            let manifest = Some(&image.manifest);
+            let layers = image
+                .layers
+                .iter()
+                .map(|l| self.layers.get(repo, l, manifest));
+            let layers = try_join_all(layers).await?;
+            if let Some(publisher) = &self.publisher {
+                publisher.consider(repo, &image.manifest, &image.layers, &layers);
+            }
+            build(layers, Tree::merge).await
+        })
+        .await
     }
 
-    /// One layer as an overlayfs lowerdir.
-    async fn layer_tree(&self, repo: &RepoName, layer: Layer) -> Result<Arc<ImageTree>> {
+    /// One layer as an overlayfs lowerdir (as the image manifest `image` lists it, if
+    /// it is reached through one).
+    async fn layer_tree(
+        &self,
+        repo: &RepoName,
+        layer: Layer,
+        image: Option<Arc<FetchedManifest>>,
+    ) -> Result<Arc<ImageTree>> {
         let key = TreeKey::Layer(IndexKey::of(&layer));
-        self.trees
-            .get_or_fetch(&key, || async {
-                let indexed = self.layers.get(repo, &layer).await?;
-                build(vec![indexed], |entries| {
-                    Tree::overlay(entries.first().copied().unwrap_or_default())
-                })
-                .await
+        self.kept_tree(key, || async {
+            let indexed = self.layers.get(repo, &layer, image.as_ref()).await?;
+            build(vec![indexed], |entries| {
+                Tree::overlay(entries.first().copied().unwrap_or_default())
             })
             .await
+        })
+        .await
     }
 }
 
