@@ -363,9 +363,10 @@ impl LayerContent {
         self.readers
             .pieces
             .get(&key, || async {
+                // Exactly the span: its digest checks it, and the piece cache keeps it.
                 let bytes = self
                     .source
-                    .read(range.start, range.end - range.start)
+                    .fetch_range(range.start, range.end - range.start)
                     .await?;
                 Stats::add(
                     &self.readers.stats.content_fetched_bytes,

@@ -45,6 +45,11 @@ pub enum IndexSource {
 }
 
 impl IndexSource {
+    /// A zTOC's, not yet checked whole: it may still be refused.
+    pub fn may_be_refused(&self) -> bool {
+        matches!(self, IndexSource::Soci { checked: false, .. })
+    }
+
     /// A zTOC nothing vouches for yet: its checkpoints' windows are proven before use,
     /// and the whole layer is checked in the background.
     pub fn unproven(&self) -> bool {

@@ -12,6 +12,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
 use super::background::Checks;
+use super::generations::Generations;
 use super::layer_blob::LayerBlob;
 use super::soci_found::{SociIndexes, ZtocHint};
 use crate::cache::{BlockCache, Memo};
@@ -111,6 +112,7 @@ pub struct LayerIndexes {
     /// SOCI indexes of images; `None` with `--verify-before-serving`.
     pub(super) soci: Option<Arc<SociIndexes>>,
     checks: Checks,
+    generations: Arc<Generations>,
 }
 
 /// What an indexing task needs, apart from the layer.
@@ -122,15 +124,18 @@ struct JobParts {
     indexing: Arc<Mutex<HashMap<IndexKey, IndexJob>>>,
     soci: Option<Arc<SociIndexes>>,
     checks: Checks,
+    generations: Arc<Generations>,
     block_size: u64,
 }
 
 impl LayerIndexes {
-    /// `shared_indexes`: use SOCI indexes (else `--verify-before-serving`).
+    /// `shared_indexes`: use SOCI indexes (else `--verify-before-serving`); a refused
+    /// one moves the trees that used it to a new generation.
     pub fn new(
         view: Arc<RegistryView>,
         fetcher: BlockFetcher,
         shared_indexes: bool,
+        generations: Arc<Generations>,
     ) -> LayerIndexes {
         let stats = view.client().stats().clone();
         let cache = fetcher.cache().clone();
@@ -157,6 +162,7 @@ impl LayerIndexes {
             indexing: Arc::default(),
             descriptors: Memo::new(4096, None),
             soci,
+            generations,
         }
     }
 
@@ -204,6 +210,7 @@ impl LayerIndexes {
             indexing: self.indexing.clone(),
             soci: self.soci.clone(),
             checks: self.checks.clone(),
+            generations: self.generations.clone(),
             block_size: self.cache.block_size(),
         };
         let blob = self.blob(repo, &layer.digest, layer.size);
@@ -408,11 +415,13 @@ fn indexed(
     let mut readers = parts.readers.clone();
     if let (IndexSource::Soci { .. }, Some(soci)) = (&index.source, &parts.soci) {
         let (soci, kept, key) = (soci.clone(), parts.kept.clone(), key.clone());
-        let hook: RefusalHook = Arc::new(move |_, source: &IndexSource, why: &str| {
+        let generations = parts.generations.clone();
+        let hook: RefusalHook = Arc::new(move |layer, source: &IndexSource, why: &str| {
             if let IndexSource::Soci { index, .. } = source {
                 soci.refuse(index, why);
             }
             kept.forget(&key);
+            generations.refused(layer);
         });
         readers.refused = Some(hook);
     }

@@ -5,6 +5,7 @@
 
 mod background;
 mod described;
+mod generations;
 mod image_tree;
 mod layer_blob;
 mod layer_record;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use futures_util::future::try_join_all;
 
+use super::generations::Generations;
 use super::image_tree::ImageTree;
 use super::layers::{IndexKey, LayerIndexes};
 use super::publish::Publisher;
@@ -36,8 +37,8 @@ const KEPT_CONFIGS: usize = 1024;
 /// manifest, a layer's on its index (the blob, and the TOC its descriptor announces).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum TreeKey {
-    Image(Digest),
-    Layer(IndexKey),
+    Image(Digest, u32),
+    Layer(IndexKey, u32),
 }
 
 pub struct Images {
@@ -47,6 +48,8 @@ pub struct Images {
     /// `--publish-indexes`.
     publisher: Option<Publisher>,
     trees: Memo<TreeKey, Arc<ImageTree>>,
+    /// Which trees are current (a refused SOCI index makes those that used it stale).
+    generations: Arc<Generations>,
     /// The diff_ids of image configs, by repository and config digest.
     pub(super) diff_ids: Memo<(RepoName, Digest), Arc<Vec<Digest>>>,
 }
@@ -69,8 +72,11 @@ impl Images {
         platform: Platform,
         indexes: IndexOptions,
     ) -> Images {
+        let generations = Arc::new(Generations::default());
+        let shared = !indexes.verify_before_serving;
         Images {
-            layers: LayerIndexes::new(view.clone(), fetcher, !indexes.verify_before_serving),
+            layers: LayerIndexes::new(view.clone(), fetcher, shared, generations.clone()),
+            generations,
             publisher: indexes.publish.then(|| Publisher::new(view.clone())),
             view,
             platform,
@@ -82,17 +88,32 @@ impl Images {
     /// The root under `tags/<tag>/rootfs`: the image the tag names now.
     pub async fn tag_root(&self, repo: &RepoName, tag: &Tag) -> Result<Arc<ImageRoot>> {
         let manifest = self.view.tag_manifest(repo, tag).await?;
-        Ok(Arc::new(ImageRoot {
-            repo: repo.clone(),
-            of: RootOf::Tag(tag.clone(), manifest.digest.clone()),
-        }))
+        let of = RootOf::Tag(tag.clone(), manifest.digest.clone());
+        Ok(self.root(repo, of))
     }
 
-    /// The files under a root (built, or kept from before).
+    /// The root `of` in `repo`, in the current generation of what it shows.
+    pub fn root(&self, repo: &RepoName, of: RootOf) -> Arc<ImageRoot> {
+        let generation = self.generations.of(of.shows());
+        Arc::new(ImageRoot {
+            repo: repo.clone(),
+            of,
+            generation,
+        })
+    }
+
+    /// The files under a root (built, or kept from before); an error for a root of a
+    /// generation gone by (images/generations.rs).
     pub async fn tree(&self, root: &ImageRoot) -> Result<Arc<ImageTree>> {
         let repo = &root.repo;
+        let generation = root.generation;
+        if generation != self.generations.of(root.of.shows()) {
+            return Err(stale());
+        }
         let (layer, image) = match &root.of {
-            RootOf::Tag(_, d) | RootOf::Image(d) => return self.image_tree(repo, d).await,
+            RootOf::Tag(_, d) | RootOf::Image(d) => {
+                return self.image_tree(repo, d, generation).await;
+            }
             RootOf::Layer(d) => (self.layers.descriptor(repo, d).await?, None),
             RootOf::ImageLayer(m, d) => {
                 let (layer, image) = self.image_layer(repo, m, d).await?;
@@ -103,29 +124,32 @@ impl Images {
                 (layer, Some(image))
             }
         };
-        self.layer_tree(repo, layer, image).await
+        self.layer_tree(repo, layer, image, generation).await
     }
 
-    /// A tree kept in memory, unless one of its layers' index was refused since (its
-    /// files fail): then it is made again, that layer by a pass (docs/SEMANTICS.md,
-    /// "Shared indexes").
+    /// A tree kept in memory, else made; never one with a layer whose index was
+    /// refused (its generation is gone by then).
     async fn kept_tree<F, Fut>(&self, key: TreeKey, make: F) -> Result<Arc<ImageTree>>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Arc<ImageTree>>>,
     {
-        if let Some(tree) = self.trees.peek(&key) {
-            if tree.layers.iter().all(|l| l.content.refusal().is_none()) {
-                return Ok(tree);
-            }
+        let tree = self.trees.get_or_fetch(&key, make).await?;
+        if tree.layers.iter().any(|l| l.content.refusal().is_some()) {
             self.trees.forget(&key);
+            return Err(stale());
         }
-        self.trees.get_or_fetch(&key, make).await
+        Ok(tree)
     }
 
     /// An image's files: its layers merged.
-    async fn image_tree(&self, repo: &RepoName, digest: &Digest) -> Result<Arc<ImageTree>> {
-        let key = TreeKey::Image(digest.clone());
+    async fn image_tree(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        generation: u32,
+    ) -> Result<Arc<ImageTree>> {
+        let key = TreeKey::Image(digest.clone(), generation);
         self.kept_tree(key, || async {
             let image = self.resolve_image(repo, digest).await?;
             let manifest = Some(&image.manifest);
@@ -134,6 +158,11 @@ impl Images {
                 .iter()
                 .map(|l| self.layers.get(repo, l, manifest));
             let layers = try_join_all(layers).await?;
+            for (layer, indexed) in image.layers.iter().zip(&layers) {
+                if indexed.content.index().source.may_be_refused() {
+                    self.generations.uses(digest, &layer.digest);
+                }
+            }
             if let Some(publisher) = &self.publisher {
                 publisher.consider(repo, &image.manifest, &image.layers, &layers);
             }
@@ -149,8 +178,9 @@ impl Images {
         repo: &RepoName,
         layer: Layer,
         image: Option<Arc<FetchedManifest>>,
+        generation: u32,
     ) -> Result<Arc<ImageTree>> {
-        let key = TreeKey::Layer(IndexKey::of(&layer));
+        let key = TreeKey::Layer(IndexKey::of(&layer), generation);
         self.kept_tree(key, || async {
             let indexed = self.layers.get(repo, &layer, image.as_ref()).await?;
             build(vec![indexed], |entries| {
@@ -160,6 +190,14 @@ impl Images {
         })
         .await
     }
+}
+
+/// A root of a generation gone by: its files were shown from a SOCI index refused since.
+fn stale() -> Error {
+    Error::BadAnswer(
+        "these files were shown from a SOCI index that was refused since; look them up again"
+            .into(),
+    )
 }
 
 /// The tree of indexed layers, made on a blocking thread.
