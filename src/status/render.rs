@@ -267,7 +267,9 @@ fn problems(out: &mut String, s: &Value) {
     }
     let refused = n(s, &["images", "indexes_refused"]);
     if refused > 0 {
-        notes.push(format!("{refused} SOCI indexes refused (the log names them)"));
+        notes.push(format!(
+            "{refused} SOCI indexes refused (the log names them)"
+        ));
     }
     let pending = n(s, &["pending_manifests"]);
     if pending > 0 {

@@ -15,6 +15,7 @@ use super::background::Checks;
 use super::generations::Generations;
 use super::layer_blob::LayerBlob;
 use super::soci_found::{SociIndexes, ZtocHint};
+use super::watched::Watched;
 use crate::cache::{BlockCache, Memo};
 use crate::fs::blob::BlockFetcher;
 use crate::fs::view::RegistryView;
@@ -66,6 +67,14 @@ impl IndexKey {
             Some(toc) => Digest::sha256_of(format!("{} {toc}", self.layer).as_bytes()),
         }
     }
+}
+
+/// The layer's bytes with the pass's progress listed in the stats.
+fn watched(source: &Arc<dyn BlobSource>, stats: &Arc<Stats>) -> Arc<dyn BlobSource> {
+    Arc::new(Watched {
+        inner: source.clone(),
+        stats: stats.clone(),
+    })
 }
 
 /// An indexed layer, counted in `index_bytes` while it is kept.
@@ -360,7 +369,8 @@ async fn make(
         index: h.index.clone(),
         vouched: h.vouched,
     });
-    match image_mod::index_layer(source.clone(), layer, ztoc.as_ref()).await {
+    match image_mod::index_layer(watched(&source, &parts.readers.stats), layer, ztoc.as_ref()).await
+    {
         Ok(index) => Ok(Ok(ready(parts, index, blob, hint, key))),
         // Worth trying again later: the registry was down, or said no.
         Err(e) if e.is_transient() || matches!(e, Error::NotFound(_) | Error::Denied(_)) => Err(e),

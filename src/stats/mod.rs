@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
+mod progress;
+
+pub use progress::{Progress, TaskSnapshot, Tracked};
+
 /// The kinds of registry request that are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind {
@@ -83,6 +87,8 @@ pub struct Stats {
     pub background_checks: AtomicU64,
     pub background_checks_failed: AtomicU64,
     pub background_bytes: AtomicU64,
+    /// Layers being read whole by the index pass, with how far each got.
+    pub indexing: Arc<Progress>,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
     /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
     /// entries evicted, blobs kept whole after their digest check, writes not done
@@ -255,6 +261,7 @@ impl Stats {
                 background_checks: get(&self.background_checks),
                 background_checks_failed: get(&self.background_checks_failed),
                 background_bytes: get(&self.background_bytes),
+                indexing: self.indexing.snapshot(),
             },
             hosts: self.hosts_snapshot(),
         }
@@ -322,6 +329,8 @@ pub struct ImagesSnapshot {
     /// Layer bytes the background checks fetched (not counted in `fetched_bytes`
     /// above, which is what reading files fetched).
     pub background_bytes: u64,
+    /// Layers being read whole by the index pass now: bytes done of their size.
+    pub indexing: Vec<TaskSnapshot>,
 }
 
 #[derive(Serialize, Debug)]
