@@ -76,6 +76,17 @@ pub struct Stats {
     /// TOC could not be used: how many, and why (by layer digest, the first few).
     pub toc_unused: AtomicU64,
     toc_unused_why: Mutex<BTreeMap<String, String>>,
+    /// Shared indexes (SOCI): indexes found for images, published by this mount, layers
+    /// whose files come from a zTOC, indexes refused (a lie found, or a zTOC that cannot
+    /// be used), background checks of whole layers done and failed, and the layer bytes
+    /// those checks fetched (not in `content_fetched_bytes`).
+    pub soci_indexes_found: AtomicU64,
+    pub soci_indexes_published: AtomicU64,
+    pub layers_from_index: AtomicU64,
+    pub soci_indexes_refused: AtomicU64,
+    pub background_checks: AtomicU64,
+    pub background_checks_failed: AtomicU64,
+    pub background_bytes: AtomicU64,
     /// Layers being read whole by the index pass, with how far each got.
     pub indexing: Arc<Progress>,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
@@ -243,6 +254,13 @@ impl Stats {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone(),
+                indexes_found: get(&self.soci_indexes_found),
+                indexes_published: get(&self.soci_indexes_published),
+                layers_from_index: get(&self.layers_from_index),
+                indexes_refused: get(&self.soci_indexes_refused),
+                background_checks: get(&self.background_checks),
+                background_checks_failed: get(&self.background_checks_failed),
+                background_bytes: get(&self.background_bytes),
                 indexing: self.indexing.snapshot(),
             },
             hosts: self.hosts_snapshot(),
@@ -296,6 +314,21 @@ pub struct ImagesSnapshot {
     /// not be used; and why, by layer digest.
     pub toc_unused: u64,
     pub toc_unused_why: BTreeMap<String, String>,
+    /// SOCI indexes found for images looked at (docs/SEMANTICS.md, "Shared indexes").
+    pub indexes_found: u64,
+    /// SOCI indexes this mount pushed (`--publish-indexes`).
+    pub indexes_published: u64,
+    /// Layers whose files come from a zTOC (no pass before the first file).
+    pub layers_from_index: u64,
+    /// Indexes refused: a lie found by a read or a background check, or a zTOC that
+    /// cannot be used (the layer is read by a pass instead).
+    pub indexes_refused: u64,
+    /// Background checks of whole layers served from a zTOC: done (passed) and failed.
+    pub background_checks: u64,
+    pub background_checks_failed: u64,
+    /// Layer bytes the background checks fetched (not counted in `fetched_bytes`
+    /// above, which is what reading files fetched).
+    pub background_bytes: u64,
     /// Layers being read whole by the index pass now: bytes done of their size.
     pub indexing: Vec<TaskSnapshot>,
 }

@@ -29,6 +29,7 @@ mod oci_layout;
 mod referrers;
 mod runtime;
 mod shaper;
+mod soci;
 mod stalls;
 mod toc_lazy;
 mod upload;

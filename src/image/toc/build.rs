@@ -137,9 +137,13 @@ pub fn build(
     drop_estargz_metadata(&mut entries);
     Ok(LayerIndex {
         entries,
+        places: Vec::new(),
         content: Content::Chunks(ChunkMap { codec, chunks }),
         source,
         toc_unused: None,
+        soci_unused: None,
+        tar_size: 0,
+        publishable: false,
     })
 }
 
