@@ -72,6 +72,12 @@ pub struct Stats {
     /// TOC could not be used: how many, and why (by layer digest, the first few).
     pub toc_unused: AtomicU64,
     toc_unused_why: Mutex<BTreeMap<String, String>>,
+    /// Layer bytes fetched in the background (fs/images/background.rs), not for a read
+    /// a program waits on; TOC layers filled whole that way; decoded file bytes read
+    /// back from the disk cache (image/kept.rs) instead of decoded again.
+    pub background_bytes: AtomicU64,
+    pub background_layers: AtomicU64,
+    pub decoded_from_disk: AtomicU64,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
     /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
     /// entries evicted, blobs kept whole after their digest check, writes not done
@@ -231,6 +237,9 @@ impl Stats {
                 index_bytes: get(&self.index_bytes),
                 decodes: get(&self.content_decodes),
                 fetched_bytes: get(&self.content_fetched_bytes),
+                background_bytes: get(&self.background_bytes),
+                background_layers: get(&self.background_layers),
+                decoded_from_disk: get(&self.decoded_from_disk),
                 toc_unused: get(&self.toc_unused),
                 toc_unused_why: self
                     .toc_unused_why
@@ -281,10 +290,19 @@ pub struct ImagesSnapshot {
     pub indexes_from_disk: u64,
     /// Memory held by the layer indexes kept now.
     pub index_bytes: u64,
-    /// Decodes of plain layers started from a checkpoint.
+    /// Decodes started: of plain layers from a checkpoint, of TOC layers a run of
+    /// chunks.
     pub decodes: u64,
     /// Layer bytes fetched (or taken from the block cache) to read files.
     pub fetched_bytes: u64,
+    /// Layer bytes fetched in the background (the rest of a TOC layer once its files
+    /// are read, and what its prefetch landmark names), apart from what reads waited
+    /// for: `fetched_bytes` minus these is what a start needed.
+    pub background_bytes: u64,
+    /// TOC layers fetched whole in the background and verified (kept on disk).
+    pub background_layers: u64,
+    /// Decoded file bytes read from the disk cache rather than decoded again.
+    pub decoded_from_disk: u64,
     /// Layers that announce a TOC but are read whole (the pass), since the TOC could
     /// not be used; and why, by layer digest.
     pub toc_unused: u64,
