@@ -1030,6 +1030,7 @@ fn direct_fs(url: &str) -> Direct {
         read_only: false,
         allow_delete: false,
         platform: Platform::host(),
+        background_fetch: true,
     };
     let fs = Fs::new(client, cache, None, options);
     Direct {

@@ -81,6 +81,9 @@ pub struct FsOptions {
     pub allow_delete: bool,
     /// Which image of an index `rootfs` shows (`--platform`).
     pub platform: Platform,
+    /// TOC layers are fetched whole in the background once their files are opened
+    /// (`--no-background-fetch` turns it off).
+    pub background_fetch: bool,
 }
 
 impl Fs {
@@ -98,7 +101,12 @@ impl Fs {
             disk.clone(),
         ));
         let fetcher = BlockFetcher::new(client.clone(), cache.clone(), disk.clone());
-        let images = Arc::new(Images::new(view.clone(), fetcher, options.platform));
+        let images = Arc::new(Images::new(
+            view.clone(),
+            fetcher,
+            options.platform,
+            options.background_fetch,
+        ));
         let blobs = Arc::new(BlobReads::new(cache.clone(), client.clone(), disk.clone()));
         // Writes and deletes, and the reads that decide them, must see the origin.
         let origin = client.origin_only();

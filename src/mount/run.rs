@@ -53,6 +53,8 @@ pub struct MountConfig {
     pub timeout: Duration,
     /// Which image of a multi-platform index `tags/<tag>/rootfs` shows.
     pub platform: Platform,
+    /// TOC layers fetched whole in the background once used (`--no-background-fetch`).
+    pub background_fetch: bool,
     /// The disk cache: its directory and budget (None: `--no-disk-cache`).
     pub disk_cache: Option<DiskCacheConfig>,
 }
@@ -153,6 +155,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         read_only: config.read_only,
         allow_delete: config.allow_delete,
         platform: config.platform.clone(),
+        background_fetch: config.background_fetch,
     };
     let fs = Arc::new(Fs::new(client, cache, disk, options));
     let resuming = fs.clone();

@@ -48,6 +48,8 @@ pub use held::HeldIndex;
 /// `QUEUE_WAIT`: then the block is not cached, and the reader goes on.
 const QUEUED_WRITES: usize = 8;
 const QUEUE_WAIT: Duration = Duration::from_millis(500);
+/// How often a background write looks for room in the queue.
+const BELOW_POLL: Duration = Duration::from_millis(10);
 
 /// The disk cache of one mount (one registry origin) in a shared directory.
 #[derive(Clone)]
@@ -164,6 +166,35 @@ impl DiskCache {
         };
         let queued = tokio::time::timeout(QUEUE_WAIT, self.jobs.send(job)).await;
         if !matches!(queued, Ok(Ok(()))) {
+            Stats::add(&self.store.stats().disk_dropped, 1);
+        }
+    }
+
+    /// Queues a block fetched in the background, once the writer's queue is at most half
+    /// full: blocks that readers wait on never queue behind these.
+    pub async fn store_block_below(
+        &self,
+        digest: &Digest,
+        size: u64,
+        block_size: u64,
+        index: u64,
+        bytes: Bytes,
+    ) {
+        if !self.store.may_write(size) {
+            return;
+        }
+        while self.jobs.capacity() <= QUEUED_WRITES / 2 {
+            tokio::time::sleep(BELOW_POLL).await;
+        }
+        let job = Job::Block {
+            digest: digest.clone(),
+            size,
+            block_size,
+            index,
+            bytes,
+            epoch: self.store.epoch(),
+        };
+        if self.jobs.send(job).await.is_err() {
             Stats::add(&self.store.stats().disk_dropped, 1);
         }
     }

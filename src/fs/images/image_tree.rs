@@ -129,6 +129,13 @@ impl ImageTree {
         Ok(all)
     }
 
+    /// A file of this tree was opened: its layers may fetch the rest in the background.
+    pub fn opened(&self) {
+        for layer in &self.layers {
+            layer.opened();
+        }
+    }
+
     /// Up to `len` bytes of file `id` at `offset`.
     pub async fn read(&self, id: u32, offset: u64, len: u64) -> Result<Bytes> {
         let node = self.node(id)?;

@@ -3,19 +3,20 @@
 //! has the layer, and kept in memory within bounds (the disk cache keeps them too).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
+use super::background::{Background, Fill};
 use super::layer_blob::LayerBlob;
 use crate::cache::{BlockCache, Memo};
 use crate::fs::blob::BlockFetcher;
 use crate::fs::view::RegistryView;
 use crate::image::codec::Codec;
 use crate::image::content::{LayerContent, PieceCache, Readers};
-use crate::image::index::{DISK_KIND, IndexSource, LayerIndex};
+use crate::image::index::{Content, DISK_KIND, IndexSource, LayerIndex};
 use crate::image::manifest::{ImageManifest, Layer};
 use crate::image::source::BlobSource;
 use crate::image::toc::TocRef;
@@ -68,6 +69,17 @@ pub struct Indexed {
     pub content: LayerContent,
     bytes: u64,
     stats: Arc<Stats>,
+    /// A TOC layer's blob being fetched in the background (background.rs).
+    fill: Option<Fill>,
+}
+
+impl Indexed {
+    /// A file of this layer, or of an image it is in, was opened.
+    pub fn opened(&self) {
+        if let Some(fill) = &self.fill {
+            fill.opened();
+        }
+    }
 }
 
 impl Drop for Indexed {
@@ -92,6 +104,7 @@ pub struct LayerIndexes {
     cache: Arc<BlockCache>,
     fetcher: BlockFetcher,
     readers: Readers,
+    background: Arc<Background>,
     kept: Arc<Memo<IndexKey, LayerOutcome>>,
     /// Layers being indexed. Indexing runs as a task of its own, so a pass goes on when
     /// the lookup that started it gives up (`--timeout`, an interrupted `ls`); later
@@ -101,7 +114,12 @@ pub struct LayerIndexes {
 }
 
 impl LayerIndexes {
-    pub fn new(view: Arc<RegistryView>, fetcher: BlockFetcher) -> LayerIndexes {
+    /// `background_fetch`: TOC layers are fetched whole in the background once used.
+    pub fn new(
+        view: Arc<RegistryView>,
+        fetcher: BlockFetcher,
+        background_fetch: bool,
+    ) -> LayerIndexes {
         let stats = view.client().stats().clone();
         let cache = fetcher.cache().clone();
         let budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
@@ -115,6 +133,7 @@ impl LayerIndexes {
             view,
             cache,
             fetcher,
+            background: Arc::new(Background::new(stats.clone(), background_fetch)),
             readers: Readers { pieces, stats },
             kept: Arc::new(Memo::new(KEPT_LAYERS, None).weighing(outcome_bytes, INDEX_MEMORY)),
             indexing: Arc::default(),
@@ -168,12 +187,17 @@ impl LayerIndexes {
         key: IndexKey,
     ) -> impl std::future::Future<Output = Result<LayerOutcome>> + Send + 'static {
         let source: Arc<dyn BlobSource> = Arc::new(self.blob(repo, &layer.digest, layer.size));
-        let (layer, readers) = (layer.clone(), self.readers.clone());
+        let ready = Ready {
+            readers: self.readers.clone(),
+            background: self.background.clone(),
+            blob: self.blob(repo, &layer.digest, layer.size),
+        };
+        let layer = layer.clone();
         let disk = self.fetcher.disk().cloned();
         let (kept, indexing) = (self.kept.clone(), self.indexing.clone());
         let block_size = self.cache.block_size();
         async move {
-            let stats = readers.stats.clone();
+            let stats = ready.readers.stats.clone();
             let found = match &disk {
                 Some(disk) => disk.get_meta(DISK_KIND, &key.disk_key()).await,
                 None => None,
@@ -181,7 +205,7 @@ impl LayerIndexes {
             let result = match found.as_deref().and_then(LayerIndex::decode) {
                 Some(index) => {
                     Stats::add(&stats.indexes_from_disk, 1);
-                    Ok(Ok(indexed(index, source, &readers)))
+                    Ok(Ok(ready.indexed(index, source)))
                 }
                 None => match image_mod::index_layer(source.clone(), &layer).await {
                     Ok(index) => {
@@ -195,7 +219,7 @@ impl LayerIndexes {
                                 disk.verified(&layer.digest, layer.size, block_size);
                             }
                         }
-                        Ok(Ok(indexed(index, source, &readers)))
+                        Ok(Ok(ready.indexed(index, source)))
                     }
                     // Worth trying again later: the registry was down, or said no.
                     Err(e)
@@ -226,7 +250,13 @@ impl LayerIndexes {
             size,
             cache: self.cache.clone(),
             fetcher: self.fetcher.clone(),
+            foreground: self.background.foreground().clone(),
         }
+    }
+
+    /// The layer's index if it is in memory now (never indexing it).
+    pub fn peek(&self, layer: &Layer) -> Option<Arc<Indexed>> {
+        self.kept.peek(&IndexKey::of(layer))?.ok()
     }
 
     /// The descriptor of a layer by digest: from a manifest of the repository that
@@ -282,13 +312,32 @@ fn outcome_bytes(outcome: &LayerOutcome) -> usize {
     outcome.as_ref().map_or(0, |i| i.bytes as usize)
 }
 
-/// An index made ready for reads, counted in `index_bytes` while kept.
-fn indexed(index: LayerIndex, source: Arc<dyn BlobSource>, readers: &Readers) -> Arc<Indexed> {
-    let bytes = index.heap_bytes() as u64;
-    Stats::add(&readers.stats.index_bytes, bytes);
-    Arc::new(Indexed {
-        content: LayerContent::new(Arc::new(index), source, readers.clone()),
-        bytes,
-        stats: readers.stats.clone(),
-    })
+/// What an index needs to be made ready for reads.
+struct Ready {
+    readers: Readers,
+    background: Arc<Background>,
+    /// The layer's blob, for a background fill.
+    blob: LayerBlob,
+}
+
+impl Ready {
+    /// An index made ready for reads, counted in `index_bytes` while kept; a TOC
+    /// layer's background fill starts (background.rs).
+    fn indexed(self, index: LayerIndex, source: Arc<dyn BlobSource>) -> Arc<Indexed> {
+        let bytes = index.heap_bytes() as u64;
+        let readers = self.readers;
+        Stats::add(&readers.stats.index_bytes, bytes);
+        // A pass checked the whole blob against its digest.
+        let whole = Arc::new(AtomicBool::new(index.source == IndexSource::Pass));
+        let fill = match &index.content {
+            Content::Chunks(map) => self.background.fill(self.blob, map.prefetch_end, whole),
+            Content::Stream(_) => None,
+        };
+        Arc::new(Indexed {
+            content: LayerContent::new(Arc::new(index), source, readers.clone()),
+            bytes,
+            stats: readers.stats,
+            fill,
+        })
+    }
 }

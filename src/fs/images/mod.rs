@@ -3,11 +3,13 @@
 //! cache (layer_blob.rs); layers as the manifest they are reached through describes them
 //! (described.rs), and the layer store's record of one (layer_record.rs).
 
+mod background;
 mod described;
 mod image_tree;
 mod layer_blob;
 mod layer_record;
 mod layers;
+mod priority;
 mod trees;
 
 pub use image_tree::ImageTree;

@@ -155,6 +155,7 @@ impl ImageDirs {
         match path {
             ImagePath::Inside(root, id, Kind::File) => {
                 let tree = self.tree(root).await?;
+                self.images.opened(root, &tree).await;
                 Ok(Opening::of(OpenFile::Image(tree, *id), true))
             }
             ImagePath::Inside(..) => Err(Errno::EINVAL),

@@ -243,7 +243,10 @@ fn the_prefetch_landmark_says_where_the_files_wanted_first_end() {
         )
         .expect("an index");
         assert!(
-            index.entries.iter().all(|e| !e.path.ends_with(b".landmark")),
+            index
+                .entries
+                .iter()
+                .all(|e| !e.path.ends_with(b".landmark")),
             "landmarks are not files of the image"
         );
         match index.content {
