@@ -11,7 +11,8 @@
 //!   own, each checked against its chunk digest before any of it is returned
 //!   (chunks.rs).
 //!
-//! Checked pieces (spans, decoded chunks) are kept in a small shared cache.
+//! Checked pieces (spans, decoded chunks) are kept in a small shared cache; decoded
+//! file blocks too, and in the disk cache for the next mount (kept.rs).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -23,6 +24,7 @@ use super::entry::{DataRef, Entry};
 use super::flights::Flights;
 use super::index::unreadable;
 use super::index::{Content, LayerIndex, StreamMap};
+use super::kept::KeptFiles;
 use super::source::BlobSource;
 use crate::cache::BlockCache;
 use crate::registry::{Digest, Error, Result};
@@ -86,6 +88,8 @@ pub struct LayerContent {
     cursors: Mutex<Vec<Cursor>>,
     /// TOC chunks being fetched.
     flights: Flights,
+    /// Decoded files in the disk cache (None: no disk cache).
+    kept: Option<KeptFiles>,
 }
 
 impl LayerContent {
@@ -103,7 +107,20 @@ impl LayerContent {
             readers,
             cursors: Mutex::new(Vec::new()),
             flights: Flights::default(),
+            kept: None,
         }
+    }
+
+    /// Keeps what is decoded in the disk cache, and reads from there first.
+    pub fn keeping(mut self, kept: Option<KeptFiles>) -> LayerContent {
+        self.kept = kept;
+        self
+    }
+
+    /// `entry`'s content as a local file the kernel may read directly, if it is kept
+    /// whole on disk (kept.rs).
+    pub async fn local_file(&self, entry: &Entry) -> Option<std::fs::File> {
+        self.kept.as_ref()?.local_file(entry).await
     }
 
     pub fn index(&self) -> &Arc<LayerIndex> {
@@ -120,6 +137,18 @@ impl LayerContent {
             return Ok(Bytes::new());
         }
         let len = len.min(entry.size - offset);
+        match &self.kept {
+            Some(kept) => {
+                let decode = |start, len| self.decoded(entry, start, len);
+                let (pieces, stats) = (&self.readers.pieces, &self.readers.stats);
+                kept.read(pieces, stats, entry, (offset, len), decode).await
+            }
+            None => self.decoded(entry, offset, len).await,
+        }
+    }
+
+    /// `len` bytes of `entry`'s content at `offset` (within it), decoded from the layer.
+    async fn decoded(&self, entry: &Entry, offset: u64, len: u64) -> Result<Bytes> {
         let data = match (&entry.data, &self.index.content) {
             (DataRef::Stream(at), Content::Stream(map)) => {
                 let start = at

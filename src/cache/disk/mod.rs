@@ -19,6 +19,7 @@
 pub mod admin;
 mod budget;
 mod entry;
+mod files;
 mod held;
 pub mod layout;
 mod partial;
@@ -41,6 +42,7 @@ use crate::stats::Stats;
 use held::{decode_held, encode_held};
 use store::{Job, Store};
 
+pub use files::FILE_BLOCK;
 pub use held::HeldIndex;
 
 /// Writes waiting for the writer thread. A fetch whose block finds the queue full

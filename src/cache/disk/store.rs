@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::admin;
 use super::budget::{self, Budget, allocated};
 use super::entry;
+use super::files::{Files, Scope};
 use super::held::{HeldIndex, encode_held};
 use super::layout;
 use super::partial::{self, Partial, Written, with_lock};
@@ -48,6 +49,8 @@ pub struct Store {
     /// dropped by the writer instead of landing after the forget.
     forgotten: Mutex<HashMap<Digest, u64>>,
     forgets: AtomicU64,
+    /// Decoded file contents (files.rs).
+    files: Files,
 }
 
 pub enum Job {
@@ -70,6 +73,13 @@ pub enum Job {
         kind: String,
         key: Digest,
         body: Bytes,
+    },
+    /// A block of a decoded file (files.rs).
+    FileBlock {
+        scope: Scope,
+        key: Digest,
+        index: u64,
+        bytes: Bytes,
     },
     /// Answered once every job queued before it is done (tests wait on it).
     #[cfg(test)]
@@ -132,6 +142,7 @@ impl Store {
             temp_names: AtomicU64::new(0),
             forgotten: Mutex::new(HashMap::new()),
             forgets: AtomicU64::new(0),
+            files: Files::default(),
         })
     }
 
@@ -141,6 +152,20 @@ impl Store {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    pub fn files(&self) -> &Files {
+        &self.files
+    }
+
+    /// The name of this registry's directories (a hash of its origin).
+    pub fn origin_id(&self) -> &str {
+        &self.origin_id
+    }
+
+    /// Names this process in partial records.
+    pub fn writer_id(&self) -> u64 {
+        self.writer_id
     }
 
     /// Where this registry's held indexes are kept.
@@ -233,7 +258,7 @@ impl Store {
     }
 
     /// A write failed: a full disk turns writing off for a while, with a log line.
-    fn write_failed(&self, e: &io::Error, what: &str) {
+    pub fn write_failed(&self, e: &io::Error, what: &str) {
         Stats::add(&self.stats.disk_dropped, 1);
         let no_space = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
         if no_space {
@@ -264,7 +289,7 @@ impl Store {
     }
 
     /// Reserves `bytes` in the budget; false (and nothing reserved) if there is no room.
-    fn reserve(&self, bytes: u64, keep: Option<&Path>) -> bool {
+    pub fn reserve(&self, bytes: u64, keep: Option<&Path>) -> bool {
         match self.budget.reserve(bytes, keep) {
             Ok(r) => {
                 self.stats.disk_bytes.store(r.used, Ordering::Relaxed);
@@ -281,7 +306,7 @@ impl Store {
         }
     }
 
-    fn release(&self, bytes: u64) {
+    pub fn release(&self, bytes: u64) {
         if let Ok(used) = self.budget.release(bytes) {
             self.stats.disk_bytes.store(used, Ordering::Relaxed);
         }
@@ -315,6 +340,12 @@ impl Store {
                 epoch,
             } => self.unless_forgotten(&digest, epoch, || self.promote(&digest, size, block_size)),
             Job::Meta { kind, key, body } => self.write_meta(&kind, &key, &body),
+            Job::FileBlock {
+                scope,
+                key,
+                index,
+                bytes,
+            } => self.files.write(self, scope, &key, index, &bytes),
             #[cfg(test)]
             Job::Flushed(_) => {} // answered above, writing or not
         }

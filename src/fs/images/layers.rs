@@ -17,6 +17,7 @@ use crate::fs::view::RegistryView;
 use crate::image::codec::Codec;
 use crate::image::content::{LayerContent, PieceCache, Readers};
 use crate::image::index::{Content, DISK_KIND, IndexSource, LayerIndex};
+use crate::image::kept::KeptFiles;
 use crate::image::manifest::{ImageManifest, Layer};
 use crate::image::source::BlobSource;
 use crate::image::toc::TocRef;
@@ -191,6 +192,7 @@ impl LayerIndexes {
             readers: self.readers.clone(),
             background: self.background.clone(),
             blob: self.blob(repo, &layer.digest, layer.size),
+            name: key.disk_key(),
         };
         let layer = layer.clone();
         let disk = self.fetcher.disk().cloned();
@@ -318,6 +320,8 @@ struct Ready {
     background: Arc<Background>,
     /// The layer's blob, for a background fill.
     blob: LayerBlob,
+    /// What names the layer's content (its index's disk key).
+    name: Digest,
 }
 
 impl Ready {
@@ -329,12 +333,18 @@ impl Ready {
         Stats::add(&readers.stats.index_bytes, bytes);
         // A pass checked the whole blob against its digest.
         let whole = Arc::new(AtomicBool::new(index.source == IndexSource::Pass));
+        let kept = self.blob.fetcher.disk().map(|disk| KeptFiles {
+            disk: disk.clone(),
+            layer: self.name,
+            whole: whole.clone(),
+        });
         let fill = match &index.content {
             Content::Chunks(map) => self.background.fill(self.blob, map.prefetch_end, whole),
             Content::Stream(_) => None,
         };
+        let content = LayerContent::new(Arc::new(index), source, readers.clone());
         Arc::new(Indexed {
-            content: LayerContent::new(Arc::new(index), source, readers.clone()),
+            content: content.keeping(kept),
             bytes,
             stats: readers.stats,
             fill,
