@@ -139,13 +139,16 @@ fn damage(entry: &Entry) -> Option<String> {
         Kind::Blob(digest) => {
             (!blob_matches(main, digest)).then(|| "content does not match the digest".to_owned())
         }
-        Kind::Partial { block_size, .. } | Kind::File { block_size, .. } => match Partial::open(main, *block_size, false) {
-            Ok(Some(p)) => {
-                let bad = p.damaged_blocks();
-                (!bad.is_empty()).then(|| format!("blocks {bad:?} do not match their checksums"))
+        Kind::Partial { block_size, .. } | Kind::File { block_size, .. } => {
+            match Partial::open(main, *block_size, false) {
+                Ok(Some(p)) => {
+                    let bad = p.damaged_blocks();
+                    (!bad.is_empty())
+                        .then(|| format!("blocks {bad:?} do not match their checksums"))
+                }
+                _ => Some("cannot be opened".to_owned()),
             }
-            _ => Some("cannot be opened".to_owned()),
-        },
+        }
         Kind::Meta { kind, key } => match entry::read(main) {
             None => Some("torn or changed (checksum)".to_owned()),
             Some(body) if kind == layout::MANIFEST_KIND => {

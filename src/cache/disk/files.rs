@@ -23,11 +23,11 @@ use bytes::Bytes;
 use lru::LruCache;
 use tokio::sync::mpsc;
 
+use super::DiskCache;
 use super::budget::{self, allocated};
 use super::layout;
 use super::partial::{Partial, Written};
 use super::store::{Job, Store};
-use super::DiskCache;
 use crate::buf::BlockBuf;
 use crate::registry::Digest;
 use crate::stats::Stats;

@@ -74,7 +74,9 @@ pub fn partial_path(root: &Path, origin: &str, digest: &Digest, block_size: u64)
 
 /// A decoded file: `dir` is an origin's directory name, or [`SHARED`].
 pub fn file_path(root: &Path, dir: &str, key: &Digest, block_size: u64) -> PathBuf {
-    root.join(FILES).join(dir).join(format!("{key}.{block_size}"))
+    root.join(FILES)
+        .join(dir)
+        .join(format!("{key}.{block_size}"))
 }
 
 pub fn meta_path(root: &Path, kind: &str, key: &Digest) -> PathBuf {
@@ -156,7 +158,13 @@ fn block_files(dir: &Path) -> Vec<BlockFile> {
             continue;
         };
         let log_bytes = stat(&log).map_or(0, |(b, _)| b);
-        out.push((digest, block_size, vec![path, log], bytes + log_bytes, last_used));
+        out.push((
+            digest,
+            block_size,
+            vec![path, log],
+            bytes + log_bytes,
+            last_used,
+        ));
     }
     out
 }

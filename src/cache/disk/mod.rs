@@ -309,6 +309,22 @@ impl DiskCache {
             .collect()
     }
 
+    /// Waits (at most `within`) until the writes queued so far are done: an unmount
+    /// leaves on disk what its reads fetched and decoded, for the next mount.
+    pub async fn settle(&self, within: Duration) {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let flushed = async {
+            if self.jobs.send(Job::Flushed(done)).await.is_ok() {
+                let _ = finished.await;
+            }
+        };
+        if tokio::time::timeout(within, flushed).await.is_err() {
+            warn!(
+                "the disk cache's last writes were not done in time; the next mount fetches them again"
+            );
+        }
+    }
+
     /// Counts a lookup as a hit or a miss.
     fn count<T>(&self, found: Option<T>) -> Option<T> {
         let stats = self.store.stats();
