@@ -37,6 +37,10 @@ pub const FILE_BLOCK: u64 = 256 << 10;
 /// Decoded files kept open, and remembered as checked whole.
 const OPEN_FILES: usize = 64;
 const CHECKED_FILES: usize = 4096;
+/// Largest file handed to the kernel whole: checking it reads it all at its first open,
+/// which a program reading a little of a larger file should not wait for (its reads
+/// come through regfs, block by block, each checked).
+const WHOLE_MAX: u64 = 64 << 20;
 /// Blocks waiting for room in the writer's queue; more are dropped (counted).
 const WAITING_BLOCKS: usize = 64;
 
@@ -160,6 +164,9 @@ impl Files {
     /// The decoded file `key` (`size` bytes) whole, every block checked once by this
     /// process, opened for reading: the file itself.
     fn whole(&self, store: &Store, key: &Digest, size: u64) -> Option<File> {
+        if size > WHOLE_MAX {
+            return None;
+        }
         let blocks = size.div_ceil(FILE_BLOCK);
         for scope in SCOPES {
             let Some(p) = self.partial(store, scope, key, false) else {
@@ -246,5 +253,88 @@ impl DiskCache {
             .await
             .ok()
             .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn cache(dir: &std::path::Path, origin: &str) -> DiskCache {
+        DiskCache::open(dir, 64 << 20, origin, Arc::default()).expect("open")
+    }
+
+    fn buf() -> BlockBuf {
+        crate::buf::BufferPool::new(FILE_BLOCK, 1).take(FILE_BLOCK as usize)
+    }
+
+    #[tokio::test]
+    async fn decoded_files_stay_with_their_registry_until_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (
+            cache(dir.path(), "http://a:5000"),
+            cache(dir.path(), "http://b:5000"),
+        );
+        let (mine, ours) = (Digest::sha256_of(b"mine"), Digest::sha256_of(b"ours"));
+        a.store_file_block(&mine, 0, Bytes::from_static(b"unverified"), false);
+        a.store_file_block(&ours, 0, Bytes::from_static(b"verified"), true);
+        a.settle(Duration::from_secs(5)).await;
+        let got = |c: &DiskCache, key: &Digest, size| {
+            let (c, key) = (c.clone(), key.clone());
+            async move { c.file_block(&key, size, 0, buf()).await }
+        };
+        assert_eq!(
+            got(&a, &mine, 10).await.as_deref(),
+            Some(&b"unverified"[..])
+        );
+        assert_eq!(got(&b, &mine, 10).await, None, "another registry's");
+        assert_eq!(got(&b, &ours, 8).await.as_deref(), Some(&b"verified"[..]));
+        assert_eq!(
+            got(&a, &mine, 11).await,
+            None,
+            "another size, another block"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_whole_file_is_the_file_itself_once_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = cache(dir.path(), "http://a:5000");
+        let key = Digest::sha256_of(b"file");
+        let content: Vec<u8> = (0..FILE_BLOCK + 100).map(|i| (i % 251) as u8).collect();
+        let size = content.len() as u64;
+        a.store_file_block(
+            &key,
+            1,
+            Bytes::copy_from_slice(&content[FILE_BLOCK as usize..]),
+            true,
+        );
+        a.settle(Duration::from_secs(5)).await;
+        assert!(a.whole_file(&key, size).await.is_none(), "block 0 missing");
+        a.store_file_block(
+            &key,
+            0,
+            Bytes::copy_from_slice(&content[..FILE_BLOCK as usize]),
+            true,
+        );
+        a.settle(Duration::from_secs(5)).await;
+        let file = a.whole_file(&key, size).await.expect("whole");
+        let mut back = vec![0u8; content.len()];
+        file.read_exact_at(&mut back, 0).expect("read");
+        assert!(back == content);
+        // A flipped byte: a fresh mount neither passes the file on nor reads the block.
+        let path = layout::file_path(dir.path(), layout::SHARED, &key, FILE_BLOCK);
+        let data = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open");
+        data.write_all_at(b"X", 7).expect("flip");
+        let fresh = cache(dir.path(), "http://a:5000");
+        assert!(fresh.whole_file(&key, size).await.is_none());
+        assert_eq!(fresh.file_block(&key, size, 0, buf()).await, None);
+        assert!(fresh.file_block(&key, size, 1, buf()).await.is_some());
     }
 }
