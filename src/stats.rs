@@ -37,6 +37,12 @@ pub enum RequestKind {
     Referrers,
 }
 
+tokio::task_local! {
+    /// Set around work done in the background (fs/images/background.rs): the blob bytes
+    /// it receives count in `background_bytes` too, at the moment they arrive.
+    static BACKGROUND: ();
+}
+
 const REQUEST_KINDS: usize = RequestKind::Referrers as usize + 1;
 /// Layers whose unused TOC `/.regfs/stats` names, with the reason.
 const TOC_UNUSED_SHOWN: usize = 32;
@@ -129,6 +135,20 @@ impl Drop for InFlight {
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` blob bytes received (`fetched_bytes`; `background_bytes` too when received
+    /// for work run by [`Stats::in_background`]).
+    pub fn received(&self, n: u64) {
+        Self::add(&self.fetched_bytes, n);
+        if BACKGROUND.try_with(|_| ()).is_ok() {
+            Self::add(&self.background_bytes, n);
+        }
+    }
+
+    /// Runs `work` as background work: the blob bytes it receives are counted apart.
+    pub async fn in_background<F: std::future::Future>(work: F) -> F::Output {
+        BACKGROUND.scope((), work).await
     }
 
     /// Counts a request of `kind` and marks it in flight until the guard is dropped.
@@ -354,4 +374,19 @@ pub struct RequestsSnapshot {
     pub manifest_put: u64,
     pub delete: u64,
     pub referrers: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bytes_received_in_the_background_are_counted_apart() {
+        let stats = Stats::default();
+        stats.received(3);
+        Stats::in_background(async { stats.received(5) }).await;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(get(&stats.fetched_bytes), 8);
+        assert_eq!(get(&stats.background_bytes), 5);
+    }
 }

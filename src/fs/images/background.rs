@@ -227,10 +227,8 @@ impl Background {
             .await
             .map_err(|_| Error::Unavailable("background reads stopped".into()))?;
         let client = blob.fetcher.client();
-        let block = client
-            .get_blob_range(&blob.repo, &blob.digest, start, len)
-            .await?;
-        Stats::add(&self.stats.background_bytes, block.len() as u64);
+        let fetch = client.get_blob_range(&blob.repo, &blob.digest, start, len);
+        let block = Stats::in_background(fetch).await?;
         if let Some(disk) = disk {
             disk.store_block_below(&blob.digest, blob.size, bs, index, block.clone())
                 .await;
