@@ -218,6 +218,21 @@ fn estargz_layers_are_fetched_whole_in_the_background_once_a_file_is_opened() {
     let large = fs::read(root.join("data/large.bin")).expect("read large.bin");
     assert!(large == fs::read(expected.join("data/large.bin")).expect("unpacked"));
     assert_eq!(stat(&mnt, &["fetched_bytes"]), fetched, "read from disk");
+    drop(mnt);
+
+    // Layer by layer through their manifest, as a runtime stacks them: a file opened
+    // in one layer fills the image's other layers too.
+    let mnt = Mount::start(&registry.url(), &[]);
+    let (digest, _, _) = get_manifest(&registry, "team/app", "esgz");
+    let layer_dir = |l: &str| mnt.path(&format!("team/app/.images/{digest}/layers/{l}"));
+    for (layer, _) in &layers {
+        fs::read_dir(layer_dir(layer)).expect("ls a layer").for_each(drop);
+    }
+    let added = fs::read(layer_dir(&layers[1].0).join("etc/added-later.txt"));
+    assert_eq!(added.expect("read"), b"from the second layer\n");
+    eventually("every layer filled", || {
+        stat(&mnt, &["images", "background_layers"]) == layers.len() as u64
+    });
 }
 
 #[test]
