@@ -226,7 +226,9 @@ fn estargz_layers_are_fetched_whole_in_the_background_once_a_file_is_opened() {
     let (digest, _, _) = get_manifest(&registry, "team/app", "esgz");
     let layer_dir = |l: &str| mnt.path(&format!("team/app/.images/{digest}/layers/{l}"));
     for (layer, _) in &layers {
-        fs::read_dir(layer_dir(layer)).expect("ls a layer").for_each(drop);
+        fs::read_dir(layer_dir(layer))
+            .expect("ls a layer")
+            .for_each(drop);
     }
     let added = fs::read(layer_dir(&layers[1].0).join("etc/added-later.txt"));
     assert_eq!(added.expect("read"), b"from the second layer\n");

@@ -17,10 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
-use super::content::PieceCache;
 use super::entry::{DataRef, Entry};
-use crate::cache::DiskCache;
 use crate::cache::disk::FILE_BLOCK;
+use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, Result};
 use crate::stats::Stats;
 
@@ -49,7 +48,7 @@ impl KeptFiles {
     /// those of a block not kept anywhere.
     pub async fn read<F, Fut>(
         &self,
-        pieces: &PieceCache,
+        pieces: &BlockCache,
         stats: &Stats,
         entry: &Entry,
         (offset, len): (u64, u64),

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::admin;
 use super::budget::{self, Budget, allocated};
 use super::entry;
-use super::files::{Files, Scope};
+use super::files::{Directory, Files, Scope};
 use super::held::{HeldIndex, encode_held};
 use super::layout;
 use super::partial::{self, Partial, Written, with_lock};
@@ -157,16 +157,6 @@ impl Store {
         &self.files
     }
 
-    /// The name of this registry's directories (a hash of its origin).
-    pub fn origin_id(&self) -> &str {
-        &self.origin_id
-    }
-
-    /// Names this process in partial records.
-    pub fn writer_id(&self) -> u64 {
-        self.writer_id
-    }
-
     /// Where this registry's held indexes are kept.
     pub fn held_dir(&self) -> PathBuf {
         layout::held_dir(&self.root, &self.origin_id)
@@ -257,7 +247,7 @@ impl Store {
     }
 
     /// A write failed: a full disk turns writing off for a while, with a log line.
-    pub fn write_failed(&self, e: &io::Error, what: &str) {
+    fn write_failed(&self, e: &io::Error, what: &str) {
         Stats::add(&self.stats.disk_dropped, 1);
         let no_space = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
         if no_space {
@@ -288,7 +278,7 @@ impl Store {
     }
 
     /// Reserves `bytes` in the budget; false (and nothing reserved) if there is no room.
-    pub fn reserve(&self, bytes: u64, keep: Option<&Path>) -> bool {
+    fn reserve(&self, bytes: u64, keep: Option<&Path>) -> bool {
         match self.budget.reserve(bytes, keep) {
             Ok(r) => {
                 self.stats.disk_bytes.store(r.used, Ordering::Relaxed);
@@ -305,7 +295,7 @@ impl Store {
         }
     }
 
-    pub fn release(&self, bytes: u64) {
+    fn release(&self, bytes: u64) {
         if let Ok(used) = self.budget.release(bytes) {
             self.stats.disk_bytes.store(used, Ordering::Relaxed);
         }
@@ -473,5 +463,31 @@ impl Store {
             self.release(cost);
             self.write_failed(&e, "writing a metadata entry");
         }
+    }
+}
+
+impl Directory for Store {
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn origin_id(&self) -> &str {
+        &self.origin_id
+    }
+
+    fn writer_id(&self) -> u64 {
+        self.writer_id
+    }
+
+    fn reserve(&self, bytes: u64, keep: Option<&Path>) -> bool {
+        Store::reserve(self, bytes, keep)
+    }
+
+    fn release(&self, bytes: u64) {
+        Store::release(self, bytes)
+    }
+
+    fn write_failed(&self, e: &io::Error, what: &str) {
+        Store::write_failed(self, e, what)
     }
 }
