@@ -1031,6 +1031,7 @@ fn direct_fs(url: &str) -> Direct {
         allow_delete: false,
         platform: Platform::host(),
         background_fetch: true,
+        indexes: Default::default(),
     };
     let fs = Fs::new(client, cache, None, options);
     Direct {

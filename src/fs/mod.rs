@@ -31,6 +31,7 @@ use crate::registry::{RegistryClient, RepoName};
 use blob::{BlobReads, BlockFetcher};
 use handles::Handles;
 use images::Images;
+pub use images::IndexOptions;
 use tree::node::StorePath;
 use tree::{
     ControlFiles, ImageDirs, InodeTable, LayerStore, Node, OpenFile, Opening, RegistryDirs,
@@ -84,6 +85,8 @@ pub struct FsOptions {
     /// TOC layers are fetched whole in the background once their files are opened
     /// (`--no-background-fetch` turns it off).
     pub background_fetch: bool,
+    /// Shared (SOCI) indexes: used, and published (docs/SEMANTICS.md, "Shared indexes").
+    pub indexes: IndexOptions,
 }
 
 impl Fs {
@@ -105,6 +108,7 @@ impl Fs {
             view.clone(),
             fetcher,
             options.platform,
+            options.indexes,
             options.background_fetch,
         ));
         let blobs = Arc::new(BlobReads::new(cache.clone(), client.clone(), disk.clone()));

@@ -15,7 +15,7 @@ use super::kernel::KernelMount;
 use super::mountinfo::{is_mount_point, mount_device};
 use super::unmount::{self, Watchdog};
 use crate::cache::{BlockCache, DiskCache, disk};
-use crate::fs::{Fs, FsOptions};
+use crate::fs::{Fs, FsOptions, IndexOptions};
 use crate::fuse::FuseAdapter;
 use crate::image::manifest::Platform;
 use crate::registry::{ClientOptions, Credentials, MirrorSpec, RegistryClient, RepoName};
@@ -59,6 +59,8 @@ pub struct MountConfig {
     pub background_fetch: bool,
     /// The disk cache: its directory and budget (None: `--no-disk-cache`).
     pub disk_cache: Option<DiskCacheConfig>,
+    /// Shared (SOCI) indexes: `--verify-before-serving`, `--publish-indexes`.
+    pub indexes: IndexOptions,
 }
 
 pub struct DiskCacheConfig {
@@ -160,6 +162,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         allow_delete: config.allow_delete,
         platform: config.platform.clone(),
         background_fetch: config.background_fetch,
+        indexes: config.indexes,
     };
     let fs = Arc::new(Fs::new(client, cache, disk.clone(), options));
     let resuming = fs.clone();

@@ -15,6 +15,7 @@ use crate::fs::blob::{BlobAt, BlockFetcher, BodyCursor, join_blocks};
 use crate::image::source::BlobSource;
 use crate::registry::{Digest, Error, RepoName, Result};
 
+#[derive(Clone)]
 pub struct LayerBlob {
     pub repo: RepoName,
     pub digest: Digest,

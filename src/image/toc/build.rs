@@ -140,6 +140,7 @@ pub fn build(
     drop_estargz_metadata(&mut entries);
     Ok(LayerIndex {
         entries,
+        places: Vec::new(),
         content: Content::Chunks(ChunkMap {
             codec,
             chunks,
@@ -147,6 +148,9 @@ pub fn build(
         }),
         source,
         toc_unused: None,
+        soci_unused: None,
+        tar_size: 0,
+        publishable: false,
     })
 }
 

@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
+mod progress;
+
+pub use progress::{Progress, TaskSnapshot, Tracked};
+
 /// The kinds of registry request that are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind {
@@ -84,6 +88,18 @@ pub struct Stats {
     pub background_bytes: AtomicU64,
     pub background_layers: AtomicU64,
     pub decoded_from_disk: AtomicU64,
+    /// Shared indexes (SOCI): indexes found for images, published by this mount, layers
+    /// whose files come from a zTOC, indexes refused (a lie found, or a zTOC that cannot
+    /// be used), background checks of whole layers done and failed (their bytes are
+    /// `background_bytes`).
+    pub soci_indexes_found: AtomicU64,
+    pub soci_indexes_published: AtomicU64,
+    pub layers_from_index: AtomicU64,
+    pub soci_indexes_refused: AtomicU64,
+    pub background_checks: AtomicU64,
+    pub background_checks_failed: AtomicU64,
+    /// Layers being read whole by the index pass, with how far each got.
+    pub indexing: Arc<Progress>,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
     /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
     /// entries evicted, blobs kept whole after their digest check, writes not done
@@ -266,6 +282,13 @@ impl Stats {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone(),
+                indexes_found: get(&self.soci_indexes_found),
+                indexes_published: get(&self.soci_indexes_published),
+                layers_from_index: get(&self.layers_from_index),
+                indexes_refused: get(&self.soci_indexes_refused),
+                background_checks: get(&self.background_checks),
+                background_checks_failed: get(&self.background_checks_failed),
+                indexing: self.indexing.snapshot(),
             },
             hosts: self.hosts_snapshot(),
         }
@@ -316,7 +339,8 @@ pub struct ImagesSnapshot {
     /// Layer bytes fetched (or taken from the block cache) to read files.
     pub fetched_bytes: u64,
     /// Layer bytes fetched in the background (the rest of a TOC layer once its files
-    /// are read, and what its prefetch landmark names), apart from what reads waited
+    /// are read, what its prefetch landmark names, and the whole-layer checks of
+    /// layers served from a zTOC), apart from what reads waited
     /// for: `fetched_bytes` minus these is what a start needed.
     pub background_bytes: u64,
     /// TOC layers fetched whole in the background and verified (kept on disk).
@@ -327,6 +351,20 @@ pub struct ImagesSnapshot {
     /// not be used; and why, by layer digest.
     pub toc_unused: u64,
     pub toc_unused_why: BTreeMap<String, String>,
+    /// SOCI indexes found for images looked at (docs/SEMANTICS.md, "Shared indexes").
+    pub indexes_found: u64,
+    /// SOCI indexes this mount pushed (`--publish-indexes`).
+    pub indexes_published: u64,
+    /// Layers whose files come from a zTOC (no pass before the first file).
+    pub layers_from_index: u64,
+    /// Indexes refused: a lie found by a read or a background check, or a zTOC that
+    /// cannot be used (the layer is read by a pass instead).
+    pub indexes_refused: u64,
+    /// Background checks of whole layers served from a zTOC: done (passed) and failed.
+    pub background_checks: u64,
+    pub background_checks_failed: u64,
+    /// Layers being read whole by the index pass now: bytes done of their size.
+    pub indexing: Vec<TaskSnapshot>,
 }
 
 #[derive(Serialize, Debug)]
