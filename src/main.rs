@@ -376,6 +376,15 @@ struct MountArgs {
     /// always go to the registry. A path in the URL goes before repository names
     #[arg(long = "mirror", value_name = "URL", value_parser = MirrorSpec::parse)]
     mirrors: Vec<MirrorSpec>,
+    /// Do not fetch eStargz and zstd:chunked layers whole in the background. By default,
+    /// once a file of such a layer (or of its image) is opened, the rest of the layer is
+    /// fetched into the disk cache below the reads programs wait on, so later reads do
+    /// not wait for the network; and the files an eStargz prefetch landmark names are
+    /// fetched as soon as the layer is looked up. That costs each such layer's whole
+    /// size in network traffic and disk cache space (counted apart in /.regfs/stats as
+    /// images.background_bytes). Without a disk cache nothing is fetched in the background
+    #[arg(long)]
+    no_background_fetch: bool,
     /// After the first look at a plain gzip image with no SOCI index, push the index
     /// regfs's pass built (a SOCI v1 index as a referrer of the image manifest), so
     /// other machines read it lazily from their first look. Needs push rights
@@ -492,6 +501,7 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         insecure: args.insecure,
         timeout: args.timeout,
         platform: args.platform.unwrap_or_else(Platform::host),
+        background_fetch: !args.no_background_fetch,
         disk_cache: (!args.no_disk_cache).then_some(DiskCacheConfig {
             dir: args.cache_dir,
             size: args.disk_cache_size,

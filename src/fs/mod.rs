@@ -82,6 +82,9 @@ pub struct FsOptions {
     pub allow_delete: bool,
     /// Which image of an index `rootfs` shows (`--platform`).
     pub platform: Platform,
+    /// TOC layers are fetched whole in the background once their files are opened
+    /// (`--no-background-fetch` turns it off).
+    pub background_fetch: bool,
     /// Shared (SOCI) indexes: used, and published (docs/SEMANTICS.md, "Shared indexes").
     pub indexes: IndexOptions,
 }
@@ -106,6 +109,7 @@ impl Fs {
             fetcher,
             options.platform,
             options.indexes,
+            options.background_fetch,
         ));
         let blobs = Arc::new(BlobReads::new(cache.clone(), client.clone(), disk.clone()));
         // Writes and deletes, and the reads that decide them, must see the origin.

@@ -18,7 +18,8 @@
 //!   lie found refuses the index: every read through it fails from then on, and the
 //!   mount is told ([`Readers::refused`]) so the layer is read by a pass instead.
 //!
-//! Checked pieces (spans, decoded chunks) are kept in a small shared cache.
+//! Checked pieces (spans, decoded chunks) are kept in a small shared cache; decoded
+//! file blocks too, and in the disk cache for the next mount (kept.rs).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -31,6 +32,7 @@ use super::codec::{Codec, Decoder, gzip};
 use super::entry::{DataRef, Entry, shown};
 use super::flights::Flights;
 use super::index::{Content, IndexSource, LayerIndex, StreamMap, unreadable};
+use super::kept::KeptFiles;
 use super::soci::header::check_headers;
 use super::soci::trust::Trust;
 use super::soci::window::{Proof, prove_next};
@@ -107,6 +109,8 @@ pub struct LayerContent {
     cursors: Mutex<Vec<Cursor>>,
     /// TOC chunks being fetched.
     flights: Flights,
+    /// Decoded files in the disk cache (None: no disk cache).
+    kept: Option<KeptFiles>,
     /// An index from a zTOC not yet checked whole: what is proven of it.
     trust: Option<Trust>,
 }
@@ -132,6 +136,7 @@ impl LayerContent {
             readers,
             cursors: Mutex::new(Vec::new()),
             flights: Flights::default(),
+            kept: None,
             trust,
         }
     }
@@ -165,6 +170,21 @@ impl LayerContent {
         }
     }
 
+    /// Keeps what is decoded in the disk cache, and reads from there first.
+    pub fn keeping(mut self, kept: Option<KeptFiles>) -> LayerContent {
+        self.kept = kept;
+        self
+    }
+
+    /// `entry`'s content as a local file the kernel may read directly, if it is kept
+    /// whole on disk (kept.rs).
+    pub async fn local_file(&self, entry: &Entry) -> Option<std::fs::File> {
+        if self.refusal().is_some() {
+            return None; // reads fail now, and so must the kernel's
+        }
+        self.kept.as_ref()?.local_file(entry).await
+    }
+
     pub fn index(&self) -> &Arc<LayerIndex> {
         &self.index
     }
@@ -195,6 +215,18 @@ impl LayerContent {
             return Ok(Bytes::new());
         }
         let len = len.min(entry.size - offset);
+        match &self.kept {
+            Some(kept) => {
+                let decode = |start, len| self.decoded(entry, start, len);
+                let (pieces, stats) = (&self.readers.pieces, &self.readers.stats);
+                kept.read(pieces, stats, entry, (offset, len), decode).await
+            }
+            None => self.decoded(entry, offset, len).await,
+        }
+    }
+
+    /// `len` bytes of `entry`'s content at `offset` (within it), decoded from the layer.
+    async fn decoded(&self, entry: &Entry, offset: u64, len: u64) -> Result<Bytes> {
         let data = match (&entry.data, &self.index.content) {
             (DataRef::Stream(at), Content::Stream(map)) => {
                 self.check_header(map, entry, *at).await?;

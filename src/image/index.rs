@@ -141,6 +141,10 @@ impl StreamMap {
 pub struct ChunkMap {
     pub codec: Codec,
     pub chunks: Vec<Chunk>,
+    /// eStargz's `.prefetch.landmark`: the blob bytes before it hold the files its
+    /// writer put first (those a container reads at start), fetched at once when the
+    /// layer is first used. `None`: no landmark, or `.no.prefetch.landmark`.
+    pub prefetch_end: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,7 +164,7 @@ pub struct Chunk {
 }
 
 /// The disk cache's name for layer indexes; a new format gets a new number.
-pub const DISK_KIND: &str = "layer-index-v3";
+pub const DISK_KIND: &str = "layer-index-v4";
 
 /// A [`LayerIndex`] by reference, field for field as it is written, with another
 /// source (a zTOC's index, once the whole layer was checked against it).

@@ -9,7 +9,8 @@
 //! - [`pass`]: the one streaming pass that indexes a plain layer; [`toc`]: the index of
 //!   eStargz and zstd:chunked layers from their TOC; [`index`]: what an index holds;
 //! - [`content`]: one file's bytes from an indexed layer ([`chunks`]: from a TOC
-//!   layer; [`flights`]: its chunks being fetched); [`tree`]: layers merged into an
+//!   layer; [`flights`]: its chunks being fetched; [`kept`]: decoded files kept on
+//!   disk for the next mount); [`tree`]: layers merged into an
 //!   image's files, or one layer as an overlayfs lowerdir.
 //!
 //! Nothing here knows of FUSE: bytes come through [`source::BlobSource`], which the
@@ -22,6 +23,7 @@ pub mod content;
 pub mod entry;
 pub mod flights;
 pub mod index;
+pub mod kept;
 pub mod manifest;
 pub mod pass;
 pub mod soci;

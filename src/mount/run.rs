@@ -27,6 +27,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 const FUSE_THREADS: usize = 2;
 /// Kernel read-ahead for the mount, in KiB (see `raise_kernel_readahead`).
 const KERNEL_READAHEAD_KB: u32 = 1024;
+/// How long an unmount waits for the disk cache's queued writes to be done.
+const DISK_SETTLE: Duration = Duration::from_secs(5);
 
 pub struct MountConfig {
     pub registry: Url,
@@ -53,6 +55,8 @@ pub struct MountConfig {
     pub timeout: Duration,
     /// Which image of a multi-platform index `tags/<tag>/rootfs` shows.
     pub platform: Platform,
+    /// TOC layers fetched whole in the background once used (`--no-background-fetch`).
+    pub background_fetch: bool,
     /// The disk cache: its directory and budget (None: `--no-disk-cache`).
     pub disk_cache: Option<DiskCacheConfig>,
     /// Shared (SOCI) indexes: `--verify-before-serving`, `--publish-indexes`.
@@ -90,6 +94,8 @@ struct Prepared {
     /// Mounted by regfs itself (mount/kernel.rs), not by fuser, which would unmount it
     /// when its session ends.
     own_mount: bool,
+    /// Its writes are let finish after the unmount.
+    disk: Option<DiskCache>,
 }
 
 /// `daemon`: running detached (`--daemon`), so the watchdog must let go of stderr.
@@ -115,9 +121,10 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         read_only: config.read_only,
         allow_delete: config.allow_delete,
         platform: config.platform.clone(),
+        background_fetch: config.background_fetch,
         indexes: config.indexes,
     };
-    let fs = Arc::new(Fs::new(client, cache, disk, options));
+    let fs = Arc::new(Fs::new(client, cache, disk.clone(), options));
     let resuming = fs.clone();
     runtime.spawn(async move { resuming.resume_held().await });
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
@@ -133,6 +140,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         mountpoint: canonical_mountpoint,
         watchdog,
         own_mount,
+        disk,
     })
 }
 
@@ -296,6 +304,7 @@ fn serve(config: MountConfig, prepared: Prepared) -> Result<(), String> {
         mountpoint,
         watchdog,
         own_mount,
+        disk,
     } = prepared;
     let served = mountpoint.clone();
     info!(
@@ -339,6 +348,9 @@ fn serve(config: MountConfig, prepared: Prepared) -> Result<(), String> {
         let _ = unmount::detach(&served);
     }
     watchdog.disarm();
+    if let Some(disk) = &disk {
+        runtime.block_on(disk.settle(DISK_SETTLE));
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => {

@@ -192,6 +192,9 @@ fn images(out: &mut String, s: &Value) {
     if let Some(bg) = get(s, &["images", "background_bytes"]) {
         let _ = write!(text, ", {} in the background", bytes(bg));
     }
+    if let Some(kept) = get(s, &["images", "decoded_from_disk"]).filter(|&k| k > 0) {
+        let _ = write!(text, ", {} of files read back from disk", bytes(kept));
+    }
     line(out, "images", &text);
     shared_indexes(out, s);
     indexing(out, s);

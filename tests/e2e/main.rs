@@ -34,4 +34,5 @@ mod stalls;
 mod toc_lazy;
 mod upload;
 mod wan;
+mod warm;
 mod writes;

@@ -1,160 +1,238 @@
-//! The background check of a layer served from a zTOC (docs/SEMANTICS.md, "Shared
-//! indexes"): once the first files are served, the whole blob is read once, at the
-//! lowest priority (one check at a time per mount, blocks the memory cache already
-//! holds taken from it, the others fetched without taking its room), and held
-//! against its digest and everything the zTOC says (`image::check_layer`). Its bytes
-//! are counted apart (`images.background_bytes`).
+//! Layer blobs read whole in the background, below the reads programs wait on
+//! (docs/SEMANTICS.md, "Image contents"): a block at a time, each by its own range
+//! request once the foreground has been quiet for a moment (priority.rs), a few at once
+//! per mount, kept in the disk cache (not the memory cache) and checked against the
+//! blob's digest at the end, so the disk then holds the layer whole and verified.
 //!
-//! Passed: the index is as good as a pass's, and kept in the disk cache. A lie: the
-//! index is refused (the layer's files fail from then on, the next look reads the
-//! layer by a pass). The registry not answering: tried again later, a few times.
+//! [`Background::read_whole`] is the reusable piece (a layer checked whole after its
+//! files were served from an index); [`Background::fill`] is its use for TOC layers: the
+//! bytes before the eStargz prefetch landmark at once when the layer is indexed, the
+//! rest once a file of it (or of its image) has been opened, so later reads hit the
+//! disk. Bytes fetched here are counted apart (`images.background_bytes`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::stream::{self, BoxStream};
-use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
 
 use super::layer_blob::LayerBlob;
-use crate::cache::DiskCache;
+use super::priority::Foreground;
 use crate::fs::blob::BlobAt;
-use crate::image::check_layer;
-use crate::image::content::LayerContent;
-use crate::image::index::{DISK_KIND, IndexSource};
-use crate::registry::{Digest, Result};
+use crate::image::source::BlobSource;
+use crate::registry::{Error, Result};
 use crate::stats::Stats;
 
-/// How long after a layer's index is ready its check starts: the first files first.
-const DELAY: Duration = Duration::from_secs(2);
-/// Tries of a check the registry kept failing, and the wait between them.
-const TRIES: u32 = 3;
-const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How long the foreground must have fetched nothing before a background block starts.
+const QUIET: Duration = Duration::from_millis(200);
+/// Background range requests in flight per mount, and blocks ahead per blob.
+const SLOTS: usize = 4;
+const AHEAD: usize = 2;
 
-/// What a check needs beyond the layer.
-#[derive(Clone)]
-pub struct Checks {
-    /// One check at a time: the lowest priority there is.
-    pub one_at_a_time: Arc<Semaphore>,
-    pub disk: Option<DiskCache>,
-    pub stats: Arc<Stats>,
+/// The mount's background reads: the foreground they give way to, and their slots.
+pub struct Background {
+    foreground: Arc<Foreground>,
+    slots: Semaphore,
+    stats: Arc<Stats>,
+    /// Whether TOC layers are filled (`--no-background-fetch` says no).
+    fills: bool,
 }
 
-impl Checks {
-    pub fn new(disk: Option<DiskCache>, stats: Arc<Stats>) -> Checks {
-        Checks {
-            one_at_a_time: Arc::new(Semaphore::new(1)),
-            disk,
-            stats,
+/// A signal set once (a layer's files were opened), waited for by a fill.
+#[derive(Default)]
+pub struct Signal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    pub fn give(&self) {
+        if !self.set.load(Ordering::Acquire) && !self.set.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
         }
     }
 
-    /// Checks `indexed` (a layer served from a zTOC) in the background; `disk_key` is
-    /// where its index goes in the disk cache once checked.
-    pub fn start<L>(&self, layer: Arc<L>, blob: LayerBlob, disk_key: Digest)
-    where
-        L: AsRef<LayerContent> + Send + Sync + 'static,
-    {
-        let checks = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(DELAY).await;
-            for attempt in 1..=TRIES {
-                let Ok(turn) = checks.one_at_a_time.acquire().await else {
-                    return;
-                };
-                let content = (*layer).as_ref();
-                if content.refusal().is_some() {
-                    return; // a read found it out first
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.set.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A TOC layer's fill: stopped when the layer's index is dropped.
+pub struct Fill {
+    opened: Arc<Signal>,
+    task: JoinHandle<()>,
+}
+
+impl Fill {
+    /// A file of the layer (or of an image it is in) was opened: fetch the rest.
+    pub fn opened(&self) {
+        self.opened.give();
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Background {
+    pub fn new(stats: Arc<Stats>, fills: bool) -> Background {
+        Background {
+            foreground: Arc::default(),
+            slots: Semaphore::new(SLOTS),
+            stats,
+            fills,
+        }
+    }
+
+    /// What foreground fetches mark themselves busy with.
+    pub fn foreground(&self) -> &Arc<Foreground> {
+        &self.foreground
+    }
+
+    /// Starts filling a TOC layer's blob into the disk cache, unless fills are off,
+    /// there is no disk cache, or the blob is whole on disk already (then `whole` is
+    /// set: the layer is verified). `prefetch_end`: the landmark's place.
+    pub fn fill(
+        self: &Arc<Self>,
+        blob: LayerBlob,
+        prefetch_end: Option<u64>,
+        whole: Arc<AtomicBool>,
+    ) -> Option<Fill> {
+        let disk = blob.fetcher.disk()?;
+        if disk.whole_blob(&blob.digest, blob.size).is_some() {
+            whole.store(true, Ordering::Release);
+            return None;
+        }
+        if !self.fills {
+            return None;
+        }
+        let opened = Arc::new(Signal::default());
+        let (this, signal) = (self.clone(), opened.clone());
+        let task = tokio::spawn(async move {
+            let urgent = prefetch_end.unwrap_or(0);
+            if urgent == 0 {
+                signal.wait().await;
+            }
+            let layer = blob.digest.clone();
+            debug!(%layer, urgent, "fetching the layer in the background");
+            match this.read_whole(&blob, &signal, urgent).await {
+                Ok(true) => {
+                    Stats::add(&this.stats.background_layers, 1);
+                    whole.store(true, Ordering::Release);
+                    info!(%layer, "layer fetched whole in the background and verified");
                 }
-                match checks.check(content, &blob, &disk_key).await {
-                    Ok(()) => return,
-                    Err(e) if attempt < TRIES => {
-                        warn!(layer = %blob.digest, "background check of the layer not finished ({e}); trying again later");
-                    }
-                    Err(e) => {
-                        warn!(layer = %blob.digest, "background check of the layer given up: {e}");
-                        return;
-                    }
+                Ok(false) => {
+                    warn!(%layer, "fetched in the background, the layer does not match its digest; its files are still read chunk by chunk, each checked")
                 }
-                drop(turn);
-                tokio::time::sleep(RETRY_AFTER).await;
+                Err(e) => debug!(%layer, "background fetch stopped: {e}"),
             }
         });
+        Some(Fill { opened, task })
     }
 
-    /// One try: an error is a read that failed.
-    async fn check(
-        &self,
-        content: &LayerContent,
-        blob: &LayerBlob,
-        disk_key: &Digest,
-    ) -> Result<()> {
-        let index = content.index().clone();
-        let verdict = check_layer(self.stream(blob), &blob.digest, index.clone()).await?;
-        match verdict {
-            Ok(()) => {
-                Stats::add(&self.stats.background_checks, 1);
-                content.set_checked();
-                info!(layer = %blob.digest, "background check passed: the layer is what its zTOC says");
-                if let (
-                    Some(disk),
-                    IndexSource::Soci {
-                        index: i,
-                        ztoc,
-                        vouched,
-                        ..
-                    },
-                ) = (&self.disk, &index.source)
-                {
-                    let checked = IndexSource::Soci {
-                        index: i.clone(),
-                        ztoc: ztoc.clone(),
-                        vouched: *vouched,
-                        checked: true,
-                    };
-                    if let Some(bytes) = index.encode_as(&checked) {
-                        disk.put_meta(DISK_KIND, disk_key, bytes.into());
+    /// Reads `blob` whole in the background ([`Self::blocks`]) and checks it against its
+    /// digest; when it matches, the disk cache keeps it whole (shared by every
+    /// registry, read by passthrough). Ok(false): it did not match (what is cached of
+    /// it is dropped).
+    pub async fn read_whole(&self, blob: &LayerBlob, go: &Signal, urgent: u64) -> Result<bool> {
+        let mut hasher = blob.digest.hasher();
+        let mut blocks = self.blocks(blob, go, urgent);
+        while let Some(block) = blocks.next().await {
+            let block = block?;
+            hasher = tokio::task::spawn_blocking(move || {
+                hasher.update(&block);
+                hasher
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("hashing task failed: {e}")))?;
+        }
+        if !hasher.matches(&blob.digest) {
+            blob.distrust();
+            return Ok(false);
+        }
+        if let Some(disk) = blob.fetcher.disk() {
+            disk.verified(&blob.digest, blob.size, blob.cache.block_size());
+        }
+        Ok(true)
+    }
+
+    /// The blob's blocks in order, from its first: from memory or the disk if there,
+    /// else fetched, each kept on disk. Bytes before `urgent` are fetched at once; the
+    /// rest wait for `go`, then for each block a quiet moment in the foreground.
+    pub fn blocks<'a>(
+        &'a self,
+        blob: &'a LayerBlob,
+        go: &'a Signal,
+        urgent: u64,
+    ) -> BoxStream<'a, Result<Bytes>> {
+        let count = blob.size.div_ceil(blob.cache.block_size());
+        let bs = blob.cache.block_size();
+        Box::pin(
+            stream::iter(0..count)
+                .map(move |i| async move {
+                    let at_once = i * bs < urgent;
+                    if !at_once {
+                        go.wait().await;
                     }
-                    // The blob matched its digest, read whole through the disk cache.
-                    disk.verified(&blob.digest, blob.size, blob.cache.block_size());
-                }
+                    self.block(blob, i, at_once).await
+                })
+                .buffered(AHEAD),
+        )
+    }
+
+    /// Block `index` of `blob`, kept on disk.
+    async fn block(&self, blob: &LayerBlob, index: u64, at_once: bool) -> Result<Bytes> {
+        let at = BlobAt {
+            repo: &blob.repo,
+            digest: &blob.digest,
+            size: blob.size,
+        };
+        let (start, len) = blob.fetcher.span(blob.size, index);
+        let bs = blob.cache.block_size();
+        let disk = blob.fetcher.disk();
+        if let Some(block) = blob.cache.peek(&(blob.digest.clone(), index)) {
+            if let Some(disk) = disk.filter(|_| !blob.fetcher.on_disk(at, index)) {
+                disk.store_block_below(&blob.digest, blob.size, bs, index, block.clone())
+                    .await;
             }
-            Err(why) => {
-                Stats::add(&self.stats.background_checks_failed, 1);
-                content.refuse(&format!("the background check of the whole layer: {why}"));
+            return Ok(block);
+        }
+        if let Some(disk) = disk.filter(|_| blob.fetcher.on_disk(at, index)) {
+            let buffer = blob.cache.buffer(len as usize);
+            if let Some(block) = disk.block(&blob.digest, blob.size, bs, index, buffer).await {
+                return Ok(block);
             }
         }
-        Ok(())
-    }
-
-    /// The blob's blocks in order: from the memory cache if it holds them, else
-    /// fetched (disk cache, then registry) without being kept in memory, network bytes
-    /// counted in `images.background_bytes`.
-    fn stream<'a>(&'a self, blob: &'a LayerBlob) -> BoxStream<'a, Result<Bytes>> {
-        let blocks = blob.size.div_ceil(blob.cache.block_size());
-        Box::pin(stream::unfold(0u64, move |index| async move {
-            if index >= blocks {
-                return None;
-            }
-            let at = BlobAt {
-                repo: &blob.repo,
-                digest: &blob.digest,
-                size: blob.size,
-            };
-            let block = match blob.cache.peek(&(blob.digest.clone(), index)) {
-                Some(block) => Ok(block),
-                None => {
-                    let from_disk = blob.fetcher.on_disk(at, index);
-                    let block = blob.fetcher.fetch(at, index).await;
-                    if let (Ok(b), false) = (&block, from_disk) {
-                        Stats::add(&self.stats.background_bytes, b.len() as u64);
-                    }
-                    block
-                }
-            };
-            let next = if block.is_ok() { index + 1 } else { blocks };
-            Some((block, next))
-        }))
+        if !at_once {
+            self.foreground.quiet(QUIET).await;
+        }
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("background reads stopped".into()))?;
+        let client = blob.fetcher.client();
+        let fetch = client.get_blob_range(&blob.repo, &blob.digest, start, len);
+        let block = Stats::in_background(fetch).await?;
+        if let Some(disk) = disk {
+            disk.store_block_below(&blob.digest, blob.size, bs, index, block.clone())
+                .await;
+        }
+        Ok(block)
     }
 }

@@ -5,14 +5,15 @@
 //! within bounds (the disk cache keeps them too, a zTOC's once checked whole).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
-use super::background::Checks;
+use super::background::{Background, Fill};
 use super::generations::Generations;
+use super::index_check::Checks;
 use super::layer_blob::LayerBlob;
 use super::soci_found::{SociIndexes, ZtocHint};
 use super::watched::Watched;
@@ -21,7 +22,8 @@ use crate::fs::blob::BlockFetcher;
 use crate::fs::view::RegistryView;
 use crate::image::codec::Codec;
 use crate::image::content::{LayerContent, PieceCache, Readers, RefusalHook};
-use crate::image::index::{DISK_KIND, IndexSource, LayerIndex};
+use crate::image::index::{Content, DISK_KIND, IndexSource, LayerIndex};
+use crate::image::kept::KeptFiles;
 use crate::image::manifest::{ImageManifest, Layer};
 use crate::image::source::BlobSource;
 use crate::image::toc::TocRef;
@@ -82,6 +84,17 @@ pub struct Indexed {
     pub content: LayerContent,
     bytes: u64,
     stats: Arc<Stats>,
+    /// A TOC layer's blob being fetched in the background (background.rs).
+    fill: Option<Fill>,
+}
+
+impl Indexed {
+    /// A file of this layer, or of an image it is in, was opened.
+    pub fn opened(&self) {
+        if let Some(fill) = &self.fill {
+            fill.opened();
+        }
+    }
 }
 
 impl AsRef<LayerContent> for Indexed {
@@ -122,6 +135,7 @@ pub struct LayerIndexes {
     pub(super) soci: Option<Arc<SociIndexes>>,
     checks: Checks,
     generations: Arc<Generations>,
+    background: Arc<Background>,
 }
 
 /// What an indexing task needs, apart from the layer.
@@ -134,16 +148,19 @@ struct JobParts {
     soci: Option<Arc<SociIndexes>>,
     checks: Checks,
     generations: Arc<Generations>,
+    background: Arc<Background>,
     block_size: u64,
 }
 
 impl LayerIndexes {
     /// `shared_indexes`: use SOCI indexes (else `--verify-before-serving`); a refused
-    /// one moves the trees that used it to a new generation.
+    /// one moves the trees that used it to a new generation. `background_fetch`: TOC
+    /// layers are fetched whole in the background once used.
     pub fn new(
         view: Arc<RegistryView>,
         fetcher: BlockFetcher,
         shared_indexes: bool,
+        background_fetch: bool,
         generations: Arc<Generations>,
     ) -> LayerIndexes {
         let stats = view.client().stats().clone();
@@ -157,8 +174,10 @@ impl LayerIndexes {
         ));
         let disk = fetcher.disk().cloned();
         let soci = shared_indexes.then(|| Arc::new(SociIndexes::new(view.clone(), disk.clone())));
+        let background = Arc::new(Background::new(stats.clone(), background_fetch));
         LayerIndexes {
-            checks: Checks::new(disk, stats.clone()),
+            checks: Checks::new(disk, stats.clone(), background.clone()),
+            background,
             view,
             cache,
             fetcher,
@@ -220,17 +239,17 @@ impl LayerIndexes {
             soci: self.soci.clone(),
             checks: self.checks.clone(),
             generations: self.generations.clone(),
+            background: self.background.clone(),
             block_size: self.cache.block_size(),
         };
         let blob = self.blob(repo, &layer.digest, layer.size);
         let ztoc_blob = {
-            let (repo, cache, fetcher) = (repo.clone(), self.cache.clone(), self.fetcher.clone());
+            let (repo, this) = (repo.clone(), self.blob(repo, &layer.digest, 0));
             move |hint: &ZtocHint| LayerBlob {
-                repo,
                 digest: hint.ztoc.digest.clone(),
                 size: hint.ztoc.size,
-                cache,
-                fetcher,
+                repo,
+                ..this
             }
         };
         let task = index_job(
@@ -261,7 +280,13 @@ impl LayerIndexes {
             size,
             cache: self.cache.clone(),
             fetcher: self.fetcher.clone(),
+            foreground: self.background.foreground().clone(),
         }
+    }
+
+    /// The layer's index if it is in memory now (never indexing it).
+    pub fn peek(&self, layer: &Layer) -> Option<Arc<Indexed>> {
+        self.kept.peek(&IndexKey::of(layer))?.ok()
     }
 
     /// The descriptor of a layer by digest: from a manifest of the repository that
@@ -355,7 +380,7 @@ async fn make(
     };
     if let Some(index) = found.as_deref().and_then(LayerIndex::decode) {
         Stats::add(&stats.indexes_from_disk, 1);
-        return Ok(Ok(indexed(index, source, parts, key)));
+        return Ok(Ok(indexed(index, blob, parts, key)));
     }
     let hint = match (&parts.soci, &image) {
         (Some(soci), Some(image)) => soci
@@ -391,10 +416,9 @@ fn ready(
     if let (Some(why), Some(soci), Some(hint)) = (&index.soci_unused, &parts.soci, &hint) {
         soci.refuse(&hint.index, why);
     }
-    let source: Arc<dyn BlobSource> = Arc::new(blob.clone());
     if let IndexSource::Soci { checked, .. } = index.source {
         Stats::add(&stats.layers_from_index, 1);
-        let indexed = indexed(index, source, parts, key);
+        let indexed = indexed(index, blob.clone(), parts, key);
         if !checked {
             parts.checks.start(indexed.clone(), blob, key.disk_key());
         }
@@ -410,18 +434,14 @@ fn ready(
             disk.verified(&blob.digest, blob.size, parts.block_size);
         }
     }
-    indexed(index, source, parts, key)
+    indexed(index, blob, parts, key)
 }
 
-/// An index made ready for reads, counted in `index_bytes` while kept. A zTOC's is told
-/// how to refuse it: the index is remembered bad and this layer forgotten, so the
-/// next look reads the layer by a pass.
-fn indexed(
-    index: LayerIndex,
-    source: Arc<dyn BlobSource>,
-    parts: &JobParts,
-    key: &IndexKey,
-) -> Arc<Indexed> {
+/// An index made ready for reads, counted in `index_bytes` while kept; its decoded
+/// files kept in the disk cache (image/kept.rs), and a TOC layer's background fill
+/// started (background.rs). A zTOC's is told how to refuse it: the index is remembered
+/// bad and this layer forgotten, so the next look reads the layer by a pass.
+fn indexed(index: LayerIndex, blob: LayerBlob, parts: &JobParts, key: &IndexKey) -> Arc<Indexed> {
     let mut readers = parts.readers.clone();
     if let (IndexSource::Soci { .. }, Some(soci)) = (&index.source, &parts.soci) {
         let (soci, kept, key) = (soci.clone(), parts.kept.clone(), key.clone());
@@ -437,9 +457,26 @@ fn indexed(
     }
     let bytes = index.heap_bytes() as u64;
     Stats::add(&readers.stats.index_bytes, bytes);
+    // A pass, or the check of a zTOC's layer, held the whole blob against its digest.
+    let verified = matches!(
+        index.source,
+        IndexSource::Pass | IndexSource::Soci { checked: true, .. }
+    );
+    let whole = Arc::new(AtomicBool::new(verified));
+    let kept = parts.disk.as_ref().map(|disk| KeptFiles {
+        disk: disk.clone(),
+        layer: key.disk_key(),
+        whole: whole.clone(),
+    });
+    let source: Arc<dyn BlobSource> = Arc::new(blob.clone());
+    let fill = match &index.content {
+        Content::Chunks(map) => parts.background.fill(blob, map.prefetch_end, whole),
+        Content::Stream(_) => None,
+    };
     Arc::new(Indexed {
         stats: readers.stats.clone(),
-        content: LayerContent::new(Arc::new(index), source, readers),
+        content: LayerContent::new(Arc::new(index), source, readers).keeping(kept),
         bytes,
+        fill,
     })
 }

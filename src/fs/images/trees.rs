@@ -10,7 +10,8 @@
 //! kept in memory within bounds and rebuilt on demand (the same layers give the same
 //! node numbers, so inodes the kernel holds stay valid).
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::future::try_join_all;
 
@@ -32,6 +33,8 @@ const KEPT_TREES: usize = 64;
 const TREE_MEMORY: usize = 128 << 20;
 /// Image configs whose diff_ids are kept (the layer store's records).
 const KEPT_CONFIGS: usize = 1024;
+/// Images remembered as opened (their layers told so once); forgotten all at once.
+const OPENED_IMAGES: usize = 4096;
 
 /// Trees depend only on content, not on how they were reached: an image's on its
 /// manifest, a layer's on its index (the blob, and the TOC its descriptor announces).
@@ -52,6 +55,8 @@ pub struct Images {
     generations: Arc<Generations>,
     /// The diff_ids of image configs, by repository and config digest.
     pub(super) diff_ids: Memo<(RepoName, Digest), Arc<Vec<Digest>>>,
+    /// Image manifests a file was opened in, through one of their layers.
+    opened: Mutex<HashSet<(RepoName, Digest)>>,
 }
 
 /// What the command line decides about shared (SOCI) indexes (docs/SEMANTICS.md,
@@ -66,22 +71,61 @@ pub struct IndexOptions {
 }
 
 impl Images {
+    /// `background_fetch`: TOC layers are fetched whole in the background once used.
     pub fn new(
         view: Arc<RegistryView>,
         fetcher: BlockFetcher,
         platform: Platform,
         indexes: IndexOptions,
+        background_fetch: bool,
     ) -> Images {
         let generations = Arc::new(Generations::default());
         let shared = !indexes.verify_before_serving;
+        let layers = LayerIndexes::new(
+            view.clone(),
+            fetcher,
+            shared,
+            background_fetch,
+            generations.clone(),
+        );
         Images {
-            layers: LayerIndexes::new(view.clone(), fetcher, shared, generations.clone()),
+            layers,
             generations,
             publisher: indexes.publish.then(|| Publisher::new(view.clone())),
             view,
             platform,
             trees: Memo::new(KEPT_TREES, None).weighing(|t| t.tree.heap_bytes(), TREE_MEMORY),
             diff_ids: Memo::new(KEPT_CONFIGS, None),
+            opened: Mutex::default(),
+        }
+    }
+
+    /// A file under `root` was opened: a container started from its image. Its layers
+    /// (the image's, for a layer reached through its manifest) fetch the rest of their
+    /// blobs in the background (background.rs).
+    pub async fn opened(&self, root: &ImageRoot, tree: &ImageTree) {
+        tree.opened();
+        let manifest = match &root.of {
+            RootOf::ImageLayer(m, _) => m,
+            RootOf::StoreLayer(l) => &l.manifest,
+            RootOf::Tag(..) | RootOf::Image(_) | RootOf::Layer(_) => return,
+        };
+        let first = {
+            let mut opened = self.opened.lock().unwrap_or_else(PoisonError::into_inner);
+            if opened.len() >= OPENED_IMAGES {
+                opened.clear();
+            }
+            opened.insert((root.repo.clone(), manifest.clone()))
+        };
+        if !first {
+            return;
+        }
+        if let Ok(image) = self.resolve_image(&root.repo, manifest).await {
+            for layer in &image.layers {
+                if let Some(indexed) = self.layers.peek(layer) {
+                    indexed.opened();
+                }
+            }
         }
     }
 

@@ -155,7 +155,11 @@ impl ImageDirs {
         match path {
             ImagePath::Inside(root, id, Kind::File) => {
                 let tree = self.tree(root).await?;
-                Ok(Opening::of(OpenFile::Image(tree, *id), true))
+                self.images.opened(root, &tree).await;
+                let local_file = tree.local_file(*id).await;
+                let mut opening = Opening::of(OpenFile::Image(tree, *id), true);
+                opening.local_file = local_file;
+                Ok(opening)
             }
             ImagePath::Inside(..) => Err(Errno::EINVAL),
             _ => Err(Errno::EISDIR),

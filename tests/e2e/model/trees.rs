@@ -303,6 +303,7 @@ pub fn direct_fs(url: &str, allow_delete: bool) -> Direct {
         read_only: false,
         allow_delete,
         platform: Platform::host(),
+        background_fetch: true,
         indexes: Default::default(),
     };
     let fs = Fs::new(client, cache, None, options);
