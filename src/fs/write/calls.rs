@@ -255,8 +255,10 @@ impl Fs {
         }
         let what = Deletion::of(&node).ok_or(Errno::EPERM)?;
         self.deletes.delete(&node, &what).await?;
-        if let Deletion::Untag(repo, tag) = what {
-            self.overlay.make_tag_dir(&repo, &tag);
+        match what {
+            Deletion::Untag(repo, tag) => self.overlay.make_tag_dir(&repo, &tag),
+            Deletion::Blob(repo, digest) => self.overlay.blob_deleted(&repo, &digest),
+            Deletion::Manifest(..) => {}
         }
         Ok(())
     }

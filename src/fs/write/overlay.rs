@@ -21,6 +21,10 @@ pub struct Overlay {
     /// `ln`): the registry cannot list a repository's blobs, so these are listed in
     /// `blobs/` from here.
     pushed_blobs: Mutex<HashSet<(RepoName, Digest)>>,
+    /// Blobs deleted through this mount (`rm blobs/<digest>`) and not pushed since: no
+    /// longer listed, whatever `uploads/` link still names them (docs/SEMANTICS.md,
+    /// "Deletes").
+    deleted_blobs: Mutex<HashSet<(RepoName, Digest)>>,
     /// Repository (and namespace) paths made with mkdir, not yet pushed to.
     dirs: Mutex<BTreeSet<String>>,
     tag_dirs: Mutex<HashSet<(RepoName, Tag)>>,
@@ -37,6 +41,7 @@ impl Overlay {
     /// Names blob `digest` of `repo` as `uploads/<name>` (a commit of that name, or a
     /// restored backup recreating the link).
     pub fn add_link(&self, repo: &RepoName, name: &str, digest: Digest) {
+        lock(&self.deleted_blobs).remove(&(repo.clone(), digest.clone()));
         lock(&self.links).insert((repo.clone(), name.to_owned()), digest);
     }
 
@@ -55,11 +60,12 @@ impl Overlay {
 
     /// The blobs pushed into `repo` through this mount, and those its `uploads/` links
     /// point at: listed in `blobs/` too, so that a backup of the repository holds what
-    /// was put there and what its links point at.
+    /// was put there and what its links point at. Not those deleted since.
     pub fn linked_blobs(&self, repo: &RepoName) -> Vec<Digest> {
+        let deleted = lock(&self.deleted_blobs);
         let mut blobs: Vec<Digest> = lock(&self.links)
             .iter()
-            .filter(|((r, _), _)| r == repo)
+            .filter(|((r, _), d)| r == repo && !deleted.contains(&(r.clone(), (*d).clone())))
             .map(|(_, d)| d.clone())
             .collect();
         blobs.extend(
@@ -72,7 +78,14 @@ impl Overlay {
     }
 
     pub fn blob_pushed(&self, repo: &RepoName, digest: &Digest) {
+        lock(&self.deleted_blobs).remove(&(repo.clone(), digest.clone()));
         lock(&self.pushed_blobs).insert((repo.clone(), digest.clone()));
+    }
+
+    /// `rm blobs/<digest>` deleted the blob from the registry: `blobs/` stops listing it.
+    pub fn blob_deleted(&self, repo: &RepoName, digest: &Digest) {
+        lock(&self.pushed_blobs).remove(&(repo.clone(), digest.clone()));
+        lock(&self.deleted_blobs).insert((repo.clone(), digest.clone()));
     }
 
     pub fn has_dir(&self, path: &str) -> bool {
