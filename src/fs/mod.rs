@@ -369,8 +369,16 @@ impl Fs {
                     errno::fail(&node, e)
                 }),
             OpenFile::Write(_) => Err(Errno::EINVAL),
-            OpenFile::Image(tree, id) => {
-                tree.read(id, offset, u64::from(size)).await.map_err(|e| {
+            OpenFile::Image(tree, id, object) => {
+                let read = tree.read(id, offset, u64::from(size)).await;
+                if let Ok(bytes) = &read {
+                    self.view
+                        .client()
+                        .stats()
+                        .recent
+                        .read(&object, bytes.len() as u64);
+                }
+                read.map_err(|e| {
                     warn!(
                         offset,
                         size, "read of an image file (node {id}) failed: {e}"

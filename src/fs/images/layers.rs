@@ -458,7 +458,10 @@ fn indexed(index: LayerIndex, blob: LayerBlob, parts: &JobParts, key: &IndexKey)
     let bytes = index.heap_bytes() as u64;
     Stats::add(&readers.stats.index_bytes, bytes);
     // A pass, or the check of a zTOC's layer, held the whole blob against its digest.
-    let verified = matches!(index.source, IndexSource::Pass | IndexSource::Soci { checked: true, .. });
+    let verified = matches!(
+        index.source,
+        IndexSource::Pass | IndexSource::Soci { checked: true, .. }
+    );
     let whole = Arc::new(AtomicBool::new(verified));
     let kept = parts.disk.as_ref().map(|disk| KeptFiles {
         disk: disk.clone(),
