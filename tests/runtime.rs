@@ -7,7 +7,13 @@ mod common;
 mod conformance;
 #[path = "runtime/containerd.rs"]
 mod containerd;
+#[path = "runtime/contents.rs"]
+mod contents;
+#[path = "runtime/faults.rs"]
+mod faults;
 #[path = "runtime/harness.rs"]
 mod harness;
+#[path = "runtime/hosts.rs"]
+mod hosts;
 #[path = "runtime/remote.rs"]
 mod remote;
