@@ -13,6 +13,7 @@ pub mod deadline;
 mod errno;
 mod handles;
 mod images;
+mod read_failures;
 mod tree;
 mod view;
 mod write;
@@ -31,6 +32,7 @@ use crate::registry::{RegistryClient, RepoName};
 use blob::{BlobReads, BlockFetcher};
 use handles::Handles;
 use images::Images;
+use read_failures::ReadFailures;
 use tree::node::StorePath;
 use tree::{
     ControlFiles, ImageDirs, InodeTable, LayerStore, Node, OpenFile, Opening, RegistryDirs,
@@ -66,6 +68,8 @@ pub struct Fs {
     inodes: Mutex<InodeTable>,
     open_dirs: Handles<Arc<Vec<DirEntry>>>,
     open_files: Handles<OpenFile>,
+    /// Open image files whose last read found the registry silent.
+    read_failures: ReadFailures,
 }
 
 /// What the command line decides about the tree.
@@ -140,6 +144,7 @@ impl Fs {
             inodes: Mutex::new(InodeTable::default()),
             open_dirs: Handles::new(),
             open_files: Handles::new(),
+            read_failures: ReadFailures::default(),
         }
     }
 
@@ -358,11 +363,15 @@ impl Fs {
                 }),
             OpenFile::Write(_) => Err(Errno::EINVAL),
             OpenFile::Image(tree, id) => {
+                if let Some(errno) = self.read_failures.recent(fh) {
+                    return Err(errno);
+                }
                 tree.read(id, offset, u64::from(size)).await.map_err(|e| {
                     warn!(
                         offset,
                         size, "read of an image file (node {id}) failed: {e}"
                     );
+                    self.read_failures.failed(fh, &e);
                     Errno(e.errno())
                 })
             }
@@ -371,6 +380,7 @@ impl Fs {
 
     pub fn release(&self, fh: u64) {
         self.open_files.remove(fh);
+        self.read_failures.forget(fh);
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {

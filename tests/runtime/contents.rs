@@ -10,12 +10,14 @@
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use super::common::images::{
     Containerd as Converter, GZIP_LAYER, add_layer, set_xattr, umoci_unpack, xattrs,
 };
 use super::common::{Layout, Registry, get_manifest, noise, run};
 use super::containerd::Rig;
+use super::harness::wait_until;
 
 const REPO: &str = "t/rich";
 /// The chunk size ctr-remote cuts files into.
@@ -185,7 +187,12 @@ fn check_format(rig: &Rig, tag: &str, expected_root: &Path, expected: &str) {
     ctr.start_sleeper(&image, &id);
     let toc = tag != "gzip";
     if toc {
-        let stats = rig.snapshotter.mount_stats(&host);
+        // A fetch is counted once done, and the start may not wait for all of one.
+        let mut stats = serde_json::Value::Null;
+        wait_until(Duration::from_secs(30), "the start's fetches to end", || {
+            stats = rig.snapshotter.mount_stats(&host);
+            stats["in_flight"] == 0
+        });
         let moved = foreground_bytes(&stats) - before;
         eprintln!("{tag}: pull and start moved {moved} of {image_bytes} bytes");
         assert!(
