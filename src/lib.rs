@@ -12,3 +12,4 @@ pub mod passthrough;
 pub mod registry;
 pub mod runtime;
 pub mod stats;
+pub mod status;

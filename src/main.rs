@@ -113,6 +113,22 @@ enum Command {
     /// served lazily from regfs mounts instead of being downloaded and unpacked
     #[command(after_help = SNAPSHOTTER_HELP)]
     Snapshotter(Box<SnapshotterArgs>),
+    /// What a mount (or every regfs mount) is doing: registry, cache and disk use
+    /// against their budgets, bytes fetched vs read, layers being indexed, fallbacks,
+    /// errors. Exit status 1 when a mount is dead or does not answer
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The mount to show (default: every regfs mount)
+    mountpoint: Option<PathBuf>,
+    /// Show it again every SECS seconds (default 2) until interrupted
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<u64>,
+    /// The raw counters of /.regfs/stats as JSON, keyed by mount point
+    #[arg(long)]
+    json: bool,
 }
 
 const SNAPSHOTTER_HELP: &str = "\
@@ -523,6 +539,17 @@ fn main() -> ExitCode {
                 .and_then(|()| runtime::run(snapshotter_config(*args, cli.verbose)));
             return match result {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("regfs: {msg}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Status(args) => {
+            let every = args.watch.map(|s| Duration::from_secs(s.max(1)));
+            return match regfs::status::run(args.mountpoint.as_deref(), args.json, every) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
                 Err(msg) => {
                     eprintln!("regfs: {msg}");
                     ExitCode::FAILURE
