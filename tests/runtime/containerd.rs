@@ -19,7 +19,8 @@ pub struct Snapshotter {
     child: Option<Child>,
     pub root: PathBuf,
     pub socket: PathBuf,
-    hosts: PathBuf,
+    /// Its `--hosts-dir`.
+    pub hosts: PathBuf,
     cache: PathBuf,
     log: PathBuf,
     timeout: &'static str,

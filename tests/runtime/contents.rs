@@ -189,10 +189,14 @@ fn check_format(rig: &Rig, tag: &str, expected_root: &Path, expected: &str) {
     if toc {
         // A fetch is counted once done, and the start may not wait for all of one.
         let mut stats = serde_json::Value::Null;
-        wait_until(Duration::from_secs(30), "the start's fetches to end", || {
-            stats = rig.snapshotter.mount_stats(&host);
-            stats["in_flight"] == 0
-        });
+        wait_until(
+            Duration::from_secs(30),
+            "the start's fetches to end",
+            || {
+                stats = rig.snapshotter.mount_stats(&host);
+                stats["in_flight"] == 0
+            },
+        );
         let moved = foreground_bytes(&stats) - before;
         eprintln!("{tag}: pull and start moved {moved} of {image_bytes} bytes");
         assert!(

@@ -102,27 +102,19 @@ fn a_silent_registry_fails_reads_with_eio_and_not_the_snapshotter() {
     assert_eq!(said(&exec(ctr, &id, "e1", "cat /data/one")), "one\n");
 
     proxy.set_stall_all(true);
-    {
-        let host_mount = rig.snapshotter.root.join("mounts").join(rig.host());
-        let dirs = std::process::Command::new("sh").arg("-c").arg(format!("ls -d {}/../../snapshots/*/fs/data", host_mount.display())).output().unwrap();
-        eprintln!("DIRS {}", String::from_utf8_lossy(&dirs.stdout));
-        for d in String::from_utf8_lossy(&dirs.stdout).lines() {
-            for f in ["later"] {
-                let p = std::path::Path::new(d).join(f);
-                if !p.exists() { continue; }
-                let t = Instant::now();
-                let r = std::fs::read(&p);
-                eprintln!("HOST read {} -> {:?} after {:?}", p.display(), r.map(|b| b.len()), t.elapsed());
-                let t = Instant::now();
-                let r = std::process::Command::new("dd").arg(format!("if={}", p.display())).args(["bs=4096","count=1","of=/dev/null"]).output().unwrap();
-                eprintln!("HOST dd {} -> {:?} after {:?}", p.display(), String::from_utf8_lossy(&r.stderr), t.elapsed());
-            }
-        }
-    }
     let started = Instant::now();
-    let out = exec(ctr, &id, "e2", &format!("busybox time cat /{UNREAD} > /dev/null; busybox time cat /data/two"));
+    // busybox's `time` says how long the read took inside the container (printed).
+    let out = exec(
+        ctr,
+        &id,
+        "e2",
+        &format!("busybox time cat /{UNREAD} > /dev/null"),
+    );
     let took = started.elapsed();
-    eprintln!("a read from a silent registry failed after {took:?}: {}", said(&out).trim());
+    eprintln!(
+        "a read from a silent registry failed after {took:?}: {}",
+        said(&out).trim()
+    );
     assert!(!out.status.success(), "read from a silent registry");
     assert!(
         said(&out).contains("I/O error") || said(&out).contains("Input/output error"),
@@ -133,8 +125,6 @@ fn a_silent_registry_fails_reads_with_eio_and_not_the_snapshotter() {
         took < TIMEOUT + SLACK,
         "the read failed after {took:?}; --timeout is {TIMEOUT:?}"
     );
-    let mlog = std::fs::read_to_string(rig.snapshotter.root.join("logs").join(format!("{}.log", rig.host()))).unwrap();
-    eprintln!("MOUNTLOG {}", mlog.lines().filter(|l| l.contains("read") || l.contains("EIO")).collect::<Vec<_>>().join("\nMOUNTLOG "));
     snapshotter_stays_up(&mut rig, &gzip);
 
     proxy.set_stall_all(false);

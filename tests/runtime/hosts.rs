@@ -52,11 +52,14 @@ fn every_ca_and_a_mirrors_skip_verify_are_applied() {
     };
     let rig = Rig::start_for(registry, setup);
     let ctr = rig.ctr();
-    // containerd itself does not verify the registry (-k): the test is the snapshotter's.
+    // containerd reads the same hosts.toml (else it speaks plain HTTP to a loopback
+    // registry).
+    let hosts_dir = rig.snapshotter.hosts.display().to_string();
     ctr.ctr_ok(&[
         "image",
         "rpull",
-        "--skip-verify",
+        "--hosts-dir",
+        &hosts_dir,
         "--snapshotter",
         "regfs",
         &image,

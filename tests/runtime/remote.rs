@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::common::{Layout, Registry, get_manifest, run};
+use super::common::{Layout, Registry, run};
 use super::containerd::{Rig, cgroup_of, cgroup2_root};
 use super::harness::{GoBuild, go_build, wait_until};
 
@@ -57,7 +57,8 @@ pub fn push_image_with(registry: &Registry, more: &[(&str, Vec<u8>)]) -> (String
         }
     });
     layout.push("app", registry, &format!("{REPO}:v1"));
-    let (_, _, bytes) = get_manifest(registry, REPO, "v1");
+    // From the layout (pushed with its digests kept): the registry may be on TLS.
+    let bytes = layout.blob(&layout.manifest_digest("app"));
     let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     let layers = manifest["layers"]
         .as_array()
