@@ -17,3 +17,5 @@ mod harness;
 mod hosts;
 #[path = "runtime/remote.rs"]
 mod remote;
+#[path = "runtime/rich_image.rs"]
+mod rich_image;

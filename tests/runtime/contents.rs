@@ -1,27 +1,33 @@
-//! What a container sees of an image served by regfs, for every format `ctr-remote`
-//! pulls lazily: a two-layer gzip image with a whiteout, an opaque directory, a
-//! hardlink, symlinks, xattrs and a file of several chunks and a remainder, and its
-//! eStargz and zstd:chunked conversions (`ctr-remote image convert`). Each is pulled
-//! with `ctr-remote image rpull` (containerd downloads no layer) and listed from inside
-//! a container (modes, owners, sizes, link counts and targets, SHA-256 of every file)
-//! as `umoci unpack` of the original makes it; xattrs are read through the container's
-//! root filesystem. A TOC image's start moves a small part of its bytes.
+//! What a container sees of an image served by regfs, for every format it pulls
+//! lazily: the three-layer gzip image of rich_image.rs (odd sizes, hardlinks,
+//! symlinks, xattrs, whiteouts of a file and of a directory tree, an opaque
+//! directory) and its eStargz and zstd:chunked conversions (`ctr-remote image
+//! convert`). Each is pulled with `ctr-remote image rpull` and with CRI's labels
+//! (containerd's own unpack with `pkg/snapshotters`, as the CRI plugin does it):
+//! containerd downloads no layer, and a container lists (modes, owners, sizes, link
+//! counts and targets, SHA-256 of every file) what `umoci unpack` of the original
+//! makes; xattrs are read through the container's root filesystem. A TOC image's
+//! start moves a small part of its bytes.
 
-use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use super::common::images::{
-    Containerd as Converter, GZIP_LAYER, add_layer, set_xattr, umoci_unpack, xattrs,
-};
-use super::common::{Layout, Registry, get_manifest, noise, run};
+use super::common::images::{Containerd as Converter, umoci_unpack, xattrs};
+use super::common::{Layout, Registry, get_manifest, run};
 use super::containerd::Rig;
-use super::harness::wait_until;
+use super::harness::{GoBuild, go_build, wait_until};
+use super::rich_image;
 
 const REPO: &str = "t/rich";
-/// The chunk size ctr-remote cuts files into.
-const CHUNK: usize = 4 << 20;
+
+/// How an image comes to the snapshotter.
+enum Pull<'a> {
+    /// `ctr-remote image rpull`: stargz-snapshotter's labels.
+    Rpull,
+    /// tests/go/cri_pull (this binary): CRI's `containerd.io/snapshot/cri.*` labels.
+    Cri(&'a Path),
+}
 
 /// Lists the tree under the working directory with busybox alone (so the same
 /// command runs on the host and in the image): each path with its mode (hex, type
@@ -33,87 +39,6 @@ const LISTING: &str = r#"busybox find . -mindepth 1 \( -path ./proc -o -path ./s
   else echo "$p $(busybox stat -c '%f %u:%g %s %h' "$p") $(busybox sha256sum "$p" | busybox cut -d' ' -f1)"
   fi
 done"#;
-
-fn write(root: &Path, rel: &str, data: &[u8]) -> PathBuf {
-    let path = root.join(rel);
-    std::fs::create_dir_all(path.parent().expect("a parent")).unwrap();
-    std::fs::write(&path, data).unwrap();
-    path
-}
-
-/// The first layer's files: busybox (and the applets a container starts with), the
-/// files the second layer deletes or hides, and one of each kind the issue names.
-fn first_layer(root: &Path) {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("busybox-static (scripts/setup.sh)");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "sleep", "cat"] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    let hello = write(root, "etc/hello.txt", b"hello from the image\n");
-    set_xattr(&hello, "user.note", b"kept by PAX");
-    set_xattr(&hello, "user.binary", &[0, 1, 2, 255]);
-    write(root, "etc/gone.txt", b"deleted by the second layer\n");
-    write(root, "opt/old/one", b"hidden by the opaque directory\n");
-    write(root, "opt/old/two", b"hidden too\n");
-    // Three chunks and a remainder.
-    let several = write(root, "data/several", &noise(3 * CHUNK + 12_345, 7));
-    std::fs::set_permissions(&several, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let one = write(root, "data/hard1", b"one inode, two names\n");
-    std::fs::hard_link(&one, root.join("data/hard2")).unwrap();
-    write(root, "data/empty", b"");
-    std::fs::create_dir_all(root.join("links")).unwrap();
-    symlink("../etc/hello.txt", root.join("links/relative")).unwrap();
-    symlink("/etc/hello.txt", root.join("links/absolute")).unwrap();
-    symlink("/nowhere/at/all", root.join("links/dangling")).unwrap();
-    let secret = write(root, "home/user/secret", b"owned by 1000\n");
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::lchown(&secret, Some(1000), Some(1000)).unwrap();
-}
-
-/// The second layer, written by Python's tarfile (umoci writes no opaque whiteouts):
-/// `etc/gone.txt` deleted, `opt/` made opaque with one new file, a file added.
-fn second_layer(dir: &Path) -> (Vec<u8>, Vec<u8>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let script = r#"
-import io, sys, tarfile, gzip
-entries = [("etc/.wh.gone.txt", b""), ("opt/.wh..wh..opq", b""),
-           ("opt/fresh.txt", b"after the opaque whiteout\n"), ("etc/added.txt", b"from the second layer\n")]
-buf = io.BytesIO()
-with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-    for name, data in entries:
-        info = tarfile.TarInfo(name); info.size = len(data); info.mode = 0o644; info.mtime = 1700000000
-        tar.addfile(info, io.BytesIO(data))
-open(sys.argv[1] + "/second.tar", "wb").write(buf.getvalue())
-open(sys.argv[1] + "/second.tar.gz", "wb").write(gzip.compress(buf.getvalue()))
-"#;
-    run(Command::new("python3").args(["-c", script]).arg(dir));
-    (
-        std::fs::read(dir.join("second.tar")).unwrap(),
-        std::fs::read(dir.join("second.tar.gz")).unwrap(),
-    )
-}
-
-/// The image, tagged `rich` in `layout`.
-fn build_image(layout: &Layout) {
-    let image = format!("{}:rich", layout.oci_dir().display());
-    let bundle = layout.scratch("bundle-rich");
-    run(Command::new("umoci").args(["new", "--image", &image]));
-    run(Command::new("umoci")
-        .args(["unpack", "--image", &image])
-        .arg(&bundle));
-    first_layer(&bundle.join("rootfs"));
-    run(Command::new("umoci")
-        .args(["repack", "--image", &image])
-        .arg(&bundle));
-    layout.set_platform("rich", "amd64");
-    let (tar, gz) = second_layer(&layout.scratch("second"));
-    add_layer(layout, "rich", &tar, &gz, GZIP_LAYER);
-    std::fs::remove_dir_all(&bundle).unwrap();
-}
 
 /// [`LISTING`] of `root` on the host.
 fn listing_of(root: &Path) -> String {
@@ -159,51 +84,80 @@ fn assert_same_xattrs(listing: &str, expected: &Path, actual: &Path, what: &str)
     }
 }
 
-/// rpull of `tag`, then a container: no layer downloaded, the tree as `expected`
+/// Pulls `image` into the snapshotter `how` says; containerd downloads none of
+/// `layers`.
+fn pull(rig: &Rig, image: &str, how: &Pull, layers: &[(String, u64)]) {
+    let ctr = rig.ctr();
+    match how {
+        Pull::Rpull => {
+            ctr.ctr_ok(&[
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "regfs",
+                image,
+            ]);
+        }
+        Pull::Cri(cri_pull) => {
+            run(Command::new("timeout")
+                .arg("120")
+                .arg(cri_pull)
+                .arg(ctr.address())
+                .arg("regfs")
+                .arg(image));
+        }
+    }
+    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
+    for (layer, _) in layers {
+        assert!(
+            !content.contains(layer.as_str()),
+            "{image}: layer {layer} downloaded"
+        );
+    }
+}
+
+/// A TOC image's pull and start moved less than a quarter of its bytes (read from
+/// `before`), and every TOC was used.
+fn assert_moved_little(rig: &Rig, what: &str, before: u64, image_bytes: u64) {
+    // A fetch is counted once done, and the start may not wait for all of one.
+    let mut stats = serde_json::Value::Null;
+    wait_until(
+        Duration::from_secs(30),
+        "the start's fetches to end",
+        || {
+            stats = rig.snapshotter.mount_stats(&rig.host());
+            stats["in_flight"] == 0
+        },
+    );
+    let moved = foreground_bytes(&stats) - before;
+    eprintln!("{what}: pull and start moved {moved} of {image_bytes} bytes");
+    assert!(
+        moved < image_bytes / 4,
+        "{what}: pull and start moved {moved} bytes of a {image_bytes}-byte image: {stats}"
+    );
+    assert_eq!(stats["images"]["toc_unused"], 0, "{what}: {stats}");
+}
+
+/// A pull of `tag`, then a container: no layer downloaded, the tree as `expected`
 /// lists it, and for a TOC image a start that moved little.
-fn check_format(rig: &Rig, tag: &str, expected_root: &Path, expected: &str) {
+fn check_format(rig: &Rig, tag: &str, how: &Pull, expected_root: &Path, expected: &str) {
     let (ctr, host) = (rig.ctr(), rig.host());
     let image = format!("{host}/{REPO}:{tag}");
+    let what = match how {
+        Pull::Rpull => format!("{tag} (rpull)"),
+        Pull::Cri(_) => format!("{tag} (CRI labels)"),
+    };
     let layers = layers_of(&rig.registry, tag);
     let image_bytes: u64 = layers.iter().map(|(_, size)| size).sum();
     let before = foreground_bytes(&rig.snapshotter.mount_stats(&host));
-    ctr.ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "regfs",
-        &image,
-    ]);
-    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
-    for (layer, _) in &layers {
-        assert!(
-            !content.contains(layer.as_str()),
-            "{tag}: layer {layer} downloaded"
-        );
-    }
+    pull(rig, &image, how, &layers);
 
-    let id = rig.id(tag);
+    let id = rig.id(&format!("{tag}-{}", matches!(how, Pull::Cri(_))));
     ctr.start_sleeper(&image, &id);
     let toc = tag != "gzip";
     if toc {
-        // A fetch is counted once done, and the start may not wait for all of one.
-        let mut stats = serde_json::Value::Null;
-        wait_until(
-            Duration::from_secs(30),
-            "the start's fetches to end",
-            || {
-                stats = rig.snapshotter.mount_stats(&host);
-                stats["in_flight"] == 0
-            },
-        );
-        let moved = foreground_bytes(&stats) - before;
-        eprintln!("{tag}: pull and start moved {moved} of {image_bytes} bytes");
-        assert!(
-            moved < image_bytes / 4,
-            "{tag}: pull and start moved {moved} bytes of a {image_bytes}-byte image: {stats}"
-        );
-        assert_eq!(stats["images"]["toc_unused"], 0, "{tag}: {stats}");
+        assert_moved_little(rig, &what, before, image_bytes);
     }
     let script = format!("cd / && {LISTING}");
     let seen = ctr.ctr_ok(&[
@@ -216,11 +170,11 @@ fn check_format(rig: &Rig, tag: &str, expected_root: &Path, expected: &str) {
         "-c",
         &script,
     ]);
-    assert_lines_eq(expected, &seen, tag);
-    assert_same_xattrs(expected, expected_root, &ctr.rootfs(&id), tag);
+    assert_lines_eq(expected, &seen, &what);
+    assert_same_xattrs(expected, expected_root, &ctr.rootfs(&id), &what);
     if toc {
         let stats = rig.snapshotter.mount_stats(&host);
-        assert_eq!(stats["images"]["toc_unused"], 0, "{tag}: {stats}");
+        assert_eq!(stats["images"]["toc_unused"], 0, "{what}: {stats}");
     }
     ctr.kill_task(&id);
     // Its snapshots go with it (the next format's layers could share chain IDs), and
@@ -229,7 +183,7 @@ fn check_format(rig: &Rig, tag: &str, expected_root: &Path, expected: &str) {
     assert_eq!(
         rig.snapshotter.mounts(),
         [format!("mounts/{host}")],
-        "{tag}"
+        "{what}"
     );
 }
 
@@ -244,10 +198,11 @@ fn assert_lines_eq(expected: &str, seen: &str, what: &str) {
 }
 
 #[test]
-fn rpull_of_gzip_estargz_and_zstd_chunked_shows_the_umoci_tree() {
+fn gzip_estargz_and_zstd_chunked_by_rpull_and_cri_show_the_umoci_tree() {
+    let cri_pull = go_build("cri_pull", GoBuild::Program);
     let rig = Rig::start();
     let layout = Layout::new();
-    build_image(&layout);
+    rich_image::build(&layout, "rich");
     layout.push("rich", &rig.registry, &format!("{REPO}:gzip"));
     let host = rig.host();
     let converter = Converter::start();
@@ -262,19 +217,16 @@ fn rpull_of_gzip_estargz_and_zstd_chunked_shows_the_umoci_tree() {
     let unpacked = tempfile::tempdir().unwrap();
     let expected_root = umoci_unpack(&layout, "rich", &unpacked.path().join("bundle"));
     let expected = listing_of(&expected_root);
-    for needed in ["./etc/.wh", "./opt/old", "./etc/gone.txt"] {
-        assert!(
-            !expected.contains(needed),
-            "umoci applied the whiteouts: {expected}"
-        );
-    }
-    assert!(expected.contains("./opt/fresh.txt") && expected.contains("./data/hard2"));
+    rich_image::assert_cases_present(&expected);
 
-    for tag in ["esgz", "zchunk", "gzip"] {
-        check_format(&rig, tag, &expected_root, &expected);
+    for how in [Pull::Rpull, Pull::Cri(&cri_pull)] {
+        for tag in ["esgz", "zchunk", "gzip"] {
+            check_format(&rig, tag, &how, &expected_root, &expected);
+        }
     }
     let stats = rig.snapshotter.stats();
-    assert_eq!(stats["remote_snapshots"], 6, "{stats}");
+    // Three layers, three formats, two ways.
+    assert_eq!(stats["remote_snapshots"], 18, "{stats}");
     assert_eq!(stats["fallbacks"], 0, "{stats}");
     rig.snapshotter.assert_private();
 }
