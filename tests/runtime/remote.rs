@@ -284,6 +284,23 @@ fn a_layer_regfs_cannot_serve_falls_back_visibly() {
     assert_eq!(out, "one\n");
 }
 
+/// What `ctr snapshots ls` and `info` say of every snapshot of the snapshotter: kind,
+/// parent, labels and times, which a restart must not change.
+fn snapshot_metadata(rig: &Rig) -> Vec<String> {
+    let ctr = rig.ctr();
+    let listed = ctr.ctr_ok(&["snapshots", "--snapshotter", "regfs", "ls"]);
+    let mut seen = vec![listed.clone()];
+    for key in listed
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        seen.push(ctr.ctr_ok(&["snapshots", "--snapshotter", "regfs", "info", key]));
+    }
+    assert!(seen.len() >= 3, "two layers and a container: {listed}");
+    seen
+}
+
 #[test]
 fn a_running_container_outlives_a_snapshotter_restart() {
     let mut rig = Rig::start();
@@ -323,6 +340,7 @@ fn a_running_container_outlives_a_snapshotter_restart() {
         }
     }
 
+    let metadata = snapshot_metadata(&rig);
     rig.snapshotter.stop();
     // Down: the container still reads a file it had not read.
     assert_eq!(exec(&rig, "e2", "/data/two"), "two\n");
@@ -334,6 +352,8 @@ fn a_running_container_outlives_a_snapshotter_restart() {
     );
     assert_eq!(exec(&rig, "e3", "/data/later"), "read after a restart\n");
     rig.ctr().wait_for_snapshotter();
+    // Its metadata survived: the same snapshots, kinds, parents and labels.
+    assert_eq!(snapshot_metadata(&rig), metadata);
     // And the restarted snapshotter serves new containers from the same mount.
     let out = rig.ctr().ctr_ok(&[
         "run",
