@@ -1,7 +1,10 @@
 //! Registries as containerd's hosts.toml describes them, through a real containerd: a
 //! registry on TLS whose CA is the second of two `ca` files (every one is trusted, in
 //! one bundle of the snapshotter's own), and a mirror on TLS that no CA vouches for,
-//! marked `skip_verify` (its answers used all the same, checked by digest).
+//! marked `skip_verify` (its answers used all the same, checked by digest). And the
+//! other side: a CA that did not sign the registry is not trusted (every layer falls
+//! back, counted, with the certificate named in the log), while `skip_verify` with no
+//! CA serves them.
 
 use std::path::Path;
 
@@ -106,4 +109,137 @@ fn every_ca_and_a_mirrors_skip_verify_are_applied() {
         );
     }
     rig.snapshotter.assert_private();
+}
+
+/// A hosts dir of containerd's own for `host`, trusting `ca` (the snapshotter's may
+/// say otherwise: the test is the snapshotter's).
+fn containerd_hosts(dir: &Path, host: &str, ca: &Path) -> String {
+    let host_dir = dir.join(host);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    // containerd 1.6 reads no hosts.toml without a [host] table.
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"https://{host}\"\nca = \"{ca}\"\n[host.\"https://{host}\"]\n  \
+             capabilities = [\"pull\", \"resolve\"]\n  ca = \"{ca}\"\n",
+            ca = ca.display()
+        ),
+    )
+    .unwrap();
+    dir.display().to_string()
+}
+
+/// rpull of `image` by a containerd that trusts `ca`.
+fn rpull_trusting(rig: &Rig, image: &str, ca: &Path) {
+    let hosts = containerd_hosts(&rig.dir.path().join("ctr-hosts"), &rig.host(), ca);
+    rig.ctr().ctr_ok(&[
+        "image",
+        "rpull",
+        "--hosts-dir",
+        &hosts,
+        "--snapshotter",
+        "regfs",
+        image,
+    ]);
+}
+
+#[test]
+fn only_the_named_cas_are_trusted_and_skip_verify_trusts_any() {
+    prerequisites();
+    require_auth_tools();
+    let (decoy, ours) = (Pki::new(), Pki::new());
+    let tls = |storage| {
+        Registry::start_with(&RegistryOptions {
+            tls: Some(ours.server()),
+            storage,
+            ..RegistryOptions::default()
+        })
+    };
+    // The registry's storage outlives it: a second one serves it later.
+    let storage = tempfile::tempdir().unwrap();
+    let registry = tls(Some(storage.path().to_owned()));
+    let (_, layers) = push_two_layer_image(&registry);
+
+    // A CA that did not sign the registry's certificate: no mount, so every layer falls
+    // back, counted, and the container runs from containerd's download.
+    let hosts_toml = format!(
+        "server = \"https://{}\"\nca = \"{}\"\n",
+        registry.addr,
+        decoy.ca().display()
+    );
+    let rig = Rig::start_for(
+        registry,
+        Setup {
+            hosts_toml,
+            timeout: "10s",
+        },
+    );
+    let image = format!("{}/t/app:v1", rig.host());
+    rpull_trusting(&rig, &image, &ours.ca());
+    assert_eq!(counter(&rig, &["remote_snapshots"]), 0);
+    assert_eq!(
+        counter(&rig, &["fallback_reasons", "mount_failed"]),
+        2,
+        "{}",
+        rig.snapshotter.log()
+    );
+    // The log says why: the mount's own verdict, passed on.
+    let log = rig.snapshotter.log();
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    let content = rig.ctr().ctr_ok(&["content", "ls", "-q"]);
+    assert!(
+        layers.iter().all(|l| content.contains(l.as_str())),
+        "{content}"
+    );
+    let out = rig.ctr().ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "regfs",
+        &image,
+        &rig.id("u1"),
+        "cat",
+        "/data/two",
+    ]);
+    assert_eq!(out, "two\n");
+    drop(rig);
+
+    // skip_verify and no CA: served by regfs.
+    let registry = tls(Some(storage.path().to_owned()));
+    let hosts_toml = format!(
+        "server = \"https://{}\"\nskip_verify = true\n",
+        registry.addr
+    );
+    let rig = Rig::start_for(
+        registry,
+        Setup {
+            hosts_toml,
+            timeout: "10s",
+        },
+    );
+    let image = format!("{}/t/app:v1", rig.host());
+    rpull_trusting(&rig, &image, &ours.ca());
+    assert_eq!(
+        counter(&rig, &["remote_snapshots"]),
+        2,
+        "{}",
+        rig.snapshotter.log()
+    );
+    assert_eq!(counter(&rig, &["fallbacks"]), 0);
+    let content = rig.ctr().ctr_ok(&["content", "ls", "-q"]);
+    assert!(
+        layers.iter().all(|l| !content.contains(l.as_str())),
+        "{content}"
+    );
+    let out = rig.ctr().ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "regfs",
+        &image,
+        &rig.id("u2"),
+        "cat",
+        "/data/two",
+    ]);
+    assert_eq!(out, "two\n");
 }
