@@ -2,6 +2,7 @@
 //! as its proxy plugin `regfs`, runc, and a real registry: what `ctr` and `ctr-remote`
 //! users do, checked as they would check it.
 
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -124,33 +125,17 @@ impl Snapshotter {
         serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
     }
 
-    /// What it keeps under its root is root's alone, though it runs with umask 0:
-    /// directories 0700 and files 0600, but for the snapshot directories containers
-    /// use and the mounts; its socket 0600.
+    /// What it keeps under its root and in its disk cache is root's alone, though it
+    /// runs with umask 0: directories 0700 and files 0600, but for the snapshot
+    /// directories containers use and the mounts; its socket 0600.
     pub fn assert_private(&self) {
-        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&self.socket), 0o600, "the socket");
-        let mut pending = vec![self.root.clone()];
-        let mut seen = 0;
-        while let Some(dir) = pending.pop() {
-            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
-            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-                let path = entry.path();
-                let rel = path.strip_prefix(&self.root).unwrap();
-                let parts: Vec<_> = rel.iter().collect();
-                let containers = matches!(parts.as_slice(), [s, _, _] if *s == "snapshots");
-                if containers || matches!(parts.as_slice(), [m, _] if *m == "mounts") {
-                    continue;
-                }
-                seen += 1;
-                if entry.file_type().unwrap().is_dir() {
-                    pending.push(path);
-                } else {
-                    assert_eq!(mode(&path), 0o600, "{}", path.display());
-                }
-            }
-        }
+        let seen = private_below(&self.root, &|rel: &[&OsStr]| {
+            matches!(rel, [s, _, _] if *s == "snapshots") || matches!(rel, [m, _] if *m == "mounts")
+        });
         assert!(seen >= 5, "stats, metadata, logs, mounts, snapshots");
+        let cached = private_below(&self.cache, &|_: &[&OsStr]| false);
+        assert!(cached >= 1, "the mounts' disk cache holds something");
     }
 
     /// Whether its process still runs.
@@ -205,6 +190,39 @@ impl Snapshotter {
             })
             .collect()
     }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Asserts every directory below `top` (itself included) is 0700 and every file 0600,
+/// but for entries `skip` names by their path below `top` (not descended into);
+/// returns how many entries were checked.
+fn private_below(top: &Path, skip: &dyn Fn(&[&OsStr]) -> bool) -> usize {
+    let mut pending = vec![top.to_owned()];
+    let mut seen = 0;
+    while let Some(dir) = pending.pop() {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel: Vec<&OsStr> = path.strip_prefix(top).unwrap().iter().collect();
+            if skip(&rel) {
+                continue;
+            }
+            seen += 1;
+            if entry.file_type().unwrap().is_dir() {
+                pending.push(path);
+            } else {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
+    }
+    seen
 }
 
 impl Drop for Snapshotter {
