@@ -15,6 +15,8 @@ mod faults;
 mod harness;
 #[path = "runtime/hosts.rs"]
 mod hosts;
+#[path = "runtime/layer_store.rs"]
+mod layer_store;
 #[path = "runtime/remote.rs"]
 mod remote;
 #[path = "runtime/rich_image.rs"]

@@ -129,7 +129,12 @@ impl Fs {
                 blobs: blobs.clone(),
                 tag_ttl,
             },
-            store: LayerStore::new(images.clone(), RegistryDomain::of(client.base()), tag_ttl),
+            store: LayerStore::new(
+                images.clone(),
+                client.stats().clone(),
+                RegistryDomain::of(client.base()),
+                tag_ttl,
+            ),
             images: ImageDirs::new(images, view.clone(), tag_ttl),
             control: ControlFiles::new(client.stats().clone(), cache),
             deletes: Deletes::new(origin, view.clone()),

@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::Serialize;
 
 mod progress;
+mod store_failures;
 
 pub use progress::{Progress, TaskSnapshot, Tracked};
+pub use store_failures::{StoreFailures, StoreFailuresSnapshot};
 
 /// The kinds of registry request that are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +92,8 @@ pub struct Stats {
     pub disk_verified: AtomicU64,
     pub disk_dropped: AtomicU64,
     pub passthrough_opens: AtomicU64,
+    /// `/.layerstore/` lookups that found no layer to serve.
+    pub store_failures: StoreFailures,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
     hosts: Mutex<Vec<Arc<HostCounters>>>,
@@ -245,6 +249,7 @@ impl Stats {
                     .clone(),
                 indexing: self.indexing.snapshot(),
             },
+            layer_store: self.store_failures.snapshot(),
             hosts: self.hosts_snapshot(),
         }
     }
@@ -266,6 +271,7 @@ pub struct Snapshot {
     pub verify_failures: u64,
     pub pending_manifests: u64,
     pub images: ImagesSnapshot,
+    pub layer_store: StoreFailuresSnapshot,
     /// Per registry host, by URL: the origin and each mirror.
     pub hosts: BTreeMap<String, HostSnapshot>,
 }
