@@ -215,6 +215,9 @@ fn podman_pulls_and_runs_from_the_layer_store() {
     assert!(proxy.requests_matching("GET /v2/team/app/manifests/v1") > 0);
     assert_eq!(blob_gets(&proxy, &layers), 0, "{:#?}", proxy.requests());
     assert_eq!(podman.layers_from_store(), layers.len());
+    // podman asked for nothing the store could not serve.
+    let stats = mnt.stats();
+    assert_eq!(stats["layer_store"]["failed_lookups"], 0, "{stats}");
     let images = podman.ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
     assert!(images.contains(&image), "podman images: {images}");
 
