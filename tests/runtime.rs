@@ -17,6 +17,8 @@ mod harness;
 mod hosts;
 #[path = "runtime/layer_store.rs"]
 mod layer_store;
+#[path = "runtime/podman.rs"]
+mod podman;
 #[path = "runtime/remote.rs"]
 mod remote;
 #[path = "runtime/rich_image.rs"]

@@ -19,7 +19,7 @@ use super::containerd::Rig;
 use super::harness::{GoBuild, go_build, wait_until};
 use super::rich_image;
 
-const REPO: &str = "t/rich";
+pub const REPO: &str = "t/rich";
 
 /// How an image comes to the snapshotter.
 enum Pull<'a> {
@@ -33,7 +33,7 @@ enum Pull<'a> {
 /// command runs on the host and in the image): each path with its mode (hex, type
 /// included) and owner; a file's size, link count and SHA-256; a symlink's target. The
 /// mount points runc makes (/proc, /sys, /dev, /run) are left out.
-const LISTING: &str = r#"busybox find . -mindepth 1 \( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run \) -prune -o -print | busybox sort | while IFS= read -r p; do
+pub const LISTING: &str = r#"busybox find . -mindepth 1 \( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run \) -prune -o -print | busybox sort | while IFS= read -r p; do
   if [ -L "$p" ]; then echo "$p $(busybox stat -c '%f %u:%g' "$p") -> $(busybox readlink "$p")"
   elif [ -d "$p" ]; then echo "$p $(busybox stat -c '%f %u:%g' "$p")"
   else echo "$p $(busybox stat -c '%f %u:%g %s %h' "$p") $(busybox sha256sum "$p" | busybox cut -d' ' -f1)"
@@ -41,14 +41,14 @@ const LISTING: &str = r#"busybox find . -mindepth 1 \( -path ./proc -o -path ./s
 done"#;
 
 /// [`LISTING`] of `root` on the host.
-fn listing_of(root: &Path) -> String {
+pub fn listing_of(root: &Path) -> String {
     run(Command::new("busybox")
         .args(["sh", "-c", LISTING])
         .current_dir(root))
 }
 
 /// The image's layers (digest, size), from the registry.
-fn layers_of(registry: &Registry, tag: &str) -> Vec<(String, u64)> {
+pub fn layers_of(registry: &Registry, tag: &str) -> Vec<(String, u64)> {
     let (_, _, bytes) = get_manifest(registry, REPO, tag);
     let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     manifest["layers"]
@@ -188,7 +188,7 @@ fn check_format(rig: &Rig, tag: &str, how: &Pull, expected_root: &Path, expected
 }
 
 /// Equal listings, or the lines that differ.
-fn assert_lines_eq(expected: &str, seen: &str, what: &str) {
+pub fn assert_lines_eq(expected: &str, seen: &str, what: &str) {
     let missing: Vec<&str> = expected.lines().filter(|l| !seen.contains(l)).collect();
     let extra: Vec<&str> = seen.lines().filter(|l| !expected.contains(l)).collect();
     assert!(
