@@ -7,7 +7,19 @@ mod common;
 mod conformance;
 #[path = "runtime/containerd.rs"]
 mod containerd;
+#[path = "runtime/contents.rs"]
+mod contents;
+#[path = "runtime/faults.rs"]
+mod faults;
 #[path = "runtime/harness.rs"]
 mod harness;
+#[path = "runtime/hosts.rs"]
+mod hosts;
+#[path = "runtime/layer_store.rs"]
+mod layer_store;
+#[path = "runtime/podman.rs"]
+mod podman;
 #[path = "runtime/remote.rs"]
 mod remote;
+#[path = "runtime/rich_image.rs"]
+mod rich_image;

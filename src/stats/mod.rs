@@ -9,9 +9,11 @@ use serde::Serialize;
 
 mod progress;
 mod recent;
+mod store_failures;
 
 pub use progress::{Progress, TaskSnapshot, Tracked};
 pub use recent::{Recent, RecentObject, RecentSnapshot};
+pub use store_failures::{StoreFailures, StoreFailuresSnapshot};
 
 /// The kinds of registry request that are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +118,8 @@ pub struct Stats {
     pub disk_verified: AtomicU64,
     pub disk_dropped: AtomicU64,
     pub passthrough_opens: AtomicU64,
+    /// `/.layerstore/` lookups that found no layer to serve.
+    pub store_failures: StoreFailures,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
     hosts: Mutex<Vec<Arc<HostCounters>>>,
@@ -296,6 +300,7 @@ impl Stats {
                 indexing: self.indexing.snapshot(),
             },
             recent: self.recent.snapshot(),
+            layer_store: self.store_failures.snapshot(),
             hosts: self.hosts_snapshot(),
         }
     }
@@ -320,6 +325,7 @@ pub struct Snapshot {
     /// The blob files and images read most recently, the latest first: their size,
     /// the bytes fetched of them (by anything) and read by programs.
     pub recent: Vec<RecentSnapshot>,
+    pub layer_store: StoreFailuresSnapshot,
     /// Per registry host, by URL: the origin and each mirror.
     pub hosts: BTreeMap<String, HostSnapshot>,
 }

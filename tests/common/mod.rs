@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod images;
+pub mod podman;
 pub mod shaper;
 
 use std::collections::HashMap;
