@@ -220,6 +220,14 @@ struct SnapshotterArgs {
     /// No disk cache: every mount starts cold
     #[arg(long)]
     no_disk_cache: bool,
+    /// Do not fetch eStargz and zstd:chunked layers whole in the background once a
+    /// container reads from them (as `regfs mount --no-background-fetch`)
+    #[arg(long)]
+    no_background_fetch: bool,
+    /// Use no SOCI index: a plain layer is read whole before its files are served (as
+    /// `regfs mount --verify-before-serving`)
+    #[arg(long)]
+    verify_before_serving: bool,
 }
 
 /// A value parser that checks like `parse` but keeps the text, to hand on to the
@@ -250,8 +258,15 @@ fn snapshotter_config(args: SnapshotterArgs, verbose: u8) -> SnapshotterConfig {
             mount_args.push(value);
         }
     }
-    if args.no_disk_cache {
-        mount_args.push("--no-disk-cache".into());
+    let switches = [
+        ("--no-disk-cache", args.no_disk_cache),
+        ("--no-background-fetch", args.no_background_fetch),
+        ("--verify-before-serving", args.verify_before_serving),
+    ];
+    for (flag, on) in switches {
+        if on {
+            mount_args.push(flag.into());
+        }
     }
     if verbose > 0 {
         mount_args.push(format!("-{}", "v".repeat(verbose.into())).into());

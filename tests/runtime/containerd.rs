@@ -25,6 +25,7 @@ pub struct Snapshotter {
     cache: PathBuf,
     log: PathBuf,
     timeout: &'static str,
+    flags: &'static [&'static str],
 }
 
 /// How a test's snapshotter reaches its registry.
@@ -33,6 +34,8 @@ pub struct Setup {
     pub hosts_toml: String,
     /// `--timeout` of its mounts.
     pub timeout: &'static str,
+    /// Other `regfs snapshotter` flags.
+    pub flags: &'static [&'static str],
 }
 
 impl Setup {
@@ -41,6 +44,7 @@ impl Setup {
         Setup {
             hosts_toml: format!("server = \"{url}\"\n"),
             timeout: "10s",
+            flags: &[],
         }
     }
 }
@@ -60,6 +64,7 @@ impl Snapshotter {
             cache: dir.join("cache"),
             log: dir.join("snapshotter.log"),
             timeout: setup.timeout,
+            flags: setup.flags,
         };
         s.restart();
         s
@@ -81,6 +86,7 @@ impl Snapshotter {
             .arg(&self.hosts)
             .arg("--cache-dir")
             .arg(&self.cache)
+            .args(self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

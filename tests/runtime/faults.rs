@@ -117,6 +117,7 @@ fn a_silent_registry_fails_reads_with_eio_and_not_the_snapshotter() {
     let setup = Setup {
         hosts_toml: format!("server = \"{}\"\n", proxy.url()),
         timeout: "3s",
+        flags: &["--no-background-fetch"],
     };
     let mut rig = Rig::start_for(registry, setup);
     let (gzip, converted) = images(&rig);

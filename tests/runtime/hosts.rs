@@ -52,6 +52,7 @@ fn every_ca_and_a_mirrors_skip_verify_are_applied() {
     let setup = Setup {
         hosts_toml,
         timeout: "10s",
+        flags: &[],
     };
     let rig = Rig::start_for(registry, setup);
     let ctr = rig.ctr();
@@ -172,6 +173,7 @@ fn only_the_named_cas_are_trusted_and_skip_verify_trusts_any() {
         Setup {
             hosts_toml,
             timeout: "10s",
+            flags: &[],
         },
     );
     let image = format!("{}/t/app:v1", rig.host());
@@ -215,6 +217,7 @@ fn only_the_named_cas_are_trusted_and_skip_verify_trusts_any() {
         Setup {
             hosts_toml,
             timeout: "10s",
+            flags: &[],
         },
     );
     let image = format!("{}/t/app:v1", rig.host());
