@@ -3,7 +3,7 @@
 #
 #   scripts/bench.sh                          full run (1 GiB blob, 3 runs per row)
 #   BENCH_SIZE_MIB=128 scripts/bench.sh       quick run while developing
-#   BENCH_ONLY=seq,random,grep,rss,upload,disk,image,wan   rows to run (default: all; random
+#   BENCH_ONLY=seq,random,grep,rss,upload,disk,image,soci,wan   rows to run (default: all; random
 #                                             includes the bytes-per-cold-read row)
 #   BENCH_IMAGE_MIB=512                       size of the image of the image rows
 #   BENCH_RUNS=5                              runs per row (default 3; medians are reported)
@@ -31,12 +31,14 @@ root=$PWD
 source scripts/lib/registry.sh
 # shellcheck source=scripts/lib/bench_image.sh
 source scripts/lib/bench_image.sh
+# shellcheck source=scripts/lib/bench_soci.sh
+source scripts/lib/bench_soci.sh
 # shellcheck source=scripts/lib/bench_wan.sh
 source scripts/lib/bench_wan.sh
 
 runs=${BENCH_RUNS:-3}
 size_mib=${BENCH_SIZE_MIB:-1024}
-only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk,image,wan}
+only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk,image,soci,wan}
 read_timeout=${BENCH_TIMEOUT:-600} # seconds for any single read/grep/pipeline
 size=$((size_mib * 1024 * 1024))
 random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per block of the blob)
@@ -46,7 +48,7 @@ repos=40 tags=10 # 400 manifests for the grep row
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_RUNS must be a positive integer" >&2; exit 2; }
 [[ $size_mib =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_SIZE_MIB must be a positive integer" >&2; exit 2; }
 for row in ${only//,/ }; do
-    case $row in seq | random | grep | rss | upload | disk | image | wan) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
+    case $row in seq | random | grep | rss | upload | disk | image | soci | wan) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
 done
 want() { [[ ,$only, == *,$1,* ]]; }
 
@@ -1032,6 +1034,7 @@ want grep && grep_row
 want upload && upload_row
 want disk && disk_rows
 want image && image_rows
+want soci && soci_rows
 if want wan; then
     detect_block_size
     wan_rows

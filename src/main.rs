@@ -12,7 +12,7 @@ use regfs::image::manifest::Platform;
 use regfs::mount::daemon::{self, Readiness};
 use regfs::mount::{self, DiskCacheConfig, MountConfig, helper};
 
-use regfs::registry::{Credentials, MirrorSpec, RepoName, parse_registry_url};
+use regfs::registry::{Credentials, MirrorSpec, RepoName, mark_insecure, parse_registry_url};
 use regfs::runtime::{self, SnapshotterConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -163,7 +163,9 @@ WHAT IS LAZY:
 REGISTRIES:
   As containerd finds them: HOSTS_DIR/<host>/hosts.toml (else HOSTS_DIR/_default/):
   server (plain HTTP only where it says http://), [host.\"URL\"] entries with the pull
-  capability as mirrors, ca, skip_verify. Without one: https://<host>.
+  capability as mirrors (each with its own skip_verify), skip_verify, and every ca
+  (one bundle per host, ROOT/certs/<host>.pem, trusted for the registry and its
+  mirrors). Without one: https://<host>.
   Credentials: the docker config ($DOCKER_CONFIG/config.json or ~/.docker/config.json,
   per host); REGFS_USERNAME/REGFS_PASSWORD are not passed on (they would go to every
   registry an image names).
@@ -172,7 +174,11 @@ RESTARTS:
   Each host's mount runs in a process of its own (a systemd scope where systemd runs,
   else its own session and cgroup), so stopping or upgrading the snapshotter leaves
   running containers their files; the next start adopts the mounts. Its log is
-  ROOT/logs/<host>.log.";
+  ROOT/logs/<host>.log. A mount whose process died is mounted again when next needed.
+
+PRIVACY:
+  What ROOT holds names images or came from registries: directories 0700, files 0600
+  whatever the umask; the socket 0600.";
 
 #[derive(Args)]
 struct SnapshotterArgs {
@@ -214,6 +220,14 @@ struct SnapshotterArgs {
     /// No disk cache: every mount starts cold
     #[arg(long)]
     no_disk_cache: bool,
+    /// Do not fetch eStargz and zstd:chunked layers whole in the background once a
+    /// container reads from them (as `regfs mount --no-background-fetch`)
+    #[arg(long)]
+    no_background_fetch: bool,
+    /// Use no SOCI index: a plain layer is read whole before its files are served (as
+    /// `regfs mount --verify-before-serving`)
+    #[arg(long)]
+    verify_before_serving: bool,
 }
 
 /// A value parser that checks like `parse` but keeps the text, to hand on to the
@@ -244,8 +258,15 @@ fn snapshotter_config(args: SnapshotterArgs, verbose: u8) -> SnapshotterConfig {
             mount_args.push(value);
         }
     }
-    if args.no_disk_cache {
-        mount_args.push("--no-disk-cache".into());
+    let switches = [
+        ("--no-disk-cache", args.no_disk_cache),
+        ("--no-background-fetch", args.no_background_fetch),
+        ("--verify-before-serving", args.verify_before_serving),
+    ];
+    for (flag, on) in switches {
+        if on {
+            mount_args.push(flag.into());
+        }
     }
     if verbose > 0 {
         mount_args.push(format!("-{}", "v".repeat(verbose.into())).into());
@@ -394,6 +415,11 @@ struct MountArgs {
     /// and matched its digest (the first look at an image moves all of it)
     #[arg(long)]
     verify_before_serving: bool,
+    /// Do not verify the TLS certificate of the --mirror at HOST[:PORT] (containerd's
+    /// skip_verify for a mirror), repeatable. What it serves is still checked against
+    /// its digest; credentials the docker config has for it could be read on the path
+    #[arg(long = "insecure-mirror", value_name = "HOST[:PORT]")]
+    insecure_mirrors: Vec<String>,
 }
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
@@ -483,9 +509,11 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
             RepoName::parse(r).ok_or_else(|| format!("--repo {r:?} is not a valid repository name"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut mirrors = args.mirrors;
+    mark_insecure(&mut mirrors, &args.insecure_mirrors)?;
     Ok(MountConfig {
         registry,
-        mirrors: args.mirrors,
+        mirrors,
         mountpoint: args.mountpoint,
         repos,
         tag_ttl: args.tag_ttl,

@@ -13,6 +13,7 @@ pub mod deadline;
 mod errno;
 mod handles;
 mod images;
+mod read_failures;
 mod tree;
 mod view;
 mod write;
@@ -32,6 +33,7 @@ use blob::{BlobReads, BlockFetcher};
 use handles::Handles;
 use images::Images;
 pub use images::IndexOptions;
+use read_failures::ReadFailures;
 use tree::node::StorePath;
 use tree::{
     ControlFiles, ImageDirs, InodeTable, LayerStore, Node, OpenFile, Opening, RegistryDirs,
@@ -67,6 +69,8 @@ pub struct Fs {
     inodes: Mutex<InodeTable>,
     open_dirs: Handles<Arc<Vec<DirEntry>>>,
     open_files: Handles<OpenFile>,
+    /// Open image files whose last read found the registry silent.
+    read_failures: ReadFailures,
 }
 
 /// What the command line decides about the tree.
@@ -137,7 +141,12 @@ impl Fs {
                 blobs: blobs.clone(),
                 tag_ttl,
             },
-            store: LayerStore::new(images.clone(), RegistryDomain::of(client.base()), tag_ttl),
+            store: LayerStore::new(
+                images.clone(),
+                client.stats().clone(),
+                RegistryDomain::of(client.base()),
+                tag_ttl,
+            ),
             images: ImageDirs::new(images, view.clone(), tag_ttl),
             control: ControlFiles::new(client.stats().clone(), cache),
             deletes: Deletes::new(origin, view.clone()),
@@ -152,6 +161,7 @@ impl Fs {
             inodes: Mutex::new(InodeTable::default()),
             open_dirs: Handles::new(),
             open_files: Handles::new(),
+            read_failures: ReadFailures::default(),
         }
     }
 
@@ -369,12 +379,24 @@ impl Fs {
                     errno::fail(&node, e)
                 }),
             OpenFile::Write(_) => Err(Errno::EINVAL),
-            OpenFile::Image(tree, id) => {
-                tree.read(id, offset, u64::from(size)).await.map_err(|e| {
+            OpenFile::Image(tree, id, object) => {
+                if let Some(errno) = self.read_failures.recent(fh) {
+                    return Err(errno);
+                }
+                let read = tree.read(id, offset, u64::from(size)).await;
+                if let Ok(bytes) = &read {
+                    self.view
+                        .client()
+                        .stats()
+                        .recent
+                        .read(&object, bytes.len() as u64);
+                }
+                read.map_err(|e| {
                     warn!(
                         offset,
                         size, "read of an image file (node {id}) failed: {e}"
                     );
+                    self.read_failures.failed(fh, &e);
                     Errno(e.errno())
                 })
             }
@@ -383,6 +405,7 @@ impl Fs {
 
     pub fn release(&self, fh: u64) {
         self.open_files.remove(fh);
+        self.read_failures.forget(fh);
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {

@@ -189,8 +189,13 @@ impl LayerContent {
         &self.index
     }
 
-    fn digest(&self) -> &Digest {
+    /// The layer blob's digest and size.
+    pub fn digest(&self) -> &Digest {
         self.source.digest()
+    }
+
+    pub fn blob_size(&self) -> u64 {
+        self.source.size()
     }
 
     /// Up to `len` bytes of `entry` (one of the index's entries) at `offset` (short

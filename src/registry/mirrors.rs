@@ -21,7 +21,9 @@
 //! containerd sends them, so a mirror in front of several registries (Spegel, Dragonfly)
 //! knows which one is meant; a path in the mirror's URL goes before repository names
 //! (a Harbor proxy project: `--mirror https://harbor.example/hub` reads `library/alpine`
-//! as `hub/library/alpine`).
+//! as `hub/library/alpine`). `--insecure-mirror HOST` skips verifying one mirror's TLS
+//! certificate (containerd's `skip_verify` for a `[host]`): its answers are checked
+//! against their digests all the same; what is at stake is the credentials sent to it.
 
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, PoisonError};
@@ -54,6 +56,9 @@ pub struct MirrorSpec {
     /// A path in the URL: put before every repository name.
     pub prefix: Option<String>,
     pub credentials: Credentials,
+    /// Its TLS certificate is not verified (`--insecure-mirror`; a hosts.toml
+    /// `skip_verify`). What it serves is still checked against its digest.
+    pub insecure: bool,
 }
 
 impl MirrorSpec {
@@ -83,8 +88,36 @@ impl MirrorSpec {
             credentials: Credentials::for_mirror(&base),
             base,
             prefix,
+            insecure: false,
         })
     }
+}
+
+/// Marks the mirrors at each of `hosts` (`host[:port]` or a URL) as not verified
+/// (`--insecure-mirror`); a host that names no mirror is an error, not a silent no-op.
+pub fn mark_insecure(
+    mirrors: &mut [MirrorSpec],
+    hosts: &[String],
+) -> std::result::Result<(), String> {
+    for host in hosts {
+        let url = Url::parse(&with_scheme(host))
+            .map_err(|e| format!("--insecure-mirror {host:?}: {e}"))?;
+        let same = |m: &MirrorSpec| {
+            m.base.host_str() == url.host_str()
+                && m.base.port_or_known_default() == url.port_or_known_default()
+        };
+        let mut found = false;
+        for mirror in mirrors.iter_mut().filter(|m| same(m)) {
+            mirror.insecure = true;
+            found = true;
+        }
+        if !found {
+            return Err(format!(
+                "--insecure-mirror {host:?} names no --mirror (give the mirror with --mirror too)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The mirrors of a client (none for writes, or without `--mirror`).
@@ -114,8 +147,16 @@ impl Mirrors {
         let patience = (origin.options().total_timeout / 4).min(MAX_PATIENCE);
         let mut mirrors = Vec::with_capacity(specs.len());
         for spec in specs {
+            if spec.insecure {
+                warn!(
+                    "mirror {}: its TLS certificate is not verified (--insecure-mirror); what it \
+                     serves is still checked against its digest",
+                    spec.base
+                );
+            }
             let options = ClientOptions {
                 credentials: spec.credentials.clone(),
+                insecure: origin.options().insecure || spec.insecure,
                 ..origin.options().clone()
             };
             let shape = HostShape::mirror(spec.prefix.clone(), ns.clone());
@@ -232,5 +273,21 @@ mod tests {
         assert_eq!(spec.prefix.as_deref(), Some("team/proxy"));
         assert!(MirrorSpec::parse("ftp://x").is_err());
         assert!(MirrorSpec::parse("https://h/Not..Valid").is_err());
+    }
+
+    #[test]
+    fn insecure_mirrors_are_marked_by_host() {
+        let mut mirrors: Vec<MirrorSpec> = ["https://a.example:5000/hub", "https://b.example"]
+            .iter()
+            .map(|m| MirrorSpec::parse(m).expect("valid"))
+            .collect();
+        mark_insecure(&mut mirrors, &["b.example:443".into()]).expect("b is a mirror");
+        assert_eq!(
+            mirrors.iter().map(|m| m.insecure).collect::<Vec<_>>(),
+            [false, true]
+        );
+        mark_insecure(&mut mirrors, &["https://a.example:5000".into()]).expect("a is a mirror");
+        assert!(mirrors[0].insecure);
+        assert!(mark_insecure(&mut mirrors, &["a.example".into()]).is_err());
     }
 }

@@ -18,7 +18,7 @@ pub use api::uploads::{MountOutcome, Upload};
 pub use client::RegistryClient;
 pub use error::{Error, Result};
 pub use host::{ClientOptions, Credentials, is_docker_hub, parse_registry_url};
-pub use mirrors::MirrorSpec;
+pub use mirrors::{MirrorSpec, mark_insecure};
 pub use types::{Descriptor, Digest, DigestHasher, ManifestLinks, Reference, RepoName, Tag};
 
 /// The paths src/fs uses for uploads and referrers (`registry::upload::Upload`,

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::hosts_toml::host_config;
+use crate::cache::disk::private;
 use crate::mount::mountinfo::mount_entry;
-use crate::mount::unmount::{SOURCE_PREFIX, is_dead};
+use crate::mount::unmount::{SOURCE_PREFIX, clear_dead_mount, is_dead};
 
 /// How long a host whose mount failed is not tried again: the other layers of the pull
 /// fall back at once instead of each waiting for the registry's probe.
@@ -94,6 +95,12 @@ impl HostMounts {
         if self.is_live(&mountpoint) {
             return Ok(mountpoint);
         }
+        if is_dead(&mountpoint) {
+            // Its process died (killed, crashed): the kernel answers ENOTCONN until the
+            // mount is taken away; then it is made again, and snapshots bound anew.
+            clear_dead_mount(&mountpoint)?;
+            info!("{host}: its regfs mount had lost its process; mounting it again");
+        }
         if let Some((when, why)) = self.failed.lock().ok().and_then(|f| f.get(host).cloned()) {
             if when.elapsed() < FAILURE_MEMORY {
                 return Err(why);
@@ -108,7 +115,7 @@ impl HostMounts {
 
     /// Starts the mount of `host` at `mountpoint`.
     fn make(&self, host: &str, mountpoint: &Path) -> Result<PathBuf, String> {
-        std::fs::create_dir_all(mountpoint)
+        private::create_dir_all(mountpoint)
             .map_err(|e| format!("cannot make {}: {e}", mountpoint.display()))?;
         let config = host_config(&self.hosts_dir, host)?;
         let mut args: Vec<OsString> = vec![
@@ -118,13 +125,19 @@ impl HostMounts {
             // Containers run as any user.
             "--allow-other".into(),
         ];
-        let logs = self.dir.with_file_name("logs");
-        std::fs::create_dir_all(&logs)
-            .map_err(|e| format!("cannot make {}: {e}", logs.display()))?;
+        let logs = self.root_dir("logs");
+        super::private::dir(&logs)?;
+        let log = logs.join(format!("{host}.log"));
+        // Made here, 0600: the mount appends to it and would create it by the umask.
+        super::private::file(&log)?;
         args.push("--log-file".into());
-        args.push(logs.join(format!("{host}.log")).into());
+        args.push(log.into());
         args.extend(self.mount_args.iter().cloned());
-        args.extend(config.mount_args());
+        let bundle = match config.ca_files.as_slice() {
+            [] => None,
+            cas => Some(self.ca_bundle(host, cas)?),
+        };
+        args.extend(config.mount_args(bundle.as_deref()));
         args.push(mountpoint.into());
         self.spawn(host, &args)?;
         if !self.is_live(mountpoint) {
@@ -139,6 +152,31 @@ impl HostMounts {
             mountpoint.display()
         );
         Ok(mountpoint.to_owned())
+    }
+
+    /// `<root>/<name>`, beside `<root>/mounts`.
+    fn root_dir(&self, name: &str) -> PathBuf {
+        self.dir.with_file_name(name)
+    }
+
+    /// Every CA certificate hosts.toml names for `host`, in one PEM file of the
+    /// snapshotter's own (`<root>/certs/<host>.pem`, 0600): `--ca-file` takes one.
+    fn ca_bundle(&self, host: &str, cas: &[PathBuf]) -> Result<PathBuf, String> {
+        let mut bundle = Vec::new();
+        for ca in cas {
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("hosts.toml of {host}: CA {}: {e}", ca.display()))?;
+            bundle.extend_from_slice(&pem);
+            if !pem.ends_with(b"\n") {
+                bundle.push(b'\n');
+            }
+        }
+        let dir = self.root_dir("certs");
+        super::private::dir(&dir)?;
+        let path = dir.join(format!("{host}.pem"));
+        super::private::replace(&path, &bundle)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
     }
 
     /// Runs `regfs mount --daemon …` outside this process's cgroup and waits for its

@@ -2,8 +2,10 @@
 //! `<hosts-dir>/_default/hosts.toml`), containerd's format: `server`, `ca`,
 //! `skip_verify`, and `[host."URL"]` tables tried in order before the server. Turned
 //! into the arguments of that host's `regfs mount`: the server (plain HTTP only where
-//! its URL says http://), `[host]`s with the pull capability as `--mirror`s, a CA as
-//! `--ca-file`, `skip_verify` as `--insecure` (docs/SEMANTICS.md, "Mirrors").
+//! its URL says http://), `[host]`s with the pull capability as `--mirror`s (with
+//! `--insecure-mirror` where they say `skip_verify`), every `ca` in one PEM bundle for
+//! `--ca-file`, the server's `skip_verify` as `--insecure` (docs/SEMANTICS.md, "Container
+//! runtimes").
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ struct HostsFile {
     server: Option<String>,
     ca: Option<OneOrMany>,
     skip_verify: Option<bool>,
+    client: Option<toml::Value>,
     #[serde(default)]
     host: toml::map::Map<String, toml::Value>,
 }
@@ -26,6 +29,7 @@ struct HostEntry {
     capabilities: Option<Vec<String>>,
     ca: Option<OneOrMany>,
     skip_verify: Option<bool>,
+    client: Option<toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -36,12 +40,20 @@ enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn first(&self) -> Option<&str> {
+    fn all(&self) -> Vec<&str> {
         match self {
-            OneOrMany::One(s) => Some(s),
-            OneOrMany::Many(v) => v.first().map(String::as_str),
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
         }
     }
+}
+
+/// A `[host]` with the pull capability: a mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorHost {
+    pub url: String,
+    /// Its TLS certificate is not verified.
+    pub skip_verify: bool,
 }
 
 /// How one registry host is reached.
@@ -49,20 +61,27 @@ impl OneOrMany {
 pub struct HostConfig {
     /// The registry URL for `regfs mount` (scheme, host, port).
     pub server: String,
-    pub mirrors: Vec<String>,
-    pub ca_file: Option<PathBuf>,
+    pub mirrors: Vec<MirrorHost>,
+    /// Every CA file the hosts.toml names (the server's and each host's), each once, in
+    /// order. The mount trusts them all for all of its hosts: it takes one bundle.
+    pub ca_files: Vec<PathBuf>,
     pub insecure: bool,
 }
 
 impl HostConfig {
-    /// The arguments of `regfs mount` that say how to reach the host, REGISTRY last.
-    pub fn mount_args(&self) -> Vec<OsString> {
+    /// The arguments of `regfs mount` that say how to reach the host, REGISTRY last;
+    /// `ca_bundle` is the file [`HostConfig::ca_files`] were put together in.
+    pub fn mount_args(&self, ca_bundle: Option<&Path>) -> Vec<OsString> {
         let mut args = Vec::new();
         for mirror in &self.mirrors {
             args.push("--mirror".into());
-            args.push(mirror.into());
+            args.push(mirror.url.clone().into());
+            if mirror.skip_verify {
+                args.push("--insecure-mirror".into());
+                args.push(mirror.url.clone().into());
+            }
         }
-        if let Some(ca) = &self.ca_file {
+        if let Some(ca) = ca_bundle {
             args.push("--ca-file".into());
             args.push(ca.into());
         }
@@ -71,6 +90,15 @@ impl HostConfig {
         }
         args.push(self.server.clone().into());
         args
+    }
+
+    fn add_cas(&mut self, dir: &Path, cas: Option<&OneOrMany>) {
+        for ca in cas.map(OneOrMany::all).unwrap_or_default() {
+            let path = relative(dir, ca);
+            if !self.ca_files.contains(&path) {
+                self.ca_files.push(path);
+            }
+        }
     }
 }
 
@@ -102,41 +130,42 @@ fn parse(host: &str, file: HostsFile, dir: &Path) -> Result<HostConfig, String> 
     let mut config = HostConfig {
         server: server.to_string(),
         mirrors: Vec::new(),
-        ca_file: file
-            .ca
-            .as_ref()
-            .and_then(OneOrMany::first)
-            .map(|c| relative(dir, c)),
+        ca_files: Vec::new(),
         insecure: file.skip_verify.unwrap_or(false),
     };
+    config.add_cas(dir, file.ca.as_ref());
+    if file.client.is_some() {
+        warn!("{host}: hosts.toml's client certificate is not supported; the mount presents none");
+    }
     for (url, value) in file.host {
         let entry: HostEntry = value
             .try_into()
             .map_err(|e| format!("[host.{url:?}]: {e}"))?;
+        if entry.client.is_some() {
+            warn!(
+                "{host}: [host.{url:?}]'s client certificate is not supported; the mount presents none"
+            );
+        }
+        let skip_verify = entry.skip_verify.unwrap_or(false);
+        // A [host] of the server itself only says how to reach it (a common way to
+        // write skip_verify or a CA for a private registry).
+        if origin(&url)? == server {
+            config.insecure |= skip_verify;
+            config.add_cas(dir, entry.ca.as_ref());
+            continue;
+        }
         let pulls = entry
             .capabilities
             .as_ref()
             .is_none_or(|c| c.iter().any(|c| c == "pull"));
-        let ca = entry
-            .ca
-            .as_ref()
-            .and_then(OneOrMany::first)
-            .map(|c| relative(dir, c));
-        // A [host] of the server itself only says how to reach it (a common way to
-        // write skip_verify or a CA for a private registry).
-        if origin(&url)? == server {
-            config.insecure |= entry.skip_verify.unwrap_or(false);
-            config.ca_file = config.ca_file.or(ca);
-            continue;
-        }
         if !pulls {
             continue;
         }
-        if entry.skip_verify == Some(true) {
-            warn!("{host}: skip_verify of mirror {url} is not applied: regfs verifies mirrors");
-        }
-        config.ca_file = config.ca_file.or(ca);
-        config.mirrors.push(mirror_url(&url)?);
+        config.add_cas(dir, entry.ca.as_ref());
+        config.mirrors.push(MirrorHost {
+            url: mirror_url(&url)?,
+            skip_verify,
+        });
     }
     Ok(config)
 }
@@ -180,11 +209,26 @@ mod tests {
         parse(host, toml::from_str(text).unwrap(), Path::new("/certs.d/h")).unwrap()
     }
 
+    fn mirror(url: &str, skip_verify: bool) -> MirrorHost {
+        MirrorHost {
+            url: url.into(),
+            skip_verify,
+        }
+    }
+
+    fn args(config: &HostConfig, bundle: Option<&str>) -> Vec<String> {
+        config
+            .mount_args(bundle.map(Path::new))
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn containerd_hosts_files() {
         let plain = config("127.0.0.1:5000", r#"server = "http://127.0.0.1:5000""#);
         assert_eq!(plain.server, "http://127.0.0.1:5000/");
-        assert!(plain.mirrors.is_empty());
+        assert!(plain.mirrors.is_empty() && plain.ca_files.is_empty());
         let hub = config(
             "docker.io",
             r#"
@@ -200,9 +244,12 @@ mod tests {
         );
         assert_eq!(
             hub.mirrors,
-            ["http://cache.local:5000", "https://harbor.local/v2/hub"]
+            [
+                mirror("http://cache.local:5000", false),
+                mirror("https://harbor.local/v2/hub", false)
+            ]
         );
-        assert_eq!(hub.ca_file.unwrap(), Path::new("/certs.d/h/harbor.pem"));
+        assert_eq!(hub.ca_files, [Path::new("/certs.d/h/harbor.pem")]);
         let private = config(
             "reg.local:5000",
             r#"
@@ -213,9 +260,96 @@ mod tests {
             "#,
         );
         assert!(private.insecure && private.mirrors.is_empty());
+        assert_eq!(args(&config("reg.local", ""), None), ["https://reg.local/"]);
+    }
+
+    #[test]
+    fn every_ca_is_kept_in_order_once() {
+        let c = config(
+            "reg.local",
+            r#"
+            ca = ["/etc/pki/one.pem", "two.pem"]
+            [host."https://reg.local"]
+              ca = "three.pem"
+            [host."https://mirror.local"]
+              capabilities = ["pull"]
+              ca = ["two.pem", "/abs/four.pem"]
+            [host."https://push.local"]
+              capabilities = ["push"]
+              ca = "not-used-for-pulls.pem"
+            "#,
+        );
         assert_eq!(
-            config("reg.local", "").mount_args(),
-            [OsString::from("https://reg.local/")]
+            c.ca_files,
+            [
+                "/etc/pki/one.pem",
+                "/certs.d/h/two.pem",
+                "/certs.d/h/three.pem",
+                "/abs/four.pem"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            args(&c, Some("/root/certs/reg.local.pem")),
+            [
+                "--mirror",
+                "https://mirror.local",
+                "--ca-file",
+                "/root/certs/reg.local.pem",
+                "https://reg.local/"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mirrors_skip_verify_is_its_own() {
+        let c = config(
+            "reg.local:5000",
+            r#"
+            server = "https://reg.local:5000"
+            [host."https://spegel.local:30020"]
+              capabilities = ["pull", "resolve"]
+              skip_verify = true
+            [host."https://cache.local"]
+              capabilities = ["pull"]
+            "#,
+        );
+        assert!(!c.insecure, "a mirror's skip_verify is not the server's");
+        assert_eq!(
+            c.mirrors,
+            [
+                mirror("https://spegel.local:30020", true),
+                mirror("https://cache.local", false)
+            ]
+        );
+        assert_eq!(
+            args(&c, None),
+            [
+                "--mirror",
+                "https://spegel.local:30020",
+                "--insecure-mirror",
+                "https://spegel.local:30020",
+                "--mirror",
+                "https://cache.local",
+                "https://reg.local:5000/"
+            ]
+        );
+        // What the mount makes of those arguments: only the first mirror unverified.
+        let mut specs: Vec<crate::registry::MirrorSpec> = c
+            .mirrors
+            .iter()
+            .map(|m| crate::registry::MirrorSpec::parse(&m.url).unwrap())
+            .collect();
+        let insecure: Vec<String> = c
+            .mirrors
+            .iter()
+            .filter(|m| m.skip_verify)
+            .map(|m| m.url.clone())
+            .collect();
+        crate::registry::mark_insecure(&mut specs, &insecure).unwrap();
+        assert_eq!(
+            specs.iter().map(|m| m.insecure).collect::<Vec<_>>(),
+            [true, false]
         );
     }
 

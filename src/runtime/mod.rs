@@ -10,6 +10,7 @@ mod host_mounts;
 mod hosts_toml;
 pub mod labels;
 mod overlay;
+mod private;
 mod remote;
 mod service;
 mod snapshots;
@@ -17,7 +18,7 @@ mod stats;
 mod store;
 
 use std::ffi::OsString;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -61,21 +62,16 @@ pub fn run(config: SnapshotterConfig) -> Result<(), String> {
 
 /// The root's directories and store, the mounts found, remote snapshots bound.
 fn open(config: &SnapshotterConfig) -> Result<Arc<Snapshotter>, String> {
-    let made = |dir: &Path| {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot make {}: {e}", dir.display()))
-    };
-    made(&config.root)?;
+    private::dir(&config.root)?;
     let root = config
         .root
         .canonicalize()
         .map_err(|e| format!("{}: {e}", config.root.display()))?;
     let layout = Layout::new(&root);
-    made(&layout.snapshots_dir())?;
-    made(&layout.mounts_dir())?;
+    private::dir(&layout.snapshots_dir())?;
+    private::dir(&layout.mounts_dir())?;
+    // Snapshot labels name images (docs/SEMANTICS.md, "Container runtimes").
+    private::file(&layout.metadata_file())?;
     let store = Store::open(&layout.metadata_file())?;
     let exe = std::env::current_exe().map_err(|e| format!("where is regfs itself? {e}"))?;
     let mounts = HostMounts::new(
@@ -100,7 +96,8 @@ fn open(config: &SnapshotterConfig) -> Result<Arc<Snapshotter>, String> {
 /// whoever sees the path can connect.
 fn listen(address: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = address.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        crate::cache::disk::private::create_dir_all(dir)
+            .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
     }
     if std::os::unix::net::UnixStream::connect(address).is_ok() {
         return Err(format!(
@@ -119,6 +116,9 @@ fn listen(address: &Path) -> Result<UnixListener, String> {
     let _ = std::fs::remove_file(&temporary);
     let listener = UnixListener::bind(&temporary)
         .map_err(|e| format!("cannot listen on {}: {e}", temporary.display()))?;
+    // Whoever connects may have layers mounted: root only, whatever the umask.
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", temporary.display()))?;
     std::fs::rename(&temporary, address)
         .map_err(|e| format!("cannot move {} into place: {e}", temporary.display()))?;
     Ok(listener)

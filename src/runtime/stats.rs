@@ -1,5 +1,5 @@
 //! What the snapshotter did with the layers it was asked for, in `<root>/stats.json`
-//! (kept across restarts, rewritten whole by rename on each change): remote snapshots
+//! (kept across restarts, rewritten whole by rename on each change, 0600): remote snapshots
 //! served, and every fallback to an ordinary snapshot by reason. A fallback is also
 //! logged, once per layer, with its reason: a lazy pull that became a full one is
 //! never silent (docs/SEMANTICS.md, "Container runtimes").
@@ -110,9 +110,7 @@ impl RuntimeStats {
         let Ok(bytes) = serde_json::to_vec_pretty(&*counters) else {
             return;
         };
-        let tmp = self.path.with_extension("json.tmp");
-        let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = written {
+        if let Err(e) = super::private::replace(&self.path, &bytes) {
             warn!("cannot write {}: {e}", self.path.display());
         }
     }

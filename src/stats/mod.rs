@@ -8,8 +8,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::Serialize;
 
 mod progress;
+mod recent;
+mod store_failures;
 
 pub use progress::{Progress, TaskSnapshot, Tracked};
+pub use recent::{Recent, RecentObject, RecentSnapshot};
+pub use store_failures::{StoreFailures, StoreFailuresSnapshot};
 
 /// The kinds of registry request that are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +104,8 @@ pub struct Stats {
     pub background_checks_failed: AtomicU64,
     /// Layers being read whole by the index pass, with how far each got.
     pub indexing: Arc<Progress>,
+    /// Bytes fetched against bytes read, for the blobs and images read last.
+    pub recent: Recent,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
     /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
     /// entries evicted, blobs kept whole after their digest check, writes not done
@@ -112,6 +118,8 @@ pub struct Stats {
     pub disk_verified: AtomicU64,
     pub disk_dropped: AtomicU64,
     pub passthrough_opens: AtomicU64,
+    /// `/.layerstore/` lookups that found no layer to serve.
+    pub store_failures: StoreFailures,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
     hosts: Mutex<Vec<Arc<HostCounters>>>,
@@ -155,8 +163,9 @@ impl Stats {
 
     /// `n` blob bytes received (`fetched_bytes`; `background_bytes` too when received
     /// for work run by [`Stats::in_background`]).
-    pub fn received(&self, n: u64) {
+    pub fn received(&self, blob: &str, n: u64) {
         Self::add(&self.fetched_bytes, n);
+        self.recent.fetched(blob, n);
         if BACKGROUND.try_with(|_| ()).is_ok() {
             Self::add(&self.background_bytes, n);
         }
@@ -290,6 +299,8 @@ impl Stats {
                 background_checks_failed: get(&self.background_checks_failed),
                 indexing: self.indexing.snapshot(),
             },
+            recent: self.recent.snapshot(),
+            layer_store: self.store_failures.snapshot(),
             hosts: self.hosts_snapshot(),
         }
     }
@@ -311,6 +322,10 @@ pub struct Snapshot {
     pub verify_failures: u64,
     pub pending_manifests: u64,
     pub images: ImagesSnapshot,
+    /// The blob files and images read most recently, the latest first: their size,
+    /// the bytes fetched of them (by anything) and read by programs.
+    pub recent: Vec<RecentSnapshot>,
+    pub layer_store: StoreFailuresSnapshot,
     /// Per registry host, by URL: the origin and each mirror.
     pub hosts: BTreeMap<String, HostSnapshot>,
 }
@@ -421,8 +436,8 @@ mod tests {
     #[tokio::test]
     async fn bytes_received_in_the_background_are_counted_apart() {
         let stats = Stats::default();
-        stats.received(3);
-        Stats::in_background(async { stats.received(5) }).await;
+        stats.received("a", 3);
+        Stats::in_background(async { stats.received("a", 5) }).await;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         assert_eq!(get(&stats.fetched_bytes), 8);
         assert_eq!(get(&stats.background_bytes), 5);

@@ -274,6 +274,12 @@ fn problems(out: &mut String, s: &Value) {
             "{refused} SOCI indexes refused (the log names them)"
         ));
     }
+    let not_served = n(s, &["layer_store", "failed_lookups"]);
+    if not_served > 0 {
+        notes.push(format!(
+            "{not_served} layers not served by the layer store (runtimes downloaded them)"
+        ));
+    }
     let pending = n(s, &["pending_manifests"]);
     if pending > 0 {
         notes.push(format!(
@@ -310,6 +316,7 @@ mod tests {
                                         "fetched_bytes": 1048576, "passed_on": 0}},
             "images": {"layers_indexed": 2, "indexing": [
                 {"layer": "sha256:ab", "done": 50, "total": 100, "elapsed_ms": 1000}]},
+            "layer_store": {"failed_lookups": 2, "failed": {}},
         });
         let text = text(&[MountStatus {
             mountpoint: "/mnt/reg".into(),
@@ -324,6 +331,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1 requests failed"), "{text}");
+        assert!(
+            text.contains("2 layers not served by the layer store"),
+            "{text}"
+        );
         assert!(
             !text.contains("fetched of"),
             "no per-object counters given: {text}"

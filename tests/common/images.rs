@@ -48,7 +48,7 @@ fn busybox() -> PathBuf {
         .expect("busybox-static is installed (scripts/setup.sh)")
 }
 
-fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let p = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
     let n = CString::new(name).expect("name without NUL");
     // SAFETY: valid C strings and a live buffer.

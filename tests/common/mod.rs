@@ -25,6 +25,7 @@ pub mod http;
 pub mod images;
 pub mod layout;
 pub mod mount;
+pub mod podman;
 pub mod process;
 pub mod proxy;
 pub mod registry;

@@ -31,6 +31,7 @@ mod runtime;
 mod shaper;
 mod soci;
 mod stalls;
+mod status;
 mod toc_lazy;
 mod upload;
 mod wan;

@@ -21,6 +21,7 @@ use super::verify::{ContentCheck, Verifier};
 use crate::cache::memo::FAILURE_MEMORY;
 use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, Error, RegistryClient, RepoName, Result};
+use crate::stats::RecentObject;
 
 /// Prefetch fetches in flight at once, over all open files. Reads a program is waiting
 /// for do not queue here. A registry spends milliseconds per range request (distribution
@@ -76,6 +77,8 @@ pub struct OpenBlob {
     /// read-ahead with a read of its own, and a reader must get its EIO within
     /// `--timeout`, not after one per retry.
     last_failure: Mutex<Option<(Instant, Error)>>,
+    /// What its reads are counted as in the stats' recent objects.
+    object: Arc<RecentObject>,
 }
 
 /// The stream feeding an open file: the task, and the next block it will deliver (the
@@ -188,7 +191,14 @@ impl BlobReads {
     }
 
     pub fn open(&self, repo: RepoName, digest: Digest, size: u64) -> OpenBlob {
+        let object = Arc::new(RecentObject {
+            kind: "blob",
+            name: format!("{repo}@{digest}"),
+            size,
+            blobs: vec![digest.to_string()],
+        });
         OpenBlob {
+            object,
             check: self.verifier.start(repo.clone(), digest.clone(), size),
             readahead: Mutex::new(ReadAhead::new(self.cache.block_size(), self.max_window)),
             reader_at: watch::Sender::new(0),
@@ -220,6 +230,13 @@ impl BlobReads {
                 humantime::format_duration(limit)
             ))),
         };
+        if let Ok(bytes) = &result {
+            self.fetcher
+                .client()
+                .stats()
+                .recent
+                .read(&blob.object, bytes.len() as u64);
+        }
         if let Err(e) = &result {
             blob.remember_failure(e);
             if blob.check.failed().is_err() {

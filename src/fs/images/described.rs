@@ -114,6 +114,7 @@ impl Images {
         let children = match parse(repo, &top)? {
             ImageManifest::Image { layers } => {
                 let found = find(&layers, name).ok_or_else(not_found)?;
+                let found = readable(repo, &top.digest, found)?;
                 self.index_all(repo, &layers, &top);
                 return Ok((top.digest.clone(), found));
             }
@@ -134,6 +135,7 @@ impl Images {
                 Err(e) => return Err(e),
             };
             if let Some(found) = find(&image.layers, name) {
+                let found = readable(repo, &image.digest, found)?;
                 self.index_all(repo, &image.layers, &image.manifest);
                 return Ok((image.digest, found));
             }
@@ -227,11 +229,22 @@ fn image(
 }
 
 /// The blob digest of the layer whose blob digest, or TOC digest, is `name`.
-fn find(layers: &[Layer], name: &Digest) -> Option<Digest> {
+fn find<'a>(layers: &'a [Layer], name: &Digest) -> Option<&'a Layer> {
     let by_blob = layers.iter().find(|l| &l.digest == name);
-    by_blob
-        .or_else(|| layers.iter().find(|l| toc_digest(l).as_ref() == Some(name)))
-        .map(|l| l.digest.clone())
+    by_blob.or_else(|| layers.iter().find(|l| toc_digest(l).as_ref() == Some(name)))
+}
+
+/// The blob digest of `layer` of image `manifest`, if regfs reads its media type; a
+/// layer it cannot read is not in the layer store, so the runtime downloads it itself
+/// (docs/SEMANTICS.md, "Container runtimes") instead of finding a `diff` that fails.
+fn readable(repo: &RepoName, manifest: &Digest, layer: &Layer) -> Result<Digest> {
+    match Codec::of_media_type(&layer.media_type) {
+        Some(_) => Ok(layer.digest.clone()),
+        None => Err(Error::NotFound(format!(
+            "{repo}@{manifest}: layer {} is {:?}, a media type regfs cannot read",
+            layer.digest, layer.media_type
+        ))),
+    }
 }
 
 /// The digest of the TOC a layer's descriptor announces, if any.
@@ -291,11 +304,12 @@ mod tests {
                 ],
             ),
         ];
-        assert_eq!(find(&layers, &digest('a')), Some(digest('a')));
-        assert_eq!(find(&layers, &digest('b')), Some(digest('b')));
-        assert_eq!(find(&layers, &digest('1')), Some(digest('b')));
-        assert_eq!(find(&layers, &digest('2')), Some(digest('c')));
-        assert_eq!(find(&layers, &digest('3')), None);
+        let found = |name| find(&layers, &digest(name)).map(|l| l.digest.clone());
+        assert_eq!(found('a'), Some(digest('a')));
+        assert_eq!(found('b'), Some(digest('b')));
+        assert_eq!(found('1'), Some(digest('b')));
+        assert_eq!(found('2'), Some(digest('c')));
+        assert_eq!(found('3'), None);
         // An eStargz annotation on a zstd layer announces nothing.
         let odd = [layer(
             'd',
@@ -305,6 +319,16 @@ mod tests {
                 digest('4').to_string(),
             )],
         )];
-        assert_eq!(find(&odd, &digest('4')), None);
+        assert!(find(&odd, &digest('4')).is_none());
+    }
+
+    #[test]
+    fn a_layer_of_a_media_type_regfs_cannot_read_is_not_offered() {
+        let repo = RepoName::parse("team/app").expect("valid");
+        let gzip = layer('a', "application/vnd.oci.image.layer.v1.tar+gzip", &[]);
+        let sealed = layer('b', "application/vnd.example.sealed+tar", &[]);
+        assert_eq!(readable(&repo, &digest('e'), &gzip).ok(), Some(digest('a')));
+        let refused = readable(&repo, &digest('e'), &sealed).expect_err("not readable");
+        assert!(matches!(refused, Error::NotFound(ref why) if why.contains("cannot read")));
     }
 }

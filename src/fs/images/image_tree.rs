@@ -11,6 +11,7 @@ use crate::fs::attr::{self, Kind};
 use crate::image::entry::{Entry, EntryKind, Xattrs};
 use crate::image::tree::{self, Origin, Tree};
 use crate::registry::{Error, Result};
+use crate::stats::RecentObject;
 
 /// An image's files: the tree, and the layers its nodes come from.
 pub struct ImageTree {
@@ -34,6 +35,21 @@ pub struct NodeAttr {
 }
 
 impl ImageTree {
+    /// What reads of this tree count as in the stats' recent objects: `name`, as the
+    /// user reached it, and the layer blobs it is made of.
+    pub fn object(&self, kind: &'static str, name: String) -> RecentObject {
+        RecentObject {
+            kind,
+            name,
+            size: self.layers.iter().map(|l| l.content.blob_size()).sum(),
+            blobs: self
+                .layers
+                .iter()
+                .map(|l| l.content.digest().to_string())
+                .collect(),
+        }
+    }
+
     fn node(&self, id: u32) -> Result<&tree::Node> {
         self.tree
             .node(id)

@@ -157,7 +157,9 @@ impl ImageDirs {
                 let tree = self.tree(root).await?;
                 self.images.opened(root, &tree).await;
                 let local_file = tree.local_file(*id).await;
-                let mut opening = Opening::of(OpenFile::Image(tree, *id), true);
+                let (kind, name) = object_name(root);
+                let object = Arc::new(tree.object(kind, name));
+                let mut opening = Opening::of(OpenFile::Image(tree, *id, object), true);
                 opening.local_file = local_file;
                 Ok(opening)
             }
@@ -181,5 +183,16 @@ impl ImageDirs {
         };
         let tree = self.tree(root).await?;
         tree.xattrs(*id).map_err(|e| fail(path, e))
+    }
+}
+
+/// How the stats' recent objects name the files under `root`: as the user reached them.
+fn object_name(root: &ImageRoot) -> (&'static str, String) {
+    let repo = &root.repo;
+    match &root.of {
+        RootOf::Tag(tag, _) => ("image", format!("{repo}:{}", tag.as_str())),
+        RootOf::Image(d) => ("image", format!("{repo}@{d}")),
+        RootOf::Layer(d) | RootOf::ImageLayer(_, d) => ("layer", format!("{repo}@{d}")),
+        RootOf::StoreLayer(l) => ("layer", format!("{repo}@{}", l.name)),
     }
 }

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::image_ref::{self, RegistryDomain};
 use super::images::root_node;
@@ -33,10 +33,13 @@ use crate::fs::tree::node::{
     ImageRoot, Node, RootOf, STORE_BLOB, STORE_DIFF, STORE_INFO, StoreImage, StoreLayer, StorePath,
 };
 use crate::fs::tree::open_file::Opening;
-use crate::registry::Digest;
+use crate::registry::{Digest, Error, Reference};
+use crate::stats::Stats;
 
 pub struct LayerStore {
     images: Arc<Images>,
+    /// Where lookups that found no layer to serve are counted.
+    stats: Arc<Stats>,
     /// The registry this mount serves: references to another are not here.
     domain: RegistryDomain,
     /// `--tag-ttl`: a reference's tag is resolved again after it.
@@ -58,9 +61,15 @@ impl LayerStore {
             .root(&l.image.repo, RootOf::StoreLayer(l.clone()))
     }
 
-    pub fn new(images: Arc<Images>, domain: RegistryDomain, tag_ttl: Duration) -> LayerStore {
+    pub fn new(
+        images: Arc<Images>,
+        stats: Arc<Stats>,
+        domain: RegistryDomain,
+        tag_ttl: Duration,
+    ) -> LayerStore {
         LayerStore {
             images,
+            stats,
             domain,
             tag_ttl,
         }
@@ -79,7 +88,7 @@ impl LayerStore {
                     .images
                     .find_layer(&image.repo, &image.reference, &wanted)
                     .await
-                    .map_err(|e| fail(&Node::Store(path.clone()), e))?;
+                    .map_err(|e| self.not_served(image, &wanted, e))?;
                 at(StorePath::Layer(Arc::new(StoreLayer {
                     image: image.clone(),
                     name: wanted,
@@ -96,6 +105,23 @@ impl LayerStore {
             },
             StorePath::Info(_) | StorePath::Blob(_) => Err(Errno::ENOTDIR),
         }
+    }
+
+    /// A layer of an image of this registry that the store cannot serve: the runtime
+    /// downloads it itself, so it is counted and logged once (docs/SEMANTICS.md,
+    /// "Container runtimes").
+    fn not_served(&self, image: &StoreImage, layer: &Digest, e: Error) -> Errno {
+        let sep = match image.reference {
+            Reference::Tag(_) => ':',
+            Reference::Digest(_) => '@',
+        };
+        let what = format!("{}{sep}{}/{layer}", image.repo, image.reference);
+        if self.stats.store_failures.failed(&what, &e.to_string()) {
+            warn!("layer store: {what} not served ({e}); the runtime downloads it itself");
+        } else {
+            debug!("layer store: {what} not served again: {e}");
+        }
+        Errno(e.errno())
     }
 
     /// The image reference a directory at the top is named by, if it is a reference

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use crate::fs::blob::OpenBlob;
 use crate::fs::images::ImageTree;
 use crate::fs::write::WrittenFile;
+use crate::stats::RecentObject;
 
 /// An open file: its bytes, fixed at open (a tag that moves does not change an open
 /// file), or what it reads from or writes to.
@@ -16,8 +17,8 @@ pub enum OpenFile {
     Blob(Arc<OpenBlob>),
     /// A file being written (docs/SEMANTICS.md, "Writes").
     Write(Arc<WrittenFile>),
-    /// A file of an image: node `id` of its tree.
-    Image(Arc<ImageTree>, u32),
+    /// A file of an image: node `id` of its tree, and what its reads are counted as.
+    Image(Arc<ImageTree>, u32, Arc<RecentObject>),
 }
 
 /// An open as an area of the tree answers it, before it is given a handle.

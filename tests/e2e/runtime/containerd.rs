@@ -2,7 +2,10 @@
 //! as its proxy plugin `regfs`, runc, and a real registry: what `ctr` and `ctr-remote`
 //! users do, checked as they would check it.
 
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -17,23 +20,42 @@ pub struct Snapshotter {
     child: Option<Child>,
     pub root: PathBuf,
     pub socket: PathBuf,
-    hosts: PathBuf,
+    /// Its `--hosts-dir`.
+    pub hosts: PathBuf,
     cache: PathBuf,
     log: PathBuf,
+    timeout: &'static str,
+    flags: &'static [&'static str],
+}
+
+/// How a test's snapshotter reaches its registry.
+pub struct Setup {
+    /// The hosts.toml of the registry's host.
+    pub hosts_toml: String,
+    /// `--timeout` of its mounts.
+    pub timeout: &'static str,
+    /// Other `regfs snapshotter` flags.
+    pub flags: &'static [&'static str],
+}
+
+impl Setup {
+    /// hosts.toml says only `server`.
+    pub fn server(url: &str) -> Setup {
+        Setup {
+            hosts_toml: format!("server = \"{url}\"\n"),
+            timeout: "10s",
+            flags: &[],
+        }
+    }
 }
 
 impl Snapshotter {
-    /// Root, hosts dir (with a hosts.toml whose `server` is `server`, for the host of
-    /// `registry`) and disk cache under `dir`.
-    pub fn start(dir: &Path, registry: &Registry, server: &str) -> Snapshotter {
+    /// Root, hosts dir (with `setup`'s hosts.toml for `host`) and disk cache under `dir`.
+    pub fn start(dir: &Path, host: &str, setup: &Setup) -> Snapshotter {
         let hosts = dir.join("certs.d");
-        let host_dir = hosts.join(registry.addr.to_string());
+        let host_dir = hosts.join(host);
         std::fs::create_dir_all(&host_dir).unwrap();
-        std::fs::write(
-            host_dir.join("hosts.toml"),
-            format!("server = \"{server}\"\n"),
-        )
-        .unwrap();
+        std::fs::write(host_dir.join("hosts.toml"), &setup.hosts_toml).unwrap();
         let mut s = Snapshotter {
             child: None,
             root: dir.join("root"),
@@ -41,6 +63,8 @@ impl Snapshotter {
             hosts,
             cache: dir.join("cache"),
             log: dir.join("snapshotter.log"),
+            timeout: setup.timeout,
+            flags: setup.flags,
         };
         s.restart();
         s
@@ -54,7 +78,7 @@ impl Snapshotter {
             .open(&self.log)
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regfs"));
-        cmd.args(["snapshotter", "--timeout", "10s", "--root"])
+        cmd.args(["snapshotter", "--timeout", self.timeout, "--root"])
             .arg(&self.root)
             .arg("--address")
             .arg(&self.socket)
@@ -62,10 +86,19 @@ impl Snapshotter {
             .arg(&self.hosts)
             .arg("--cache-dir")
             .arg(&self.cache)
+            .args(self.flags)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         die_with_parent(&mut cmd, libc::SIGKILL);
+        // The loosest umask: what it keeps under its root must be private all the same.
+        // SAFETY: umask is async-signal-safe and cannot fail.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
         self.child = Some(cmd.spawn().expect("start regfs snapshotter"));
         let socket = self.socket.clone();
         wait_until(Duration::from_secs(20), "the snapshotter's socket", || {
@@ -89,6 +122,33 @@ impl Snapshotter {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/.regfs/stats` of the mount of `host` (Null before it is mounted).
+    pub fn mount_stats(&self, host: &str) -> serde_json::Value {
+        let path = self.root.join("mounts").join(host).join(".regfs/stats");
+        let bytes = std::fs::read(path).unwrap_or_default();
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// What it keeps under its root and in its disk cache is root's alone, though it
+    /// runs with umask 0: directories 0700 and files 0600, but for the snapshot
+    /// directories containers use and the mounts; its socket 0600.
+    pub fn assert_private(&self) {
+        assert_eq!(mode(&self.socket), 0o600, "the socket");
+        let seen = private_below(&self.root, &|rel: &[&OsStr]| {
+            matches!(rel, [s, _, _] if *s == "snapshots") || matches!(rel, [m, _] if *m == "mounts")
+        });
+        assert!(seen >= 5, "stats, metadata, logs, mounts, snapshots");
+        let cached = private_below(&self.cache, &|_: &[&OsStr]| false);
+        assert!(cached >= 1, "the mounts' disk cache holds something");
+    }
+
+    /// Whether its process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// stats.json: served layers and fallbacks.
@@ -138,6 +198,39 @@ impl Snapshotter {
     }
 }
 
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Asserts every directory below `top` (itself included) is 0700 and every file 0600,
+/// but for entries `skip` names by their path below `top` (not descended into);
+/// returns how many entries were checked.
+fn private_below(top: &Path, skip: &dyn Fn(&[&OsStr]) -> bool) -> usize {
+    let mut pending = vec![top.to_owned()];
+    let mut seen = 0;
+    while let Some(dir) = pending.pop() {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let rel: Vec<&OsStr> = path.strip_prefix(top).unwrap().iter().collect();
+            if skip(&rel) {
+                continue;
+            }
+            seen += 1;
+            if entry.file_type().unwrap().is_dir() {
+                pending.push(path);
+            } else {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
+    }
+    seen
+}
+
 impl Drop for Snapshotter {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -181,6 +274,14 @@ impl Containerd {
             containerd.ctr(&["version"]).status.success()
         });
         containerd
+    }
+
+    /// The root filesystem of running container `id`, as its shim mounted it.
+    pub fn rootfs(&self, id: &str) -> PathBuf {
+        self.dir
+            .join("state/io.containerd.runtime.v2.task/default")
+            .join(id)
+            .join("rootfs")
     }
 
     /// containerd's socket.
@@ -280,20 +381,29 @@ pub struct Rig {
 impl Rig {
     /// The snapshotter reaches the registry as containerd does.
     pub fn start() -> Rig {
-        Rig::start_with(None)
+        prerequisites();
+        let registry = Registry::start();
+        let setup = Setup::server(&registry.url());
+        Rig::start_for(registry, setup)
     }
 
     /// `server`: what the snapshotter's hosts.toml says instead of the registry's URL.
     pub fn start_with(server: Option<&str>) -> Rig {
-        require_tools();
-        require_commands(&["containerd", "ctr-remote", "runc", "busybox"]);
+        prerequisites();
         let registry = Registry::start();
+        let setup = Setup::server(server.unwrap_or(&registry.url()));
+        Rig::start_for(registry, setup)
+    }
+
+    /// The snapshotter set up by `setup` for `registry`'s host.
+    pub fn start_for(registry: Registry, setup: Setup) -> Rig {
+        prerequisites();
         let dir = tempfile::Builder::new()
             .prefix("regfs-runtime-")
             .tempdir()
             .unwrap();
-        let server = server.map_or_else(|| registry.url(), str::to_owned);
-        let snapshotter = Snapshotter::start(dir.path(), &registry, &server);
+        let host = registry.addr.to_string();
+        let snapshotter = Snapshotter::start(dir.path(), &host, &setup);
         let containerd = Containerd::start(dir.path(), &snapshotter);
         Rig {
             containerd: Some(containerd),
@@ -301,6 +411,11 @@ impl Rig {
             registry,
             dir,
         }
+    }
+
+    /// The registry's host, as image references name it.
+    pub fn host(&self) -> String {
+        self.registry.addr.to_string()
     }
 
     /// A container ID of this test's own: runc keeps its state per namespace in one
@@ -328,6 +443,12 @@ impl Drop for Rig {
         unmount_below(self.dir.path());
         remove_mount_cgroup(&self.registry);
     }
+}
+
+/// Fails with a message naming setup.sh unless the tools of the runtime tests exist.
+pub fn prerequisites() {
+    require_tools();
+    require_commands(&["containerd", "ctr-remote", "runc", "busybox"]);
 }
 
 /// The cgroup v2 root, where it is mounted.

@@ -4,5 +4,11 @@
 
 mod conformance;
 mod containerd;
+mod contents;
+mod faults;
 mod go;
+mod hosts;
+mod layer_store;
+mod podman;
 mod remote;
+mod rich_image;

@@ -5,17 +5,24 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use super::containerd::{Rig, cgroup_of, cgroup2_root};
 use super::go::{GoBuild, go_build};
-use crate::common::{Layout, Registry, get_manifest, run};
+use crate::common::process::wait_until;
+use crate::common::{Layout, Registry, run};
 
 const REPO: &str = "t/app";
 
 /// Two gzip layers built by umoci: busybox-static and /data/one, then /data/two and
 /// /data/later (read only after a restart). Returns the image reference and its layer
 /// digests.
-fn push_two_layer_image(registry: &Registry) -> (String, Vec<String>) {
+pub fn push_two_layer_image(registry: &Registry) -> (String, Vec<String>) {
+    push_image_with(registry, &[])
+}
+
+/// [`push_two_layer_image`] with `more` files (path, contents) in its second layer.
+pub fn push_image_with(registry: &Registry, more: &[(&str, Vec<u8>)]) -> (String, Vec<String>) {
     let layout = Layout::new();
     let image = format!("{}:app", layout.oci_dir().display());
     run(Command::new("umoci").args(["new", "--image", &image]));
@@ -46,9 +53,13 @@ fn push_two_layer_image(registry: &Registry) -> (String, Vec<String>) {
     layer(&|rootfs| {
         std::fs::write(rootfs.join("data/two"), "two\n").unwrap();
         std::fs::write(rootfs.join("data/later"), "read after a restart\n").unwrap();
+        for (path, bytes) in more {
+            std::fs::write(rootfs.join(path), bytes).unwrap();
+        }
     });
     layout.push("app", registry, &format!("{REPO}:v1"));
-    let (_, _, bytes) = get_manifest(registry, REPO, "v1");
+    // From the layout (pushed with its digests kept): the registry may be on TLS.
+    let bytes = layout.blob(&layout.manifest_digest("app"));
     let manifest: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     let layers = manifest["layers"]
         .as_array()
@@ -59,7 +70,7 @@ fn push_two_layer_image(registry: &Registry) -> (String, Vec<String>) {
     (format!("{}/{REPO}:v1", registry.addr), layers)
 }
 
-fn counter(rig: &Rig, path: &[&str]) -> u64 {
+pub fn counter(rig: &Rig, path: &[&str]) -> u64 {
     let mut value = rig.snapshotter.stats();
     for key in path {
         value = value[*key].clone();
@@ -274,6 +285,23 @@ fn a_layer_regfs_cannot_serve_falls_back_visibly() {
     assert_eq!(out, "one\n");
 }
 
+/// What `ctr snapshots ls` and `info` say of every snapshot of the snapshotter: kind,
+/// parent, labels and times, which a restart must not change.
+fn snapshot_metadata(rig: &Rig) -> Vec<String> {
+    let ctr = rig.ctr();
+    let listed = ctr.ctr_ok(&["snapshots", "--snapshotter", "regfs", "ls"]);
+    let mut seen = vec![listed.clone()];
+    for key in listed
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        seen.push(ctr.ctr_ok(&["snapshots", "--snapshotter", "regfs", "info", key]));
+    }
+    assert!(seen.len() >= 3, "two layers and a container: {listed}");
+    seen
+}
+
 #[test]
 fn a_running_container_outlives_a_snapshotter_restart() {
     let mut rig = Rig::start();
@@ -313,6 +341,7 @@ fn a_running_container_outlives_a_snapshotter_restart() {
         }
     }
 
+    let metadata = snapshot_metadata(&rig);
     rig.snapshotter.stop();
     // Down: the container still reads a file it had not read.
     assert_eq!(exec(&rig, "e2", "/data/two"), "two\n");
@@ -324,6 +353,8 @@ fn a_running_container_outlives_a_snapshotter_restart() {
     );
     assert_eq!(exec(&rig, "e3", "/data/later"), "read after a restart\n");
     rig.ctr().wait_for_snapshotter();
+    // Its metadata survived: the same snapshots, kinds, parents and labels.
+    assert_eq!(snapshot_metadata(&rig), metadata);
     // And the restarted snapshotter serves new containers from the same mount.
     let out = rig.ctr().ctr_ok(&[
         "run",
@@ -336,5 +367,29 @@ fn a_running_container_outlives_a_snapshotter_restart() {
         "/data/later",
     ]);
     assert_eq!(out, "read after a restart\n");
+
+    // A host's mount process that dies is mounted again by the next call that needs
+    // it, and its layers bound anew: a new container runs.
+    for pid in rig.snapshotter.mount_pids() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    wait_until(Duration::from_secs(10), "the mount process to end", || {
+        rig.snapshotter.mount_pids().is_empty()
+    });
+    let out = rig.ctr().ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "regfs",
+        &image,
+        &rig.id("r3"),
+        "cat",
+        "/data/two",
+    ]);
+    assert_eq!(out, "two\n");
+    let log = rig.snapshotter.log();
+    assert!(log.contains("mounting it again"), "{log}");
+    assert!(log.contains("bound again"), "{log}");
     rig.ctr().kill_task(&rig.id("r1"));
 }

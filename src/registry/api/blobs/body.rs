@@ -12,6 +12,7 @@ use super::socket::SocketBody;
 use crate::buf::BlockBuf;
 use crate::registry::error::{Error, Result};
 use crate::registry::host::{Host, transport};
+use crate::registry::types::Digest;
 use crate::stats::{HostCounters, InFlight, Stats};
 
 /// A blob body that delivers less than this many bytes per second, averaged over a
@@ -26,6 +27,8 @@ pub struct BlobBody {
     /// The server answered 200 with the whole blob to a Range request.
     range_ignored: bool,
     what: String,
+    /// The blob's digest, which its bytes are counted against (stats' recent objects).
+    blob: String,
     stats: Arc<Stats>,
     host: Arc<HostCounters>,
     pace: Pace,
@@ -104,7 +107,7 @@ impl BlobBody {
         host: &Host,
         resp: reqwest::Response,
         skip: u64,
-        what: String,
+        (what, blob): (String, &Digest),
         in_flight: InFlight,
     ) -> BlobBody {
         let source = Source::Client {
@@ -112,25 +115,31 @@ impl BlobBody {
             skip,
             carry: Bytes::new(),
         };
-        BlobBody::new(host, source, what, in_flight)
+        BlobBody::new(host, source, (what, blob), in_flight)
     }
 
     /// A `206` body read from its own connection to `host`.
     pub(super) fn from_socket(
         host: &Host,
         body: SocketBody,
-        what: String,
+        (what, blob): (String, &Digest),
         in_flight: InFlight,
     ) -> BlobBody {
         let source = Source::Socket {
             body,
             scratch: Vec::new(),
         };
-        BlobBody::new(host, source, what, in_flight)
+        BlobBody::new(host, source, (what, blob), in_flight)
     }
 
-    fn new(host: &Host, source: Source, what: String, in_flight: InFlight) -> BlobBody {
+    fn new(
+        host: &Host,
+        source: Source,
+        (what, blob): (String, &Digest),
+        in_flight: InFlight,
+    ) -> BlobBody {
         BlobBody {
+            blob: blob.to_string(),
             stats: in_flight.stats().clone(),
             host: host.counters().clone(),
             // Every blob GET asks for a Range.
@@ -216,6 +225,7 @@ impl BlobBody {
         let meter = Meter {
             pace: &mut self.pace,
             what: &self.what,
+            blob: &self.blob,
             stats: &self.stats,
             host: &self.host,
         };
@@ -232,6 +242,7 @@ impl BlobBody {
 struct Meter<'a> {
     pace: &'a mut Pace,
     what: &'a str,
+    blob: &'a str,
     stats: &'a Stats,
     host: &'a HostCounters,
 }
@@ -257,7 +268,7 @@ impl Meter<'_> {
             };
             if let Some(n) = len(&arrived) {
                 self.pace.add(waited, n, self.what)?;
-                self.stats.received(n);
+                self.stats.received(self.blob, n);
                 Stats::add(&self.host.fetched_bytes, n);
             }
             return Ok(arrived);

@@ -86,7 +86,7 @@ impl Host {
     ) -> Result<BlobBody> {
         let in_flight = self.stats().request(RequestKind::BlobStream);
         if let Some((body, what)) = self.socket_stream(repo, digest, offset).await {
-            return Ok(BlobBody::from_socket(self, body, what, in_flight));
+            return Ok(BlobBody::from_socket(self, body, (what, digest), in_flight));
         }
         self.open_blob(repo, digest, offset, None, in_flight).await
     }
@@ -206,7 +206,13 @@ impl Host {
         if let Some(url) = self.resolved().get(digest) {
             match self.open_at(&url, &what, &range, offset).await {
                 Ok(Opened::Body(resp, skip)) => {
-                    return Ok(BlobBody::from_answer(self, resp, skip, what, in_flight));
+                    return Ok(BlobBody::from_answer(
+                        self,
+                        resp,
+                        skip,
+                        (what, digest),
+                        in_flight,
+                    ));
                 }
                 Ok(Opened::Redirect(_)) => debug!(%digest, "resolved URL redirects again"),
                 Err(e) => debug!(%digest, "resolved URL failed ({e}); asking the registry"),
@@ -220,7 +226,13 @@ impl Host {
                     if url.origin() != self.base().origin() {
                         self.resolved().remember(digest, url);
                     }
-                    return Ok(BlobBody::from_answer(self, resp, skip, what, in_flight));
+                    return Ok(BlobBody::from_answer(
+                        self,
+                        resp,
+                        skip,
+                        (what, digest),
+                        in_flight,
+                    ));
                 }
                 Opened::Redirect(next) => {
                     // Never downgrade: an https registry may not send us to plain http.
