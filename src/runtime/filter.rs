@@ -236,7 +236,7 @@ mod tests {
 
     fn matches(filters: &[&str], f: &Fields) -> bool {
         let filters: Vec<String> = filters.iter().map(|s| s.to_string()).collect();
-        Filters::parse(&filters).unwrap().matches(f)
+        Filters::parse(&filters).expect("in a test").matches(f)
     }
 
     #[test]

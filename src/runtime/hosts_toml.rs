@@ -206,7 +206,12 @@ mod tests {
     use super::*;
 
     fn config(host: &str, text: &str) -> HostConfig {
-        parse(host, toml::from_str(text).unwrap(), Path::new("/certs.d/h")).unwrap()
+        parse(
+            host,
+            toml::from_str(text).expect("in a test"),
+            Path::new("/certs.d/h"),
+        )
+        .expect("in a test")
     }
 
     fn mirror(url: &str, skip_verify: bool) -> MirrorHost {
@@ -338,7 +343,7 @@ mod tests {
         let mut specs: Vec<crate::registry::MirrorSpec> = c
             .mirrors
             .iter()
-            .map(|m| crate::registry::MirrorSpec::parse(&m.url).unwrap())
+            .map(|m| crate::registry::MirrorSpec::parse(&m.url).expect("in a test"))
             .collect();
         let insecure: Vec<String> = c
             .mirrors
@@ -346,7 +351,7 @@ mod tests {
             .filter(|m| m.skip_verify)
             .map(|m| m.url.clone())
             .collect();
-        crate::registry::mark_insecure(&mut specs, &insecure).unwrap();
+        crate::registry::mark_insecure(&mut specs, &insecure).expect("in a test");
         assert_eq!(
             specs.iter().map(|m| m.insecure).collect::<Vec<_>>(),
             [true, false]
@@ -355,11 +360,12 @@ mod tests {
 
     #[test]
     fn missing_file_means_https() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = host_config(dir.path(), "r.io:443").unwrap();
+        let dir = tempfile::tempdir().expect("in a test");
+        let c = host_config(dir.path(), "r.io:443").expect("in a test");
         assert_eq!(c.server, "https://r.io/");
-        std::fs::create_dir(dir.path().join("_default")).unwrap();
-        std::fs::write(dir.path().join("_default/hosts.toml"), "skip_verify = true").unwrap();
-        assert!(host_config(dir.path(), "r.io").unwrap().insecure);
+        std::fs::create_dir(dir.path().join("_default")).expect("in a test");
+        std::fs::write(dir.path().join("_default/hosts.toml"), "skip_verify = true")
+            .expect("in a test");
+        assert!(host_config(dir.path(), "r.io").expect("in a test").insecure);
     }
 }

@@ -171,14 +171,20 @@ mod tests {
     fn references() {
         let split = |r: &str| split_reference(r).map(|(h, p)| format!("{h} {p}"));
         assert_eq!(
-            split("127.0.0.1:5000/t/app:v1").unwrap(),
+            split("127.0.0.1:5000/t/app:v1").expect("in a test"),
             "127.0.0.1:5000 t/app"
         );
-        assert_eq!(split("busybox").unwrap(), "docker.io library/busybox");
-        assert_eq!(split("me/app:1").unwrap(), "docker.io me/app");
-        assert_eq!(split(&format!("localhost/a@{D1}")).unwrap(), "localhost a");
         assert_eq!(
-            split(&format!("r.io:5000/a/b:t@{D1}")).unwrap(),
+            split("busybox").expect("in a test"),
+            "docker.io library/busybox"
+        );
+        assert_eq!(split("me/app:1").expect("in a test"), "docker.io me/app");
+        assert_eq!(
+            split(&format!("localhost/a@{D1}")).expect("in a test"),
+            "localhost a"
+        );
+        assert_eq!(
+            split(&format!("r.io:5000/a/b:t@{D1}")).expect("in a test"),
             "r.io:5000 a/b"
         );
         assert!(split("r.io/../x").is_err());
@@ -207,7 +213,7 @@ mod tests {
                 .collect()
         };
         let stargz = labels(&[(STARGZ_REFERENCE, "r.io/a:v1"), (STARGZ_DIGEST, D1)]);
-        let got = layer_ref(&stargz).unwrap();
+        let got = layer_ref(&stargz).expect("in a test");
         assert_eq!(
             (got.host.as_str(), got.layer.as_str(), got.manifest),
             ("r.io", D1, None)
@@ -217,7 +223,14 @@ mod tests {
             (CRI_LAYER_DIGEST, D1),
             (CRI_MANIFEST_DIGEST, D2),
         ]);
-        assert_eq!(layer_ref(&cri).unwrap().manifest.unwrap().as_str(), D2);
+        assert_eq!(
+            layer_ref(&cri)
+                .expect("in a test")
+                .manifest
+                .expect("in a test")
+                .as_str(),
+            D2
+        );
         assert!(names_a_layer(&cri));
         assert!(layer_ref(&labels(&[(STARGZ_REFERENCE, "r.io/a")])).is_err());
         assert!(

@@ -184,11 +184,11 @@ mod tests {
 
     #[test]
     fn usage_counts_hardlinks_once() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a"), vec![1u8; 10_000]).unwrap();
-        std::fs::hard_link(dir.path().join("a"), dir.path().join("b")).unwrap();
-        std::fs::create_dir(dir.path().join("d")).unwrap();
-        let usage = disk_usage(dir.path()).unwrap();
+        let dir = tempfile::tempdir().expect("in a test");
+        std::fs::write(dir.path().join("a"), vec![1u8; 10_000]).expect("in a test");
+        std::fs::hard_link(dir.path().join("a"), dir.path().join("b")).expect("in a test");
+        std::fs::create_dir(dir.path().join("d")).expect("in a test");
+        let usage = disk_usage(dir.path()).expect("in a test");
         assert_eq!(usage.inodes, 3);
         assert!(usage.size >= 10_000);
     }

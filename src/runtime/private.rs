@@ -47,29 +47,29 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn mode(path: &Path) -> u32 {
-        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+        std::fs::symlink_metadata(path).expect("in a test").mode() & 0o7777
     }
 
     #[test]
     fn wider_entries_are_tightened_and_new_ones_private() {
-        let root = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().expect("in a test");
         let d = root.path().join("logs");
-        std::fs::create_dir(&d).unwrap();
-        std::fs::set_permissions(&d, Permissions::from_mode(0o755)).unwrap();
-        dir(&d).unwrap();
+        std::fs::create_dir(&d).expect("in a test");
+        std::fs::set_permissions(&d, Permissions::from_mode(0o755)).expect("in a test");
+        dir(&d).expect("in a test");
         assert_eq!(mode(&d), 0o700);
         let f = d.join("host.log");
-        std::fs::write(&f, b"kept").unwrap();
-        std::fs::set_permissions(&f, Permissions::from_mode(0o644)).unwrap();
-        file(&f).unwrap();
+        std::fs::write(&f, b"kept").expect("in a test");
+        std::fs::set_permissions(&f, Permissions::from_mode(0o644)).expect("in a test");
+        file(&f).expect("in a test");
         assert_eq!(
-            (mode(&f), std::fs::read(&f).unwrap()),
+            (mode(&f), std::fs::read(&f).expect("in a test")),
             (0o600, b"kept".to_vec())
         );
         let stats = d.join("stats.json");
-        replace(&stats, b"{}").unwrap();
-        replace(&stats, b"{\"a\":1}").unwrap();
+        replace(&stats, b"{}").expect("in a test");
+        replace(&stats, b"{\"a\":1}").expect("in a test");
         assert_eq!(mode(&stats), 0o600);
-        assert_eq!(std::fs::read(&stats).unwrap(), b"{\"a\":1}");
+        assert_eq!(std::fs::read(&stats).expect("in a test"), b"{\"a\":1}");
     }
 }

@@ -122,14 +122,14 @@ mod tests {
 
     #[test]
     fn counts_survive_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("in a test");
         let path = dir.path().join("stats.json");
         let stats = RuntimeStats::load(path.clone());
         stats.served();
         stats.fallback("layer sha256:a", Fallback::NoLabels, "plain pull");
         stats.fallback("layer sha256:a", Fallback::NoLabels, "plain pull");
         let again = RuntimeStats::load(path);
-        let c = again.counters.lock().unwrap();
+        let c = again.counters.lock().expect("in a test");
         assert_eq!((c.remote_snapshots, c.fallbacks), (1, 2));
         assert_eq!(c.fallback_reasons["no_labels"], 2);
     }

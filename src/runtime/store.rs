@@ -389,13 +389,13 @@ mod tests {
 
     #[test]
     fn survives_reopening_and_keeps_the_rules() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("in a test");
         let path = dir.path().join("metadata.redb");
         {
-            let store = Store::open(&path).unwrap();
+            let store = Store::open(&path).expect("in a test");
             let a = store
                 .create(new("a", "", Kind::Active), |_| Ok(()))
-                .unwrap();
+                .expect("in a test");
             assert!(matches!(
                 store.create(new("a", "", Kind::Active), |_| Ok(())),
                 Err(Error::AlreadyExists(_))
@@ -406,22 +406,27 @@ mod tests {
             ));
             let c = store
                 .commit("c", "a", BTreeMap::new(), Usage::default())
-                .unwrap();
+                .expect("in a test");
             assert_eq!(c.id, a.id);
             store
                 .create(new("d", "c", Kind::Active), |_| Ok(()))
-                .unwrap();
+                .expect("in a test");
             assert!(matches!(
                 store.remove("c"),
                 Err(Error::FailedPrecondition(_))
             ));
         }
-        let store = Store::open(&path).unwrap();
-        let keys: Vec<String> = store.list().unwrap().into_iter().map(|(k, _)| k).collect();
+        let store = Store::open(&path).expect("in a test");
+        let keys: Vec<String> = store
+            .list()
+            .expect("in a test")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         assert_eq!(keys, ["c", "d"]);
-        let d = store.require("d").unwrap();
-        assert_eq!(store.ancestors(&d).unwrap().len(), 1);
-        assert!(d.id > store.require("c").unwrap().id);
+        let d = store.require("d").expect("in a test");
+        assert_eq!(store.ancestors(&d).expect("in a test").len(), 1);
+        assert!(d.id > store.require("c").expect("in a test").id);
     }
 
     #[test]
@@ -433,12 +438,12 @@ mod tests {
             .map(|(k, v)| (k.into(), v.into()))
             .into();
         let paths = ["labels.l1".to_string(), "labels.l2".to_string()];
-        let out = updated_labels(current.clone(), given.clone(), &paths).unwrap();
+        let out = updated_labels(current.clone(), given.clone(), &paths).expect("in a test");
         assert_eq!(out.len(), 2);
         assert_eq!(out["l1"], "new");
         assert_eq!(out["l3"], "v3");
         assert_eq!(
-            updated_labels(current.clone(), given.clone(), &[]).unwrap(),
+            updated_labels(current.clone(), given.clone(), &[]).expect("in a test"),
             given
         );
         assert!(matches!(
