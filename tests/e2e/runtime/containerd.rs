@@ -431,6 +431,21 @@ impl Rig {
     pub fn ctr(&self) -> &Containerd {
         self.containerd.as_ref().expect("containerd runs")
     }
+
+    /// `ctr run --rm` of `image` with this snapshotter, as container `name` (made this
+    /// test's own), running `cat file`: its output.
+    pub fn cat(&self, image: &str, name: &str, file: &str) -> String {
+        self.ctr().ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "regfs",
+            image,
+            &self.id(name),
+            "cat",
+            file,
+        ])
+    }
 }
 
 impl Drop for Rig {

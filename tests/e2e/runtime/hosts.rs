@@ -71,16 +71,7 @@ fn every_ca_and_a_mirrors_skip_verify_are_applied() {
     let log = rig.snapshotter.log();
     assert_eq!(counter(&rig, &["remote_snapshots"]), 2, "{log}");
     assert_eq!(counter(&rig, &["fallbacks"]), 0, "{log}");
-    let out = ctr.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        &image,
-        &rig.id("h1"),
-        "cat",
-        "/data/two",
-    ]);
+    let out = rig.cat(&image, "h1", "/data/two");
     assert_eq!(out, "two\n");
 
     // The layers came from the mirror, whose certificate nothing vouches for.
@@ -194,20 +185,6 @@ fn rig_with_hosts_toml(registry: Registry, hosts_toml: String) -> Rig {
     )
 }
 
-/// `cat /data/two` in a container of the image, as `id`.
-fn cat_data_two(rig: &Rig, image: &str, id: &str) -> String {
-    rig.ctr().ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        image,
-        &rig.id(id),
-        "cat",
-        "/data/two",
-    ])
-}
-
 /// The snapshotter does not trust the registry: every layer falls back, counted, the log
 /// says why, containerd downloads the layers and the container runs.
 fn an_untrusted_registry_falls_back(rig: &Rig, layers: &[String], ours: &Pki) {
@@ -228,7 +205,7 @@ fn an_untrusted_registry_falls_back(rig: &Rig, layers: &[String], ours: &Pki) {
         layers.iter().all(|l| content.contains(l.as_str())),
         "{content}"
     );
-    assert_eq!(cat_data_two(rig, &image, "u1"), "two\n");
+    assert_eq!(rig.cat(&image, "u1", "/data/two"), "two\n");
 }
 
 /// skip_verify: every layer served by regfs, none downloaded, and the container runs.
@@ -247,5 +224,5 @@ fn skip_verify_is_served_by_regfs(rig: &Rig, layers: &[String], ours: &Pki) {
         layers.iter().all(|l| !content.contains(l.as_str())),
         "{content}"
     );
-    assert_eq!(cat_data_two(rig, &image, "u2"), "two\n");
+    assert_eq!(rig.cat(&image, "u2", "/data/two"), "two\n");
 }

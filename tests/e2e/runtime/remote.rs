@@ -126,16 +126,7 @@ fn rpull_serves_layers_from_regfs_and_runs_containers() {
         "cat /data/one /data/two && echo mine > /data/one && cat /data/one",
     ]);
     assert_eq!(out, "one\ntwo\nmine\n");
-    let out = ctr.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        &image,
-        &rig.id("c2"),
-        "cat",
-        "/data/one",
-    ]);
+    let out = rig.cat(&image, "c2", "/data/one");
     assert_eq!(out, "one\n", "a write of another container leaked");
 
     // Two containers of the image at once.
@@ -189,16 +180,7 @@ fn cri_labels_serve_layers_from_regfs() {
         "{}",
         rig.snapshotter.log()
     );
-    let out = ctr.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        &image,
-        &rig.id("c1"),
-        "cat",
-        "/data/two",
-    ]);
+    let out = rig.cat(&image, "c1", "/data/two");
     assert_eq!(out, "two\n");
 }
 
@@ -230,16 +212,7 @@ fn a_plain_pull_falls_back_visibly() {
         2,
         "{log}"
     );
-    let out = ctr.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        &image,
-        &rig.id("c1"),
-        "cat",
-        "/data/two",
-    ]);
+    let out = rig.cat(&image, "c1", "/data/two");
     assert_eq!(out, "two\n");
     // Ordinary snapshots need no regfs mount at all.
     assert_eq!(rig.snapshotter.mounts(), Vec::<String>::new());
@@ -272,16 +245,7 @@ fn a_layer_regfs_cannot_serve_falls_back_visibly() {
         let line = format!("layer {layer}: not served by regfs (mount_failed)");
         assert_eq!(log.matches(&line).count(), 1, "{log}");
     }
-    let out = ctr.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        &image,
-        &rig.id("c1"),
-        "cat",
-        "/data/one",
-    ]);
+    let out = rig.cat(&image, "c1", "/data/one");
     assert_eq!(out, "one\n");
 }
 
@@ -356,16 +320,7 @@ fn a_running_container_outlives_a_snapshotter_restart() {
     // Its metadata survived: the same snapshots, kinds, parents and labels.
     assert_eq!(snapshot_metadata(&rig), metadata);
     // And the restarted snapshotter serves new containers from the same mount.
-    let out = rig.ctr().ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        &image,
-        &rig.id("r2"),
-        "cat",
-        "/data/later",
-    ]);
+    let out = rig.cat(&image, "r2", "/data/later");
     assert_eq!(out, "read after a restart\n");
 
     // A host's mount process that dies is mounted again by the next call that needs
@@ -377,16 +332,7 @@ fn a_running_container_outlives_a_snapshotter_restart() {
     wait_until(Duration::from_secs(10), "the mount process to end", || {
         rig.snapshotter.mount_pids().is_empty()
     });
-    let out = rig.ctr().ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "regfs",
-        &image,
-        &rig.id("r3"),
-        "cat",
-        "/data/two",
-    ]);
+    let out = rig.cat(&image, "r3", "/data/two");
     assert_eq!(out, "two\n");
     let log = rig.snapshotter.log();
     assert!(log.contains("mounting it again"), "{log}");
