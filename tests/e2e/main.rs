@@ -7,7 +7,9 @@
 //! which took most of `scripts/test.sh`'s build when there were 22 of them. Tests run on
 //! the test harness's threads (one per core unless `--test-threads` says otherwise);
 //! every fixture is a process or a port of its own (registries, proxies, mounts on temp
-//! directories), so tests of different areas share nothing but the machine.
+//! directories), so tests of different areas share nothing but the machine. The runtime
+//! tests (`runtime`, `layerstore`) too: each runs a containerd, snapshotter or podman on
+//! roots, sockets and container IDs of its own.
 
 #[path = "../common/mod.rs"]
 mod common;
