@@ -4,7 +4,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::fd::IntoRawFd;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -30,6 +30,8 @@ pub struct MountInput {
     pub stdin: Option<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// The umask it starts with (else the test's).
+    pub umask: Option<libc::mode_t>,
 }
 
 impl Mount {
@@ -109,6 +111,15 @@ impl Mount {
             .stderr(log);
         // SIGTERM, not SIGKILL: regfs unmounts on SIGTERM.
         die_with_parent(&mut cmd, libc::SIGTERM);
+        if let Some(mask) = input.umask {
+            // SAFETY: umask(2) is async-signal-safe and cannot fail.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("spawn the regfs binary");
         if let (Some(text), Some(mut stdin)) = (&input.stdin, child.stdin.take()) {
             stdin.write_all(text.as_bytes()).expect("write regfs stdin");

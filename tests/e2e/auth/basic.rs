@@ -76,6 +76,7 @@ fn basic_auth_over_tls_with_each_credential_source() {
         MountInput {
             stdin: Some(format!("{PASSWORD}\n")),
             env: env(&[("DOCKER_CONFIG", &empty_dir)]),
+            umask: None,
         },
         "--username/--password-stdin",
     )
@@ -101,6 +102,7 @@ fn basic_auth_over_tls_with_each_credential_source() {
         MountInput {
             stdin: None,
             env: env(&[("DOCKER_CONFIG", &auths_dir)]),
+            umask: None,
         },
         &format!("{auths_dir}/config.json auths"),
     )
@@ -121,6 +123,7 @@ fn basic_auth_over_tls_with_each_credential_source() {
         MountInput {
             stdin: None,
             env: env(&[("DOCKER_CONFIG", &helpers_dir), ("PATH", &path)]),
+            umask: None,
         },
         "docker-credential-test",
     )
@@ -145,6 +148,7 @@ fn refused_credentials_are_eacces_and_the_log_names_the_source() {
                     ("REGFS_USERNAME", USER),
                     ("REGFS_PASSWORD", wrong),
                 ]),
+                umask: None,
             },
         )
         .expect("a registry that refuses the credentials still mounts");
@@ -165,6 +169,7 @@ fn refused_credentials_are_eacces_and_the_log_names_the_source() {
             &MountInput {
                 stdin: None,
                 env: env(&[("DOCKER_CONFIG", &empty_dir)]),
+                umask: None,
             },
         )
         .expect("mount without credentials");
@@ -212,4 +217,63 @@ fn tls_needs_the_ca_unless_insecure() {
         "a warning: {}",
         mount.log()
     );
+}
+
+/// Paths under `root` (itself included) that someone other than their owner could
+/// read, write or search.
+fn open_to_others(root: &Path) -> (usize, Vec<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut seen, mut open) = (0, Vec::new());
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        let meta =
+            fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+        seen += 1;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            open.push(format!("{:o} {}", mode & 0o7777, path.display()));
+        }
+        if meta.is_dir() {
+            let entries =
+                fs::read_dir(&path).unwrap_or_else(|e| panic!("list {}: {e}", path.display()));
+            todo.extend(entries.map(|e| e.expect("a directory entry").path()));
+        }
+    }
+    (seen, open)
+}
+
+#[test]
+fn a_private_registrys_content_in_the_disk_cache_is_readable_by_its_owner_only() {
+    let setup = BasicTls::start();
+    let empty = empty_docker_config();
+    let layer = format!("team/app/blobs/{}", setup.image.layer.0);
+    for umask in [0o022, 0o000] {
+        let tmp = TempDir::new().expect("temp dir for a disk cache");
+        let cache = tmp.path().join("cache");
+        let mut input = env_credentials(&empty.path().to_string_lossy());
+        input.umask = Some(umask);
+        let cache_arg = cache.to_string_lossy().into_owned();
+        let mount = setup
+            .mount(&["--cache-dir", &cache_arg], &input)
+            .unwrap_or_else(|log| panic!("mount with umask {umask:03o}: {log}"));
+        assert_eq!(
+            read(&mount, "team/app/tags/v1/manifest.json"),
+            setup.image.manifest
+        );
+        assert_eq!(read(&mount, &layer), setup.image.layer.1);
+        let payload = read(&mount, "team/app/tags/v1/rootfs/data/payload.bin");
+        assert_eq!(payload, common::noise(300 << 10, 7));
+        // Its queued disk writes are done once it has unmounted.
+        assert!(mount.terminate().success());
+        let (seen, open) = open_to_others(&cache);
+        assert!(
+            seen >= 5,
+            "umask {umask:03o}: the disk cache holds only {seen} paths"
+        );
+        assert!(
+            open.is_empty(),
+            "umask {umask:03o}: the disk cache of a private registry is open to others:\n{}",
+            open.join("\n")
+        );
+    }
 }

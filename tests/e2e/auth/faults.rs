@@ -37,6 +37,7 @@ fn blob_redirects_carry_no_credentials() {
                 ("REGFS_USERNAME", USER),
                 ("REGFS_PASSWORD", PASSWORD),
             ]),
+            umask: None,
         },
     )
     .unwrap_or_else(|log| panic!("mount: {log}"));

@@ -68,6 +68,7 @@ fn env_credentials(docker_config_dir: &str) -> MountInput {
             ("REGFS_USERNAME", USER),
             ("REGFS_PASSWORD", PASSWORD),
         ]),
+        umask: None,
     }
 }
 

@@ -82,6 +82,7 @@ fn anonymous_pushes_are_refused(setup: &TokenSetup, local: &Path, empty_dir: &st
         &MountInput {
             stdin: None,
             env: env(&[("DOCKER_CONFIG", empty_dir)]),
+            umask: None,
         },
     )
     .unwrap_or_else(|log| panic!("anonymous mount: {log}"));

@@ -49,6 +49,16 @@ impl TokenSetup {
     }
 }
 
+/// The names at the top of the mount, sorted.
+fn top_level(mount: &Mount) -> Vec<String> {
+    let mut top: Vec<String> = fs::read_dir(&mount.dir)
+        .expect("ls the mount")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    top
+}
+
 #[test]
 fn token_auth_anonymous_pull_and_catalog_scope() {
     let setup = TokenSetup::start();
@@ -60,6 +70,7 @@ fn token_auth_anonymous_pull_and_catalog_scope() {
     let anonymous = MountInput {
         stdin: None,
         env: env(&[("DOCKER_CONFIG", &empty_dir)]),
+        umask: None,
     };
     let mount = Mount::start_with(
         &setup.registry.url(),
@@ -76,10 +87,7 @@ fn token_auth_anonymous_pull_and_catalog_scope() {
         config
     );
     assert!(setup.asked(None, "repository:team/app:pull") >= 1);
-    let top: Vec<String> = fs::read_dir(&mount.dir)
-        .expect("ls the mount")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
+    let top = top_level(&mount);
     assert_eq!(
         top,
         ["team"],
@@ -92,11 +100,7 @@ fn token_auth_anonymous_pull_and_catalog_scope() {
     // With credentials: the catalog scope is granted and lists both repositories.
     let mount = Mount::start_with(&setup.registry.url(), &["-v"], &env_credentials(&empty_dir))
         .unwrap_or_else(|log| panic!("mount with credentials: {log}"));
-    let mut top: Vec<String> = fs::read_dir(&mount.dir)
-        .expect("ls the mount")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    top.sort();
+    let top = top_level(&mount);
     assert_eq!(top, ["other", "team"], "{}", mount.log());
     assert!(setup.asked(Some(USER), "registry:catalog:*") >= 1);
     assert_eq!(
@@ -124,6 +128,7 @@ fn token_auth_anonymous_pull_and_catalog_scope() {
         &MountInput {
             stdin: None,
             env: env(&[("DOCKER_CONFIG", &identity_dir)]),
+            umask: None,
         },
     )
     .unwrap_or_else(|log| panic!("mount with an identity token: {log}"));
