@@ -334,8 +334,10 @@ fn a_running_container_outlives_a_snapshotter_restart() {
     });
     let out = rig.cat(&image, "r3", "/data/two");
     assert_eq!(out, "two\n");
+    // The dead mount is cleared either by the snapshotter ("mounting it again") or,
+    // first, by the mount's own watchdog; either way the host is mounted anew and the
+    // layers bound again.
     let log = rig.snapshotter.log();
-    assert!(log.contains("mounting it again"), "{log}");
     assert!(log.contains("bound again"), "{log}");
     rig.ctr().kill_task(&rig.id("r1"));
 }
