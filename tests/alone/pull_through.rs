@@ -101,12 +101,13 @@ fn a_cold_pull_through_cache_is_read_right_and_once_per_reader() {
         .cache_front
         .requests_matching(&format!("GET /v2/team/app/blobs/{digest}"));
     // One stream, plus the first blocks the kernel asked for at once (how many is its
-    // timing), each of which the cache answered from byte 0: regfs reads each body only
-    // up to the bytes it asked for, and never asks block by block (20 of them).
+    // timing: 13 were seen on a loaded machine), each of which the cache answered from
+    // byte 0: regfs reads each body only up to the bytes it asked for, and never asks
+    // block by block (20 of them).
     let ranges = p.cache_front.ranges_seen();
     let needed = needed_from_byte_0(&ranges, size);
     assert!(
-        fetched <= needed && gets <= 10,
+        fetched <= needed && gets <= 15,
         "a sequential read of {size} bytes fetched {fetched} (at most {needed} needed) \
          in {gets} GETs: {ranges:?}"
     );
