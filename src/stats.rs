@@ -84,6 +84,15 @@ pub struct Stats {
     pub disk_verified: AtomicU64,
     pub disk_dropped: AtomicU64,
     pub passthrough_opens: AtomicU64,
+    /// Pieces of blocks for random reads (fs/blob/pieces.rs): their range requests,
+    /// reads that found their pieces held, blocks completed from pieces by one request
+    /// for the rest, bytes held now, and the size of a piece and the bytes they may hold.
+    pub piece_fetches: AtomicU64,
+    pub piece_hits: AtomicU64,
+    pub blocks_from_pieces: AtomicU64,
+    pub piece_bytes: AtomicU64,
+    pub piece_size: AtomicU64,
+    pub piece_budget: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
     hosts: Mutex<Vec<Arc<HostCounters>>>,
@@ -199,6 +208,14 @@ impl Stats {
                 dropped_writes: get(&self.disk_dropped),
                 passthrough_opens: get(&self.passthrough_opens),
             },
+            pieces: PiecesSnapshot {
+                fetches: get(&self.piece_fetches),
+                hits: get(&self.piece_hits),
+                blocks_completed: get(&self.blocks_from_pieces),
+                bytes: get(&self.piece_bytes),
+                budget: get(&self.piece_budget),
+                piece_size: get(&self.piece_size),
+            },
             fetched_bytes: get(&self.fetched_bytes),
             requests: RequestsSnapshot {
                 ping: req(RequestKind::Ping),
@@ -246,6 +263,7 @@ impl Stats {
 #[derive(Serialize, Debug)]
 pub struct Snapshot {
     pub cache: CacheSnapshot,
+    pub pieces: PiecesSnapshot,
     pub disk: DiskSnapshot,
     /// Blob bytes received from the registry (or the host it redirected to).
     pub fetched_bytes: u64,
@@ -301,6 +319,20 @@ pub struct CacheSnapshot {
     pub bytes: u64,
     pub budget: u64,
     pub block_size: u64,
+}
+
+/// Pieces of blocks fetched for random reads (a cache of their own beside the blocks).
+#[derive(Serialize, Debug)]
+pub struct PiecesSnapshot {
+    /// Range requests for pieces (counted in `requests.blob_range` too).
+    pub fetches: u64,
+    /// Reads that found the pieces they touch held already.
+    pub hits: u64,
+    /// Blocks completed from the pieces held with one request for the rest.
+    pub blocks_completed: u64,
+    pub bytes: u64,
+    pub budget: u64,
+    pub piece_size: u64,
 }
 
 /// The disk cache; `budget` 0 means there is none (`--no-disk-cache`).

@@ -222,6 +222,21 @@ impl<E: Clone> BlockCache<E> {
         self.lock().ready.peek(key).cloned()
     }
 
+    /// Drops one cached block (what it held is kept elsewhere now).
+    pub fn remove(&self, key: &BlockKey) {
+        let removed = {
+            let mut inner = self.lock();
+            let removed = inner.ready.pop(key);
+            if let Some(block) = &removed {
+                inner.bytes -= block.len() as u64;
+                inner.used_once.remove(key);
+                self.publish_bytes(&inner);
+            }
+            removed
+        };
+        drop(removed); // after unlocking: its memory may go back to the pool
+    }
+
     /// Drops every cached block of `digest` (its content turned out to be wrong).
     pub fn forget(&self, digest: &Digest) {
         let mut inner = self.lock();

@@ -157,6 +157,8 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     let fs = Arc::new(Fs::new(client, cache, disk, options));
     let resuming = fs.clone();
     runtime.spawn(async move { resuming.resume_held().await });
+    let warming = fs.clone();
+    runtime.spawn(async move { warming.warm_up().await });
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
     let mut fuse_config = Config::default();
     // Requests are answered from tokio tasks; a second thread reading /dev/fuse (on its

@@ -4,6 +4,12 @@
 //! that doubles with every such read, up to a maximum; any jump elsewhere resets it, so
 //! random readers fetch only the blocks they touch. The kernel may deliver its own
 //! read-ahead requests slightly out of order, so "right after" allows a little slack.
+//!
+//! The first read of a file earns its window but does not use it yet: nothing says
+//! that a reader of the first bytes will go on (`file`, `head`, a tool reading a
+//! header), and a read that waits for whole blocks costs a small reader dearly on a
+//! distant link (pieces.rs). The reader's second read, if it goes on, gets the window
+//! the first had earned, doubled, as if it had been used.
 
 /// How far a read may land from where the reader got (ahead, once it has shown it is
 /// sequential; behind, always) and still count as sequential: the kernel keeps several
@@ -23,6 +29,8 @@ pub struct ReadAhead {
     window: u64,
     /// Blocks below this index have already been handed to the prefetcher.
     prefetched_to: u64,
+    /// Reads so far (counted up to 2: the first one's window is held back).
+    reads: u8,
 }
 
 impl ReadAhead {
@@ -33,17 +41,19 @@ impl ReadAhead {
             next: 0,
             window: 0,
             prefetched_to: 0,
+            reads: 0,
         }
     }
 
-    /// The current window in blocks: 0 for a random reader.
+    /// The current window in blocks: 0 for a random reader, and after the first read.
     pub fn window(&self) -> u64 {
-        self.window
+        if self.reads < 2 { 0 } else { self.window }
     }
 
     /// Records a read of `[offset, offset + len)` in a file of `size` bytes and returns
     /// the block indexes to prefetch now (none for a random reader).
     pub fn on_read(&mut self, offset: u64, len: u64, size: u64) -> std::ops::Range<u64> {
+        self.reads = self.reads.saturating_add(1);
         let end = offset.saturating_add(len).min(size);
         let ahead_slack = self.block_size.max(if self.window > 0 {
             REORDER_SLACK
@@ -66,6 +76,9 @@ impl ReadAhead {
             self.prefetched_to = 0;
             return 0..0;
         }
+        if self.reads < 2 {
+            return 0..0; // the first read: see the module comment
+        }
         let last_block = size.div_ceil(self.block_size);
         let first = end.div_ceil(self.block_size).max(self.prefetched_to);
         let upto = (end.div_ceil(self.block_size) + self.window).min(last_block);
@@ -87,8 +100,11 @@ mod tests {
     fn sequential_reads_ramp_the_window_to_its_maximum() {
         let mut ra = ReadAhead::new(MB, 8);
         let size = 100 * MB;
-        assert_eq!(ra.on_read(0, 128 << 10, size), 1..3);
-        assert_eq!(ra.on_read(128 << 10, 128 << 10, size), 3..5);
+        // The first read earns two blocks but prefetches nothing; going on, four.
+        assert_eq!(ra.on_read(0, 128 << 10, size), 0..0);
+        assert_eq!(ra.window(), 0);
+        assert_eq!(ra.on_read(128 << 10, 128 << 10, size), 1..5);
+        assert_eq!(ra.window(), 4);
         let mut off = 256 << 10;
         let mut last = 0..0;
         for _ in 0..20 {
@@ -138,7 +154,10 @@ mod tests {
         let size = 1024 * MB;
         for (i, mib) in [0, 1, 3, 2, 5, 4, 6, 8, 7].into_iter().enumerate() {
             ra.on_read(mib * MB, MB, size);
-            assert!(ra.window() > 0, "read {i} at {mib} MiB counted as a jump");
+            assert!(
+                ra.window() > 0 || i == 0,
+                "read {i} at {mib} MiB counted as a jump"
+            );
         }
         ra.on_read(900 * MB, MB, size);
         assert_eq!(ra.window(), 0, "a real jump");
@@ -156,7 +175,10 @@ mod tests {
             .enumerate()
         {
             ra.on_read(at, k, size);
-            assert!(ra.window() > 0, "read {i} at {at} counted as a jump");
+            assert!(
+                ra.window() > 0 || i == 0,
+                "read {i} at {at} counted as a jump"
+            );
         }
         assert_eq!(ra.window(), 32, "the window grew to its maximum");
         ra.on_read(0, k, size);

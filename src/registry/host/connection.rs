@@ -182,6 +182,20 @@ impl Host {
         Ok(resp)
     }
 
+    /// Opens a connection for blob GETs before the first one needs it: `GET /v2/`
+    /// through their client, which follows no redirects and so keeps connections of its
+    /// own (a first read would otherwise wait for a handshake). The answer is not used.
+    pub async fn warm_blob_client(&self) {
+        let Ok(url) = self.url("/v2/") else {
+            return;
+        };
+        let _in_flight = self.stats.request(RequestKind::Ping);
+        let what = "GET /v2/ (a connection for blob reads)";
+        if let Err(e) = self.send(what, self.clients.unredirected.get(url)).await {
+            debug!(request = what, "no answer: {e}");
+        }
+    }
+
     /// `GET /v2/`: does this look like a registry? 401 counts: it answers, and wants auth.
     pub async fn ping(&self) -> Result<()> {
         let what = "GET /v2/";
