@@ -584,13 +584,16 @@ cpu_of() { pyh cpu "$1" 2>/dev/null || echo error; }
 # per_gib BEFORE AFTER: CPU seconds per GiB of the test blob.
 per_gib() { if all_numeric "$1" "$2"; then calc "($2 - $1) * 1073741824 / $size" 3; else echo error; fi; }
 
-# seq_base: one cold sequential read by BENCH_BASE on a fresh mount, into c_base.
+# seq_base: one cold sequential read by BENCH_BASE on a fresh mount, into c_base (its
+# daemon's CPU seconds per GiB into u_base).
 seq_base() {
     [[ -n $base ]] || return 0
-    local t
+    local t c0
     regfs_bin=$base regfs_mount
+    c0=$(cpu_of "$regfs_pid")
     t=$(read_seq "$mnt/$blob_path") || t=error
     c_base+=("$t")
+    u_base+=("$(per_gib "$c0" "$(cpu_of "$regfs_pid")")")
     regfs_umount
 }
 
@@ -613,7 +616,7 @@ base_row() {
 }
 
 seq_rows() {
-    local i t c0 c_curl=() c_base=() c_regfs=() c_warm=() c_rclone=() c_httpfs=() c_nodisk=() c_dgst=() c_httpreg=() peer
+    local i t c0 c_curl=() c_base=() u_base=() c_regfs=() c_warm=() c_rclone=() c_httpfs=() c_nodisk=() c_dgst=() c_httpreg=() peer
     local u_regfs=() u_nodisk=() u_rclone=() u_httpfs=() u_httpreg=() u_registry=()
     for ((i = 1; i <= runs; i++)); do
         log "seq run $i/$runs: curl, regfs cold+warm, regfs --no-disk-cache, rclone, httpfs2"
@@ -658,7 +661,7 @@ seq_rows() {
     done
 
     log "seq samples (s): curl ${c_curl[*]} | regfs cold ${c_regfs[*]} | ${base_name:-base} ${c_base[*]:-} | warm ${c_warm[*]} | rclone ${c_rclone[*]:-} | httpfs2 ${c_httpfs[*]:-}"
-    log "seq CPU samples (s/GiB): regfs ${u_regfs[*]} | --no-disk-cache ${u_nodisk[*]} | registry ${u_registry[*]} | httpfs2 ${u_httpfs[*]:-} | rclone ${u_rclone[*]:-}"
+    log "seq CPU samples (s/GiB): regfs ${u_regfs[*]} | ${base_name:-base} ${u_base[*]:-} | --no-disk-cache ${u_nodisk[*]} | registry ${u_registry[*]} | httpfs2 ${u_httpfs[*]:-} | rclone ${u_rclone[*]:-}"
     local label="cold sequential read, ${size_mib} MiB, fresh mount"
     local curl_s regfs_s warm_s regfs_cell
     curl_s=$(median "${c_curl[@]}")
@@ -723,6 +726,11 @@ seq_rows() {
             "regfs $(calc "$ur" 2) s ($(calc "$un" 2) s with \`--no-disk-cache\`)" \
             "httpfs2 $uh s, on the registry $uhr s; rclone $urc s; the registry itself $(calc "$ureg" 2) s" \
             "—" "regfs ≤ $limit s (≤ 1.0, ≤ httpfs2 + the hash's 0.6)" "$(verdict "$un <= $limit")"
+    fi
+    if [[ -n $base ]] && all_numeric "${u_regfs[@]}" "${u_base[@]}"; then
+        row "same, against $base_name (with the disk cache; alternated pairs)" "regfs $(calc "$(median "${u_regfs[@]}")" 2) s" \
+            "$base_name $(calc "$(median "${u_base[@]}")" 2) s" "—" "not more" \
+            "$(verdict "$(median "${u_regfs[@]}") <= $(median "${u_base[@]}")")"
     fi
 
     if [[ -n ${regfs_s:-} ]] && all_numeric "${c_warm[@]}"; then

@@ -65,7 +65,7 @@ wan_rows() {
     # Every mount, curl and pipeline below talks to the shaper.
     registry=$wan_registry
     local url=http://$wan_registry/v2/$blob_path
-    local i t c_curl=() c_regfs=() c_base=() c_rclone=() ttfb=() curl_ttfb=() cold50=() out c50 c99 w50 bad
+    local i t c_curl=() c_regfs=() c_base=() u_base=() c_rclone=() ttfb=() curl_ttfb=() cold50=() out c50 c99 w50 bad
     local c0 r0 c1 r1 hs=() rq=() curl_hs=() curl_rq=() ranges=() json
     for ((i = 1; i <= runs; i++)); do
         log "wan run $i/$runs: curl, regfs${base:+ and $base_name} (sequential), rclone, first 4 KiB, random reads"
