@@ -5,11 +5,12 @@
 //! random readers fetch only the blocks they touch. The kernel may deliver its own
 //! read-ahead requests slightly out of order, so "right after" allows a little slack.
 //!
-//! The first read of a file earns its window but does not use it yet: nothing says
-//! that a reader of the first bytes will go on (`file`, `head`, a tool reading a
+//! A small first read of a file earns its window but does not use it yet: nothing says
+//! that a reader of the first few bytes will go on (`file`, `head`, a tool reading a
 //! header), and a read that waits for whole blocks costs a small reader dearly on a
-//! distant link (pieces.rs). The reader's second read, if it goes on, gets the window
-//! the first had earned, doubled, as if it had been used.
+//! distant link (pieces.rs). Its second read, if it goes on, gets the window the first
+//! had earned, doubled, as if it had been used. A first read the size of the kernel's
+//! read-ahead (`cat`, `cp`) uses its window at once.
 
 /// How far a read may land from where the reader got (ahead, once it has shown it is
 /// sequential; behind, always) and still count as sequential: the kernel keeps several
@@ -18,6 +19,11 @@
 /// that a single read near the start of a file is not taken for the start of a stream.
 pub const REORDER_SLACK: u64 = 4 << 20;
 const START_SLACK: u64 = 1 << 20;
+/// Before a reader is known to be sequential, a read near its last one continues it
+/// only if it starts right where that one ended or is this large: the kernel's
+/// read-ahead requests are (16 KiB at first, then 64 KiB and more), while a read of a
+/// few KiB a little way off is a random reader's (the kernel reads those as they are).
+const READ_AHEAD_SIZED: u64 = 64 << 10;
 
 /// Window state of one open file. All positions are in bytes, the window in blocks.
 #[derive(Debug)]
@@ -29,8 +35,10 @@ pub struct ReadAhead {
     window: u64,
     /// Blocks below this index have already been handed to the prefetcher.
     prefetched_to: u64,
-    /// Reads so far (counted up to 2: the first one's window is held back).
+    /// Reads so far (counted up to 2).
     reads: u8,
+    /// The last read was a small first read, whose window is held back.
+    held_back: bool,
 }
 
 impl ReadAhead {
@@ -42,12 +50,14 @@ impl ReadAhead {
             window: 0,
             prefetched_to: 0,
             reads: 0,
+            held_back: false,
         }
     }
 
-    /// The current window in blocks: 0 for a random reader, and after the first read.
+    /// The current window in blocks: 0 for a random reader, and after a small first
+    /// read.
     pub fn window(&self) -> u64 {
-        if self.reads < 2 { 0 } else { self.window }
+        if self.held_back { 0 } else { self.window }
     }
 
     /// Records a read of `[offset, offset + len)` in a file of `size` bytes and returns
@@ -64,8 +74,10 @@ impl ReadAhead {
         // runs several at once, and a loaded machine serves them in any order), from the
         // first read on: only a jump further back is a new position.
         let behind_slack = self.block_size.max(REORDER_SLACK);
-        let sequential = offset <= self.next.saturating_add(ahead_slack)
+        let near = offset <= self.next.saturating_add(ahead_slack)
             && offset.saturating_add(behind_slack) >= self.next;
+        let known = self.window > 0 && !std::mem::take(&mut self.held_back);
+        let sequential = near && (known || offset == self.next || len >= READ_AHEAD_SIZED);
         if sequential {
             // Start at two blocks, double, never beyond the maximum (which may be 0).
             self.window = (self.window * 2).max(2).min(self.max_blocks);
@@ -76,8 +88,9 @@ impl ReadAhead {
             self.prefetched_to = 0;
             return 0..0;
         }
-        if self.reads < 2 {
-            return 0..0; // the first read: see the module comment
+        if self.reads < 2 && len < READ_AHEAD_SIZED {
+            self.held_back = true; // a small first read: see the module comment
+            return 0..0;
         }
         let last_block = size.div_ceil(self.block_size);
         let first = end.div_ceil(self.block_size).max(self.prefetched_to);
@@ -100,11 +113,8 @@ mod tests {
     fn sequential_reads_ramp_the_window_to_its_maximum() {
         let mut ra = ReadAhead::new(MB, 8);
         let size = 100 * MB;
-        // The first read earns two blocks but prefetches nothing; going on, four.
-        assert_eq!(ra.on_read(0, 128 << 10, size), 0..0);
-        assert_eq!(ra.window(), 0);
-        assert_eq!(ra.on_read(128 << 10, 128 << 10, size), 1..5);
-        assert_eq!(ra.window(), 4);
+        assert_eq!(ra.on_read(0, 128 << 10, size), 1..3);
+        assert_eq!(ra.on_read(128 << 10, 128 << 10, size), 3..5);
         let mut off = 256 << 10;
         let mut last = 0..0;
         for _ in 0..20 {
@@ -195,6 +205,32 @@ mod tests {
         let mut ra = ReadAhead::new(2 * MB, 32);
         assert!(ra.on_read(3 * MB, 4096, 1024 * MB).is_empty());
         assert_eq!(ra.window(), 0);
+    }
+
+    #[test]
+    fn a_small_first_read_holds_its_window_back_until_the_reader_goes_on() {
+        let mut ra = ReadAhead::new(MB, 8);
+        let size = 100 * MB;
+        assert_eq!(ra.on_read(0, 16 << 10, size), 0..0);
+        assert_eq!(ra.window(), 0, "held back");
+        // Going on: the window the first read earned, doubled.
+        assert_eq!(ra.on_read(16 << 10, 64 << 10, size), 1..5);
+        assert_eq!(ra.window(), 4);
+    }
+
+    #[test]
+    fn small_reads_near_each_other_are_a_random_readers() {
+        let mut ra = ReadAhead::new(2 * MB, 32);
+        let size = 1024 * MB;
+        for at in [300 * MB, 301 * MB, 299 * MB + 4096, 302 * MB] {
+            assert!(ra.on_read(at, 4096, size).is_empty());
+            assert_eq!(ra.window(), 0, "4 KiB at {at}");
+        }
+        // Small reads that follow each other exactly are a sequential reader's.
+        for k in 1..4 {
+            ra.on_read(302 * MB + k * 4096, 4096, size);
+        }
+        assert!(ra.window() > 0);
     }
 
     #[test]
