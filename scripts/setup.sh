@@ -7,15 +7,20 @@ set -euo pipefail
 # Image-content tests also convert images (containerd + ctr-remote, podman's
 # zstd:chunked), run a rootfs (busybox-static) and write hostile layers (python3). The
 # SOCI zTOC tests check regfs's codec against the code flatc generates from the schema
-# (flatbuffers-compiler, python3-flatbuffers). The layer store tests run podman (with
-# runc, conmon, fuse-overlayfs and uidmap, which it uses).
+# (flatbuffers-compiler, python3-flatbuffers). The runtime tests run containers (runc)
+# under containerd and podman (with conmon, fuse-overlayfs and uidmap, which it uses),
+# and build containerd's snapshotter conformance suite (Go 1.19 in GOPATH mode on
+# Debian's containerd sources).
 tools=(docker-registry skopeo umoci fusermount3 rsync jq curl openssl htpasswd
     containerd ctr-remote busybox python3 unshare findmnt flatc
-    podman runc conmon fuse-overlayfs newuidmap)
+    podman runc conmon fuse-overlayfs newuidmap go)
 packages=(fuse3 docker-registry skopeo umoci rsync jq curl openssl apache2-utils
     containerd stargz-snapshotter busybox-static python3 util-linux
     flatbuffers-compiler python3-flatbuffers
-    podman runc conmon fuse-overlayfs uidmap)
+    podman runc conmon fuse-overlayfs uidmap golang-go
+    golang-github-containerd-containerd-dev)
+# Files of packages that bring no command.
+files=(/usr/share/gocode/src/github.com/containerd/containerd/snapshots/testsuite)
 
 sudo=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -25,6 +30,9 @@ fi
 missing=()
 for t in "${tools[@]}"; do
     command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+done
+for f in "${files[@]}"; do
+    [[ -e $f ]] || missing+=("$f")
 done
 
 /usr/bin/python3 -c 'import flatbuffers' 2>/dev/null || missing+=(python3-flatbuffers)

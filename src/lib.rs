@@ -10,4 +10,6 @@ pub mod image;
 pub mod mount;
 pub mod passthrough;
 pub mod registry;
+pub mod runtime;
 pub mod stats;
+pub mod status;

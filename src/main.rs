@@ -12,6 +12,7 @@ use regfs::mount::daemon::{self, Readiness};
 use regfs::mount::{self, DiskCacheConfig, MountConfig, helper};
 
 use regfs::registry::{Credentials, MirrorSpec, RepoName, parse_registry_url};
+use regfs::runtime::{self, SnapshotterConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -108,6 +109,142 @@ enum Command {
     /// Look after the disk cache: what it holds, trim it, check it
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Serve containerd's snapshots API (a proxy snapshotter): image layers are
+    /// served lazily from regfs mounts instead of being downloaded and unpacked
+    #[command(after_help = SNAPSHOTTER_HELP)]
+    Snapshotter(Box<SnapshotterArgs>),
+    /// What a mount (or every regfs mount) is doing: registry, cache and disk use
+    /// against their budgets, bytes fetched vs read, layers being indexed, fallbacks,
+    /// errors. Exit status 1 when a mount is dead or does not answer
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The mount to show (default: every regfs mount)
+    mountpoint: Option<PathBuf>,
+    /// Show it again every SECS seconds (default 2) until interrupted
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<u64>,
+    /// The raw counters of /.regfs/stats as JSON, keyed by mount point
+    #[arg(long)]
+    json: bool,
+}
+
+const SNAPSHOTTER_HELP: &str = "\
+CONTAINERD (config.toml):
+  [proxy_plugins.regfs]
+    type = \"snapshot\"
+    address = \"/run/regfs/snapshotter.sock\"
+  # CRI (Kubernetes): the snapshotter, and the labels that name each layer
+  [plugins.\"io.containerd.grpc.v1.cri\".containerd]
+    snapshotter = \"regfs\"
+    disable_snapshot_annotations = false
+
+WHAT IS LAZY:
+  An unpack whose labels name the image and layer (ctr-remote image rpull:
+  containerd.io/snapshot/remote/stargz.*; CRI, nerdctl: containerd.io/snapshot/cri.*)
+  is served from the regfs mount of the registry host at ROOT/mounts/<host>, and
+  containerd downloads no layer. Anything else (a plain ctr image pull, a layer
+  that cannot be served) is an ordinary overlay snapshot that containerd fills; each
+  such fallback is logged once per layer and counted in ROOT/stats.json.
+
+REGISTRIES:
+  As containerd finds them: HOSTS_DIR/<host>/hosts.toml (else HOSTS_DIR/_default/):
+  server (plain HTTP only where it says http://), [host.\"URL\"] entries with the pull
+  capability as mirrors, ca, skip_verify. Without one: https://<host>.
+  Credentials: the docker config ($DOCKER_CONFIG/config.json or ~/.docker/config.json,
+  per host); REGFS_USERNAME/REGFS_PASSWORD are not passed on (they would go to every
+  registry an image names).
+
+RESTARTS:
+  Each host's mount runs in a process of its own (a systemd scope where systemd runs,
+  else its own session and cgroup), so stopping or upgrading the snapshotter leaves
+  running containers their files; the next start adopts the mounts. Its log is
+  ROOT/logs/<host>.log.";
+
+#[derive(Args)]
+struct SnapshotterArgs {
+    /// The unix socket containerd connects to
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/regfs/snapshotter.sock"
+    )]
+    address: PathBuf,
+    /// Snapshot metadata and directories, the per-host mounts, logs and stats.json
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/regfs/snapshotter")]
+    root: PathBuf,
+    /// containerd's registry hosts directory (<host>/hosts.toml)
+    #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
+    hosts_dir: PathBuf,
+    /// Memory for cached blob blocks, per registry host's mount
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = checked(parse_bytes))]
+    cache_size: String,
+    /// Blobs are fetched and cached in blocks of this size
+    #[arg(long, value_name = "SIZE", default_value = "2MiB", value_parser = checked(parse_block_size))]
+    block_size: String,
+    /// What a container's read waits at most for a registry that does not answer
+    /// before it fails with EIO
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = checked(parse_timeout))]
+    timeout: String,
+    /// The image of a multi-platform index to serve, as os/arch[/variant] (default:
+    /// this machine's)
+    #[arg(long, value_name = "OS/ARCH", value_parser = checked(Platform::parse))]
+    platform: Option<String>,
+    /// The disk cache directory, shared by the mounts and kept across restarts
+    /// [default: /var/cache/regfs for root]
+    #[arg(long, value_name = "DIR", conflicts_with = "no_disk_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Most the disk cache may take [default: the smaller of 10GiB and 10% of its
+    /// filesystem]
+    #[arg(long, value_name = "SIZE", value_parser = checked(parse_bytes), conflicts_with = "no_disk_cache")]
+    disk_cache_size: Option<String>,
+    /// No disk cache: every mount starts cold
+    #[arg(long)]
+    no_disk_cache: bool,
+}
+
+/// A value parser that checks like `parse` but keeps the text, to hand on to the
+/// per-host `regfs mount`s.
+fn checked<T>(
+    parse: impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static,
+) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s| parse(s).map(|_| s.to_owned())
+}
+
+fn snapshotter_config(args: SnapshotterArgs, verbose: u8) -> SnapshotterConfig {
+    let mut mount_args: Vec<std::ffi::OsString> = vec![
+        "--cache-size".into(),
+        args.cache_size.into(),
+        "--block-size".into(),
+        args.block_size.into(),
+        "--timeout".into(),
+        args.timeout.into(),
+    ];
+    let optional = [
+        ("--platform", args.platform.map(Into::into)),
+        ("--cache-dir", args.cache_dir.map(Into::into)),
+        ("--disk-cache-size", args.disk_cache_size.map(Into::into)),
+    ];
+    for (flag, value) in optional {
+        if let Some(value) = value {
+            mount_args.push(flag.into());
+            mount_args.push(value);
+        }
+    }
+    if args.no_disk_cache {
+        mount_args.push("--no-disk-cache".into());
+    }
+    if verbose > 0 {
+        mount_args.push(format!("-{}", "v".repeat(verbose.into())).into());
+    }
+    SnapshotterConfig {
+        address: args.address,
+        root: args.root,
+        hosts_dir: args.hosts_dir,
+        mount_args,
+    }
 }
 
 #[derive(Subcommand)]
@@ -384,6 +521,28 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Command::Mount(args) => *args,
+        Command::Snapshotter(args) => {
+            let result = init_logging(cli.verbose, None)
+                .and_then(|()| runtime::run(snapshotter_config(*args, cli.verbose)));
+            return match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(msg) => {
+                    eprintln!("regfs: {msg}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Status(args) => {
+            let every = args.watch.map(|s| Duration::from_secs(s.max(1)));
+            return match regfs::status::run(args.mountpoint.as_deref(), args.json, every) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(msg) => {
+                    eprintln!("regfs: {msg}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Cache(command) => {
             return match cache_command(command) {
                 Ok(true) => ExitCode::SUCCESS,

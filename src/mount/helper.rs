@@ -62,7 +62,7 @@ pub fn translate(args: &[OsString]) -> Option<Result<Vec<OsString>, String>> {
     // `regfs SOURCE DIR …` (from mount.fuse3): the first word is no subcommand or flag.
     let from_fuse = rest.len() >= 2
         && !rest[0].starts_with('-')
-        && !["mount", "cache", "help"].contains(&rest[0].as_str());
+        && !["mount", "cache", "snapshotter", "status", "help"].contains(&rest[0].as_str());
     if !as_helper && !from_fuse {
         return None;
     }

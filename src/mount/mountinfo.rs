@@ -41,6 +41,38 @@ pub fn mount_entry(path: &Path) -> Option<MountEntry> {
     })
 }
 
+/// Every regfs mount listed in /proc/self/mountinfo, by mount point (FUSE, `fuse` or
+/// `fuse.regfs`, with a `regfs:` source), in the order they were mounted.
+pub fn regfs_mounts() -> Vec<(std::path::PathBuf, MountEntry)> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let mut fields = before.split(' ');
+            let device = fields.nth(2)?;
+            let mount_point = fields.nth(1)?;
+            let mut after = after.split(' ');
+            let entry = MountEntry {
+                device: device.to_owned(),
+                fs_type: after.next()?.to_owned(),
+                source: unescape_mountinfo(after.next()?),
+            };
+            is_regfs(&entry).then(|| (unescape_mountinfo(mount_point).into(), entry))
+        })
+        .collect()
+}
+
+/// What regfs mounts show as their source in /proc/self/mountinfo (`--fsname`).
+pub const SOURCE_PREFIX: &str = "regfs:";
+
+/// Whether a mount is one of regfs's: FUSE (`fuse`, or `fuse.regfs` when mounted by
+/// fusermount3) with a `regfs:` source.
+pub fn is_regfs(entry: &MountEntry) -> bool {
+    entry.fs_type.starts_with("fuse") && entry.source.starts_with(SOURCE_PREFIX)
+}
+
 /// The device ("major:minor") of the topmost mount on `path` (canonical).
 pub fn mount_device(path: &Path) -> Option<String> {
     mount_entry(path).map(|e| e.device)

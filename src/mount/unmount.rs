@@ -25,10 +25,9 @@ use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::unistd::{ForkResult, fork, pipe2};
 use tracing::{debug, warn};
 
-use super::mountinfo::{MountEntry, mount_entry};
+pub use super::mountinfo::SOURCE_PREFIX;
+use super::mountinfo::{MountEntry, is_regfs, mount_entry};
 
-/// What regfs mounts show as their source in /proc/self/mountinfo (`--fsname`).
-pub const SOURCE_PREFIX: &str = "regfs:";
 /// How long the watchdog waits for a dead daemon's connection to be torn down.
 const DEAD_WITHIN: Duration = Duration::from_secs(10);
 
@@ -172,12 +171,6 @@ pub fn clear_dead_mount(path: &Path) -> Result<PathBuf, String> {
         "cleared a dead regfs mount left by a daemon that did not unmount"
     );
     Ok(canonical)
-}
-
-/// Whether a mount is one of regfs's: FUSE (`fuse`, or `fuse.regfs` when mounted by
-/// fusermount3) with a `regfs:` source.
-fn is_regfs(entry: &MountEntry) -> bool {
-    entry.fs_type.starts_with("fuse") && entry.source.starts_with(SOURCE_PREFIX)
 }
 
 /// Whether the filesystem mounted at `path` has lost its daemon. statfs always asks

@@ -10,6 +10,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
 use super::layer_blob::LayerBlob;
+use super::watched::Watched;
 use crate::cache::{BlockCache, Memo};
 use crate::fs::blob::BlockFetcher;
 use crate::fs::view::RegistryView;
@@ -61,6 +62,14 @@ impl IndexKey {
             Some(toc) => Digest::sha256_of(format!("{} {toc}", self.layer).as_bytes()),
         }
     }
+}
+
+/// The layer's bytes with the pass's progress listed in the stats.
+fn watched(source: &Arc<dyn BlobSource>, stats: &Arc<Stats>) -> Arc<dyn BlobSource> {
+    Arc::new(Watched {
+        inner: source.clone(),
+        stats: stats.clone(),
+    })
 }
 
 /// An indexed layer, counted in `index_bytes` while it is kept.
@@ -183,7 +192,7 @@ impl LayerIndexes {
                     Stats::add(&stats.indexes_from_disk, 1);
                     Ok(Ok(indexed(index, source, &readers)))
                 }
-                None => match image_mod::index_layer(source.clone(), &layer).await {
+                None => match image_mod::index_layer(watched(&source, &stats), &layer).await {
                     Ok(index) => {
                         Stats::add(&stats.layers_indexed, 1);
                         if let Some(disk) = &disk {

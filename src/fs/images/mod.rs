@@ -1,7 +1,8 @@
 //! The files of images over src/image (docs/SEMANTICS.md, "Image contents"): merged
 //! trees (trees.rs) of indexed layers (layers.rs), whose bytes come through the block
 //! cache (layer_blob.rs); layers as the manifest they are reached through describes them
-//! (described.rs), and the layer store's record of one (layer_record.rs).
+//! (described.rs), and the layer store's record of one (layer_record.rs); a pass's
+//! progress shown in the stats (watched.rs).
 
 mod described;
 mod image_tree;
@@ -9,6 +10,7 @@ mod layer_blob;
 mod layer_record;
 mod layers;
 mod trees;
+mod watched;
 
 pub use image_tree::ImageTree;
 pub use trees::Images;

@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 
+mod progress;
+
+pub use progress::{Progress, TaskSnapshot, Tracked};
+
 /// The kinds of registry request that are counted separately.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestKind {
@@ -72,6 +76,8 @@ pub struct Stats {
     /// TOC could not be used: how many, and why (by layer digest, the first few).
     pub toc_unused: AtomicU64,
     toc_unused_why: Mutex<BTreeMap<String, String>>,
+    /// Layers being read whole by the index pass, with how far each got.
+    pub indexing: Arc<Progress>,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
     /// the directory holds (all mounts sharing it) and may hold (0: no disk cache),
     /// entries evicted, blobs kept whole after their digest check, writes not done
@@ -254,6 +260,7 @@ impl Stats {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone(),
+                indexing: self.indexing.snapshot(),
             },
             hosts: self.hosts_snapshot(),
         }
@@ -307,6 +314,8 @@ pub struct ImagesSnapshot {
     /// not be used; and why, by layer digest.
     pub toc_unused: u64,
     pub toc_unused_why: BTreeMap<String, String>,
+    /// Layers being read whole by the index pass now: bytes done of their size.
+    pub indexing: Vec<TaskSnapshot>,
 }
 
 #[derive(Serialize, Debug)]
