@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use regfs::cache::disk::{self, admin};
+use regfs::fs::IndexOptions;
 use regfs::image::manifest::Platform;
 use regfs::mount::daemon::{self, Readiness};
 use regfs::mount::{self, DiskCacheConfig, MountConfig, helper};
@@ -58,6 +59,16 @@ DELETING (only with --allow-delete; else EPERM):
   never takes more than it names: EBUSY while another tag still reaches the object
   (a registry that can only untag by deleting the digest, an index naming a child,
   an image using a blob); the log names the tags. A registry refusal is EPERM.
+
+SHARED INDEXES (SOCI):
+  A plain gzip layer has no index of its files: the first look at it reads it whole.
+  Where the image has a SOCI index (v2, named by the image manifest, or v1, a
+  referrer of it), its files come from the first look, each span checked against the
+  index's digest and each file's tar header against the index, and the whole layer is
+  checked against its digest in the background (a lie: EIO from then on, and the
+  layer is read whole instead). --publish-indexes pushes the index regfs built for an
+  image that has none, so other machines are lazy from their first look;
+  --verify-before-serving uses no index (nothing before the whole layer matched).
 
 DISK CACHE:
   What a mount fetches is kept in --cache-dir (root: /var/cache/regfs, else
@@ -365,6 +376,24 @@ struct MountArgs {
     /// always go to the registry. A path in the URL goes before repository names
     #[arg(long = "mirror", value_name = "URL", value_parser = MirrorSpec::parse)]
     mirrors: Vec<MirrorSpec>,
+    /// Do not fetch eStargz and zstd:chunked layers whole in the background. By default,
+    /// once a file of such a layer (or of its image) is opened, the rest of the layer is
+    /// fetched into the disk cache below the reads programs wait on, so later reads do
+    /// not wait for the network; and the files an eStargz prefetch landmark names are
+    /// fetched as soon as the layer is looked up. That costs each such layer's whole
+    /// size in network traffic and disk cache space (counted apart in /.regfs/stats as
+    /// images.background_bytes). Without a disk cache nothing is fetched in the background
+    #[arg(long)]
+    no_background_fetch: bool,
+    /// After the first look at a plain gzip image with no SOCI index, push the index
+    /// regfs's pass built (a SOCI v1 index as a referrer of the image manifest), so
+    /// other machines read it lazily from their first look. Needs push rights
+    #[arg(long)]
+    publish_indexes: bool,
+    /// Use no SOCI index: nothing of a plain layer is shown before it was read whole
+    /// and matched its digest (the first look at an image moves all of it)
+    #[arg(long)]
+    verify_before_serving: bool,
 }
 
 fn init_logging(verbose: u8, log_file: Option<&Path>) -> Result<(), String> {
@@ -472,10 +501,15 @@ fn mount_config(args: MountArgs) -> Result<MountConfig, String> {
         insecure: args.insecure,
         timeout: args.timeout,
         platform: args.platform.unwrap_or_else(Platform::host),
+        background_fetch: !args.no_background_fetch,
         disk_cache: (!args.no_disk_cache).then_some(DiskCacheConfig {
             dir: args.cache_dir,
             size: args.disk_cache_size,
         }),
+        indexes: IndexOptions {
+            verify_before_serving: args.verify_before_serving,
+            publish: args.publish_indexes,
+        },
     })
 }
 

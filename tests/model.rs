@@ -1030,6 +1030,8 @@ fn direct_fs(url: &str) -> Direct {
         read_only: false,
         allow_delete: false,
         platform: Platform::host(),
+        background_fetch: true,
+        indexes: Default::default(),
     };
     let fs = Fs::new(client, cache, None, options);
     Direct {

@@ -31,6 +31,7 @@ use crate::registry::{RegistryClient, RepoName};
 use blob::{BlobReads, BlockFetcher};
 use handles::Handles;
 use images::Images;
+pub use images::IndexOptions;
 use tree::node::StorePath;
 use tree::{
     ControlFiles, ImageDirs, InodeTable, LayerStore, Node, OpenFile, Opening, RegistryDirs,
@@ -81,6 +82,11 @@ pub struct FsOptions {
     pub allow_delete: bool,
     /// Which image of an index `rootfs` shows (`--platform`).
     pub platform: Platform,
+    /// TOC layers are fetched whole in the background once their files are opened
+    /// (`--no-background-fetch` turns it off).
+    pub background_fetch: bool,
+    /// Shared (SOCI) indexes: used, and published (docs/SEMANTICS.md, "Shared indexes").
+    pub indexes: IndexOptions,
 }
 
 impl Fs {
@@ -98,7 +104,13 @@ impl Fs {
             disk.clone(),
         ));
         let fetcher = BlockFetcher::new(client.clone(), cache.clone(), disk.clone());
-        let images = Arc::new(Images::new(view.clone(), fetcher, options.platform));
+        let images = Arc::new(Images::new(
+            view.clone(),
+            fetcher,
+            options.platform,
+            options.indexes,
+            options.background_fetch,
+        ));
         let blobs = Arc::new(BlobReads::new(cache.clone(), client.clone(), disk.clone()));
         // Writes and deletes, and the reads that decide them, must see the origin.
         let origin = client.origin_only();

@@ -144,6 +144,7 @@ impl ChunkReader<'_> {
         let end = members.last().map_or(start, fetch_end);
         let input = self.source.fetch_range(start, end - start).await?;
         Stats::add(&self.stats.content_fetched_bytes, end - start);
+        Stats::add(&self.stats.content_decodes, 1);
         let codec = self.codec;
         let decoded =
             tokio::task::spawn_blocking(move || decode_run(codec, &members, &input, start))
@@ -173,6 +174,9 @@ impl ChunkReader<'_> {
     /// time), checks it, and returns bytes `from..to` of it.
     async fn decode(&self, chunk: &Chunk, from: u64, to: u64) -> Result<Bytes> {
         let bad = |e: String| self.bad(chunk, e);
+        if !chunk.hole {
+            Stats::add(&self.stats.content_decodes, 1);
+        }
         let mut state = Decoding::new(self.codec, chunk, from, to).map_err(bad)?;
         if chunk.hole {
             state = blocking(move || {

@@ -11,18 +11,31 @@
 //!   own, each checked against its chunk digest before any of it is returned
 //!   (chunks.rs).
 //!
-//! Checked pieces (spans, decoded chunks) are kept in a small shared cache.
+//! - Layers indexed by a zTOC (docs/SEMANTICS.md, "Shared indexes"): the same, and
+//!   before a file's bytes are served its tar header is checked where the index says
+//!   it is (soci/header.rs); a checkpoint the image does not vouch for is used only once
+//!   decoding the span before it proved its offsets and window (soci/window.rs). Any
+//!   lie found refuses the index: every read through it fails from then on, and the
+//!   mount is told ([`Readers::refused`]) so the layer is read by a pass instead.
+//!
+//! Checked pieces (spans, decoded chunks) are kept in a small shared cache; decoded
+//! file blocks too, and in the disk cache for the next mount (kept.rs).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
+use sha2::{Digest as _, Sha256};
+use tracing::warn;
 
 use super::chunks::ChunkReader;
-use super::codec::{Codec, Decoder};
-use super::entry::{DataRef, Entry};
+use super::codec::{Codec, Decoder, gzip};
+use super::entry::{DataRef, Entry, shown};
 use super::flights::Flights;
-use super::index::unreadable;
-use super::index::{Content, LayerIndex, StreamMap};
+use super::index::{Content, IndexSource, LayerIndex, StreamMap, unreadable};
+use super::kept::KeptFiles;
+use super::soci::header::check_headers;
+use super::soci::trust::Trust;
+use super::soci::window::{Proof, prove_next};
 use super::source::BlobSource;
 use crate::cache::BlockCache;
 use crate::registry::{Digest, Error, Result};
@@ -32,6 +45,11 @@ use crate::stats::Stats;
 const CURSORS: usize = 4;
 /// Decoder output buffer of a cursor.
 const SCRATCH: usize = 128 << 10;
+/// Piece cache keys of spans: a hash of the span (range and digest) with this bit set,
+/// so spans of two indexes of one layer never meet (chunks.rs's keys have the top bit).
+const SPAN_KEY: u64 = 1 << 62;
+/// Longest gzip header before a zTOC's first checkpoint that is believed.
+const MAX_GZIP_HEADER: u64 = 64 << 10;
 
 /// Checked pieces of layers, shared by every layer of a mount.
 pub type PieceCache = BlockCache;
@@ -71,11 +89,16 @@ impl Cursor {
     }
 }
 
+/// Told once when an index from a zTOC is refused: the layer's digest, the index's
+/// source, and why.
+pub type RefusalHook = Arc<dyn Fn(&Digest, &IndexSource, &str) + Send + Sync>;
+
 /// What a mount needs to read layer contents.
 #[derive(Clone)]
 pub struct Readers {
     pub pieces: Arc<PieceCache>,
     pub stats: Arc<Stats>,
+    pub refused: Option<RefusalHook>,
 }
 
 /// The files of one indexed layer, readable.
@@ -86,6 +109,10 @@ pub struct LayerContent {
     cursors: Mutex<Vec<Cursor>>,
     /// TOC chunks being fetched.
     flights: Flights,
+    /// Decoded files in the disk cache (None: no disk cache).
+    kept: Option<KeptFiles>,
+    /// An index from a zTOC not yet checked whole: what is proven of it.
+    trust: Option<Trust>,
 }
 
 impl LayerContent {
@@ -97,13 +124,65 @@ impl LayerContent {
         if let Some(why) = &index.toc_unused {
             readers.stats.toc_unused(&source.digest().to_string(), why);
         }
+        let trust = match (&index.source, &index.content) {
+            (IndexSource::Soci { checked: false, .. }, Content::Stream(map)) => {
+                Some(Trust::new(map.checkpoints.len(), index.source.unproven()))
+            }
+            _ => None,
+        };
         LayerContent {
             index,
             source,
             readers,
             cursors: Mutex::new(Vec::new()),
             flights: Flights::default(),
+            kept: None,
+            trust,
         }
+    }
+
+    /// Why the layer's index was refused, if it was.
+    pub fn refusal(&self) -> Option<String> {
+        self.trust.as_ref().and_then(Trust::refused)
+    }
+
+    /// The index lied (a read, or the background check of the whole layer, found it
+    /// out): nothing is read through it again; logged, and the mount told, once.
+    pub fn refuse(&self, why: &str) {
+        let Some(trust) = &self.trust else {
+            return;
+        };
+        if !trust.refuse(why) {
+            return;
+        }
+        if let IndexSource::Soci { index, ztoc, .. } = &self.index.source {
+            warn!(layer = %self.digest(), %index, %ztoc, "SOCI index refused, never used again: {why}");
+        }
+        if let Some(hook) = &self.readers.refused {
+            hook(self.digest(), &self.index.source, why);
+        }
+    }
+
+    /// The background check found the whole layer to be what its zTOC says.
+    pub fn set_checked(&self) {
+        if let Some(trust) = &self.trust {
+            trust.set_checked();
+        }
+    }
+
+    /// Keeps what is decoded in the disk cache, and reads from there first.
+    pub fn keeping(mut self, kept: Option<KeptFiles>) -> LayerContent {
+        self.kept = kept;
+        self
+    }
+
+    /// `entry`'s content as a local file the kernel may read directly, if it is kept
+    /// whole on disk (kept.rs).
+    pub async fn local_file(&self, entry: &Entry) -> Option<std::fs::File> {
+        if self.refusal().is_some() {
+            return None; // reads fail now, and so must the kernel's
+        }
+        self.kept.as_ref()?.local_file(entry).await
     }
 
     pub fn index(&self) -> &Arc<LayerIndex> {
@@ -114,14 +193,43 @@ impl LayerContent {
         self.source.digest()
     }
 
-    /// Up to `len` bytes of `entry`'s content at `offset` (short only at its end).
+    /// Up to `len` bytes of `entry` (one of the index's entries) at `offset` (short
+    /// only at its end).
     pub async fn read(&self, entry: &Entry, offset: u64, len: u64) -> Result<Bytes> {
+        if let Some(why) = self.refusal() {
+            return Err(unreadable(
+                self.digest(),
+                format!("its SOCI index was refused: {why}"),
+            ));
+        }
+        let result = self.read_entry(entry, offset, len).await;
+        match &result {
+            Err(e) if self.trust.is_some() && !e.is_transient() => self.refuse(&e.to_string()),
+            _ => {}
+        }
+        result
+    }
+
+    async fn read_entry(&self, entry: &Entry, offset: u64, len: u64) -> Result<Bytes> {
         if offset >= entry.size || len == 0 {
             return Ok(Bytes::new());
         }
         let len = len.min(entry.size - offset);
+        match &self.kept {
+            Some(kept) => {
+                let decode = |start, len| self.decoded(entry, start, len);
+                let (pieces, stats) = (&self.readers.pieces, &self.readers.stats);
+                kept.read(pieces, stats, entry, (offset, len), decode).await
+            }
+            None => self.decoded(entry, offset, len).await,
+        }
+    }
+
+    /// `len` bytes of `entry`'s content at `offset` (within it), decoded from the layer.
+    async fn decoded(&self, entry: &Entry, offset: u64, len: u64) -> Result<Bytes> {
         let data = match (&entry.data, &self.index.content) {
             (DataRef::Stream(at), Content::Stream(map)) => {
+                self.check_header(map, entry, *at).await?;
                 let start = at
                     .checked_add(offset)
                     .ok_or_else(|| unreadable(self.digest(), "file offset overflows"))?;
@@ -162,7 +270,10 @@ impl LayerContent {
         if map.codec == Codec::Tar {
             return self.blob_range(map, start, end).await;
         }
-        let mut cursor = self.cursor(map, start)?;
+        let mut cursor = match self.take_cursor(map, start) {
+            Some(cursor) => cursor,
+            None => self.new_cursor(map, start).await?,
+        };
         let mut out = BytesMut::with_capacity((end - start) as usize);
         let result = loop {
             if cursor.decoder.output_pos() >= end {
@@ -170,15 +281,14 @@ impl LayerContent {
             }
             if cursor.input.is_empty() {
                 let pos = cursor.decoder.input_pos();
-                if pos >= map.blob_size {
+                let Some(k) = map.span_at(pos) else {
                     break Err(unreadable(
                         self.digest(),
                         "the layer ends before the file does",
                     ));
-                }
-                let k = pos / map.span_size;
+                };
                 let span = self.span(map, k).await?;
-                let skip = (pos - map.span(k).start) as usize;
+                let skip = (pos - map.spans[k].range.start) as usize;
                 cursor.input = span.slice(skip.min(span.len())..);
             }
             let (c, o, r) = tokio::task::spawn_blocking(move || {
@@ -197,22 +307,26 @@ impl LayerContent {
         Ok(out.freeze())
     }
 
-    /// A cursor at or before `start` that is no worse than the nearest checkpoint.
-    fn cursor(&self, map: &StreamMap, start: u64) -> Result<Cursor> {
-        let point = map.checkpoint_before(start);
+    /// A cursor left at or before `start` that is no worse than the nearest checkpoint.
+    fn take_cursor(&self, map: &StreamMap, start: u64) -> Option<Cursor> {
+        let point = &map.checkpoints[map.checkpoint_before(start)];
         let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
         let best = cursors
             .iter()
             .enumerate()
             .filter(|(_, c)| (point.out..=start).contains(&c.decoder.output_pos()))
             .max_by_key(|(_, c)| c.decoder.output_pos())
-            .map(|(i, _)| i);
-        if let Some(i) = best {
-            return Ok(cursors.swap_remove(i));
-        }
-        drop(cursors);
+            .map(|(i, _)| i)?;
+        Some(cursors.swap_remove(best))
+    }
+
+    /// A decoder at the nearest checkpoint before `start`, once it is proven.
+    async fn new_cursor(&self, map: &StreamMap, start: u64) -> Result<Cursor> {
+        let k = map.checkpoint_before(start);
+        self.prove(map, k).await?;
         Stats::add(&self.readers.stats.content_decodes, 1);
-        let decoder = Decoder::at(map.codec, point).map_err(|e| unreadable(self.digest(), e))?;
+        let decoder = Decoder::at(map.codec, &map.checkpoints[k])
+            .map_err(|e| unreadable(self.digest(), e))?;
         Ok(Cursor {
             decoder,
             input: Bytes::new(),
@@ -233,41 +347,58 @@ impl LayerContent {
 
     /// Blob bytes `start..end` of an uncompressed layer, from checked spans.
     async fn blob_range(&self, map: &StreamMap, start: u64, end: u64) -> Result<Bytes> {
-        let (first, last) = (start / map.span_size, (end - 1) / map.span_size);
         let mut out = BytesMut::new();
-        for k in first..=last {
-            let span = self.span(map, k).await?;
-            let range = map.span(k);
-            let from = (start.max(range.start) - range.start) as usize;
-            let to = ((end.min(range.end) - range.start) as usize).min(span.len());
-            let Some(piece) = span.get(from..to) else {
+        let mut pos = start;
+        while pos < end {
+            let Some(k) = map.span_at(pos) else {
                 return Err(unreadable(
                     self.digest(),
                     "a file beyond the end of the layer",
                 ));
             };
-            if first == last {
-                return Ok(span.slice(from..to));
+            let span = self.span(map, k).await?;
+            let range = &map.spans[k].range;
+            let (from, to) = (pos - range.start, end.min(range.end) - range.start);
+            let Some(piece) = span.get(from as usize..to as usize) else {
+                return Err(unreadable(self.digest(), "a span shorter than its range"));
+            };
+            if pos == start && to + range.start == end {
+                return Ok(span.slice(from as usize..to as usize));
             }
             out.extend_from_slice(piece);
+            pos = range.start + to;
         }
         Ok(out.freeze())
     }
 
-    /// Span `k` of the blob, checked against its recorded digest.
-    async fn span(&self, map: &StreamMap, k: u64) -> Result<Bytes> {
-        let expected = *map
+    /// Span `k` of the blob, checked against its digest.
+    async fn span(&self, map: &StreamMap, k: usize) -> Result<Bytes> {
+        let span = map
             .spans
-            .get(k as usize)
+            .get(k)
             .ok_or_else(|| unreadable(self.digest(), "read beyond the indexed blob"))?;
-        let key = (self.digest().clone(), k);
+        let (range, expected) = (span.range.clone(), span.digest);
+        let name = sha256(
+            &[
+                &range.start.to_le_bytes()[..],
+                &range.end.to_le_bytes(),
+                &expected,
+            ]
+            .concat(),
+        );
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&name[..8]);
+        let key = (
+            self.digest().clone(),
+            SPAN_KEY | (u64::from_le_bytes(id) & (SPAN_KEY - 1)),
+        );
         self.readers
             .pieces
             .get(&key, || async {
-                let range = map.span(k);
+                // Exactly the span: its digest checks it, and the piece cache keeps it.
                 let bytes = self
                     .source
-                    .read(range.start, range.end - range.start)
+                    .fetch_range(range.start, range.end - range.start)
                     .await?;
                 Stats::add(
                     &self.readers.stats.content_fetched_bytes,
@@ -277,18 +408,100 @@ impl LayerContent {
                     self.source.distrust();
                     return Err(unreadable(
                         self.digest(),
-                        format!(
-                            "span {k} differs from what was verified when the layer was indexed"
-                        ),
+                        format!("span {k} ({range:?}) does not match its digest in the index"),
                     ));
                 }
                 Ok(bytes)
             })
             .await
     }
+
+    /// A file of a zTOC layer: its tar header must be where the index says, and say
+    /// what the index says, before its bytes are served.
+    async fn check_header(&self, map: &StreamMap, entry: &Entry, at: u64) -> Result<()> {
+        let Some(trust) = &self.trust else {
+            return Ok(());
+        };
+        let (entries, places) = (&self.index.entries, &self.index.places);
+        let i = places.partition_point(|p| p.data < at);
+        let listed = entries.get(i).is_some_and(|e| std::ptr::eq(e, entry));
+        let Some(place) = places.get(i).filter(|p| listed && p.data == at) else {
+            return Err(unreadable(
+                self.digest(),
+                format!(
+                    "{}: the index does not say where its header is",
+                    shown(&entry.path)
+                ),
+            ));
+        };
+        if trust.header_checked(i) {
+            return Ok(());
+        }
+        let headers = self.read_stream(map, place.header, place.data).await?;
+        check_headers(&headers, entry, place).map_err(|e| unreadable(self.digest(), e))?;
+        trust.set_header_checked(i);
+        Ok(())
+    }
+
+    /// Proves checkpoint `k` before a decoder starts there: each checkpoint from the
+    /// span before it, going back as far as its window depends on earlier ones.
+    async fn prove(&self, map: &StreamMap, k: usize) -> Result<()> {
+        let Some(trust) = &self.trust else {
+            return Ok(());
+        };
+        let mut todo = vec![k];
+        while let Some(&j) = todo.last() {
+            if trust.is_proven(j) {
+                todo.pop();
+                continue;
+            }
+            if j == 0 {
+                self.prove_first(map).await?;
+                trust.set_proven(0);
+                continue;
+            }
+            let input = self.span(map, j - 1).await?;
+            let (prev, next) = (map.checkpoints[j - 1].clone(), map.checkpoints[j].clone());
+            let (codec, prev_proven) = (map.codec, trust.is_proven(j - 1));
+            let proof = tokio::task::spawn_blocking(move || {
+                prove_next(codec, &prev, &input, &next, prev_proven)
+            })
+            .await
+            .map_err(|e| Error::Unavailable(format!("decoder task failed: {e}")))?
+            .map_err(|e| unreadable(self.digest(), format!("checkpoint {j}: {e}")))?;
+            match proof {
+                Proof::Proven => trust.set_proven(j),
+                Proof::NeedsPrevious => todo.push(j - 1),
+            }
+        }
+        Ok(())
+    }
+
+    /// The first checkpoint: the blob's start, or (gzip) the first deflate byte, right
+    /// after the gzip header, with nothing before it.
+    async fn prove_first(&self, map: &StreamMap) -> Result<()> {
+        let first = &map.checkpoints[0];
+        let at = first.in_byte();
+        let empty = first.window.as_deref().is_none_or(|w| w.is_empty());
+        let ok = match map.codec {
+            Codec::Gzip if first.in_bit % 8 == 0 && first.out == 0 && empty => {
+                at <= MAX_GZIP_HEADER
+                    && gzip::parse_member_header(&self.source.read(0, at).await?)
+                        == Ok(Some(at as usize))
+            }
+            _ => first.in_bit == 0 && first.out == 0,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(unreadable(
+                self.digest(),
+                "the first checkpoint is not where the layer's data starts",
+            ))
+        }
+    }
 }
 
 fn sha256(bytes: &[u8]) -> [u8; 32] {
-    use sha2::{Digest as _, Sha256};
     Sha256::digest(bytes).into()
 }

@@ -56,6 +56,30 @@ pub struct Entry {
     pub data: DataRef,
 }
 
+/// Where an entry is in the tar stream, beyond what [`Entry`] says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TarPlace {
+    /// Where its first header (PAX or GNU long-name headers included) starts.
+    pub header: u64,
+    /// Where its data starts: right after its headers.
+    pub data: u64,
+    /// The name as written in the header, when it differs from the entry's path
+    /// (soci-snapshotter compares a file's header with this name).
+    pub raw_name: Option<Box<[u8]>>,
+}
+
+impl TarPlace {
+    /// The bytes of the entry's headers.
+    pub fn headers(&self) -> Range<u64> {
+        self.header..self.data
+    }
+
+    /// Bytes of memory it takes, roughly.
+    pub fn heap_bytes(&self) -> usize {
+        std::mem::size_of::<TarPlace>() + self.raw_name.as_ref().map_or(0, |n| n.len())
+    }
+}
+
 impl Entry {
     /// The last component of the path (empty for the root).
     pub fn name(&self) -> &[u8] {

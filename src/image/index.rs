@@ -6,7 +6,8 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{Checkpoint, Codec};
-use super::entry::Entry;
+use super::entry::{Entry, TarPlace};
+use super::soci::spans::Span;
 use crate::registry::{Digest, Error};
 
 /// Entries and index memory one layer may have.
@@ -22,7 +23,7 @@ pub fn unreadable(digest: &Digest, what: impl std::fmt::Display) -> Error {
 }
 
 /// How a layer's index was made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IndexSource {
     /// One streaming pass over the whole (verified) blob.
     Pass,
@@ -30,17 +31,61 @@ pub enum IndexSource {
     Estargz,
     /// The zstd:chunked manifest (verified against its checksum annotation).
     ZstdChunked,
+    /// A zTOC of a SOCI index (docs/SEMANTICS.md, "Shared indexes").
+    Soci {
+        /// The SOCI index manifest, and the zTOC blob it lists for this layer.
+        index: Digest,
+        ztoc: Digest,
+        /// The image manifest names the index (SOCI v2's `com.amazon.soci.index-digest`),
+        /// so the image's digest vouches for it; else only its pusher does.
+        vouched: bool,
+        /// The whole layer was checked against the zTOC and its own digest.
+        checked: bool,
+    },
+}
+
+impl IndexSource {
+    /// A zTOC's, not yet checked whole: it may still be refused.
+    pub fn may_be_refused(&self) -> bool {
+        matches!(self, IndexSource::Soci { checked: false, .. })
+    }
+
+    /// A zTOC nothing vouches for yet: its checkpoints' windows are proven before use,
+    /// and the whole layer is checked in the background.
+    pub fn unproven(&self) -> bool {
+        matches!(
+            self,
+            IndexSource::Soci {
+                vouched: false,
+                checked: false,
+                ..
+            }
+        )
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 pub struct LayerIndex {
     /// In layer order; later entries for the same path replace earlier ones.
     pub entries: Vec<Entry>,
+    /// Where each entry's headers are, one per entry: for an index from a zTOC (each
+    /// file's header is checked there before its bytes are served), and for a gzip
+    /// layer the pass may publish a zTOC of. Empty otherwise.
+    pub places: Vec<TarPlace>,
     pub content: Content,
     pub source: IndexSource,
     /// Why the layer was read whole although it announced a TOC (`None`: it did not,
     /// or its TOC was used). Shown in `/.regfs/stats` as `images.toc_unused`.
     pub toc_unused: Option<String>,
+    /// Why the layer was read whole although a SOCI index had a zTOC for it (`None`:
+    /// there was none, or it was used). Not kept on disk: the index is remembered bad.
+    #[serde(skip)]
+    pub soci_unused: Option<String>,
+    /// The uncompressed tar stream's size (0 where unknown: TOC layers).
+    pub tar_size: u64,
+    /// A zTOC can describe this layer exactly: one gzip member, every tar header an
+    /// entry regfs shows, checkpoints and spans as SOCI defines them.
+    pub publishable: bool,
 }
 
 /// Where file bytes are.
@@ -57,26 +102,38 @@ pub enum Content {
 #[derive(Serialize, Deserialize)]
 pub struct StreamMap {
     pub codec: Codec,
-    /// Sorted by `out`; the first is [`Checkpoint::START`].
+    /// Sorted by `out`. gzip: the first is the first deflate byte with an empty window
+    /// (SOCI's first checkpoint); tar and zstd: [`Checkpoint::START`].
     pub checkpoints: Vec<Checkpoint>,
-    /// Blob bytes per span digest; span `k` is `k * span_size ..` (the last is short).
-    pub span_size: u64,
-    /// SHA-256 of each span of the blob.
-    pub spans: Vec<[u8; 32]>,
+    /// The blob's spans in order, each with the SHA-256 of its bytes: for gzip one per
+    /// checkpoint as SOCI defines them (src/image/soci/spans.rs; neighbours share a
+    /// byte where a block starts inside it), else fixed ranges from byte 0.
+    pub spans: Vec<Span>,
     pub blob_size: u64,
 }
 
 impl StreamMap {
-    /// The last checkpoint at or before uncompressed offset `out`.
-    pub fn checkpoint_before(&self, out: u64) -> &Checkpoint {
-        let i = self.checkpoints.partition_point(|c| c.out <= out);
-        &self.checkpoints[i.saturating_sub(1)]
+    /// The number of the last checkpoint at or before uncompressed offset `out`.
+    pub fn checkpoint_before(&self, out: u64) -> usize {
+        self.checkpoints
+            .partition_point(|c| c.out <= out)
+            .saturating_sub(1)
+    }
+
+    /// The span a decoder whose next input byte is `pos` reads next: the last one
+    /// starting at or before `pos` (of two sharing the byte, the later), if it holds
+    /// `pos`.
+    pub fn span_at(&self, pos: u64) -> Option<usize> {
+        let k = self
+            .spans
+            .partition_point(|s| s.range.start <= pos)
+            .checked_sub(1)?;
+        self.spans[k].range.contains(&pos).then_some(k)
     }
 
     /// The blob range of span `k`.
-    pub fn span(&self, k: u64) -> Range<u64> {
-        let start = k.saturating_mul(self.span_size).min(self.blob_size);
-        start..start.saturating_add(self.span_size).min(self.blob_size)
+    pub fn span(&self, k: usize) -> Option<Range<u64>> {
+        self.spans.get(k).map(|s| s.range.clone())
     }
 }
 
@@ -84,6 +141,10 @@ impl StreamMap {
 pub struct ChunkMap {
     pub codec: Codec,
     pub chunks: Vec<Chunk>,
+    /// eStargz's `.prefetch.landmark`: the blob bytes before it hold the files its
+    /// writer put first (those a container reads at start), fetched at once when the
+    /// layer is first used. `None`: no landmark, or `.no.prefetch.landmark`.
+    pub prefetch_end: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,12 +164,39 @@ pub struct Chunk {
 }
 
 /// The disk cache's name for layer indexes; a new format gets a new number.
-pub const DISK_KIND: &str = "layer-index-v2";
+pub const DISK_KIND: &str = "layer-index-v4";
+
+/// A [`LayerIndex`] by reference, field for field as it is written, with another
+/// source (a zTOC's index, once the whole layer was checked against it).
+#[derive(Serialize)]
+struct IndexAs<'a> {
+    entries: &'a [Entry],
+    places: &'a [TarPlace],
+    content: &'a Content,
+    source: &'a IndexSource,
+    toc_unused: &'a Option<String>,
+    tar_size: u64,
+    publishable: bool,
+}
 
 impl LayerIndex {
     /// The index as bytes for the disk cache.
     pub fn encode(&self) -> Option<Vec<u8>> {
-        postcard::to_allocvec(self).ok()
+        self.encode_as(&self.source)
+    }
+
+    /// The index as bytes for the disk cache, as made by `source`.
+    pub fn encode_as(&self, source: &IndexSource) -> Option<Vec<u8>> {
+        postcard::to_allocvec(&IndexAs {
+            entries: &self.entries,
+            places: &self.places,
+            content: &self.content,
+            source,
+            toc_unused: &self.toc_unused,
+            tar_size: self.tar_size,
+            publishable: self.publishable,
+        })
+        .ok()
     }
 
     /// An index the disk cache kept (it checksums its entries; a damaged one never
@@ -120,9 +208,10 @@ impl LayerIndex {
     /// Approximate memory held, for the budget and `/.regfs/stats`.
     pub fn heap_bytes(&self) -> usize {
         let entries: usize = self.entries.iter().map(Entry::heap_bytes).sum();
+        let places: usize = self.places.iter().map(TarPlace::heap_bytes).sum();
         let content = match &self.content {
             Content::Stream(m) => {
-                m.spans.len() * 32
+                m.spans.len() * std::mem::size_of::<Span>()
                     + m.checkpoints
                         .iter()
                         .map(|c| {
@@ -133,7 +222,7 @@ impl LayerIndex {
             }
             Content::Chunks(m) => m.chunks.len() * std::mem::size_of::<Chunk>(),
         };
-        std::mem::size_of::<LayerIndex>() + entries + content
+        std::mem::size_of::<LayerIndex>() + entries + places + content
     }
 
     /// The chunks of an entry whose data is `DataRef::Chunks`.
@@ -152,6 +241,13 @@ impl LayerIndex {
 mod tests {
     use super::*;
 
+    fn span(range: Range<u64>) -> Span {
+        Span {
+            range,
+            digest: [3; 32],
+        }
+    }
+
     #[test]
     fn an_index_round_trips_through_bytes() {
         use crate::image::entry::{DataRef, Entry, EntryKind};
@@ -169,8 +265,20 @@ mod tests {
             xattrs: vec![(b"user.a"[..].into(), b"\0v"[..].into())],
             data: DataRef::Stream(512),
         };
+        let place = TarPlace {
+            header: 0,
+            data: 512,
+            raw_name: Some(b"./etc/f\xff"[..].into()),
+        };
+        let source = IndexSource::Soci {
+            index: Digest::sha256_of(b"index"),
+            ztoc: Digest::sha256_of(b"ztoc"),
+            vouched: false,
+            checked: false,
+        };
         let index = LayerIndex {
             entries: vec![entry.clone()],
+            places: vec![place.clone()],
             content: Content::Stream(StreamMap {
                 codec: Codec::Gzip,
                 checkpoints: vec![
@@ -181,15 +289,28 @@ mod tests {
                         window: Some(vec![1u8; 100].into()),
                     },
                 ],
-                span_size: 1 << 20,
-                spans: vec![[3; 32]],
-                blob_size: 77,
+                spans: vec![span(0..1001), span(1000..1077)],
+                blob_size: 1077,
             }),
-            source: IndexSource::Pass,
+            source: source.clone(),
             toc_unused: Some("why".into()),
+            soci_unused: None,
+            tar_size: 1 << 23,
+            publishable: true,
         };
         let back = LayerIndex::decode(&index.encode().expect("encodes")).expect("decodes");
         assert_eq!(back.entries, vec![entry]);
+        assert_eq!(back.places, vec![place]);
+        assert_eq!(back.source, source);
+        assert_eq!((back.tar_size, back.publishable), (1 << 23, true));
+        let checked = IndexSource::Soci {
+            index: Digest::sha256_of(b"index"),
+            ztoc: Digest::sha256_of(b"ztoc"),
+            vouched: false,
+            checked: true,
+        };
+        let again = LayerIndex::decode(&index.encode_as(&checked).expect("encodes"));
+        assert_eq!(again.map(|i| i.source), Some(checked));
         let (Content::Stream(a), Content::Stream(b)) = (&index.content, &back.content) else {
             panic!("a stream map");
         };
@@ -207,19 +328,29 @@ mod tests {
             out,
             window: None,
         };
+        // Spans as SOCI's: the second and third share byte 20.
         let map = StreamMap {
-            codec: Codec::Zstd,
+            codec: Codec::Gzip,
             checkpoints: vec![Checkpoint::START, cp(100), cp(250)],
-            span_size: 10,
-            spans: vec![[0; 32]; 4],
+            spans: vec![span(2..10), span(10..21), span(20..35)],
             blob_size: 35,
         };
-        assert_eq!(map.checkpoint_before(0).out, 0);
-        assert_eq!(map.checkpoint_before(99).out, 0);
-        assert_eq!(map.checkpoint_before(100).out, 100);
-        assert_eq!(map.checkpoint_before(10_000).out, 250);
-        assert_eq!(map.span(0), 0..10);
-        assert_eq!(map.span(3), 30..35);
-        assert_eq!(map.span(9), 35..35);
+        assert_eq!(map.checkpoint_before(0), 0);
+        assert_eq!(map.checkpoint_before(99), 0);
+        assert_eq!(map.checkpoint_before(100), 1);
+        assert_eq!(map.checkpoint_before(10_000), 2);
+        assert_eq!(map.span_at(0), None, "the gzip header is in no span");
+        assert_eq!(map.span_at(2), Some(0));
+        assert_eq!(map.span_at(10), Some(1));
+        assert_eq!(map.span_at(19), Some(1));
+        assert_eq!(
+            map.span_at(20),
+            Some(2),
+            "the shared byte starts the later span"
+        );
+        assert_eq!(map.span_at(34), Some(2));
+        assert_eq!(map.span_at(35), None);
+        assert_eq!(map.span(2), Some(20..35));
+        assert_eq!(map.span(3), None);
     }
 }

@@ -4,12 +4,13 @@
 //! - [`manifest`]: an image's layers, an index's image for a platform; [`config`]: the
 //!   config a manifest names, and its layers' diff_ids;
 //! - [`codec`]: decoders that start at a layer's beginning or
-//!   at a checkpoint; [`tar`]: tar entries from the decoded stream ([`tar_pax`]: PAX
-//!   records);
+//!   at a checkpoint; [`tar`]: tar entries from the decoded stream ([`tar_header`]: one
+//!   header's fields; [`tar_pax`]: PAX records);
 //! - [`pass`]: the one streaming pass that indexes a plain layer; [`toc`]: the index of
 //!   eStargz and zstd:chunked layers from their TOC; [`index`]: what an index holds;
 //! - [`content`]: one file's bytes from an indexed layer ([`chunks`]: from a TOC
-//!   layer; [`flights`]: its chunks being fetched); [`tree`]: layers merged into an
+//!   layer; [`flights`]: its chunks being fetched; [`kept`]: decoded files kept on
+//!   disk for the next mount); [`tree`]: layers merged into an
 //!   image's files, or one layer as an overlayfs lowerdir.
 //!
 //! Nothing here knows of FUSE: bytes come through [`source::BlobSource`], which the
@@ -22,24 +23,28 @@ pub mod content;
 pub mod entry;
 pub mod flights;
 pub mod index;
+pub mod kept;
 pub mod manifest;
 pub mod pass;
 pub mod soci;
 pub mod source;
 pub mod tar;
+pub mod tar_header;
 pub mod tar_pax;
 pub mod toc;
 pub mod tree;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::registry::{Error, Result};
+use crate::registry::{Digest, Error, Result};
 use codec::Codec;
-use index::LayerIndex;
+use index::{IndexSource, LayerIndex};
 use manifest::Layer;
 use source::BlobSource;
 use toc::TocRef;
@@ -47,8 +52,23 @@ use toc::TocRef;
 /// Pieces of the blob queued for the pass's decoding thread.
 const PASS_QUEUE: usize = 4;
 
-/// Indexes a layer: from its TOC when it announces a valid one, else by the pass.
-pub async fn index_layer(source: Arc<dyn BlobSource>, layer: &Layer) -> Result<LayerIndex> {
+/// A layer's zTOC in a SOCI index (docs/SEMANTICS.md, "Shared indexes").
+pub struct ZtocSource {
+    /// The zTOC blob (its digest and size from the index).
+    pub blob: Arc<dyn BlobSource>,
+    /// The SOCI index manifest that lists it.
+    pub index: Digest,
+    /// The image manifest names the index.
+    pub vouched: bool,
+}
+
+/// Indexes a layer: from its TOC when it announces a valid one, else from its zTOC if
+/// it has one, else by the pass.
+pub async fn index_layer(
+    source: Arc<dyn BlobSource>,
+    layer: &Layer,
+    ztoc: Option<&ZtocSource>,
+) -> Result<LayerIndex> {
     let digest = &layer.digest;
     let codec = Codec::of_media_type(&layer.media_type).ok_or_else(|| {
         index::unreadable(
@@ -72,35 +92,118 @@ pub async fn index_layer(source: Arc<dyn BlobSource>, layer: &Layer) -> Result<L
             }
         }
     }
+    let mut soci_unused = None;
+    if let Some(ztoc) = ztoc {
+        match ztoc_index(ztoc, codec, layer).await {
+            Ok(index) => return Ok(index),
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                warn!(layer = %digest, index = %ztoc.index, ztoc = %ztoc.blob.digest(), "zTOC unusable, so the layer is read whole instead: {e}");
+                soci_unused = Some(e.to_string());
+            }
+        }
+    }
     info!(layer = %digest, codec = codec.name(), size = layer.size, "indexing layer (one pass)");
     let mut index = index_by_pass(source, codec).await?;
     index.toc_unused = toc_unused;
+    index.soci_unused = soci_unused;
+    Ok(index)
+}
+
+/// A layer's index from its zTOC: fetched whole, checked against its digest, read.
+async fn ztoc_index(ztoc: &ZtocSource, codec: Codec, layer: &Layer) -> Result<LayerIndex> {
+    let (digest, size) = (ztoc.blob.digest(), ztoc.blob.size());
+    let bad = |what: String| index::unreadable(&layer.digest, format!("zTOC {digest}: {what}"));
+    if size > soci::ztoc::MAX_ZTOC_BYTES as u64 {
+        return Err(bad(format!("{size} bytes is too large")));
+    }
+    let bytes = ztoc.blob.fetch_range(0, size).await?;
+    if !digest.matches(&bytes) {
+        ztoc.blob.distrust();
+        return Err(bad("does not match its digest".into()));
+    }
+    let source = IndexSource::Soci {
+        index: ztoc.index.clone(),
+        ztoc: digest.clone(),
+        vouched: ztoc.vouched,
+        checked: false,
+    };
+    let layer_size = layer.size;
+    let (index, refused) = tokio::task::spawn_blocking(move || {
+        soci::layer_index::index_from_ztoc(&bytes, codec, layer_size, source)
+    })
+    .await
+    .map_err(|e| Error::Unavailable(format!("zTOC task failed: {e}")))?
+    .map_err(bad)?;
+    for why in refused.iter().take(20) {
+        warn!(layer = %layer.digest, "entry of the zTOC not shown: {why}");
+    }
+    info!(layer = %layer.digest, ztoc = %digest, files = index.entries.len(), "layer indexed by its zTOC");
     Ok(index)
 }
 
 /// Runs the pass on a blocking thread, fed from the source's stream.
 async fn index_by_pass(source: Arc<dyn BlobSource>, codec: Codec) -> Result<LayerIndex> {
-    let (tx, mut rx) = mpsc::channel(PASS_QUEUE);
     let (digest, size) = (source.digest().clone(), source.size());
+    consume_blocking(source.stream(), move |pieces| {
+        pass::index_pass(&digest, codec, size, pieces)
+    })
+    .await?
+}
+
+/// Checks a layer whose index came from a zTOC against the whole blob, fed by
+/// `pieces` (soci/verify.rs): the blob's digest, and everything the index says. An
+/// error is a read that failed (worth trying again); `Ok(Err(why))` is an index that
+/// lied.
+pub async fn check_layer(
+    pieces: BoxStream<'_, Result<Bytes>>,
+    digest: &Digest,
+    index: Arc<LayerIndex>,
+) -> Result<std::result::Result<(), String>> {
+    let digest = digest.clone();
+    consume_blocking(pieces, move |pieces| {
+        let index::Content::Stream(map) = &index.content else {
+            return Err("not a plain layer".to_owned());
+        };
+        let claims = soci::verify::Claims {
+            codec: map.codec,
+            entries: &index.entries,
+            checkpoints: &map.checkpoints,
+            spans: &map.spans,
+            blob_size: map.blob_size,
+        };
+        soci::verify::verify_layer(&digest, claims, pieces)
+    })
+    .await
+}
+
+/// Runs `consume` on a blocking thread over the pieces of `stream`, a few queued at a
+/// time. A piece that fails ends the stream, and its error is the answer.
+async fn consume_blocking<T: Send + 'static>(
+    mut stream: BoxStream<'_, Result<Bytes>>,
+    consume: impl FnOnce(&mut dyn Iterator<Item = Result<Bytes>>) -> T + Send + 'static,
+) -> Result<T> {
+    let (tx, mut rx) = mpsc::channel(PASS_QUEUE);
     let worker = tokio::task::spawn_blocking(move || {
-        pass::index_pass(
-            &digest,
-            codec,
-            size,
-            std::iter::from_fn(|| rx.blocking_recv()),
-        )
+        consume(&mut std::iter::from_fn(|| rx.blocking_recv()))
     });
-    let mut pieces = source.stream();
-    while let Some(piece) = pieces.next().await {
-        let failed = piece.is_err();
-        if tx.send(piece).await.is_err() || failed {
-            break; // the pass stopped (it reports why), or the read failed (passed on)
+    let mut failed = None;
+    while let Some(piece) = stream.next().await {
+        if let Err(e) = &piece {
+            failed = Some(e.clone());
+        }
+        if tx.send(piece).await.is_err() || failed.is_some() {
+            break; // the consumer stopped (it says why), or the read failed
         }
     }
     drop(tx);
-    worker
+    let made = worker
         .await
-        .map_err(|e| Error::Unavailable(format!("index pass task failed: {e}")))?
+        .map_err(|e| Error::Unavailable(format!("decoding task failed: {e}")))?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(made),
+    }
 }
 
 #[cfg(test)]
@@ -120,13 +223,15 @@ mod tests {
             size: source.bytes.len() as u64,
             annotations: Default::default(),
         };
-        let index = index_layer(source.clone(), &layer).await.expect("plain");
+        let index = index_layer(source.clone(), &layer, None)
+            .await
+            .expect("plain");
         assert_eq!(index.toc_unused, None, "no TOC announced, none missed");
         layer.annotations.insert(
             toc::ESTARGZ_TOC_DIGEST.into(),
             format!("sha256:{}", "0".repeat(64)),
         );
-        let index = index_layer(source, &layer).await.expect("read whole");
+        let index = index_layer(source, &layer, None).await.expect("read whole");
         assert_eq!(index.source, index::IndexSource::Pass);
         let why = index.toc_unused.unwrap_or_default();
         assert!(why.contains("no eStargz footer"), "{why}");

@@ -5,18 +5,19 @@
 //! an index never describes bytes that were not verified.
 
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
 use super::codec::{Checkpoint, Codec, Decoder};
-use super::entry::Entry;
+use super::entry::{Entry, TarPlace};
 use super::index::{
     Content, IndexSource, LayerIndex, MAX_ENTRIES, MAX_INDEX_BYTES, StreamMap, unreadable,
 };
+use super::soci::spans::SpanHasher;
 use super::tar::{TarItem, TarParser};
 use crate::registry::{Digest, Error, Result};
 
-/// Blob bytes per span digest: what a read of a small file fetches at least.
+/// Blob bytes per span digest of tar and zstd layers (gzip layers have one span per
+/// checkpoint, as SOCI defines them): what a read of a small file fetches at least.
 pub const SPAN_SIZE: u64 = 1 << 20;
 /// Uncompressed bytes between checkpoints, at least: a read decodes at most this much
 /// before the bytes it wants. Larger for large blobs, so a layer has at most a few
@@ -32,54 +33,16 @@ const LOGGED_REFUSALS: usize = 20;
 /// Decoder output buffer.
 const OUT_BUF: usize = 256 << 10;
 
-fn spacing(blob_size: u64) -> u64 {
+/// Uncompressed bytes between the checkpoints of a blob this large, at least.
+pub fn checkpoint_spacing(blob_size: u64) -> u64 {
     MIN_CHECKPOINT_SPACING.max(blob_size.saturating_mul(3) / MAX_CHECKPOINTS)
 }
 
-/// SHA-256 of each fixed-size span of a byte stream.
-struct SpanHasher {
-    size: u64,
-    current: Sha256,
-    filled: u64,
-    done: Vec<[u8; 32]>,
-}
-
-impl SpanHasher {
-    fn new(size: u64) -> SpanHasher {
-        SpanHasher {
-            size,
-            current: Sha256::new(),
-            filled: 0,
-            done: Vec::new(),
-        }
-    }
-
-    fn update(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let n = ((self.size - self.filled) as usize).min(bytes.len());
-            self.current.update(&bytes[..n]);
-            self.filled += n as u64;
-            bytes = &bytes[n..];
-            if self.filled == self.size {
-                self.done
-                    .push(std::mem::take(&mut self.current).finalize().into());
-                self.filled = 0;
-            }
-        }
-    }
-
-    fn finish(mut self) -> Vec<[u8; 32]> {
-        if self.filled > 0 {
-            self.done.push(self.current.finalize().into());
-        }
-        self.done
-    }
-}
-
-/// Collects entries within the limits.
+/// Collects entries (and where their headers are) within the limits.
 struct Entries<'a> {
     digest: &'a Digest,
     list: Vec<Entry>,
+    places: Vec<TarPlace>,
     bytes: usize,
     refused: usize,
     over: Option<String>,
@@ -88,9 +51,10 @@ struct Entries<'a> {
 impl Entries<'_> {
     fn add(&mut self, item: TarItem) {
         match item {
-            TarItem::Entry(entry) => {
-                self.bytes += entry.heap_bytes();
+            TarItem::Entry(entry, place) => {
+                self.bytes += entry.heap_bytes() + place.heap_bytes();
                 self.list.push(entry);
+                self.places.push(place);
                 if self.list.len() > MAX_ENTRIES || self.bytes > MAX_INDEX_BYTES {
                     self.over.get_or_insert_with(|| {
                         format!(
@@ -119,7 +83,6 @@ pub fn index_pass(
     pieces: impl Iterator<Item = Result<Bytes>>,
 ) -> Result<LayerIndex> {
     let mut blob_hash = digest.hasher();
-    let mut spans = SpanHasher::new(SPAN_SIZE);
     let mut pass = Pass::new(digest, codec, size)?;
     let mut received = 0u64;
     for piece in pieces {
@@ -132,7 +95,6 @@ pub fn index_pass(
             ));
         }
         blob_hash.update(&piece);
-        spans.update(&piece);
         pass.feed(&piece)?;
     }
     if received != size {
@@ -144,10 +106,10 @@ pub fn index_pass(
     if !blob_hash.matches(digest) {
         return Err(unreadable(digest, "content does not match its digest"));
     }
-    pass.finish(spans.finish())
+    pass.finish()
 }
 
-/// The decoding half of a pass: blob bytes in, entries and checkpoints out.
+/// The decoding half of a pass: blob bytes in, entries, checkpoints and spans out.
 struct Pass<'a> {
     digest: &'a Digest,
     codec: Codec,
@@ -156,6 +118,10 @@ struct Pass<'a> {
     tar: TarParser,
     entries: Entries<'a>,
     checkpoints: Vec<Checkpoint>,
+    /// Span digests, cut at each checkpoint (gzip) or every [`SPAN_SIZE`] bytes.
+    spans: SpanHasher,
+    /// gzip: whether the first span (at the first deflate byte) has begun.
+    begun: bool,
     spacing: u64,
     /// Output beyond this is a decompression bomb.
     max_out: u64,
@@ -166,6 +132,11 @@ impl<'a> Pass<'a> {
     fn new(digest: &'a Digest, codec: Codec, size: u64) -> Result<Pass<'a>> {
         let decoder = Decoder::at(codec, &Checkpoint::START)
             .map_err(|e| unreadable(digest, format!("{} layer: {e}", codec.name())))?;
+        let mut spans = SpanHasher::new();
+        if codec != Codec::Gzip {
+            spans.begin(0);
+            (1..size.div_ceil(SPAN_SIZE)).for_each(|k| spans.cut(k * SPAN_SIZE * 8));
+        }
         Ok(Pass {
             digest,
             codec,
@@ -175,12 +146,15 @@ impl<'a> Pass<'a> {
             entries: Entries {
                 digest,
                 list: Vec::new(),
+                places: Vec::new(),
                 bytes: 0,
                 refused: 0,
                 over: None,
             },
             checkpoints: vec![Checkpoint::START],
-            spacing: spacing(size),
+            spans,
+            begun: codec != Codec::Gzip,
+            spacing: checkpoint_spacing(size),
             max_out: EXPANSION_FLOOR.max(size.saturating_mul(MAX_EXPANSION)),
             buf: vec![0u8; OUT_BUF],
         })
@@ -190,8 +164,34 @@ impl<'a> Pass<'a> {
         unreadable(self.digest, format!("{} layer: {what}", self.codec.name()))
     }
 
-    /// Decodes the next blob bytes (none: the end), parsing what comes out.
-    fn feed(&mut self, mut input: &[u8]) -> Result<()> {
+    /// Decodes the next blob bytes (none: the end), then hashes them into the spans
+    /// the checkpoints they held delimit.
+    fn feed(&mut self, input: &[u8]) -> Result<()> {
+        let known = self.checkpoints.len();
+        self.decode(input)?;
+        if !self.begun {
+            if let Some(first) = self.decoder.first_deflate_byte() {
+                // SOCI's first checkpoint: the first deflate byte, nothing before it.
+                self.checkpoints[0] = Checkpoint {
+                    in_bit: first * 8,
+                    out: 0,
+                    window: Some(Box::default()),
+                };
+                self.spans.begin(first);
+                self.begun = true;
+            }
+        }
+        if self.codec == Codec::Gzip {
+            for c in &self.checkpoints[known..] {
+                self.spans.cut(c.in_bit);
+            }
+        }
+        self.spans.update(input);
+        Ok(())
+    }
+
+    /// Decodes `input`, parsing what comes out and taking checkpoints.
+    fn decode(&mut self, mut input: &[u8]) -> Result<()> {
         loop {
             let step = self
                 .decoder
@@ -227,27 +227,42 @@ impl<'a> Pass<'a> {
     }
 
     /// The index, once every byte was fed and the blob matched its digest.
-    fn finish(self, spans: Vec<[u8; 32]>) -> Result<LayerIndex> {
+    fn finish(mut self) -> Result<LayerIndex> {
         self.decoder.finish().map_err(|e| self.bad(e))?;
         self.tar.finish().map_err(|e| self.bad(e))?;
-        if self.entries.refused > LOGGED_REFUSALS {
-            warn!(layer = %self.digest, "{} entries not shown in all", self.entries.refused);
+        let spans = std::mem::take(&mut self.spans);
+        let spans = spans.finish().map_err(|e| self.bad(e))?;
+        let refused = self.entries.refused;
+        if refused > LOGGED_REFUSALS {
+            warn!(layer = %self.digest, "{refused} entries not shown in all");
         }
-        let mut list = self.entries.list;
+        let (mut list, mut places) = (self.entries.list, self.entries.places);
+        let listed = list.len();
         if self.codec == Codec::Gzip {
             super::entry::drop_estargz_metadata(&mut list);
         }
+        let publishable = self.codec == Codec::Gzip
+            && self.decoder.gzip_members() == 1
+            && refused == 0
+            && self.tar.skipped() == 0
+            && list.len() == listed;
+        if !publishable {
+            places = Vec::new(); // only a zTOC needs them
+        }
         Ok(LayerIndex {
             entries: list,
+            places,
             content: Content::Stream(StreamMap {
                 codec: self.codec,
                 checkpoints: self.checkpoints,
-                span_size: SPAN_SIZE,
                 spans,
                 blob_size: self.size,
             }),
             source: IndexSource::Pass,
             toc_unused: None,
+            soci_unused: None,
+            tar_size: self.decoder.output_pos(),
+            publishable,
         })
     }
 }
@@ -257,6 +272,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::image::codec::gzip::tests::{gzip, sample};
     use crate::image::entry::{DataRef, EntryKind};
+    use crate::image::soci::spans;
 
     /// A tar stream of `files` (path, content), as `tar` crate's builder writes it.
     pub(crate) fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
@@ -294,14 +310,74 @@ pub(crate) mod tests {
             "every ~4 MiB of 20 MiB: {}",
             map.checkpoints.len()
         );
-        assert_eq!(
-            map.spans.len() as u64,
-            (gz.len() as u64).div_ceil(SPAN_SIZE)
-        );
+        // SOCI's spans: one per checkpoint, the first at the first deflate byte.
+        let header = crate::image::codec::gzip::parse_member_header(&gz).expect("gzip");
+        assert_eq!(map.checkpoints[0].in_bit, header.expect("whole") as u64 * 8);
+        let ranges = spans::checkpoint_ranges(&map.checkpoints, gz.len() as u64).expect("ok");
+        let digests = spans::digests(&gz, &ranges).expect("in range");
+        let got: Vec<_> = map
+            .spans
+            .iter()
+            .map(|s| (s.range.clone(), s.digest))
+            .collect();
+        assert_eq!(got, ranges.into_iter().zip(digests).collect::<Vec<_>>());
         let DataRef::Stream(at) = index.entries[2].data else {
             panic!("z has data");
         };
         assert_eq!(&tar[at as usize..at as usize + 3], b"end");
+        assert_eq!(index.tar_size, tar.len() as u64);
+        assert!(index.publishable, "one member, every header an entry");
+        let headers: Vec<u64> = index.places.iter().map(|p| p.header).collect();
+        assert_eq!(headers[..2], [0, 1024]);
+    }
+
+    #[test]
+    fn only_single_member_gzip_with_every_entry_is_publishable() {
+        let tar = tar_of(&[("a", b"x"), ("b", b"y")]);
+        let index_of = |codec, blob: &[u8]| {
+            let d = Digest::sha256_of(blob);
+            index_pass(&d, codec, blob.len() as u64, pieces(blob, 7)).expect("valid")
+        };
+        let two = [
+            gzip(&tar[..1024], usize::MAX),
+            gzip(&tar[1024..], usize::MAX),
+        ]
+        .concat();
+        let multi = index_of(Codec::Gzip, &two);
+        assert_eq!(multi.entries.len(), 2);
+        assert!(!multi.publishable && multi.places.is_empty(), "two members");
+        let z = zstd::bulk::compress(&tar, 3).expect("compress");
+        assert!(!index_of(Codec::Zstd, &z).publishable);
+        let mut dotdot = tar_of(&[("a", b"x")]);
+        dotdot[..4].copy_from_slice(b"../a");
+        let mut h = tar::Header::from_byte_slice(&dotdot[..512]).clone();
+        h.set_cksum();
+        dotdot[..512].copy_from_slice(h.as_bytes());
+        let refused = index_of(Codec::Gzip, &gzip(&dotdot, usize::MAX));
+        assert!(refused.entries.is_empty() && !refused.publishable);
+    }
+
+    #[test]
+    fn fixed_spans_for_tar_and_zstd() {
+        let tar = tar_of(&[("w", &sample(3 << 20))]);
+        let d = Digest::sha256_of(&tar);
+        let index =
+            index_pass(&d, Codec::Tar, tar.len() as u64, pieces(&tar, 77_777)).expect("tar");
+        let Content::Stream(map) = &index.content else {
+            panic!("a stream");
+        };
+        let ranges = spans::fixed_ranges(SPAN_SIZE, tar.len() as u64);
+        let got: Vec<_> = map.spans.iter().map(|s| s.range.clone()).collect();
+        assert_eq!(got, ranges);
+        assert_eq!(map.spans, {
+            let digests = spans::digests(&tar, &ranges).expect("in range");
+            ranges
+                .iter()
+                .cloned()
+                .zip(digests)
+                .map(|(range, digest)| spans::Span { range, digest })
+                .collect::<Vec<_>>()
+        });
     }
 
     #[test]

@@ -19,9 +19,9 @@ pub trait BlobSource: Send + Sync {
     fn read(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes>>;
 
     /// Exactly `len` bytes from `offset`, and no more: from the caches if they hold
-    /// them, else one range request for just these bytes, not kept as blocks. For TOC
-    /// layers, whose chunks are small, self-contained and cached decoded by the caller:
-    /// a 2 MiB block around a 20 KiB chunk would move a hundred times the bytes.
+    /// them, else one range request for just these bytes, not kept as blocks. For
+    /// pieces the caller checks and keeps itself: TOC chunks (a 2 MiB block around a
+    /// 20 KiB chunk would move a hundred times the bytes) and spans of plain layers.
     fn fetch_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes>>;
 
     /// The whole blob from its first byte, in order, in pieces of any size.

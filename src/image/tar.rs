@@ -14,7 +14,8 @@
 
 use tar::{EntryType, Header};
 
-use super::entry::{DataRef, Entry, EntryKind, normalise, shown};
+use super::entry::{DataRef, Entry, EntryKind, TarPlace, normalise, shown};
+use super::tar_header::{check_checksum, data_after, kind_of, link_of, owner_mode_time, trim_nul};
 use super::tar_pax::Pax;
 
 const BLOCK: u64 = 512;
@@ -27,12 +28,10 @@ const MAX_PAX: u64 = 1 << 20;
 /// What the parser found, in stream order.
 #[derive(Debug)]
 pub enum TarItem {
-    Entry(Entry),
+    /// An entry, and where its headers and data are.
+    Entry(Entry, TarPlace),
     /// An entry that is not shown, and why (for the log).
-    Refused {
-        offset: u64,
-        reason: String,
-    },
+    Refused { offset: u64, reason: String },
 }
 
 /// The stream cannot be read as tar (a corrupt header, a truncated stream, a feature
@@ -70,6 +69,9 @@ enum State {
     End,
 }
 
+/// A name as written, where it differs from the normalised path.
+type RawName = Option<Box<[u8]>>;
+
 /// Extension data waiting for the header it applies to.
 #[derive(Default)]
 struct Pending {
@@ -85,6 +87,11 @@ pub struct TarParser {
     block: [u8; BLOCK as usize],
     /// Stream offset of the header being parsed.
     header_at: u64,
+    /// Stream offset of the first header (extensions included) of the entry being
+    /// parsed.
+    entry_at: Option<u64>,
+    /// Headers that are no entry (global PAX headers, volume labels).
+    skipped: u64,
     pending: Pending,
 }
 
@@ -95,6 +102,8 @@ impl Default for TarParser {
             state: State::Header { filled: 0 },
             block: [0; BLOCK as usize],
             header_at: 0,
+            entry_at: None,
+            skipped: 0,
             pending: Pending::default(),
         }
     }
@@ -113,6 +122,12 @@ impl TarParser {
     /// Whether the end-of-archive block has been seen.
     pub fn ended(&self) -> bool {
         matches!(self.state, State::End)
+    }
+
+    /// Headers seen that describe no entry: a global PAX header, a volume label (a
+    /// zTOC, which lists entries only, cannot place the entry after one).
+    pub fn skipped(&self) -> u64 {
+        self.skipped
     }
 
     /// Parses `data`, the stream's next bytes, handing each entry to `found`.
@@ -214,6 +229,11 @@ impl TarParser {
         let stored = header
             .entry_size()
             .map_err(|e| corrupt(at, format!("bad size field: {e}")))?;
+        if extension.is_some_and(|(ext, _)| ext == Extension::GlobalPax) {
+            self.skipped += 1;
+        } else {
+            self.entry_at.get_or_insert(at);
+        }
         if let Some((ext, max)) = extension {
             if stored > max {
                 return Err(corrupt(
@@ -241,9 +261,17 @@ impl TarParser {
         };
         let size = pax.size.unwrap_or(stored);
         let data_at = at + BLOCK;
+        let first = self.entry_at.take().unwrap_or(at);
         match self.entry(header, &pending, pax, size, data_at) {
-            Ok(Some(entry)) => found(TarItem::Entry(entry)),
-            Ok(None) => {}
+            Ok(Some((entry, raw_name))) => {
+                let place = TarPlace {
+                    header: first,
+                    data: data_at,
+                    raw_name,
+                };
+                found(TarItem::Entry(entry, place))
+            }
+            Ok(None) => self.skipped += 1,
             Err(reason) => found(TarItem::Refused { offset: at, reason }),
         }
         let has_data = data_after(kind);
@@ -260,8 +288,9 @@ impl TarParser {
         Ok(())
     }
 
-    /// The entry a header describes, `None` for headers that describe no file (a volume
-    /// label), or why it is refused.
+    /// The entry a header describes with its name as written when that differs from
+    /// its path, `None` for headers that describe no file (a volume label), or why it
+    /// is refused.
     fn entry(
         &self,
         header: &Header,
@@ -269,7 +298,7 @@ impl TarParser {
         mut pax: Pax,
         size: u64,
         data_at: u64,
-    ) -> Result<Option<Entry>, String> {
+    ) -> Result<Option<(Entry, RawName)>, String> {
         let raw_path: Vec<u8> = match (pax.path.take(), &pending.long_name) {
             (Some(p), _) => p,
             (None, Some(long)) => trim_nul(long).to_vec(),
@@ -301,154 +330,24 @@ impl TarParser {
             EntryKind::File if size > 0 => DataRef::Stream(data_at),
             _ => DataRef::None,
         };
-        Ok(Some(Entry {
-            path,
-            kind,
-            mode,
-            uid,
-            gid,
-            mtime,
-            mtime_nsec,
-            size: if kind == EntryKind::File { size } else { 0 },
-            link,
-            rdev,
-            xattrs: pax.xattrs,
-            data,
-        }))
-    }
-}
-
-/// What kind of file a header describes (`None`: no file, a volume label).
-fn kind_of(header: &Header, raw_path: &[u8]) -> Result<Option<EntryKind>, String> {
-    Ok(Some(match header.entry_type() {
-        EntryType::Regular | EntryType::Continuous if raw_path.ends_with(b"/") => {
-            // Old (V7) archives mark directories by a trailing slash only.
-            EntryKind::Dir
-        }
-        EntryType::Regular | EntryType::Continuous => EntryKind::File,
-        EntryType::Link => EntryKind::Hardlink,
-        EntryType::Symlink => EntryKind::Symlink,
-        EntryType::Char => EntryKind::CharDev,
-        EntryType::Block => EntryKind::BlockDev,
-        EntryType::Directory => EntryKind::Dir,
-        // GNU dump directories ('D'): a directory with a listing as data.
-        other if other.as_byte() == b'D' => EntryKind::Dir,
-        EntryType::Fifo => EntryKind::Fifo,
-        // A GNU volume label ('V') names no file.
-        other if other.as_byte() == b'V' => return Ok(None),
-        other => {
-            return Err(format!(
-                "{}: entry type {:?} is not supported",
-                shown(raw_path),
-                other.as_byte() as char
-            ));
-        }
-    }))
-}
-
-/// A symlink's target as written, a hardlink's normalised; `None` for other kinds.
-fn link_of(
-    kind: EntryKind,
-    raw_link: Option<Vec<u8>>,
-    path: &[u8],
-) -> Result<Option<Box<[u8]>>, String> {
-    Ok(match kind {
-        EntryKind::Symlink => {
-            let target = raw_link.unwrap_or_default();
-            if target.contains(&0) || target.is_empty() {
-                return Err(format!("{}: bad symlink target", shown(path)));
-            }
-            Some(target.into_boxed_slice())
-        }
-        EntryKind::Hardlink => {
-            let target = raw_link.unwrap_or_default();
-            let normal =
-                normalise(&target).map_err(|e| format!("{}: hardlink target: {e}", shown(path)))?;
-            if normal.is_empty() {
-                return Err(format!("{}: hardlink to the root", shown(path)));
-            }
-            Some(normal)
-        }
-        _ => None,
-    })
-}
-
-/// Owner, permission bits and mtime: PAX records first, else the header's fields.
-fn owner_mode_time(
-    header: &Header,
-    pax: &Pax,
-    path: &[u8],
-) -> Result<(u32, u32, u32, (i64, u32)), String> {
-    let old = header.as_old();
-    let field = |what: &str, raw: &[u8], v: std::io::Result<u64>| -> Result<u32, String> {
-        numeric(raw, v)
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| format!("{}: bad {what}", shown(path)))
-    };
-    let uid = match pax.uid {
-        Some(uid) => uid,
-        None => field("uid", &old.uid, header.uid())?,
-    };
-    let gid = match pax.gid {
-        Some(gid) => gid,
-        None => field("gid", &old.gid, header.gid())?,
-    };
-    let mode = field("mode", &old.mode, header.mode().map(u64::from))? & 0o7777;
-    let mtime = match pax.mtime {
-        Some(t) => t,
-        None => {
-            let secs = numeric(&old.mtime, header.mtime())
-                .ok_or_else(|| format!("{}: bad mtime", shown(path)))?;
-            (i64::try_from(secs).unwrap_or(i64::MAX), 0)
-        }
-    };
-    Ok((uid, gid, mode, mtime))
-}
-
-/// Whether the data of a header the parser does not show still follows it (it must be
-/// skipped to find the next header).
-fn data_after(kind: EntryType) -> bool {
-    !matches!(
-        kind,
-        EntryType::Link
-            | EntryType::Symlink
-            | EntryType::Char
-            | EntryType::Block
-            | EntryType::Directory
-            | EntryType::Fifo
-    )
-}
-
-/// A numeric header field: what the crate parsed, or 0 for a field left empty (all NULs
-/// or spaces), as Go's archive/tar reads it.
-fn numeric(raw: &[u8], parsed: std::io::Result<u64>) -> Option<u64> {
-    match parsed {
-        Ok(v) => Some(v),
-        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Some(0),
-        Err(_) => None,
-    }
-}
-
-fn trim_nul(bytes: &[u8]) -> &[u8] {
-    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    &bytes[..end]
-}
-
-/// The header checksum: the sum of its bytes with the checksum field read as spaces.
-fn check_checksum(header: &Header) -> Result<(), String> {
-    let bytes = header.as_bytes();
-    let sum: u32 = bytes[..148]
-        .iter()
-        .chain(&[b' '; 8])
-        .chain(&bytes[156..])
-        .map(|&b| u32::from(b))
-        .sum();
-    match header.cksum() {
-        Ok(stored) if stored == sum => Ok(()),
-        Ok(stored) => Err(format!(
-            "header checksum {stored} does not match {sum} (not a tar stream, or corrupt)"
-        )),
-        Err(e) => Err(format!("bad header checksum field: {e}")),
+        let raw_name = (*raw_path != *path).then(|| raw_path.into_boxed_slice());
+        Ok(Some((
+            Entry {
+                path,
+                kind,
+                mode,
+                uid,
+                gid,
+                mtime,
+                mtime_nsec,
+                size: if kind == EntryKind::File { size } else { 0 },
+                link,
+                rdev,
+                xattrs: pax.xattrs,
+                data,
+            },
+            raw_name,
+        )))
     }
 }
 
@@ -490,7 +389,7 @@ mod tests {
         items
             .iter()
             .filter_map(|i| match i {
-                TarItem::Entry(e) => Some(e),
+                TarItem::Entry(e, _) => Some(e),
                 TarItem::Refused { .. } => None,
             })
             .collect()
@@ -575,6 +474,68 @@ mod tests {
             e[1].xattrs,
             vec![(b"user.note"[..].into(), b"v\x01x"[..].into())]
         );
+    }
+
+    #[test]
+    fn places_cover_every_header_of_an_entry() {
+        let long = format!("{}/{}", "d".repeat(150), "f".repeat(149));
+        let mut s = Vec::new();
+        let mut dir = header("x", EntryType::Directory, 0);
+        dir.as_gnu_mut().expect("gnu").name[..7].copy_from_slice(b"./etc/\0");
+        dir.set_cksum();
+        s.extend_from_slice(dir.as_bytes());
+        let ln = header("././@LongLink", EntryType::GNULongName, long.len() as u64);
+        s.extend_from_slice(ln.as_bytes());
+        s.extend_from_slice(long.as_bytes());
+        pad(&mut s);
+        s.extend_from_slice(header("cut", EntryType::Regular, 3).as_bytes());
+        s.extend_from_slice(b"abc");
+        pad(&mut s);
+        let records = b"15 comment=hi!\n";
+        s.extend_from_slice(header("g", EntryType::XGlobalHeader, 15).as_bytes());
+        s.extend_from_slice(records);
+        pad(&mut s);
+        s.extend_from_slice(header("last", EntryType::Regular, 0).as_bytes());
+        s.extend_from_slice(&[0; 1024]);
+        let mut parser = TarParser::default();
+        let mut items = Vec::new();
+        for chunk in s.chunks(100) {
+            parser.feed(chunk, &mut |i| items.push(i)).expect("valid");
+        }
+        let places: Vec<&TarPlace> = items
+            .iter()
+            .filter_map(|i| match i {
+                TarItem::Entry(_, p) => Some(p),
+                TarItem::Refused { .. } => None,
+            })
+            .collect();
+        let raw = |n: &str| Some(n.as_bytes().into());
+        assert_eq!(
+            places[0],
+            &TarPlace {
+                header: 0,
+                data: 512,
+                raw_name: raw("./etc/")
+            }
+        );
+        assert_eq!(
+            places[1],
+            &TarPlace {
+                header: 512,
+                data: 2048,
+                raw_name: None
+            }
+        );
+        // The global header is no entry: the next entry's headers start after it.
+        assert_eq!(
+            places[2],
+            &TarPlace {
+                header: 3584,
+                data: 4096,
+                raw_name: None
+            }
+        );
+        assert_eq!(parser.skipped(), 1);
     }
 
     #[test]

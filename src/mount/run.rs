@@ -15,7 +15,7 @@ use super::kernel::KernelMount;
 use super::mountinfo::{is_mount_point, mount_device};
 use super::unmount::{self, Watchdog};
 use crate::cache::{BlockCache, DiskCache, disk};
-use crate::fs::{Fs, FsOptions};
+use crate::fs::{Fs, FsOptions, IndexOptions};
 use crate::fuse::FuseAdapter;
 use crate::image::manifest::Platform;
 use crate::registry::{ClientOptions, Credentials, MirrorSpec, RegistryClient, RepoName};
@@ -27,6 +27,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 const FUSE_THREADS: usize = 2;
 /// Kernel read-ahead for the mount, in KiB (see `raise_kernel_readahead`).
 const KERNEL_READAHEAD_KB: u32 = 1024;
+/// How long an unmount waits for the disk cache's queued writes to be done.
+const DISK_SETTLE: Duration = Duration::from_secs(5);
 
 pub struct MountConfig {
     pub registry: Url,
@@ -53,8 +55,12 @@ pub struct MountConfig {
     pub timeout: Duration,
     /// Which image of a multi-platform index `tags/<tag>/rootfs` shows.
     pub platform: Platform,
+    /// TOC layers fetched whole in the background once used (`--no-background-fetch`).
+    pub background_fetch: bool,
     /// The disk cache: its directory and budget (None: `--no-disk-cache`).
     pub disk_cache: Option<DiskCacheConfig>,
+    /// Shared (SOCI) indexes: `--verify-before-serving`, `--publish-indexes`.
+    pub indexes: IndexOptions,
 }
 
 pub struct DiskCacheConfig {
@@ -88,6 +94,8 @@ struct Prepared {
     /// Mounted by regfs itself (mount/kernel.rs), not by fuser, which would unmount it
     /// when its session ends.
     own_mount: bool,
+    /// Its writes are let finish after the unmount.
+    disk: Option<DiskCache>,
 }
 
 /// `daemon`: running detached (`--daemon`), so the watchdog must let go of stderr.
@@ -153,8 +161,10 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         read_only: config.read_only,
         allow_delete: config.allow_delete,
         platform: config.platform.clone(),
+        background_fetch: config.background_fetch,
+        indexes: config.indexes,
     };
-    let fs = Arc::new(Fs::new(client, cache, disk, options));
+    let fs = Arc::new(Fs::new(client, cache, disk.clone(), options));
     let resuming = fs.clone();
     runtime.spawn(async move { resuming.resume_held().await });
     let warming = fs.clone();
@@ -210,6 +220,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         mountpoint: canonical_mountpoint,
         watchdog,
         own_mount,
+        disk,
     })
 }
 
@@ -271,6 +282,7 @@ fn serve(config: MountConfig, prepared: Prepared) -> Result<(), String> {
         mountpoint,
         watchdog,
         own_mount,
+        disk,
     } = prepared;
     let served = mountpoint.clone();
     info!(
@@ -314,6 +326,9 @@ fn serve(config: MountConfig, prepared: Prepared) -> Result<(), String> {
         let _ = unmount::detach(&served);
     }
     watchdog.disarm();
+    if let Some(disk) = &disk {
+        runtime.block_on(disk.settle(DISK_SETTLE));
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => {

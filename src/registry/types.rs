@@ -212,6 +212,14 @@ impl serde::Serialize for Digest {
     }
 }
 
+/// Read back from what regfs wrote (the disk cache); checked like any digest.
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Digest, D::Error> {
+        let s = String::deserialize(d)?;
+        Digest::parse(&s).ok_or_else(|| serde::de::Error::custom("not a digest"))
+    }
+}
+
 /// What a manifest is fetched by: a tag or a digest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Reference {

@@ -41,6 +41,12 @@ pub enum RequestKind {
     Referrers,
 }
 
+tokio::task_local! {
+    /// Set around work done in the background (fs/images/background.rs): the blob bytes
+    /// it receives count in `background_bytes` too, at the moment they arrive.
+    static BACKGROUND: ();
+}
+
 const REQUEST_KINDS: usize = RequestKind::Referrers as usize + 1;
 /// Layers whose unused TOC `/.regfs/stats` names, with the reason.
 const TOC_UNUSED_SHOWN: usize = 32;
@@ -76,6 +82,22 @@ pub struct Stats {
     /// TOC could not be used: how many, and why (by layer digest, the first few).
     pub toc_unused: AtomicU64,
     toc_unused_why: Mutex<BTreeMap<String, String>>,
+    /// Layer bytes fetched in the background (fs/images/background.rs), not for a read
+    /// a program waits on; TOC layers filled whole that way; decoded file bytes read
+    /// back from the disk cache (image/kept.rs) instead of decoded again.
+    pub background_bytes: AtomicU64,
+    pub background_layers: AtomicU64,
+    pub decoded_from_disk: AtomicU64,
+    /// Shared indexes (SOCI): indexes found for images, published by this mount, layers
+    /// whose files come from a zTOC, indexes refused (a lie found, or a zTOC that cannot
+    /// be used), background checks of whole layers done and failed (their bytes are
+    /// `background_bytes`).
+    pub soci_indexes_found: AtomicU64,
+    pub soci_indexes_published: AtomicU64,
+    pub layers_from_index: AtomicU64,
+    pub soci_indexes_refused: AtomicU64,
+    pub background_checks: AtomicU64,
+    pub background_checks_failed: AtomicU64,
     /// Layers being read whole by the index pass, with how far each got.
     pub indexing: Arc<Progress>,
     /// The disk cache (cache/disk): blocks and entries found / not found there, bytes
@@ -138,6 +160,20 @@ impl Drop for InFlight {
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` blob bytes received (`fetched_bytes`; `background_bytes` too when received
+    /// for work run by [`Stats::in_background`]).
+    pub fn received(&self, n: u64) {
+        Self::add(&self.fetched_bytes, n);
+        if BACKGROUND.try_with(|_| ()).is_ok() {
+            Self::add(&self.background_bytes, n);
+        }
+    }
+
+    /// Runs `work` as background work: the blob bytes it receives are counted apart.
+    pub async fn in_background<F: std::future::Future>(work: F) -> F::Output {
+        BACKGROUND.scope((), work).await
     }
 
     /// Counts a request of `kind` and marks it in flight until the guard is dropped.
@@ -254,12 +290,21 @@ impl Stats {
                 index_bytes: get(&self.index_bytes),
                 decodes: get(&self.content_decodes),
                 fetched_bytes: get(&self.content_fetched_bytes),
+                background_bytes: get(&self.background_bytes),
+                background_layers: get(&self.background_layers),
+                decoded_from_disk: get(&self.decoded_from_disk),
                 toc_unused: get(&self.toc_unused),
                 toc_unused_why: self
                     .toc_unused_why
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone(),
+                indexes_found: get(&self.soci_indexes_found),
+                indexes_published: get(&self.soci_indexes_published),
+                layers_from_index: get(&self.layers_from_index),
+                indexes_refused: get(&self.soci_indexes_refused),
+                background_checks: get(&self.background_checks),
+                background_checks_failed: get(&self.background_checks_failed),
                 indexing: self.indexing.snapshot(),
             },
             hosts: self.hosts_snapshot(),
@@ -306,14 +351,36 @@ pub struct ImagesSnapshot {
     pub indexes_from_disk: u64,
     /// Memory held by the layer indexes kept now.
     pub index_bytes: u64,
-    /// Decodes of plain layers started from a checkpoint.
+    /// Decodes started: of plain layers from a checkpoint, of TOC layers a run of
+    /// chunks.
     pub decodes: u64,
     /// Layer bytes fetched (or taken from the block cache) to read files.
     pub fetched_bytes: u64,
+    /// Layer bytes fetched in the background (the rest of a TOC layer once its files
+    /// are read, what its prefetch landmark names, and the whole-layer checks of
+    /// layers served from a zTOC), apart from what reads waited
+    /// for: `fetched_bytes` minus these is what a start needed.
+    pub background_bytes: u64,
+    /// TOC layers fetched whole in the background and verified (kept on disk).
+    pub background_layers: u64,
+    /// Decoded file bytes read from the disk cache rather than decoded again.
+    pub decoded_from_disk: u64,
     /// Layers that announce a TOC but are read whole (the pass), since the TOC could
     /// not be used; and why, by layer digest.
     pub toc_unused: u64,
     pub toc_unused_why: BTreeMap<String, String>,
+    /// SOCI indexes found for images looked at (docs/SEMANTICS.md, "Shared indexes").
+    pub indexes_found: u64,
+    /// SOCI indexes this mount pushed (`--publish-indexes`).
+    pub indexes_published: u64,
+    /// Layers whose files come from a zTOC (no pass before the first file).
+    pub layers_from_index: u64,
+    /// Indexes refused: a lie found by a read or a background check, or a zTOC that
+    /// cannot be used (the layer is read by a pass instead).
+    pub indexes_refused: u64,
+    /// Background checks of whole layers served from a zTOC: done (passed) and failed.
+    pub background_checks: u64,
+    pub background_checks_failed: u64,
     /// Layers being read whole by the index pass now: bytes done of their size.
     pub indexing: Vec<TaskSnapshot>,
 }
@@ -377,4 +444,19 @@ pub struct RequestsSnapshot {
     pub manifest_put: u64,
     pub delete: u64,
     pub referrers: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bytes_received_in_the_background_are_counted_apart() {
+        let stats = Stats::default();
+        stats.received(3);
+        Stats::in_background(async { stats.received(5) }).await;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        assert_eq!(get(&stats.fetched_bytes), 8);
+        assert_eq!(get(&stats.background_bytes), 5);
+    }
 }

@@ -192,7 +192,11 @@ fn images(out: &mut String, s: &Value) {
     if let Some(bg) = get(s, &["images", "background_bytes"]) {
         let _ = write!(text, ", {} in the background", bytes(bg));
     }
+    if let Some(kept) = get(s, &["images", "decoded_from_disk"]).filter(|&k| k > 0) {
+        let _ = write!(text, ", {} of files read back from disk", bytes(kept));
+    }
     line(out, "images", &text);
+    shared_indexes(out, s);
     indexing(out, s);
     if let Some(why) = s
         .get("images")
@@ -204,6 +208,21 @@ fn images(out: &mut String, s: &Value) {
             line(out, "fallback", &format!("{layer}: read whole: {reason}"));
         }
     }
+}
+
+/// SOCI indexes (docs/SEMANTICS.md, "Shared indexes"), when the mount met any.
+fn shared_indexes(out: &mut String, s: &Value) {
+    let count = |k: &str| n(s, &["images", k]);
+    let (found, published) = (count("indexes_found"), count("indexes_published"));
+    if found == 0 && published == 0 {
+        return;
+    }
+    let text = format!(
+        "{found} SOCI indexes found, {published} published, {} layers served from one, {} checked whole in the background",
+        count("layers_from_index"),
+        count("background_checks"),
+    );
+    line(out, "indexes", &text);
 }
 
 /// Layers being read whole (an index pass), with progress and an estimate of the rest.
@@ -248,6 +267,12 @@ fn problems(out: &mut String, s: &Value) {
     let unused = n(s, &["images", "toc_unused"]);
     if unused > 0 {
         notes.push(format!("{unused} TOC layers read whole"));
+    }
+    let refused = n(s, &["images", "indexes_refused"]);
+    if refused > 0 {
+        notes.push(format!(
+            "{refused} SOCI indexes refused (the log names them)"
+        ));
     }
     let pending = n(s, &["pending_manifests"]);
     if pending > 0 {

@@ -484,8 +484,17 @@ impl Containerd {
     /// Pulls `src` (host:port/repo:tag over plain http), converts it with `flag`
     /// (`--estargz` or `--zstdchunked`) into an OCI image and pushes it as `dst`.
     pub fn convert(&self, src: &str, dst: &str, flag: &str) {
+        self.convert_with(src, dst, &[flag]);
+    }
+
+    /// The same with more `ctr-remote image convert` flags (e.g.
+    /// `--estargz-record-in FILE`).
+    pub fn convert_with(&self, src: &str, dst: &str, flags: &[&str]) {
         self.ctr_ok(&["image", "pull", "--plain-http", src]);
-        self.ctr_ok(&["image", "convert", flag, "--oci", src, dst]);
+        let mut args = vec!["image", "convert"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--oci", src, dst]);
+        self.ctr_ok(&args);
         self.ctr_ok(&["image", "push", "--plain-http", dst]);
     }
 }

@@ -57,11 +57,12 @@ pub fn du(root: &Path) -> Result<String, String> {
     let entries = layout::entries(root);
     let count = |f: fn(&Kind) -> bool| entries.iter().filter(|e| f(&e.kind)).count();
     Ok(format!(
-        "{}\t{} ({} verified blobs, {} partial blobs, {} metadata entries, {} held indexes)",
+        "{}\t{} ({} verified blobs, {} partial blobs, {} decoded files, {} metadata entries, {} held indexes)",
         human(layout::disk_usage(root)),
         root.display(),
         count(|k| matches!(k, Kind::Blob(_))),
         count(|k| matches!(k, Kind::Partial { .. })),
+        count(|k| matches!(k, Kind::File { .. })),
         count(|k| matches!(k, Kind::Meta { .. })),
         held_count(root),
     ))
@@ -91,6 +92,7 @@ pub fn ls(root: &Path) -> Result<Vec<String>, String> {
                     human(*block_size)
                 ),
                 Kind::Meta { kind, key } => format!("{kind}\t{key}"),
+                Kind::File { key, origin, .. } => format!("file\t{key}\tfrom {origin}"),
             };
             format!("{}\t{used}\t{what}", human(e.bytes))
         })
@@ -137,13 +139,16 @@ fn damage(entry: &Entry) -> Option<String> {
         Kind::Blob(digest) => {
             (!blob_matches(main, digest)).then(|| "content does not match the digest".to_owned())
         }
-        Kind::Partial { block_size, .. } => match Partial::open(main, *block_size, false) {
-            Ok(Some(p)) => {
-                let bad = p.damaged_blocks();
-                (!bad.is_empty()).then(|| format!("blocks {bad:?} do not match their checksums"))
+        Kind::Partial { block_size, .. } | Kind::File { block_size, .. } => {
+            match Partial::open(main, *block_size, false) {
+                Ok(Some(p)) => {
+                    let bad = p.damaged_blocks();
+                    (!bad.is_empty())
+                        .then(|| format!("blocks {bad:?} do not match their checksums"))
+                }
+                _ => Some("cannot be opened".to_owned()),
             }
-            _ => Some("cannot be opened".to_owned()),
-        },
+        }
         Kind::Meta { kind, key } => match entry::read(main) {
             None => Some("torn or changed (checksum)".to_owned()),
             Some(body) if kind == layout::MANIFEST_KIND => {

@@ -9,6 +9,9 @@
 //!                 (+ .log)              (partial.rs); <origin> is a hash of its URL,
 //! DIR/partial/<origin>/origin           whose text is in this file
 //! DIR/meta/<kind>/<digest>              checksummed entries (manifests, layer indexes)
+//! DIR/files/<origin>/<key>.<bs> (+ .log) decoded file contents of image layers
+//! DIR/files/shared/<key>.<bs>           (files.rs): an origin's until the layer is
+//!                                       verified whole, then every registry's
 //! DIR/held/<origin>/<digest>            indexes waiting for their child manifests
 //! DIR/tmp/                              entries being written (renamed when whole)
 //! ```
@@ -28,6 +31,9 @@ pub const USAGE: &str = "usage";
 pub const BLOBS: &str = "blobs";
 pub const PARTIAL: &str = "partial";
 pub const META: &str = "meta";
+pub const FILES: &str = "files";
+/// The directory under `files/` of what every registry shares.
+pub const SHARED: &str = "shared";
 pub const HELD: &str = "held";
 pub const TMP: &str = "tmp";
 pub const ORIGIN: &str = "origin";
@@ -41,7 +47,7 @@ const TAG_TEXT: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
 /// Makes the directory's skeleton (idempotent).
 pub fn create(root: &Path) -> io::Result<()> {
     private::create_dir_all(root)?;
-    for dir in [BLOBS, PARTIAL, META, HELD, TMP] {
+    for dir in [BLOBS, PARTIAL, META, FILES, HELD, TMP] {
         private::create_dir_all(&root.join(dir))?;
     }
     let tag = root.join(TAG);
@@ -66,6 +72,13 @@ pub fn partial_path(root: &Path, origin: &str, digest: &Digest, block_size: u64)
         .join(format!("{digest}.{block_size}"))
 }
 
+/// A decoded file: `dir` is an origin's directory name, or [`SHARED`].
+pub fn file_path(root: &Path, dir: &str, key: &Digest, block_size: u64) -> PathBuf {
+    root.join(FILES)
+        .join(dir)
+        .join(format!("{key}.{block_size}"))
+}
+
 pub fn meta_path(root: &Path, kind: &str, key: &Digest) -> PathBuf {
     root.join(META).join(kind).join(key.as_str())
 }
@@ -87,6 +100,13 @@ pub enum Kind {
     },
     /// A checksummed metadata entry of some kind (`manifest`, a layer index…).
     Meta { kind: String, key: Digest },
+    /// A decoded file of an image layer (files.rs), of one registry (its origin's URL)
+    /// or of every registry (`shared`).
+    File {
+        key: Digest,
+        origin: String,
+        block_size: u64,
+    },
 }
 
 /// One evictable entry: its files, what they take on disk, and when it was last used.
@@ -112,6 +132,43 @@ fn stat(path: &Path) -> Option<(u64, SystemTime)> {
     Some((meta.blocks() * 512, meta.modified().ok()?))
 }
 
+/// The origin URL a registry's directory `dir` (named `origin_id`) holds.
+fn origin_of(dir: &Path, origin_id: String) -> String {
+    fs::read_to_string(dir.join(ORIGIN))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or(origin_id)
+}
+
+/// A block file (partial.rs) found in a directory: its digest, block size, paths (data
+/// and log), bytes on disk and last use.
+type BlockFile = (Digest, u64, Vec<PathBuf>, u64, SystemTime);
+
+/// The block files `<digest>.<block size>` (each with its `.log`) in `dir`.
+fn block_files(dir: &Path) -> Vec<BlockFile> {
+    let mut out = Vec::new();
+    for (name, path) in names(dir) {
+        let Some((digest, block_size)) = name
+            .rsplit_once('.')
+            .and_then(|(d, bs)| Some((Digest::parse(d)?, bs.parse().ok()?)))
+        else {
+            continue;
+        };
+        let log = super::partial::log_path(&path);
+        let Some((bytes, last_used)) = stat(&path) else {
+            continue;
+        };
+        let log_bytes = stat(&log).map_or(0, |(b, _)| b);
+        out.push((
+            digest,
+            block_size,
+            vec![path, log],
+            bytes + log_bytes,
+            last_used,
+        ));
+    }
+    out
+}
+
 /// Every evictable entry (held indexes are not: they are writes not yet pushed).
 pub fn entries(root: &Path) -> Vec<Entry> {
     let mut out = Vec::new();
@@ -126,29 +183,34 @@ pub fn entries(root: &Path) -> Vec<Entry> {
         }
     }
     for (origin_id, dir) in names(&root.join(PARTIAL)) {
-        let origin = fs::read_to_string(dir.join(ORIGIN))
-            .map(|s| s.trim().to_owned())
-            .unwrap_or(origin_id);
-        for (name, path) in names(&dir) {
-            let Some((digest, block_size)) = name
-                .rsplit_once('.')
-                .and_then(|(d, bs)| Some((Digest::parse(d)?, bs.parse().ok()?)))
-            else {
-                continue;
-            };
-            let log = super::partial::log_path(&path);
-            let Some((bytes, last_used)) = stat(&path) else {
-                continue;
-            };
-            let log_bytes = stat(&log).map_or(0, |(b, _)| b);
+        let origin = origin_of(&dir, origin_id);
+        for (digest, block_size, paths, bytes, last_used) in block_files(&dir) {
             out.push(Entry {
                 kind: Kind::Partial {
                     digest,
                     origin: origin.clone(),
                     block_size,
                 },
-                paths: vec![path, log],
-                bytes: bytes + log_bytes,
+                paths,
+                bytes,
+                last_used,
+            });
+        }
+    }
+    for (origin_id, dir) in names(&root.join(FILES)) {
+        let origin = match origin_id.as_str() {
+            SHARED => "every registry".to_owned(),
+            _ => origin_of(&root.join(PARTIAL).join(&origin_id), origin_id),
+        };
+        for (key, block_size, paths, bytes, last_used) in block_files(&dir) {
+            out.push(Entry {
+                kind: Kind::File {
+                    key,
+                    origin: origin.clone(),
+                    block_size,
+                },
+                paths,
+                bytes,
                 last_used,
             });
         }

@@ -19,6 +19,7 @@
 pub mod admin;
 mod budget;
 mod entry;
+mod files;
 mod held;
 pub mod layout;
 mod partial;
@@ -29,6 +30,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,9 +40,11 @@ use tracing::{debug, warn};
 use crate::buf::BlockBuf;
 use crate::registry::Digest;
 use crate::stats::Stats;
+use files::{Scope, WAITING_BLOCKS};
 use held::{decode_held, encode_held};
 use store::{Job, Store};
 
+pub use files::FILE_BLOCK;
 pub use held::HeldIndex;
 
 /// Writes waiting for the writer thread. A fetch whose block finds the queue full
@@ -48,6 +52,8 @@ pub use held::HeldIndex;
 /// `QUEUE_WAIT`: then the block is not cached, and the reader goes on.
 const QUEUED_WRITES: usize = 8;
 const QUEUE_WAIT: Duration = Duration::from_millis(500);
+/// How often a background write looks for room in the queue.
+const BELOW_POLL: Duration = Duration::from_millis(10);
 
 /// The disk cache of one mount (one registry origin) in a shared directory.
 #[derive(Clone)]
@@ -168,6 +174,35 @@ impl DiskCache {
         }
     }
 
+    /// Queues a block fetched in the background, once the writer's queue is at most half
+    /// full: blocks that readers wait on never queue behind these.
+    pub async fn store_block_below(
+        &self,
+        digest: &Digest,
+        size: u64,
+        block_size: u64,
+        index: u64,
+        bytes: Bytes,
+    ) {
+        if !self.store.may_write(size) {
+            return;
+        }
+        while self.jobs.capacity() <= QUEUED_WRITES / 2 {
+            tokio::time::sleep(BELOW_POLL).await;
+        }
+        let job = Job::Block {
+            digest: digest.clone(),
+            size,
+            block_size,
+            index,
+            bytes,
+            epoch: self.store.epoch(),
+        };
+        if self.jobs.send(job).await.is_err() {
+            Stats::add(&self.store.stats().disk_dropped, 1);
+        }
+    }
+
     /// A full read of the blob matched its digest: keep it whole, if the bytes read are
     /// the partial file's. Queued after the blocks it covers.
     pub fn verified(&self, digest: &Digest, size: u64, block_size: u64) {
@@ -276,6 +311,79 @@ impl DiskCache {
             .collect()
     }
 
+    /// Waits (at most `within`) until the writes queued so far are done: an unmount
+    /// leaves on disk what its reads fetched and decoded, for the next mount.
+    pub async fn settle(&self, within: Duration) {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let flushed = async {
+            if self.jobs.send(Job::Flushed(done)).await.is_ok() {
+                let _ = finished.await;
+            }
+        };
+        if tokio::time::timeout(within, flushed).await.is_err() {
+            warn!(
+                "the disk cache's last writes were not done in time; the next mount fetches them again"
+            );
+        }
+    }
+
+    /// Block `index` (of [`FILE_BLOCK`] bytes) of the decoded file `key` of `size` bytes,
+    /// if it is kept (for every registry, or this one) and intact.
+    pub async fn file_block(
+        &self,
+        key: &Digest,
+        size: u64,
+        index: u64,
+        buffer: BlockBuf,
+    ) -> Option<Bytes> {
+        let (store, key) = (self.store.clone(), key.clone());
+        tokio::task::spawn_blocking(move || store.files().read(&*store, &key, size, index, buffer))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps block `index` of the decoded file `key`, for every registry if `shared`
+    /// (its layer was verified whole). Queued; the caller never waits for it.
+    pub fn store_file_block(&self, key: &Digest, index: u64, bytes: Bytes, shared: bool) {
+        if self.store.writing_off() {
+            return;
+        }
+        let scope = if shared { Scope::Shared } else { Scope::Origin };
+        let job = Job::FileBlock {
+            scope,
+            key: key.clone(),
+            index,
+            bytes,
+        };
+        let job = match self.jobs.try_send(job) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(job)) => job,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        };
+        let waiting = self.store.files().waiting.clone();
+        if waiting.fetch_add(1, Ordering::AcqRel) >= WAITING_BLOCKS {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            Stats::add(&self.store.stats().disk_dropped, 1);
+            return;
+        }
+        let jobs = self.jobs.clone();
+        tokio::spawn(async move {
+            let _ = jobs.send(job).await;
+            waiting.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// The decoded file `key` of `size` bytes, if it is kept whole and intact: a local
+    /// file the kernel may read directly.
+    pub async fn whole_file(&self, key: &Digest, size: u64) -> Option<File> {
+        let (store, key) = (self.store.clone(), key.clone());
+        tokio::task::spawn_blocking(move || store.files().whole(&*store, &key, size))
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Counts a lookup as a hit or a miss.
     fn count<T>(&self, found: Option<T>) -> Option<T> {
         let stats = self.store.stats();
@@ -301,6 +409,7 @@ impl DiskCache {
 mod tests {
     use super::*;
     use crate::registry::{Reference, RepoName};
+    use std::os::unix::fs::FileExt;
 
     fn buf() -> crate::buf::BlockBuf {
         crate::buf::BufferPool::new(4096, 1).take(0)
@@ -387,5 +496,76 @@ mod tests {
         );
         again.unhold(&held);
         assert!(c.held().is_empty());
+    }
+
+    fn file_buf() -> BlockBuf {
+        crate::buf::BufferPool::new(FILE_BLOCK, 1).take(FILE_BLOCK as usize)
+    }
+
+    #[tokio::test]
+    async fn decoded_files_stay_with_their_registry_until_shared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (
+            cache(dir.path(), "http://a:5000").0,
+            cache(dir.path(), "http://b:5000").0,
+        );
+        let (mine, ours) = (Digest::sha256_of(b"mine"), Digest::sha256_of(b"ours"));
+        a.store_file_block(&mine, 0, Bytes::from_static(b"unverified"), false);
+        a.store_file_block(&ours, 0, Bytes::from_static(b"verified"), true);
+        a.settle(Duration::from_secs(5)).await;
+        let got = |c: &DiskCache, key: &Digest, size| {
+            let (c, key) = (c.clone(), key.clone());
+            async move { c.file_block(&key, size, 0, file_buf()).await }
+        };
+        assert_eq!(
+            got(&a, &mine, 10).await.as_deref(),
+            Some(&b"unverified"[..])
+        );
+        assert_eq!(got(&b, &mine, 10).await, None, "another registry's");
+        assert_eq!(got(&b, &ours, 8).await.as_deref(), Some(&b"verified"[..]));
+        assert_eq!(
+            got(&a, &mine, 11).await,
+            None,
+            "another size, another block"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_whole_file_is_the_file_itself_once_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = cache(dir.path(), "http://a:5000").0;
+        let key = Digest::sha256_of(b"file");
+        let content: Vec<u8> = (0..FILE_BLOCK + 100).map(|i| (i % 251) as u8).collect();
+        let size = content.len() as u64;
+        a.store_file_block(
+            &key,
+            1,
+            Bytes::copy_from_slice(&content[FILE_BLOCK as usize..]),
+            true,
+        );
+        a.settle(Duration::from_secs(5)).await;
+        assert!(a.whole_file(&key, size).await.is_none(), "block 0 missing");
+        a.store_file_block(
+            &key,
+            0,
+            Bytes::copy_from_slice(&content[..FILE_BLOCK as usize]),
+            true,
+        );
+        a.settle(Duration::from_secs(5)).await;
+        let file = a.whole_file(&key, size).await.expect("whole");
+        let mut back = vec![0u8; content.len()];
+        file.read_exact_at(&mut back, 0).expect("read");
+        assert!(back == content);
+        // A flipped byte: a fresh mount neither passes the file on nor reads the block.
+        let path = layout::file_path(dir.path(), layout::SHARED, &key, FILE_BLOCK);
+        let data = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open");
+        data.write_all_at(b"X", 7).expect("flip");
+        let fresh = cache(dir.path(), "http://a:5000").0;
+        assert!(fresh.whole_file(&key, size).await.is_none());
+        assert_eq!(fresh.file_block(&key, size, 0, file_buf()).await, None);
+        assert!(fresh.file_block(&key, size, 1, file_buf()).await.is_some());
     }
 }

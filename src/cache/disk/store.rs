@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::admin;
 use super::budget::{self, Budget, allocated};
 use super::entry;
+use super::files::{Directory, Files, Scope};
 use super::held::{HeldIndex, encode_held};
 use super::layout;
 use super::partial::{self, Partial, Written, with_lock};
@@ -48,6 +49,8 @@ pub struct Store {
     /// dropped by the writer instead of landing after the forget.
     forgotten: Mutex<HashMap<Digest, u64>>,
     forgets: AtomicU64,
+    /// Decoded file contents (files.rs).
+    files: Files,
 }
 
 pub enum Job {
@@ -71,8 +74,14 @@ pub enum Job {
         key: Digest,
         body: Bytes,
     },
-    /// Answered once every job queued before it is done (tests wait on it).
-    #[cfg(test)]
+    /// A block of a decoded file (files.rs).
+    FileBlock {
+        scope: Scope,
+        key: Digest,
+        index: u64,
+        bytes: Bytes,
+    },
+    /// Answered once every job queued before it is done (an unmount waits on it).
     Flushed(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -132,6 +141,7 @@ impl Store {
             temp_names: AtomicU64::new(0),
             forgotten: Mutex::new(HashMap::new()),
             forgets: AtomicU64::new(0),
+            files: Files::default(),
         })
     }
 
@@ -141,6 +151,10 @@ impl Store {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    pub fn files(&self) -> &Files {
+        &self.files
     }
 
     /// Where this registry's held indexes are kept.
@@ -288,7 +302,6 @@ impl Store {
     }
 
     pub fn run(&self, job: Job) {
-        #[cfg(test)]
         if let Job::Flushed(done) = job {
             let _ = done.send(());
             return;
@@ -315,7 +328,12 @@ impl Store {
                 epoch,
             } => self.unless_forgotten(&digest, epoch, || self.promote(&digest, size, block_size)),
             Job::Meta { kind, key, body } => self.write_meta(&kind, &key, &body),
-            #[cfg(test)]
+            Job::FileBlock {
+                scope,
+                key,
+                index,
+                bytes,
+            } => self.files.write(self, scope, &key, index, &bytes),
             Job::Flushed(_) => {} // answered above, writing or not
         }
     }
@@ -445,5 +463,31 @@ impl Store {
             self.release(cost);
             self.write_failed(&e, "writing a metadata entry");
         }
+    }
+}
+
+impl Directory for Store {
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn origin_id(&self) -> &str {
+        &self.origin_id
+    }
+
+    fn writer_id(&self) -> u64 {
+        self.writer_id
+    }
+
+    fn reserve(&self, bytes: u64, keep: Option<&Path>) -> bool {
+        Store::reserve(self, bytes, keep)
+    }
+
+    fn release(&self, bytes: u64) {
+        Store::release(self, bytes)
+    }
+
+    fn write_failed(&self, e: &io::Error, what: &str) {
+        Store::write_failed(self, e, what)
     }
 }

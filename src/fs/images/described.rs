@@ -74,11 +74,21 @@ impl Images {
         manifest: &Digest,
         layer: &Digest,
     ) -> Result<Layer> {
+        Ok(self.image_layer(repo, manifest, layer).await?.0)
+    }
+
+    /// The same, with the image manifest it is in (whose SOCI index may have the
+    /// layer's zTOC).
+    pub(super) async fn image_layer(
+        &self,
+        repo: &RepoName,
+        manifest: &Digest,
+        layer: &Digest,
+    ) -> Result<(Layer, Arc<FetchedManifest>)> {
         let image = self.resolve_image(repo, manifest).await?;
-        image
-            .layers
-            .into_iter()
-            .find(|l| &l.digest == layer)
+        let found = image.layers.into_iter().find(|l| &l.digest == layer);
+        found
+            .map(|l| (l, image.manifest))
             .ok_or_else(|| Error::NotFound(format!("{repo}@{manifest} has no layer {layer}")))
     }
 
@@ -104,7 +114,7 @@ impl Images {
         let children = match parse(repo, &top)? {
             ImageManifest::Image { layers } => {
                 let found = find(&layers, name).ok_or_else(not_found)?;
-                self.index_all(repo, &layers);
+                self.index_all(repo, &layers, &top);
                 return Ok((top.digest.clone(), found));
             }
             ImageManifest::Index { children } => children,
@@ -124,7 +134,7 @@ impl Images {
                 Err(e) => return Err(e),
             };
             if let Some(found) = find(&image.layers, name) {
-                self.index_all(repo, &image.layers);
+                self.index_all(repo, &image.layers, &image.manifest);
                 return Ok((image.digest, found));
             }
         }
@@ -132,10 +142,10 @@ impl Images {
     }
 
     /// Starts indexing every layer of an image (see `find_layer`).
-    fn index_all(&self, repo: &RepoName, layers: &[Layer]) {
+    fn index_all(&self, repo: &RepoName, layers: &[Layer], image: &Arc<FetchedManifest>) {
         if layers.len() <= MAX_LAYERS {
             for layer in layers {
-                self.layers.start(repo, layer);
+                self.layers.start(repo, layer, Some(image));
             }
         }
     }

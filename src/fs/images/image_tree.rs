@@ -129,6 +129,25 @@ impl ImageTree {
         Ok(all)
     }
 
+    /// A file of this tree was opened: its layers may fetch the rest in the background.
+    pub fn opened(&self) {
+        for layer in &self.layers {
+            layer.opened();
+        }
+    }
+
+    /// File `id`'s content as a local file the kernel may read directly, if its decoded
+    /// bytes are kept whole in the disk cache.
+    pub async fn local_file(&self, id: u32) -> Option<std::fs::File> {
+        let node = self.node(id).ok()?;
+        let Origin::Entry { layer, .. } = node.origin else {
+            return None;
+        };
+        let entry = self.entry(node)?;
+        let layer = self.layers.get(usize::from(layer))?;
+        layer.content.local_file(entry).await
+    }
+
     /// Up to `len` bytes of file `id` at `offset`.
     pub async fn read(&self, id: u32, offset: u64, len: u64) -> Result<Bytes> {
         let node = self.node(id)?;

@@ -9,11 +9,13 @@ use futures_util::future::{BoxFuture, try_join_all};
 use futures_util::stream::{self, BoxStream};
 use tracing::debug;
 
+use super::priority::Foreground;
 use crate::cache::BlockCache;
 use crate::fs::blob::{BlobAt, BlockFetcher, BodyCursor, join_blocks};
 use crate::image::source::BlobSource;
 use crate::registry::{Digest, Error, RepoName, Result};
 
+#[derive(Clone)]
 pub struct LayerBlob {
     pub repo: RepoName,
     pub digest: Digest,
@@ -21,6 +23,8 @@ pub struct LayerBlob {
     pub cache: Arc<BlockCache>,
     /// Below the memory cache: the disk cache, then the registry.
     pub fetcher: BlockFetcher,
+    /// Marked busy while this blob is fetched for a reader, so background reads wait.
+    pub foreground: Arc<Foreground>,
 }
 
 impl LayerBlob {
@@ -34,8 +38,9 @@ impl LayerBlob {
 
     async fn block(&self, index: u64) -> Result<Bytes> {
         self.cache
-            .get(&(self.digest.clone(), index), || {
-                self.fetcher.fetch(self.blob(), index)
+            .get(&(self.digest.clone(), index), || async {
+                let _busy = self.foreground.busy();
+                self.fetcher.fetch(self.blob(), index).await
             })
             .await
     }
@@ -48,6 +53,7 @@ impl LayerBlob {
         if let Some(block) = self.cache.peek(&key) {
             return Ok(block);
         }
+        let _busy = self.foreground.busy();
         if self.fetcher.on_disk(self.blob(), index) || self.fetcher.checks_whole(self.blob()) {
             return self.block(index).await;
         }
@@ -123,6 +129,7 @@ impl BlobSource for LayerBlob {
             if let Some(blocks) = held {
                 return Ok(join_blocks(&blocks, first * bs, offset, end));
             }
+            let _busy = self.foreground.busy();
             let blob = self.blob();
             let on_disk = (first..=last).all(|i| self.fetcher.on_disk(blob, i));
             if on_disk || self.fetcher.checks_whole(blob) {

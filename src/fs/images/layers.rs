@@ -1,27 +1,34 @@
-//! Layer indexes (docs/SEMANTICS.md, "Image contents"): made once per layer, from the
-//! disk cache, else the layer's TOC or one pass over it, shared by every image that
-//! has the layer, and kept in memory within bounds (the disk cache keeps them too).
+//! Layer indexes (docs/SEMANTICS.md, "Image contents" and "Shared indexes"): made once
+//! per layer, from the disk cache, else the layer's TOC, else its zTOC in the SOCI
+//! index of the image it is looked at through (unless `--verify-before-serving`), else
+//! one pass over it; shared by every image that has the layer, and kept in memory
+//! within bounds (the disk cache keeps them too, a zTOC's once checked whole).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
+use super::background::{Background, Fill};
+use super::generations::Generations;
+use super::index_check::Checks;
 use super::layer_blob::LayerBlob;
+use super::soci_found::{SociIndexes, ZtocHint};
 use super::watched::Watched;
 use crate::cache::{BlockCache, Memo};
 use crate::fs::blob::BlockFetcher;
 use crate::fs::view::RegistryView;
 use crate::image::codec::Codec;
-use crate::image::content::{LayerContent, PieceCache, Readers};
-use crate::image::index::{DISK_KIND, IndexSource, LayerIndex};
+use crate::image::content::{LayerContent, PieceCache, Readers, RefusalHook};
+use crate::image::index::{Content, DISK_KIND, IndexSource, LayerIndex};
+use crate::image::kept::KeptFiles;
 use crate::image::manifest::{ImageManifest, Layer};
 use crate::image::source::BlobSource;
 use crate::image::toc::TocRef;
-use crate::image::{self as image_mod};
-use crate::registry::{Digest, Error, RepoName, Result};
+use crate::image::{self as image_mod, ZtocSource};
+use crate::registry::{Digest, Error, FetchedManifest, RepoName, Result};
 use crate::stats::Stats;
 
 /// Layer indexes kept in memory (each holds its entries, checkpoints and span digests),
@@ -77,6 +84,23 @@ pub struct Indexed {
     pub content: LayerContent,
     bytes: u64,
     stats: Arc<Stats>,
+    /// A TOC layer's blob being fetched in the background (background.rs).
+    fill: Option<Fill>,
+}
+
+impl Indexed {
+    /// A file of this layer, or of an image it is in, was opened.
+    pub fn opened(&self) {
+        if let Some(fill) = &self.fill {
+            fill.opened();
+        }
+    }
+}
+
+impl AsRef<LayerContent> for Indexed {
+    fn as_ref(&self) -> &LayerContent {
+        &self.content
+    }
 }
 
 impl Drop for Indexed {
@@ -107,10 +131,38 @@ pub struct LayerIndexes {
     /// lookups wait for the same pass instead of starting another.
     indexing: Arc<Mutex<HashMap<IndexKey, IndexJob>>>,
     descriptors: Memo<(RepoName, Digest), Layer>,
+    /// SOCI indexes of images; `None` with `--verify-before-serving`.
+    pub(super) soci: Option<Arc<SociIndexes>>,
+    checks: Checks,
+    generations: Arc<Generations>,
+    background: Arc<Background>,
+}
+
+/// What an indexing task needs, apart from the layer.
+#[derive(Clone)]
+struct JobParts {
+    readers: Readers,
+    disk: Option<crate::cache::DiskCache>,
+    kept: Arc<Memo<IndexKey, LayerOutcome>>,
+    indexing: Arc<Mutex<HashMap<IndexKey, IndexJob>>>,
+    soci: Option<Arc<SociIndexes>>,
+    checks: Checks,
+    generations: Arc<Generations>,
+    background: Arc<Background>,
+    block_size: u64,
 }
 
 impl LayerIndexes {
-    pub fn new(view: Arc<RegistryView>, fetcher: BlockFetcher) -> LayerIndexes {
+    /// `shared_indexes`: use SOCI indexes (else `--verify-before-serving`); a refused
+    /// one moves the trees that used it to a new generation. `background_fetch`: TOC
+    /// layers are fetched whole in the background once used.
+    pub fn new(
+        view: Arc<RegistryView>,
+        fetcher: BlockFetcher,
+        shared_indexes: bool,
+        background_fetch: bool,
+        generations: Arc<Generations>,
+    ) -> LayerIndexes {
         let stats = view.client().stats().clone();
         let cache = fetcher.cache().clone();
         let budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
@@ -120,43 +172,95 @@ impl LayerIndexes {
             budget,
             Arc::default(),
         ));
+        let disk = fetcher.disk().cloned();
+        let soci = shared_indexes.then(|| Arc::new(SociIndexes::new(view.clone(), disk.clone())));
+        let background = Arc::new(Background::new(stats.clone(), background_fetch));
         LayerIndexes {
+            checks: Checks::new(disk, stats.clone(), background.clone()),
+            background,
             view,
             cache,
             fetcher,
-            readers: Readers { pieces, stats },
+            readers: Readers {
+                pieces,
+                stats,
+                refused: None,
+            },
             kept: Arc::new(Memo::new(KEPT_LAYERS, None).weighing(outcome_bytes, INDEX_MEMORY)),
             indexing: Arc::default(),
             descriptors: Memo::new(4096, None),
+            soci,
+            generations,
         }
     }
 
-    /// A layer's index, made once (a pass or its TOC) and shared by every image; kept
-    /// in the disk cache too, so a later mount reads files without a pass.
-    pub async fn get(&self, repo: &RepoName, layer: &Layer) -> Result<Arc<Indexed>> {
+    /// A layer's index, made once (a pass, its TOC or its zTOC in the SOCI index of
+    /// `image`, the image manifest it is looked at through) and shared by every image;
+    /// kept in the disk cache too, so a later mount reads files without a pass.
+    pub async fn get(
+        &self,
+        repo: &RepoName,
+        layer: &Layer,
+        image: Option<&Arc<FetchedManifest>>,
+    ) -> Result<Arc<Indexed>> {
         let key = IndexKey::of(layer);
         if let Some(outcome) = self.kept.peek(&key) {
             return outcome;
         }
-        self.job(repo, layer, key).await?
+        self.job(repo, layer, image, key).await?
     }
 
     /// Starts indexing a layer in the background, unless it is indexed or being indexed.
-    pub fn start(&self, repo: &RepoName, layer: &Layer) {
+    pub fn start(&self, repo: &RepoName, layer: &Layer, image: Option<&Arc<FetchedManifest>>) {
         let key = IndexKey::of(layer);
         if self.kept.peek(&key).is_none() {
             // The job runs as a task of its own, awaited or not.
-            drop(self.job(repo, layer, key));
+            drop(self.job(repo, layer, image, key));
         }
     }
 
     /// The indexing job of a layer: the one running, or a new one.
-    fn job(&self, repo: &RepoName, layer: &Layer, key: IndexKey) -> IndexJob {
+    fn job(
+        &self,
+        repo: &RepoName,
+        layer: &Layer,
+        image: Option<&Arc<FetchedManifest>>,
+        key: IndexKey,
+    ) -> IndexJob {
         let mut indexing = self.indexing.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(job) = indexing.get(&key) {
             return job.clone();
         }
-        let job = tokio::spawn(self.index_job(repo, layer, key.clone()))
+        let parts = JobParts {
+            readers: self.readers.clone(),
+            disk: self.fetcher.disk().cloned(),
+            kept: self.kept.clone(),
+            indexing: self.indexing.clone(),
+            soci: self.soci.clone(),
+            checks: self.checks.clone(),
+            generations: self.generations.clone(),
+            background: self.background.clone(),
+            block_size: self.cache.block_size(),
+        };
+        let blob = self.blob(repo, &layer.digest, layer.size);
+        let ztoc_blob = {
+            let (repo, this) = (repo.clone(), self.blob(repo, &layer.digest, 0));
+            move |hint: &ZtocHint| LayerBlob {
+                digest: hint.ztoc.digest.clone(),
+                size: hint.ztoc.size,
+                repo,
+                ..this
+            }
+        };
+        let task = index_job(
+            parts,
+            blob,
+            ztoc_blob,
+            layer.clone(),
+            image.cloned(),
+            key.clone(),
+        );
+        let job = tokio::spawn(task)
             .map(|done| {
                 done.unwrap_or_else(|e| {
                     Err(Error::Unavailable(format!("indexing task failed: {e}")))
@@ -168,65 +272,6 @@ impl LayerIndexes {
         job
     }
 
-    /// The task that indexes a layer: from the disk cache, else its TOC or a pass;
-    /// what it finds is kept (memory, disk) before the task ends.
-    fn index_job(
-        &self,
-        repo: &RepoName,
-        layer: &Layer,
-        key: IndexKey,
-    ) -> impl std::future::Future<Output = Result<LayerOutcome>> + Send + 'static {
-        let source: Arc<dyn BlobSource> = Arc::new(self.blob(repo, &layer.digest, layer.size));
-        let (layer, readers) = (layer.clone(), self.readers.clone());
-        let disk = self.fetcher.disk().cloned();
-        let (kept, indexing) = (self.kept.clone(), self.indexing.clone());
-        let block_size = self.cache.block_size();
-        async move {
-            let stats = readers.stats.clone();
-            let found = match &disk {
-                Some(disk) => disk.get_meta(DISK_KIND, &key.disk_key()).await,
-                None => None,
-            };
-            let result = match found.as_deref().and_then(LayerIndex::decode) {
-                Some(index) => {
-                    Stats::add(&stats.indexes_from_disk, 1);
-                    Ok(Ok(indexed(index, source, &readers)))
-                }
-                None => match image_mod::index_layer(watched(&source, &stats), &layer).await {
-                    Ok(index) => {
-                        Stats::add(&stats.layers_indexed, 1);
-                        if let Some(disk) = &disk {
-                            if let Some(bytes) = index.encode() {
-                                disk.put_meta(DISK_KIND, &key.disk_key(), bytes.into());
-                            }
-                            if index.source == IndexSource::Pass {
-                                // The pass read the whole blob and it matched its digest.
-                                disk.verified(&layer.digest, layer.size, block_size);
-                            }
-                        }
-                        Ok(Ok(indexed(index, source, &readers)))
-                    }
-                    // Worth trying again later: the registry was down, or said no.
-                    Err(e)
-                        if e.is_transient()
-                            || matches!(e, Error::NotFound(_) | Error::Denied(_)) =>
-                    {
-                        Err(e)
-                    }
-                    Err(e) => Ok(Err(e)),
-                },
-            };
-            if let Ok(outcome) = &result {
-                kept.insert(key.clone(), outcome.clone());
-            }
-            indexing
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
-            result
-        }
-    }
-
     /// A blob's bytes through the block cache, for the image code.
     pub(super) fn blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> LayerBlob {
         LayerBlob {
@@ -235,7 +280,13 @@ impl LayerIndexes {
             size,
             cache: self.cache.clone(),
             fetcher: self.fetcher.clone(),
+            foreground: self.background.foreground().clone(),
         }
+    }
+
+    /// The layer's index if it is in memory now (never indexing it).
+    pub fn peek(&self, layer: &Layer) -> Option<Arc<Indexed>> {
+        self.kept.peek(&IndexKey::of(layer))?.ok()
     }
 
     /// The descriptor of a layer by digest: from a manifest of the repository that
@@ -291,13 +342,138 @@ fn outcome_bytes(outcome: &LayerOutcome) -> usize {
     outcome.as_ref().map_or(0, |i| i.bytes as usize)
 }
 
-/// An index made ready for reads, counted in `index_bytes` while kept.
-fn indexed(index: LayerIndex, source: Arc<dyn BlobSource>, readers: &Readers) -> Arc<Indexed> {
+/// The task that indexes a layer: from the disk cache, else its TOC, its zTOC or a
+/// pass; what it finds is kept (memory, disk) before the task ends.
+async fn index_job(
+    parts: JobParts,
+    blob: LayerBlob,
+    ztoc_blob: impl FnOnce(&ZtocHint) -> LayerBlob,
+    layer: Layer,
+    image: Option<Arc<FetchedManifest>>,
+    key: IndexKey,
+) -> Result<LayerOutcome> {
+    let result = make(&parts, blob, ztoc_blob, &layer, image, &key).await;
+    if let Ok(outcome) = &result {
+        parts.kept.insert(key.clone(), outcome.clone());
+    }
+    parts
+        .indexing
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&key);
+    result
+}
+
+async fn make(
+    parts: &JobParts,
+    blob: LayerBlob,
+    ztoc_blob: impl FnOnce(&ZtocHint) -> LayerBlob,
+    layer: &Layer,
+    image: Option<Arc<FetchedManifest>>,
+    key: &IndexKey,
+) -> Result<LayerOutcome> {
+    let stats = &parts.readers.stats;
+    let source: Arc<dyn BlobSource> = Arc::new(blob.clone());
+    let found = match &parts.disk {
+        Some(disk) => disk.get_meta(DISK_KIND, &key.disk_key()).await,
+        None => None,
+    };
+    if let Some(index) = found.as_deref().and_then(LayerIndex::decode) {
+        Stats::add(&stats.indexes_from_disk, 1);
+        return Ok(Ok(indexed(index, blob, parts, key)));
+    }
+    let hint = match (&parts.soci, &image) {
+        (Some(soci), Some(image)) => soci
+            .of_image(&blob.repo, image)
+            .await
+            .and_then(|found| found.hint(&layer.digest)),
+        _ => None,
+    };
+    let ztoc = hint.as_ref().map(|h| ZtocSource {
+        blob: Arc::new(ztoc_blob(h)),
+        index: h.index.clone(),
+        vouched: h.vouched,
+    });
+    match image_mod::index_layer(watched(&source, &parts.readers.stats), layer, ztoc.as_ref()).await
+    {
+        Ok(index) => Ok(Ok(ready(parts, index, blob, hint, key))),
+        // Worth trying again later: the registry was down, or said no.
+        Err(e) if e.is_transient() || matches!(e, Error::NotFound(_) | Error::Denied(_)) => Err(e),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// A layer index just made: counted, kept on disk (a zTOC's once checked whole, which
+/// starts here), and made ready for reads.
+fn ready(
+    parts: &JobParts,
+    index: LayerIndex,
+    blob: LayerBlob,
+    hint: Option<ZtocHint>,
+    key: &IndexKey,
+) -> Arc<Indexed> {
+    let stats = &parts.readers.stats;
+    if let (Some(why), Some(soci), Some(hint)) = (&index.soci_unused, &parts.soci, &hint) {
+        soci.refuse(&hint.index, why);
+    }
+    if let IndexSource::Soci { checked, .. } = index.source {
+        Stats::add(&stats.layers_from_index, 1);
+        let indexed = indexed(index, blob.clone(), parts, key);
+        if !checked {
+            parts.checks.start(indexed.clone(), blob, key.disk_key());
+        }
+        return indexed;
+    }
+    Stats::add(&stats.layers_indexed, 1);
+    if let Some(disk) = &parts.disk {
+        if let Some(bytes) = index.encode() {
+            disk.put_meta(DISK_KIND, &key.disk_key(), bytes.into());
+        }
+        if index.source == IndexSource::Pass {
+            // The pass read the whole blob and it matched its digest.
+            disk.verified(&blob.digest, blob.size, parts.block_size);
+        }
+    }
+    indexed(index, blob, parts, key)
+}
+
+/// An index made ready for reads, counted in `index_bytes` while kept; its decoded
+/// files kept in the disk cache (image/kept.rs), and a TOC layer's background fill
+/// started (background.rs). A zTOC's is told how to refuse it: the index is remembered
+/// bad and this layer forgotten, so the next look reads the layer by a pass.
+fn indexed(index: LayerIndex, blob: LayerBlob, parts: &JobParts, key: &IndexKey) -> Arc<Indexed> {
+    let mut readers = parts.readers.clone();
+    if let (IndexSource::Soci { .. }, Some(soci)) = (&index.source, &parts.soci) {
+        let (soci, kept, key) = (soci.clone(), parts.kept.clone(), key.clone());
+        let generations = parts.generations.clone();
+        let hook: RefusalHook = Arc::new(move |layer, source: &IndexSource, why: &str| {
+            if let IndexSource::Soci { index, .. } = source {
+                soci.refuse(index, why);
+            }
+            kept.forget(&key);
+            generations.refused(layer);
+        });
+        readers.refused = Some(hook);
+    }
     let bytes = index.heap_bytes() as u64;
     Stats::add(&readers.stats.index_bytes, bytes);
+    // A pass, or the check of a zTOC's layer, held the whole blob against its digest.
+    let verified = matches!(index.source, IndexSource::Pass | IndexSource::Soci { checked: true, .. });
+    let whole = Arc::new(AtomicBool::new(verified));
+    let kept = parts.disk.as_ref().map(|disk| KeptFiles {
+        disk: disk.clone(),
+        layer: key.disk_key(),
+        whole: whole.clone(),
+    });
+    let source: Arc<dyn BlobSource> = Arc::new(blob.clone());
+    let fill = match &index.content {
+        Content::Chunks(map) => parts.background.fill(blob, map.prefetch_end, whole),
+        Content::Stream(_) => None,
+    };
     Arc::new(Indexed {
-        content: LayerContent::new(Arc::new(index), source, readers.clone()),
-        bytes,
         stats: readers.stats.clone(),
+        content: LayerContent::new(Arc::new(index), source, readers).keeping(kept),
+        bytes,
+        fill,
     })
 }

@@ -4,13 +4,19 @@
 //! (described.rs), and the layer store's record of one (layer_record.rs); a pass's
 //! progress shown in the stats (watched.rs).
 
+mod background;
 mod described;
+mod generations;
+mod index_check;
 mod image_tree;
 mod layer_blob;
 mod layer_record;
 mod layers;
+mod priority;
+mod publish;
+mod soci_found;
 mod trees;
 mod watched;
 
 pub use image_tree::ImageTree;
-pub use trees::Images;
+pub use trees::{Images, IndexOptions};

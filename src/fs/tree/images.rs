@@ -21,11 +21,6 @@ pub fn root_node(root: Arc<ImageRoot>) -> Node {
     Node::Image(ImagePath::Inside(root, TREE_ROOT, Kind::Dir))
 }
 
-fn root_of(repo: &RepoName, of: RootOf) -> Node {
-    let repo = repo.clone();
-    root_node(Arc::new(ImageRoot { repo, of }))
-}
-
 pub struct ImageDirs {
     images: Arc<Images>,
     view: Arc<RegistryView>,
@@ -39,6 +34,11 @@ impl ImageDirs {
             view,
             tag_ttl,
         }
+    }
+
+    /// The top node of the root `of` in `repo`.
+    fn root_of(&self, repo: &RepoName, of: RootOf) -> Node {
+        root_node(self.images.root(repo, of))
     }
 
     /// The files under `root`.
@@ -72,7 +72,7 @@ impl ImageDirs {
                 Ok(node)
             }
             ImagePath::ImageDir(repo, digest) if name == ROOTFS => {
-                Ok(root_of(repo, RootOf::Image(digest.clone())))
+                Ok(self.root_of(repo, RootOf::Image(digest.clone())))
             }
             ImagePath::ImageDir(repo, digest) if name == IMAGE_LAYERS => Ok(Node::Image(
                 ImagePath::ImageLayers(repo.clone(), digest.clone()),
@@ -80,7 +80,7 @@ impl ImageDirs {
             ImagePath::ImageDir(..) => Err(Errno::ENOENT),
             ImagePath::LayersDir(repo) => {
                 let digest = Digest::parse(name).ok_or(Errno::ENOENT)?;
-                Ok(root_of(repo, RootOf::Layer(digest)))
+                Ok(self.root_of(repo, RootOf::Layer(digest)))
             }
             ImagePath::ImageLayers(repo, manifest) => {
                 // Only a layer that manifest lists, described as it describes it.
@@ -89,7 +89,7 @@ impl ImageDirs {
                     .manifest_layer(repo, manifest, &layer)
                     .await
                     .map_err(|e| fail(path, e))?;
-                Ok(root_of(repo, RootOf::ImageLayer(manifest.clone(), layer)))
+                Ok(self.root_of(repo, RootOf::ImageLayer(manifest.clone(), layer)))
             }
             ImagePath::Inside(..) => Err(Errno::ENOENT),
         }
@@ -99,7 +99,7 @@ impl ImageDirs {
     /// not, sorted).
     pub async fn list(&self, path: &ImagePath) -> Result<(Node, Vec<(Box<[u8]>, Node)>), Errno> {
         let parent = Node::Image(path.clone()).parent();
-        let rootfs = |repo: &RepoName, d: &Digest| root_of(repo, RootOf::Image(d.clone()));
+        let rootfs = |repo: &RepoName, d: &Digest| self.root_of(repo, RootOf::Image(d.clone()));
         let (root, id) = match path {
             // Opened by digest, never listed: listing them would index every layer a
             // `ls --color` stats.
@@ -132,10 +132,10 @@ impl ImageDirs {
         };
         let tree = self.tree(root).await?;
         let a = tree.attr(*id).map_err(|e| fail(path, e))?;
-        // Content-addressed like blobs; only which root `tags/<tag>/rootfs` is moves
-        // with the tag.
-        let ttl = match (&root.of, *id) {
-            (RootOf::Tag(..), TREE_ROOT) => self.tag_ttl,
+        // Content-addressed like blobs; only which root a root directory is moves: with
+        // the tag, or to a new generation (a refused SOCI index, images/generations.rs).
+        let ttl = match *id {
+            TREE_ROOT => self.tag_ttl,
             _ => IMMUTABLE_TTL,
         };
         Ok(Attr {
@@ -155,7 +155,11 @@ impl ImageDirs {
         match path {
             ImagePath::Inside(root, id, Kind::File) => {
                 let tree = self.tree(root).await?;
-                Ok(Opening::of(OpenFile::Image(tree, *id), true))
+                self.images.opened(root, &tree).await;
+                let local_file = tree.local_file(*id).await;
+                let mut opening = Opening::of(OpenFile::Image(tree, *id), true);
+                opening.local_file = local_file;
+                Ok(opening)
             }
             ImagePath::Inside(..) => Err(Errno::EINVAL),
             _ => Err(Errno::EISDIR),

@@ -51,15 +51,13 @@ pub fn object(path: &StorePath) -> Option<Node> {
     }
 }
 
-/// The root of a layer's `diff`.
-fn diff_root(l: &Arc<StoreLayer>) -> Arc<ImageRoot> {
-    Arc::new(ImageRoot {
-        repo: l.image.repo.clone(),
-        of: RootOf::StoreLayer(l.clone()),
-    })
-}
-
 impl LayerStore {
+    /// The root of a layer's `diff`.
+    fn diff_root(&self, l: &Arc<StoreLayer>) -> Arc<ImageRoot> {
+        self.images
+            .root(&l.image.repo, RootOf::StoreLayer(l.clone()))
+    }
+
     pub fn new(images: Arc<Images>, domain: RegistryDomain, tag_ttl: Duration) -> LayerStore {
         LayerStore {
             images,
@@ -90,7 +88,7 @@ impl LayerStore {
                 })))
             }
             StorePath::Layer(l) => match name {
-                STORE_DIFF => Ok(root_node(diff_root(l))),
+                STORE_DIFF => Ok(root_node(self.diff_root(l))),
                 STORE_INFO => at(StorePath::Info(l.clone())),
                 STORE_BLOB => at(StorePath::Blob(l.clone())),
                 // `use` among them: see `create`.
@@ -122,7 +120,7 @@ impl LayerStore {
         match path {
             StorePath::Root | StorePath::Image(_) => Ok(Vec::new()),
             StorePath::Layer(l) => Ok(vec![
-                (STORE_DIFF.to_owned(), root_node(diff_root(l))),
+                (STORE_DIFF.to_owned(), root_node(self.diff_root(l))),
                 (
                     STORE_INFO.to_owned(),
                     Node::Store(StorePath::Info(l.clone())),

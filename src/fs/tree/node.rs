@@ -111,6 +111,8 @@ pub enum ImagePath {
 pub struct ImageRoot {
     pub repo: RepoName,
     pub of: RootOf,
+    /// The generation of what it shows when it was looked up (images/generations.rs).
+    pub generation: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -265,6 +267,16 @@ impl ImagePath {
             ImagePath::ImageLayers(r, d) => at(ImagePath::ImageDir(r.clone(), d.clone())),
             // Only a root has its parent here; the image's tree knows the others'.
             ImagePath::Inside(root, _, _) => root.holder(),
+        }
+    }
+}
+
+impl RootOf {
+    /// What the root shows: an image manifest (or index), or a layer blob.
+    pub fn shows(&self) -> &Digest {
+        match self {
+            RootOf::Tag(_, d) | RootOf::Image(d) | RootOf::Layer(d) | RootOf::ImageLayer(_, d) => d,
+            RootOf::StoreLayer(l) => &l.layer,
         }
     }
 }

@@ -97,6 +97,22 @@ impl Decoder {
         }
     }
 
+    /// gzip: where the first member's deflate data starts, once its header was read.
+    pub fn first_deflate_byte(&self) -> Option<u64> {
+        match self {
+            Decoder::Gzip(d) => d.first_deflate_byte(),
+            _ => None,
+        }
+    }
+
+    /// gzip: members read whole so far.
+    pub fn gzip_members(&self) -> u64 {
+        match self {
+            Decoder::Gzip(d) => d.members(),
+            _ => 0,
+        }
+    }
+
     /// The input ended; an error unless the stream ended cleanly.
     pub fn finish(&self) -> Result<(), String> {
         match self {

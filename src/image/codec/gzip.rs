@@ -184,6 +184,8 @@ pub struct GzipDecoder {
     /// A resume that starts inside a byte: its first input byte is split.
     split_first: Option<u32>,
     members: u64,
+    /// Blob offset of the first member's first deflate byte, once its header is read.
+    first_deflate: Option<u64>,
 }
 
 impl GzipDecoder {
@@ -201,6 +203,7 @@ impl GzipDecoder {
             bits: 0,
             split_first: None,
             members: 0,
+            first_deflate: None,
         })
     }
 
@@ -227,6 +230,7 @@ impl GzipDecoder {
             bits: 0,
             split_first: (used > 0).then_some(used),
             members: 0,
+            first_deflate: None,
         })
     }
 
@@ -238,6 +242,17 @@ impl GzipDecoder {
     /// Uncompressed offset of the next byte to come out.
     pub fn output_pos(&self) -> u64 {
         self.out
+    }
+
+    /// Where the first member's deflate data starts (SOCI's first checkpoint), once
+    /// a decoder that started at the blob's beginning has read its header.
+    pub fn first_deflate_byte(&self) -> Option<u64> {
+        self.first_deflate
+    }
+
+    /// Members whose trailer was read.
+    pub fn members(&self) -> u64 {
+        self.members
     }
 
     /// At a boundary: (bit offset in the blob, uncompressed offset, window).
@@ -379,6 +394,9 @@ impl GzipDecoder {
                 let take = len - before;
                 self.held.clear();
                 self.pos += take as u64;
+                if self.members == 0 {
+                    self.first_deflate.get_or_insert(self.pos);
+                }
                 self.z.reset()?;
                 self.part = Part::Deflate;
                 self.crc = Some(0);

@@ -38,7 +38,7 @@ pub fn check_headers(bytes: &[u8], entry: &Entry, place: &TarPlace) -> Result<()
         }
     }
     let parsed = match found.pop() {
-        Some(TarItem::Entry(parsed)) if found.is_empty() => parsed,
+        Some(TarItem::Entry(parsed, _)) if found.is_empty() => parsed,
         Some(TarItem::Refused { reason, .. }) => {
             return Err(format!(
                 "{name}: the tar header there is one regfs does not show: {reason}"

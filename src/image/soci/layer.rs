@@ -13,29 +13,11 @@ use super::spans::{self, Span};
 use super::zinfo::{GzipZinfo, TarZinfo, WINDOW, ZINFO_VERSION, ZinfoCheckpoint};
 use super::ztoc::{self, FileMetadata, FileType, Zinfo, Ztoc};
 use crate::image::codec::{Checkpoint, Codec};
+pub use crate::image::entry::TarPlace;
 use crate::image::entry::{DataRef, Entry, EntryKind, Xattrs, normalise, shown};
 
 /// The PAX records that are xattrs.
 const XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
-
-/// Where an entry is in the tar stream, beyond what [`Entry`] says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TarPlace {
-    /// Where its first header (PAX or GNU long-name headers included) starts.
-    pub header: u64,
-    /// Where its data starts: right after its headers.
-    pub data: u64,
-    /// The name as written in the header, when it differs from the entry's path
-    /// (soci-snapshotter compares a file's header with this name).
-    pub raw_name: Option<Box<[u8]>>,
-}
-
-impl TarPlace {
-    /// The bytes of the entry's headers.
-    pub fn headers(&self) -> Range<u64> {
-        self.header..self.data
-    }
-}
 
 /// A layer as a zTOC describes it, in regfs's terms.
 #[derive(Debug)]

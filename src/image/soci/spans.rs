@@ -15,12 +15,13 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::image::codec::Checkpoint;
 
 /// A range of the blob and the SHA-256 of its bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Span {
     pub range: Range<u64>,
     pub digest: [u8; 32],

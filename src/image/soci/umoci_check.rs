@@ -163,7 +163,7 @@ fn a_umoci_layer_through_a_ztoc_reads_the_same_bytes_as_its_tar() {
         .blob
         .chunks(1 << 20)
         .map(|c| Ok(bytes::Bytes::copy_from_slice(c)));
-    super::verify::verify_layer(&digest, &soci, pieces).expect("the zTOC is the layer's");
+    super::verify::verify_layer(&digest, (&soci).into(), pieces).expect("the zTOC is the layer's");
     // A read that starts past the first checkpoint decodes from a later one.
     let big = soci
         .entries

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use super::layer::SociLayer;
-use super::spans::SpanHasher;
+use super::spans::{Span, SpanHasher};
 use crate::image::codec::{Checkpoint, Codec, Decoder};
 use crate::image::entry::Entry;
 use crate::image::tar::{TarItem, TarParser};
@@ -31,8 +31,31 @@ struct SpanRead {
     end: u64,
 }
 
+/// What an index says of a layer: what the check holds against the blob.
+#[derive(Clone, Copy)]
+pub struct Claims<'a> {
+    pub codec: Codec,
+    /// Every entry the index shows, in tar order.
+    pub entries: &'a [Entry],
+    pub checkpoints: &'a [Checkpoint],
+    pub spans: &'a [Span],
+    pub blob_size: u64,
+}
+
+impl<'a> From<&'a SociLayer> for Claims<'a> {
+    fn from(l: &'a SociLayer) -> Claims<'a> {
+        Claims {
+            codec: l.codec,
+            entries: &l.entries,
+            checkpoints: &l.checkpoints,
+            spans: &l.spans,
+            blob_size: l.blob_size,
+        }
+    }
+}
+
 struct Check<'a> {
-    layer: &'a SociLayer,
+    layer: Claims<'a>,
     blob: DigestHasher,
     spans: SpanHasher,
     truth: Decoder,
@@ -50,10 +73,10 @@ struct Check<'a> {
     buf: Vec<u8>,
 }
 
-/// Checks `layer` (read from a zTOC) against the blob `digest`, fed in order.
+/// Checks `layer` (what a zTOC says) against the blob `digest`, fed in order.
 pub fn verify_layer(
     digest: &Digest,
-    layer: &SociLayer,
+    layer: Claims<'_>,
     pieces: impl Iterator<Item = crate::registry::Result<Bytes>>,
 ) -> Result<(), String> {
     let mut check = Check::new(digest, layer)?;
@@ -71,7 +94,7 @@ pub fn verify_layer(
 }
 
 impl<'a> Check<'a> {
-    fn new(digest: &Digest, layer: &'a SociLayer) -> Result<Check<'a>, String> {
+    fn new(digest: &Digest, layer: Claims<'a>) -> Result<Check<'a>, String> {
         let mut spans = SpanHasher::new();
         spans.begin(layer.spans.first().map_or(0, |s| s.range.start));
         if layer.codec == Codec::Gzip {
@@ -126,7 +149,7 @@ impl<'a> Check<'a> {
             let made = &self.buf[..step.produced];
             let (entries, tar) = (&mut self.entries, &mut self.tar);
             tar.feed(made, &mut |item| {
-                if let TarItem::Entry(e) = item {
+                if let TarItem::Entry(e, _) = item {
                     entries.push(e);
                 }
             })
@@ -263,7 +286,7 @@ impl<'a> Check<'a> {
             list.iter_mut().for_each(|e| e.xattrs.sort());
             list
         };
-        if sorted(&self.entries) != sorted(&self.layer.entries) {
+        if sorted(&self.entries) != sorted(self.layer.entries) {
             return Err("the zTOC's files are not the layer's".into());
         }
         Ok(())
@@ -310,7 +333,7 @@ mod tests {
 
     fn check(z: &Ztoc, blob: &[u8]) -> Result<(), String> {
         let layer = from_ztoc(z, blob.len() as u64)?;
-        verify_layer(&Digest::sha256_of(blob), &layer, pieces(blob))
+        verify_layer(&Digest::sha256_of(blob), (&layer).into(), pieces(blob))
     }
 
     #[test]

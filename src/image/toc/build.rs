@@ -134,12 +134,23 @@ pub fn build(
         };
         entries[file.entry].data = DataRef::Chunks(from..to);
     }
+    let prefetch_end = prefetch_end(toc, data_end);
+    // Wherever they are (after the files wanted first), landmarks are not image files.
+    entries.retain(|e| !LANDMARKS.contains(&&*e.path));
     drop_estargz_metadata(&mut entries);
     Ok(LayerIndex {
         entries,
-        content: Content::Chunks(ChunkMap { codec, chunks }),
+        places: Vec::new(),
+        content: Content::Chunks(ChunkMap {
+            codec,
+            chunks,
+            prefetch_end,
+        }),
         source,
         toc_unused: None,
+        soci_unused: None,
+        tar_size: 0,
+        publishable: false,
     })
 }
 
@@ -270,6 +281,24 @@ fn file_chunks(
         return Err(format!("chunks cover {at} of {} bytes", file.size));
     }
     Ok(out)
+}
+
+const LANDMARKS: [&[u8]; 2] = [b".prefetch.landmark", b".no.prefetch.landmark"];
+
+/// Where eStargz's `.prefetch.landmark` is: the files its writer wanted first are before
+/// it in the blob. None without one, or with `.no.prefetch.landmark` (nothing first).
+fn prefetch_end(toc: &Toc, data_end: u64) -> Option<u64> {
+    let named = |name: &[u8]| {
+        toc.entries
+            .iter()
+            .find(|e| e.kind == "reg" && normalise(e.name.as_bytes()).is_ok_and(|p| &*p == name))
+    };
+    if named(LANDMARKS[1]).is_some() {
+        return None;
+    }
+    named(LANDMARKS[0])
+        .map(|e| e.offset)
+        .filter(|&at| at > 0 && at <= data_end)
 }
 
 /// The entry a TOC entry describes (`None`: not shown, with the reason logged).

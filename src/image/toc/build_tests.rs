@@ -227,6 +227,39 @@ fn tocs_that_cannot_be_used_say_why() {
     assert!(huge.contains("a chunk at byte 10"), "{huge}");
 }
 
+#[test]
+fn the_prefetch_landmark_says_where_the_files_wanted_first_end() {
+    let prefetch = |landmark: &str| {
+        let index = index_of(
+            json!([
+                { "name": "first", "type": "reg", "size": 3, "offset": 100,
+                  "chunkDigest": digest(1) },
+                { "name": landmark, "type": "reg", "size": 1, "offset": 300,
+                  "chunkDigest": digest(2) },
+                { "name": "later", "type": "reg", "size": 3, "offset": 400,
+                  "chunkDigest": digest(3) },
+            ]),
+            1000,
+        )
+        .expect("an index");
+        assert!(
+            index
+                .entries
+                .iter()
+                .all(|e| !e.path.ends_with(b".landmark")),
+            "landmarks are not files of the image"
+        );
+        match index.content {
+            Content::Chunks(map) => map.prefetch_end,
+            Content::Stream(_) => None,
+        }
+    };
+    assert_eq!(prefetch(".prefetch.landmark"), Some(300));
+    assert_eq!(prefetch("./.prefetch.landmark"), Some(300));
+    assert_eq!(prefetch(".no.prefetch.landmark"), None);
+    assert_eq!(prefetch("just-a-file"), None);
+}
+
 /// A file cut into chunks as some writer might: sizes, whether each size is written
 /// out, the order of the chunk entries, and `innerOffset` merging.
 #[derive(Debug, Clone)]

@@ -126,7 +126,7 @@ fn tar_member<'a>(tar: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     let mut found = None;
     parser
         .feed(tar, &mut |item| {
-            if let TarItem::Entry(e) = item {
+            if let TarItem::Entry(e, _) = item {
                 if &*e.path == name {
                     if let DataRef::Stream(at) = e.data {
                         found = Some((at, e.size));

@@ -257,7 +257,7 @@ impl Meter<'_> {
             };
             if let Some(n) = len(&arrived) {
                 self.pace.add(waited, n, self.what)?;
-                Stats::add(&self.stats.fetched_bytes, n);
+                self.stats.received(n);
                 Stats::add(&self.host.fetched_bytes, n);
             }
             return Ok(arrived);
