@@ -27,6 +27,7 @@ use bytes::Bytes;
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
+use super::limit::{MemoryLimit, Reservation};
 use crate::buf::{BlockBuf, BufferPool};
 use crate::registry::{Digest, Error};
 use crate::stats::Stats;
@@ -43,6 +44,9 @@ pub struct BlockCache<E = Error> {
     budget: u64,
     stats: Arc<Stats>,
     buffers: Arc<BufferPool>,
+    /// The memory budget this cache shares with the fetches in flight (cache/limit.rs);
+    /// None for a cache whose owner reserves for its fetches itself.
+    limit: Option<Arc<MemoryLimit>>,
     inner: Mutex<Inner<E>>,
 }
 
@@ -62,8 +66,21 @@ struct Inner<E> {
 
 impl<E: Clone> BlockCache<E> {
     /// `block_size` must be non-zero; a budget smaller than one block caches nothing.
+    /// Its fetches reserve their block in the budget before they start, and what the
+    /// cache holds shrinks by what they reserved (cache/limit.rs).
     pub fn new(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache<E> {
+        let limit = MemoryLimit::new(budget, stats.clone());
         BlockCache {
+            limit: Some(limit),
+            ..Self::unlimited(block_size, budget, stats)
+        }
+    }
+
+    /// A cache held to `budget` alone, whose fetches reserve nothing here (their owner
+    /// reserves for them: fs/blob/pieces.rs).
+    pub fn unlimited(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache<E> {
+        BlockCache {
+            limit: None,
             block_size: block_size.max(1),
             budget,
             stats,
@@ -83,6 +100,45 @@ impl<E: Clone> BlockCache<E> {
 
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// The memory budget shared with fetches in flight, if this cache has one.
+    pub fn limit(&self) -> Option<&Arc<MemoryLimit>> {
+        self.limit.as_ref()
+    }
+
+    /// What the cache may hold now: its budget, less what fetches in flight reserved
+    /// and what the budget set aside.
+    fn bound(&self) -> u64 {
+        self.limit
+            .as_ref()
+            .map_or(self.budget, |l| l.room_for_cache().min(self.budget))
+    }
+
+    /// Reserves `bytes` in the memory budget for a fetch that does not go through the
+    /// cache (background reads into the disk cache), waiting while fetches in flight
+    /// hold it.
+    pub async fn reserve_bytes(&self, bytes: u64) -> Option<Reservation> {
+        Some(self.limit.as_ref()?.reserve(bytes).await)
+    }
+
+    /// Reserves a block's memory for a fetch (waiting while fetches in flight hold the
+    /// budget), and evicts what no longer fits beside it.
+    async fn reserve(&self) -> Option<Reservation> {
+        let reservation = self.limit.as_ref()?.reserve(self.block_size).await;
+        let mut evicted = Vec::new();
+        {
+            let mut inner = self.lock();
+            while inner.bytes > self.bound() {
+                match Self::evict_lru(&mut inner, &self.stats) {
+                    Some(block) => evicted.push(block),
+                    None => break,
+                }
+            }
+            self.publish_bytes(&inner);
+        }
+        drop(evicted); // after unlocking: its memory may go back to the pool
+        Some(reservation)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<E>> {
@@ -113,7 +169,11 @@ impl<E: Clone> BlockCache<E> {
         let result = flight
             .get_or_init(|| {
                 fetched_here = true;
-                fetch()
+                async {
+                    // Held until the block is fetched; then the cache counts it.
+                    let _reserved = self.reserve().await;
+                    fetch().await
+                }
             })
             .await
             .clone();
@@ -145,7 +205,7 @@ impl<E: Clone> BlockCache<E> {
             inner.bytes -= old.len() as u64;
         }
         inner.bytes += len;
-        while inner.bytes > self.budget {
+        while inner.bytes > self.bound() {
             if Self::evict_lru(inner, &self.stats).is_none() {
                 break;
             }

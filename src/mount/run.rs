@@ -154,6 +154,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         .disk_cache
         .as_ref()
         .and_then(|c| open_disk_cache(c, &config.registry, &stats));
+    crate::cache::limit::hand_large_allocations_to_the_kernel();
     let cache = Arc::new(BlockCache::new(config.block_size, config.cache_size, stats));
     let options = FsOptions {
         repos: config.repos.clone(),

@@ -121,6 +121,11 @@ pub struct Stats {
     pub piece_bytes: AtomicU64,
     pub piece_size: AtomicU64,
     pub piece_budget: AtomicU64,
+    /// The one memory budget (cache/limit.rs): `--cache-size`, bytes reserved by
+    /// fetches in flight now, and fetches that waited for memory.
+    pub memory_limit: AtomicU64,
+    pub memory_in_flight: AtomicU64,
+    pub memory_waits: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
     hosts: Mutex<Vec<Arc<HostCounters>>>,
@@ -250,6 +255,11 @@ impl Stats {
                 dropped_writes: get(&self.disk_dropped),
                 passthrough_opens: get(&self.passthrough_opens),
             },
+            memory: MemorySnapshot {
+                limit: get(&self.memory_limit),
+                in_flight: get(&self.memory_in_flight),
+                waits: get(&self.memory_waits),
+            },
             pieces: PiecesSnapshot {
                 fetches: get(&self.piece_fetches),
                 hits: get(&self.piece_hits),
@@ -315,6 +325,7 @@ impl Stats {
 #[derive(Serialize, Debug)]
 pub struct Snapshot {
     pub cache: CacheSnapshot,
+    pub memory: MemorySnapshot,
     pub pieces: PiecesSnapshot,
     pub disk: DiskSnapshot,
     /// Blob bytes received from the registry (or the host it redirected to).
@@ -397,7 +408,18 @@ pub struct CacheSnapshot {
     pub block_size: u64,
 }
 
-/// Pieces of blocks fetched for random reads (a cache of their own beside the blocks).
+/// The one memory budget for blob bytes (cache/limit.rs).
+#[derive(Serialize, Debug)]
+pub struct MemorySnapshot {
+    /// `--cache-size`: the cache, the pieces' share and fetches in flight together.
+    pub limit: u64,
+    /// Bytes reserved by fetches in flight.
+    pub in_flight: u64,
+    /// Fetches that waited for memory.
+    pub waits: u64,
+}
+
+/// Pieces of blocks fetched for random reads (a share of `--cache-size`).
 #[derive(Serialize, Debug)]
 pub struct PiecesSnapshot {
     /// Range requests for pieces (counted in `requests.blob_range` too).

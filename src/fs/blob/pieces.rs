@@ -11,6 +11,9 @@
 //! request for the rest: a read at the start of a blob that then goes on fetches no
 //! byte twice.
 //!
+//! Pieces live within `--cache-size` (cache/limit.rs): their share is set aside from
+//! the block cache's, and a fetch of pieces reserves its bytes like a block's.
+//!
 //! What the caches hold stays simple: the block cache and the disk cache hold whole
 //! blocks only (the disk's records are per block, with a CRC each: partial.rs), so
 //! pieces are never written to disk; they live in memory beside the blocks and are
@@ -25,15 +28,16 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::blocks::{BlobAt, join_blocks};
-use crate::cache::BlockCache;
 use crate::cache::blocks::BlockKey;
+use crate::cache::{BlockCache, MemoryLimit};
 use crate::registry::{Digest, Error, RegistryClient, Result};
 use crate::stats::Stats;
 
 /// The size of a piece. A 4 KiB read then costs a round trip plus 5 ms at 25 MB/s,
 /// and 128 KiB is what `cat` and the kernel's first read-ahead ask for at once.
 pub const PIECE_SIZE: u64 = 128 << 10;
-/// Pieces may hold this share of the block cache's budget, within bounds.
+/// Pieces may hold this share of the memory budget, within bounds (and at most a
+/// quarter of it: MemoryLimit::set_aside).
 const PIECES_SHARE: u64 = 8;
 const MIN_BUDGET: u64 = 2 << 20;
 const MAX_BUDGET: u64 = 32 << 20;
@@ -45,23 +49,35 @@ pub struct Pieces {
     block_size: u64,
     per_block: u64,
     stats: Arc<Stats>,
+    /// The budget their fetches reserve in, if any.
+    limit: Option<Arc<MemoryLimit>>,
     /// The piece cache's own counters (what it holds), apart from the blocks'.
     own: Arc<Stats>,
 }
 
 impl Pieces {
-    /// Pieces of `block_size` blocks, within a share of `cache_budget`.
-    pub fn new(block_size: u64, cache_budget: u64, stats: Arc<Stats>) -> Pieces {
-        let budget = (cache_budget / PIECES_SHARE).clamp(MIN_BUDGET, MAX_BUDGET);
+    /// Pieces of `block_size` blocks, within a share of `cache_budget` that `limit`
+    /// sets aside from the block cache's.
+    pub fn new(
+        block_size: u64,
+        cache_budget: u64,
+        limit: Option<Arc<MemoryLimit>>,
+        stats: Arc<Stats>,
+    ) -> Pieces {
+        let mut budget = (cache_budget / PIECES_SHARE).clamp(MIN_BUDGET, MAX_BUDGET);
+        if let Some(limit) = &limit {
+            budget = limit.set_aside(budget);
+        }
         let block_size = block_size.max(1);
         stats.piece_size.store(PIECE_SIZE, Ordering::Relaxed);
         stats.piece_budget.store(budget, Ordering::Relaxed);
         let own = Arc::new(Stats::default());
         Pieces {
-            cache: BlockCache::new(PIECE_SIZE, budget, own.clone()),
+            cache: BlockCache::unlimited(PIECE_SIZE, budget, own.clone()),
             block_size,
             per_block: block_size.div_ceil(PIECE_SIZE),
             stats,
+            limit,
             own,
         }
     }
@@ -135,6 +151,7 @@ impl Pieces {
                 .get(&self.key(blob.digest, index, piece), || async {
                     fetched = true;
                     Stats::add(&self.stats.piece_fetches, 1);
+                    let _reserved = self.reserve(blob.size, index, piece..=upto).await;
                     let mut run = self.fetch(client, blob, index, piece..=upto).await?;
                     rest = run.split_off(1);
                     run.pop()
@@ -156,6 +173,24 @@ impl Pieces {
         self.publish_bytes();
         let (start, _) = self.span(blob.size, index, first);
         Ok(join_blocks(&parts, start, offset, end))
+    }
+
+    /// Reserves the memory of pieces `run` of block `index` for their fetch. Not for a
+    /// block completed from its pieces: its fetch has reserved the whole block.
+    async fn reserve(
+        &self,
+        size: u64,
+        index: u64,
+        run: RangeInclusive<u64>,
+    ) -> Option<crate::cache::limit::Reservation> {
+        let (start, _) = self.span(size, index, *run.start());
+        let (last_start, last_len) = self.span(size, index, *run.end());
+        Some(
+            self.limit
+                .as_ref()?
+                .reserve(last_start + last_len - start)
+                .await,
+        )
     }
 
     /// Pieces `run` of block `index`, with one range request.
@@ -250,7 +285,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn pieces() -> Pieces {
-        Pieces::new(2 * MIB, 256 * MIB, Arc::default())
+        Pieces::new(2 * MIB, 256 * MIB, None, Arc::default())
     }
 
     #[test]
@@ -269,7 +304,7 @@ mod tests {
 
     #[test]
     fn pieces_are_aligned_within_their_block_and_end_with_it() {
-        let p = Pieces::new(300 << 10, 256 * MIB, Arc::default());
+        let p = Pieces::new(300 << 10, 256 * MIB, None, Arc::default());
         assert_eq!(p.per_block, 3);
         let size = 1000 << 10;
         assert_eq!(p.span(size, 1, 0), (300 << 10, PIECE_SIZE));

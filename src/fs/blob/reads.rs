@@ -156,6 +156,7 @@ impl BlobReads {
         let pieces = Arc::new(Pieces::new(
             cache.block_size(),
             cache.budget(),
+            cache.limit().cloned(),
             stats.clone(),
         ));
         let verifier =

@@ -165,9 +165,13 @@ impl LayerIndexes {
     ) -> LayerIndexes {
         let stats = view.client().stats().clone();
         let cache = fetcher.cache().clone();
-        let budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
+        let mut budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
+        // Within --cache-size: set aside from the block cache's share (cache/limit.rs).
+        if let Some(limit) = cache.limit() {
+            budget = limit.set_aside(budget);
+        }
         // The piece cache counts its hits apart from the block cache's.
-        let pieces = Arc::new(PieceCache::new(
+        let pieces = Arc::new(PieceCache::unlimited(
             image_mod::pass::SPAN_SIZE,
             budget,
             Arc::default(),
@@ -458,7 +462,10 @@ fn indexed(index: LayerIndex, blob: LayerBlob, parts: &JobParts, key: &IndexKey)
     let bytes = index.heap_bytes() as u64;
     Stats::add(&readers.stats.index_bytes, bytes);
     // A pass, or the check of a zTOC's layer, held the whole blob against its digest.
-    let verified = matches!(index.source, IndexSource::Pass | IndexSource::Soci { checked: true, .. });
+    let verified = matches!(
+        index.source,
+        IndexSource::Pass | IndexSource::Soci { checked: true, .. }
+    );
     let whole = Arc::new(AtomicBool::new(verified));
     let kept = parts.disk.as_ref().map(|disk| KeptFiles {
         disk: disk.clone(),

@@ -7,8 +7,8 @@
 mod background;
 mod described;
 mod generations;
-mod index_check;
 mod image_tree;
+mod index_check;
 mod layer_blob;
 mod layer_record;
 mod layers;
