@@ -44,9 +44,13 @@ pub struct BlockCache<E = Error> {
     budget: u64,
     stats: Arc<Stats>,
     buffers: Arc<BufferPool>,
-    /// The memory budget this cache shares with the fetches in flight (cache/limit.rs);
-    /// None for a cache whose owner reserves for its fetches itself.
+    /// The memory budget this cache counts in (cache/limit.rs), if any.
     limit: Option<Arc<MemoryLimit>>,
+    /// Whether this is the budget's main cache (its fetches reserve their block, and it
+    /// holds what the others leave), or a cache beside it that reports what it holds.
+    main: bool,
+    /// What a cache beside the main one last reported to the budget.
+    reported: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner<E>>,
 }
 
@@ -71,16 +75,24 @@ impl<E: Clone> BlockCache<E> {
     pub fn new(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache<E> {
         let limit = MemoryLimit::new(budget, stats.clone());
         BlockCache {
-            limit: Some(limit),
-            ..Self::unlimited(block_size, budget, stats)
+            main: true,
+            ..Self::beside(block_size, budget, stats, Some(limit))
         }
     }
 
-    /// A cache held to `budget` alone, whose fetches reserve nothing here (their owner
-    /// reserves for them: fs/blob/pieces.rs).
-    pub fn unlimited(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache<E> {
+    /// A cache held to `budget` beside the main cache of `limit`: what it holds counts
+    /// in that budget, and its fetches reserve nothing here (their owner reserves for
+    /// them: fs/blob/pieces.rs; or they read the main cache: image/content.rs).
+    pub fn beside(
+        block_size: u64,
+        budget: u64,
+        stats: Arc<Stats>,
+        limit: Option<Arc<MemoryLimit>>,
+    ) -> BlockCache<E> {
         BlockCache {
-            limit: None,
+            limit,
+            main: false,
+            reported: std::sync::atomic::AtomicU64::new(0),
             block_size: block_size.max(1),
             budget,
             stats,
@@ -102,17 +114,18 @@ impl<E: Clone> BlockCache<E> {
         self.budget
     }
 
-    /// The memory budget shared with fetches in flight, if this cache has one.
+    /// The memory budget this cache counts in, if any.
     pub fn limit(&self) -> Option<&Arc<MemoryLimit>> {
         self.limit.as_ref()
     }
 
-    /// What the cache may hold now: its budget, less what fetches in flight reserved
-    /// and what the budget set aside.
+    /// What the cache may hold now: its budget, and for the main cache no more than
+    /// the caches beside it and the fetches in flight leave.
     fn bound(&self) -> u64 {
-        self.limit
-            .as_ref()
-            .map_or(self.budget, |l| l.room_for_cache().min(self.budget))
+        match &self.limit {
+            Some(limit) if self.main => limit.room_for_cache().min(self.budget),
+            _ => self.budget,
+        }
     }
 
     /// Reserves `bytes` in the memory budget for a fetch that does not go through the
@@ -125,7 +138,8 @@ impl<E: Clone> BlockCache<E> {
     /// Reserves a block's memory for a fetch (waiting while fetches in flight hold the
     /// budget), and evicts what no longer fits beside it.
     async fn reserve(&self) -> Option<Reservation> {
-        let reservation = self.limit.as_ref()?.reserve(self.block_size).await;
+        let limit = self.limit.as_ref().filter(|_| self.main)?;
+        let reservation = limit.reserve(self.block_size).await;
         let mut evicted = Vec::new();
         {
             let mut inner = self.lock();
@@ -215,9 +229,12 @@ impl<E: Clone> BlockCache<E> {
 
     /// The bytes held, for /.regfs/stats.
     fn publish_bytes(&self, inner: &Inner<E>) {
-        self.stats
-            .cache_bytes
-            .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.cache_bytes.store(inner.bytes, Relaxed);
+        if let Some(limit) = self.limit.as_ref().filter(|_| !self.main) {
+            let before = self.reported.swap(inner.bytes, Relaxed);
+            limit.held_beside(before, inner.bytes);
+        }
     }
 
     /// Evicts the least recently used block (the caller drops it, best after unlocking:

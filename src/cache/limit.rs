@@ -1,8 +1,9 @@
 //! One memory budget for blob bytes (README "Memory"): `--cache-size` bounds what the
-//! block cache holds, the pieces of blocks set aside for random readers, and every fetch
-//! in flight together. A fetch reserves its bytes before it starts and waits while the
-//! reservations already fill the budget; the block cache keeps what is left
-//! ([`MemoryLimit::room_for_cache`]), evicting as reservations grow. Waiting for memory
+//! block cache holds, what the caches beside it hold (pieces of blocks for random
+//! readers, checked pieces of layers, each within a share of the budget), and every
+//! fetch in flight together. A fetch reserves its bytes before it starts and waits
+//! while the reservations already fill the budget; the block cache keeps what is left
+//! ([`MemoryLimit::room_for_cache`]), evicting as the others grow. Waiting for memory
 //! is allowed (counted in `memory.waits`); exceeding the budget is not.
 //!
 //! The allocator is told to hand block-sized allocations straight to the kernel and back
@@ -27,9 +28,9 @@ pub struct MemoryLimit {
     units: u32,
     /// Bytes per unit: the fewest that count the whole budget in a u32.
     unit: u64,
-    /// Bytes set aside for caches of their own (the pieces of blocks, fs/blob/pieces.rs;
-    /// checked pieces of layers, image/content.rs).
-    set_aside: AtomicU64,
+    /// Bytes held by the caches beside the block cache (the pieces of blocks,
+    /// fs/blob/pieces.rs; checked pieces of layers, image/content.rs).
+    beside: AtomicU64,
     stats: Arc<Stats>,
 }
 
@@ -58,7 +59,7 @@ impl MemoryLimit {
             free: Arc::new(Semaphore::new(units as usize)),
             units,
             unit,
-            set_aside: AtomicU64::new(0),
+            beside: AtomicU64::new(0),
             stats,
         })
     }
@@ -67,17 +68,23 @@ impl MemoryLimit {
         self.limit
     }
 
-    /// Sets up to `bytes` aside for a cache of its own, as long as all set aside stays
-    /// within half the budget; returns what was granted.
-    pub fn set_aside(&self, bytes: u64) -> u64 {
-        let mut granted = 0;
-        let _ = self
-            .set_aside
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                granted = bytes.min((self.limit / 2).saturating_sub(held));
-                Some(held + granted)
-            });
-        granted
+    /// The most a cache beside the block cache may hold: `bytes`, and at most a
+    /// quarter of the budget.
+    pub fn share(&self, bytes: u64) -> u64 {
+        bytes.min(self.limit / 4)
+    }
+
+    /// A cache beside the block cache went from holding `before` bytes to `now`.
+    pub fn held_beside(&self, before: u64, now: u64) {
+        if now >= before {
+            self.beside.fetch_add(now - before, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .beside
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    Some(held.saturating_sub(before - now))
+                });
+        }
     }
 
     /// Bytes reserved by fetches in flight now.
@@ -86,11 +93,11 @@ impl MemoryLimit {
         u64::from(self.units.saturating_sub(free)) * self.unit
     }
 
-    /// What the block cache may hold now: the budget less what is set aside and what
-    /// fetches in flight have reserved.
+    /// What the block cache may hold now: the budget less what the caches beside it
+    /// hold and what fetches in flight have reserved.
     pub fn room_for_cache(&self) -> u64 {
         self.limit
-            .saturating_sub(self.set_aside.load(Ordering::Relaxed))
+            .saturating_sub(self.beside.load(Ordering::Relaxed))
             .saturating_sub(self.in_flight())
     }
 
@@ -138,7 +145,8 @@ mod tests {
     async fn fetches_wait_while_reservations_fill_the_budget() {
         let stats = Arc::new(Stats::default());
         let limit = MemoryLimit::new(4 << 20, stats.clone());
-        assert_eq!(limit.set_aside(512 << 10), 512 << 10);
+        assert_eq!(limit.share(8 << 20), 1 << 20, "a quarter at most");
+        limit.held_beside(0, 512 << 10);
         let a = limit.reserve(2 << 20).await;
         assert_eq!(limit.room_for_cache(), (4 << 20) - (512 << 10) - (2 << 20));
         let b = limit.reserve(2 << 20).await;

@@ -11,8 +11,8 @@
 //! request for the rest: a read at the start of a blob that then goes on fetches no
 //! byte twice.
 //!
-//! Pieces live within `--cache-size` (cache/limit.rs): their share is set aside from
-//! the block cache's, and a fetch of pieces reserves its bytes like a block's.
+//! Pieces live within `--cache-size` (cache/limit.rs): what they hold counts in it
+//! (within their share), and a fetch of pieces reserves its bytes like a block's.
 //!
 //! What the caches hold stays simple: the block cache and the disk cache hold whole
 //! blocks only (the disk's records are per block, with a CRC each: partial.rs), so
@@ -37,7 +37,7 @@ use crate::stats::Stats;
 /// and 128 KiB is what `cat` and the kernel's first read-ahead ask for at once.
 pub const PIECE_SIZE: u64 = 128 << 10;
 /// Pieces may hold this share of the memory budget, within bounds (and at most a
-/// quarter of it: MemoryLimit::set_aside).
+/// quarter of it: MemoryLimit::share).
 const PIECES_SHARE: u64 = 8;
 const MIN_BUDGET: u64 = 2 << 20;
 const MAX_BUDGET: u64 = 32 << 20;
@@ -56,8 +56,8 @@ pub struct Pieces {
 }
 
 impl Pieces {
-    /// Pieces of `block_size` blocks, within a share of `cache_budget` that `limit`
-    /// sets aside from the block cache's.
+    /// Pieces of `block_size` blocks, within a share of `cache_budget`, counted in
+    /// `limit`.
     pub fn new(
         block_size: u64,
         cache_budget: u64,
@@ -66,14 +66,14 @@ impl Pieces {
     ) -> Pieces {
         let mut budget = (cache_budget / PIECES_SHARE).clamp(MIN_BUDGET, MAX_BUDGET);
         if let Some(limit) = &limit {
-            budget = limit.set_aside(budget);
+            budget = limit.share(budget);
         }
         let block_size = block_size.max(1);
         stats.piece_size.store(PIECE_SIZE, Ordering::Relaxed);
         stats.piece_budget.store(budget, Ordering::Relaxed);
         let own = Arc::new(Stats::default());
         Pieces {
-            cache: BlockCache::unlimited(PIECE_SIZE, budget, own.clone()),
+            cache: BlockCache::beside(PIECE_SIZE, budget, own.clone(), limit.clone()),
             block_size,
             per_block: block_size.div_ceil(PIECE_SIZE),
             stats,
