@@ -248,17 +248,22 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
     assert!(!mount.log().contains("panicked"), "{}", mount.log());
 }
 
-/// The memory bound of issue 21 (README "Memory"): with `--cache-size 64MiB`, 16 readers
-/// at random offsets (4 KiB to 1 MiB) across four 128 MiB blobs and two listers, for
+/// The memory bound (README "Memory"): with `--cache-size 64MiB`, 16 readers at random
+/// offsets (4 KiB to 1 MiB) across four 128 MiB blobs and two listers, for
 /// `REGFS_SOAK_SECS`: the daemon's peak RSS (VmHWM) stays within the cache plus
-/// [`FIXED_OVERHEAD_MIB`], every byte read is right, and no read fails.
+/// [`FIXED_OVERHEAD_MIB`] (in a release build: `cargo test --release --test soak`; a
+/// debug build's larger code gets [`DEBUG_BUILD_MIB`] more), every byte read is right,
+/// and no read fails.
 const RANDOM_READERS: usize = 16;
 const BIG_BLOBS: usize = 4;
 const BIG_BLOB: usize = 128 << 20;
 const BUDGET_MIB: u64 = 64;
 /// The fixed overhead the README documents beside `--cache-size` (code, runtime,
-/// metadata memos, FUSE request buffers).
+/// metadata memos, FUSE request buffers), for a release build.
 const FIXED_OVERHEAD_MIB: u64 = 32;
+/// What an unoptimised build adds: its code alone is resident at 18-19 MiB during the
+/// soak (RssFile; the release binary is a tenth of the size), and its tasks are larger.
+const DEBUG_BUILD_MIB: u64 = 16;
 
 #[test]
 fn random_readers_and_listers_stay_within_the_cache_and_a_fixed_overhead() {
@@ -343,9 +348,16 @@ fn random_readers_and_listers_stay_within_the_cache_and_a_fixed_overhead() {
         stats["memory"]["waits"],
     );
     assert!(reads.load(Ordering::Relaxed) > 0);
+    // The daemon is built with the same profile as this test (CARGO_BIN_EXE_regfs).
+    let overhead = FIXED_OVERHEAD_MIB
+        + if cfg!(debug_assertions) {
+            DEBUG_BUILD_MIB
+        } else {
+            0
+        };
     assert!(
-        peak.peak_mib() <= BUDGET_MIB + FIXED_OVERHEAD_MIB,
-        "peak RSS {} MiB with --cache-size {BUDGET_MIB}MiB: more than {FIXED_OVERHEAD_MIB} MiB beyond it",
+        peak.peak_mib() <= BUDGET_MIB + overhead,
+        "peak RSS {} MiB with --cache-size {BUDGET_MIB}MiB: more than {overhead} MiB beyond it",
         peak.peak_mib()
     );
     assert!(!mount.log().contains("panicked"), "{}", mount.log());
