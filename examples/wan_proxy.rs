@@ -1,7 +1,8 @@
 //! `cargo run --release --example wan_proxy -- --upstream 127.0.0.1:5000 --rtt 40ms
 //! --per-connection 25MB --total 200MB`: a loopback TCP proxy that behaves like a
 //! wide-area link (tests/common/shaper.rs). Prints `listening on ADDR`, then relays until
-//! killed. For scripts/bench.sh; anything can sit behind it (a registry, nginx).
+//! killed, printing `connections C requests R` whenever its counts change (scripts/
+//! bench.sh counts round trips by them). Anything can sit behind it (a registry, nginx).
 
 #[path = "../tests/common/shaper.rs"]
 #[allow(dead_code)]
@@ -47,8 +48,15 @@ fn main() -> std::process::ExitCode {
     match Shaper::start_on(&args.listen, args.upstream, shape) {
         Ok(shaper) => {
             println!("listening on {}", shaper.addr);
+            let mut shown = (0, 0);
             loop {
-                std::thread::park();
+                let now = (shaper.connections(), shaper.requests());
+                if now != shown {
+                    println!("connections {} requests {}", now.0, now.1);
+                    shown = now;
+                }
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
         Err(e) => {

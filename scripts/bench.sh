@@ -8,6 +8,9 @@
 #   BENCH_IMAGE_MIB=512                       size of the image of the image rows
 #   BENCH_RUNS=5                              runs per row (default 3; medians are reported)
 #   REGFS=/path/to/regfs                      binary to measure (default: cargo build --release here)
+#   BENCH_BASE=/path/to/regfs                 another build (e.g. the base commit's) measured too,
+#                                             in alternated pairs with REGFS, in the seq and WAN
+#                                             sequential rows (BENCH_BASE_NAME names it in the table)
 #   BENCH_KEEP=1                              keep the temp dir (logs of regfs, registry, peers)
 #
 # It starts its own docker-registry (loopback, temp storage) holding a random blob of
@@ -335,6 +338,10 @@ if [[ -z ${REGFS:-} ]]; then
     REGFS=$root/target/release/regfs
 fi
 [[ -x $REGFS ]] || { echo "REGFS=$REGFS is not an executable" >&2; exit 1; }
+base=${BENCH_BASE:-}
+[[ -z $base || -x $base ]] || { echo "BENCH_BASE=$base is not an executable" >&2; exit 1; }
+base_name=${BENCH_BASE_NAME:-${base:+$(basename "$base")}}
+regfs_bin=$REGFS # what regfs_mount runs
 regfs_commit=$(git -C "$(dirname "$REGFS")" describe --always --dirty 2>/dev/null || echo unknown)
 mount_help=$("$REGFS" mount --help 2>&1 || true)
 has_cache_size='' has_block_size='' has_stats='' has_disk_cache=''
@@ -352,7 +359,7 @@ regfs_mount() {
         rm -rf "$tmp/disk-cache-cold"
         disk=(--cache-dir "$tmp/disk-cache-cold")
     fi
-    "$REGFS" mount "${disk[@]}" "$@" "http://$registry" "$mnt" 2>>"$tmp/regfs.log" &
+    "$regfs_bin" mount "${disk[@]}" "$@" "http://$registry" "$mnt" 2>>"$tmp/regfs.log" &
     regfs_pid=$!
     if ! wait_until 20 regfs_ready; then
         log "regfs did not mount within 20 s; its log:"
@@ -579,13 +586,45 @@ cpu_of() { pyh cpu "$1" 2>/dev/null || echo error; }
 # per_gib BEFORE AFTER: CPU seconds per GiB of the test blob.
 per_gib() { if all_numeric "$1" "$2"; then calc "($2 - $1) * 1073741824 / $size" 3; else echo error; fi; }
 
+# seq_base: one cold sequential read by BENCH_BASE on a fresh mount, into c_base (its
+# daemon's CPU seconds per GiB into u_base).
+seq_base() {
+    [[ -n $base ]] || return 0
+    local t c0
+    regfs_bin=$base regfs_mount
+    c0=$(cpu_of "$regfs_pid")
+    t=$(read_seq "$mnt/$blob_path") || t=error
+    c_base+=("$t")
+    u_base+=("$(per_gib "$c0" "$(cpu_of "$regfs_pid")")")
+    regfs_umount
+}
+
+# base_row LABEL: REGFS against BENCH_BASE from the alternated pairs c_regfs / c_base.
+base_row() {
+    [[ -n $base ]] || return 0
+    if ! all_numeric "${c_regfs[@]}" "${c_base[@]}"; then
+        row "$1 vs $base_name" "error (see log)" "—" "—" "not slower" "**missed**"
+        return 0
+    fi
+    local k ratios=() won=0 r b ratio
+    for k in "${!c_regfs[@]}"; do
+        ratios+=("$(calc "${c_base[$k]} / ${c_regfs[$k]}" 4)")
+        holds "${c_regfs[$k]} <= ${c_base[$k]}" && won=$((won + 1))
+    done
+    r=$(median "${c_regfs[@]}") b=$(median "${c_base[@]}") ratio=$(median "${ratios[@]}")
+    row "$1 vs $base_name ($runs alternated pairs)" "$(secs "$r") ($(mibps "$r") MiB/s)" \
+        "$base_name: $(secs "$b") ($(mibps "$b") MiB/s)" "$(calc "$ratio" 2) × its speed (median of pairs; faster in $won of ${#c_regfs[@]})" \
+        "not slower (≥ 1.0 ×)" "$(verdict "$ratio >= 1.0")"
+}
+
 seq_rows() {
-    local i t c0 c_curl=() c_regfs=() c_warm=() c_rclone=() c_httpfs=() c_nodisk=() c_dgst=() c_httpreg=() peer
+    local i t c0 c_curl=() c_base=() u_base=() c_regfs=() c_warm=() c_rclone=() c_httpfs=() c_nodisk=() c_dgst=() c_httpreg=() peer
     local u_regfs=() u_nodisk=() u_rclone=() u_httpfs=() u_httpreg=() u_registry=()
     for ((i = 1; i <= runs; i++)); do
         log "seq run $i/$runs: curl, regfs cold+warm, regfs --no-disk-cache, rclone, httpfs2"
         c_curl+=("$(curl_seq)")
         c_dgst+=("$(elapsed_s sh -c "curl -fsS '$blob_url' | openssl dgst -sha256" || echo error)")
+        ((i % 2 == 1)) || seq_base
         regfs_mount
         c0=$(cpu_of "$regfs_pid")
         local r0
@@ -598,6 +637,7 @@ seq_rows() {
         c_warm+=("$t")
         ((i > 1)) || verify_blob "$mnt/$blob_path" "regfs sequential read"
         regfs_umount
+        ((i % 2 == 0)) || seq_base
         regfs_mount --no-disk-cache
         c0=$(cpu_of "$regfs_pid")
         t=$(read_seq "$mnt/$blob_path") || t=error
@@ -622,8 +662,8 @@ seq_rows() {
         done
     done
 
-    log "seq samples (s): curl ${c_curl[*]} | regfs cold ${c_regfs[*]} | warm ${c_warm[*]} | rclone ${c_rclone[*]:-} | httpfs2 ${c_httpfs[*]:-}"
-    log "seq CPU samples (s/GiB): regfs ${u_regfs[*]} | --no-disk-cache ${u_nodisk[*]} | registry ${u_registry[*]} | httpfs2 ${u_httpfs[*]:-} | rclone ${u_rclone[*]:-}"
+    log "seq samples (s): curl ${c_curl[*]} | regfs cold ${c_regfs[*]} | ${base_name:-base} ${c_base[*]:-} | warm ${c_warm[*]} | rclone ${c_rclone[*]:-} | httpfs2 ${c_httpfs[*]:-}"
+    log "seq CPU samples (s/GiB): regfs ${u_regfs[*]} | ${base_name:-base} ${u_base[*]:-} | --no-disk-cache ${u_nodisk[*]} | registry ${u_registry[*]} | httpfs2 ${u_httpfs[*]:-} | rclone ${u_rclone[*]:-}"
     local label="cold sequential read, ${size_mib} MiB, fresh mount"
     local curl_s regfs_s warm_s regfs_cell
     curl_s=$(median "${c_curl[@]}")
@@ -636,6 +676,7 @@ seq_rows() {
         regfs_cell="error (see log)"
         row "$label vs curl" "$regfs_cell" "curl: $(secs "$curl_s")" "—" "≥ 0.9 × curl" "**missed**"
     fi
+    base_row "$label"
 
     local name samples peer_s
     for name in rclone httpfs2; do
@@ -687,6 +728,11 @@ seq_rows() {
             "regfs $(calc "$ur" 2) s ($(calc "$un" 2) s with \`--no-disk-cache\`)" \
             "httpfs2 $uh s, on the registry $uhr s; rclone $urc s; the registry itself $(calc "$ureg" 2) s" \
             "—" "regfs ≤ $limit s (≤ 1.0, ≤ httpfs2 + the hash's 0.6)" "$(verdict "$un <= $limit")"
+    fi
+    if [[ -n $base ]] && all_numeric "${u_regfs[@]}" "${u_base[@]}"; then
+        row "same, against $base_name (with the disk cache; alternated pairs)" "regfs $(calc "$(median "${u_regfs[@]}")" 2) s" \
+            "$base_name $(calc "$(median "${u_base[@]}")" 2) s" "—" "not more" \
+            "$(verdict "$(median "${u_regfs[@]}") <= $(median "${u_base[@]}")")"
     fi
 
     if [[ -n ${regfs_s:-} ]] && all_numeric "${c_warm[@]}"; then
@@ -1062,7 +1108,7 @@ cat <<EOF
 
 - date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')
 - machine: $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), ${mem_gib} GiB RAM, kernel $(uname -r)
-- regfs: commit $regfs_commit ($REGFS); --cache-size $(supported "$has_cache_size"), --block-size $(supported "$has_block_size"), stats file $(supported "$has_stats")
+- regfs: commit $regfs_commit ($REGFS)${base:+; against $base_name ($base)}; --cache-size $(supported "$has_cache_size"), --block-size $(supported "$has_block_size"), stats file $(supported "$has_stats")
 - registry: $(docker-registry --version | awk '{ print $NF }') on loopback; ${blob_digest:+random blob of ${size_mib} MiB}${blob_digest:+${pushed_manifests:+; }}${pushed_manifests:+$pushed_manifests manifests}
 - peers: $peers
 - medians of $runs runs (BENCH_RUNS); rows: $only

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
+use super::limit::{MemoryLimit, Reservation};
 use crate::buf::{BlockBuf, BufferPool};
 use crate::registry::{Digest, Error};
 use crate::stats::Stats;
@@ -43,6 +44,13 @@ pub struct BlockCache<E = Error> {
     budget: u64,
     stats: Arc<Stats>,
     buffers: Arc<BufferPool>,
+    /// The memory budget this cache counts in (cache/limit.rs), if any.
+    limit: Option<Arc<MemoryLimit>>,
+    /// Whether this is the budget's main cache (its fetches reserve their block, and it
+    /// holds what the others leave), or a cache beside it that reports what it holds.
+    main: bool,
+    /// What a cache beside the main one last reported to the budget.
+    reported: std::sync::atomic::AtomicU64,
     inner: Mutex<Inner<E>>,
 }
 
@@ -62,8 +70,29 @@ struct Inner<E> {
 
 impl<E: Clone> BlockCache<E> {
     /// `block_size` must be non-zero; a budget smaller than one block caches nothing.
+    /// Its fetches reserve their block in the budget before they start, and what the
+    /// cache holds shrinks by what they reserved (cache/limit.rs).
     pub fn new(block_size: u64, budget: u64, stats: Arc<Stats>) -> BlockCache<E> {
+        let limit = MemoryLimit::new(budget, stats.clone());
         BlockCache {
+            main: true,
+            ..Self::beside(block_size, budget, stats, Some(limit))
+        }
+    }
+
+    /// A cache held to `budget` beside the main cache of `limit`: what it holds counts
+    /// in that budget, and its fetches reserve nothing here (their owner reserves for
+    /// them: fs/blob/pieces.rs; or they read the main cache: image/content.rs).
+    pub fn beside(
+        block_size: u64,
+        budget: u64,
+        stats: Arc<Stats>,
+        limit: Option<Arc<MemoryLimit>>,
+    ) -> BlockCache<E> {
+        BlockCache {
+            limit,
+            main: false,
+            reported: std::sync::atomic::AtomicU64::new(0),
             block_size: block_size.max(1),
             budget,
             stats,
@@ -83,6 +112,47 @@ impl<E: Clone> BlockCache<E> {
 
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    /// The memory budget this cache counts in, if any.
+    pub fn limit(&self) -> Option<&Arc<MemoryLimit>> {
+        self.limit.as_ref()
+    }
+
+    /// What the cache may hold now: its budget, and for the main cache no more than
+    /// the caches beside it and the fetches in flight leave.
+    fn bound(&self) -> u64 {
+        match &self.limit {
+            Some(limit) if self.main => limit.room_for_cache().min(self.budget),
+            _ => self.budget,
+        }
+    }
+
+    /// Reserves `bytes` in the memory budget for a fetch that does not go through the
+    /// cache (background reads into the disk cache), waiting while fetches in flight
+    /// hold it.
+    pub async fn reserve_bytes(&self, bytes: u64) -> Option<Reservation> {
+        Some(self.limit.as_ref()?.reserve(bytes).await)
+    }
+
+    /// Reserves a block's memory for a fetch (waiting while fetches in flight hold the
+    /// budget), and evicts what no longer fits beside it.
+    async fn reserve(&self) -> Option<Reservation> {
+        let limit = self.limit.as_ref().filter(|_| self.main)?;
+        let reservation = limit.reserve(self.block_size).await;
+        let mut evicted = Vec::new();
+        {
+            let mut inner = self.lock();
+            while inner.bytes > self.bound() {
+                match Self::evict_lru(&mut inner, &self.stats) {
+                    Some(block) => evicted.push(block),
+                    None => break,
+                }
+            }
+            self.publish_bytes(&inner);
+        }
+        drop(evicted); // after unlocking: its memory may go back to the pool
+        Some(reservation)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<E>> {
@@ -113,7 +183,11 @@ impl<E: Clone> BlockCache<E> {
         let result = flight
             .get_or_init(|| {
                 fetched_here = true;
-                fetch()
+                async {
+                    // Held until the block is fetched; then the cache counts it.
+                    let _reserved = self.reserve().await;
+                    fetch().await
+                }
             })
             .await
             .clone();
@@ -145,7 +219,7 @@ impl<E: Clone> BlockCache<E> {
             inner.bytes -= old.len() as u64;
         }
         inner.bytes += len;
-        while inner.bytes > self.budget {
+        while inner.bytes > self.bound() {
             if Self::evict_lru(inner, &self.stats).is_none() {
                 break;
             }
@@ -155,9 +229,12 @@ impl<E: Clone> BlockCache<E> {
 
     /// The bytes held, for /.regfs/stats.
     fn publish_bytes(&self, inner: &Inner<E>) {
-        self.stats
-            .cache_bytes
-            .store(inner.bytes, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.cache_bytes.store(inner.bytes, Relaxed);
+        if let Some(limit) = self.limit.as_ref().filter(|_| !self.main) {
+            let before = self.reported.swap(inner.bytes, Relaxed);
+            limit.held_beside(before, inner.bytes);
+        }
     }
 
     /// Evicts the least recently used block (the caller drops it, best after unlocking:
@@ -220,6 +297,21 @@ impl<E: Clone> BlockCache<E> {
     /// place in the LRU order (used by the integrity check, not by readers).
     pub fn peek(&self, key: &BlockKey) -> Option<Bytes> {
         self.lock().ready.peek(key).cloned()
+    }
+
+    /// Drops one cached block (what it held is kept elsewhere now).
+    pub fn remove(&self, key: &BlockKey) {
+        let removed = {
+            let mut inner = self.lock();
+            let removed = inner.ready.pop(key);
+            if let Some(block) = &removed {
+                inner.bytes -= block.len() as u64;
+                inner.used_once.remove(key);
+                self.publish_bytes(&inner);
+            }
+            removed
+        };
+        drop(removed); // after unlocking: its memory may go back to the pool
     }
 
     /// Drops every cached block of `digest` (its content turned out to be wrong).

@@ -3,8 +3,10 @@
 
 pub mod blocks;
 pub mod disk;
+pub mod limit;
 pub mod memo;
 
 pub use blocks::BlockCache;
 pub use disk::DiskCache;
+pub use limit::MemoryLimit;
 pub use memo::Memo;

@@ -170,6 +170,14 @@ impl Fs {
         self.blobs.disk()
     }
 
+    /// What the first reads of a fresh mount need, asked while it mounts: the catalog,
+    /// which every lookup at the root consults, and a connection for blob reads (their
+    /// client keeps connections of its own). A failure is the first lookup's to report.
+    pub async fn warm_up(&self) {
+        let view = &self.registry.view;
+        let _ = tokio::join!(view.known_repos(), view.client().warm_blob_client());
+    }
+
     /// Pushes the indexes an earlier mount of this registry held (see `HeldIndexes`).
     pub async fn resume_held(&self) {
         self.held.resume().await;

@@ -114,6 +114,7 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
         .disk_cache
         .as_ref()
         .and_then(|c| open_disk_cache(c, &config.registry, &stats));
+    crate::cache::limit::hand_large_allocations_to_the_kernel();
     let cache = Arc::new(BlockCache::new(config.block_size, config.cache_size, stats));
     let options = FsOptions {
         repos: config.repos.clone(),
@@ -127,6 +128,8 @@ fn prepare(config: &MountConfig, daemon: bool) -> Result<Prepared, String> {
     let fs = Arc::new(Fs::new(client, cache, disk.clone(), options));
     let resuming = fs.clone();
     runtime.spawn(async move { resuming.resume_held().await });
+    let warming = fs.clone();
+    runtime.spawn(async move { warming.warm_up().await });
     let adapter = FuseAdapter::new(fs, runtime.handle().clone());
     let (session, own_mount) = mount_session(config, &canonical_mountpoint, adapter)?;
     match mount_device(&canonical_mountpoint) {

@@ -175,6 +175,11 @@ impl RegistryClient {
         self.origin.ping().await
     }
 
+    /// Opens a connection for blob reads on the origin before the first read needs it.
+    pub async fn warm_blob_client(&self) {
+        self.origin.warm_blob_client().await;
+    }
+
     /// All repositories in the catalog, in the registry's order.
     pub async fn catalog(&self) -> Result<Vec<RepoName>> {
         self.origin.catalog().await

@@ -120,6 +120,20 @@ pub struct Stats {
     pub passthrough_opens: AtomicU64,
     /// `/.layerstore/` lookups that found no layer to serve.
     pub store_failures: StoreFailures,
+    /// Pieces of blocks for random reads (fs/blob/pieces.rs): their range requests,
+    /// reads that found their pieces held, blocks completed from pieces by one request
+    /// for the rest, bytes held now, and the size of a piece and the bytes they may hold.
+    pub piece_fetches: AtomicU64,
+    pub piece_hits: AtomicU64,
+    pub blocks_from_pieces: AtomicU64,
+    pub piece_bytes: AtomicU64,
+    pub piece_size: AtomicU64,
+    pub piece_budget: AtomicU64,
+    /// The one memory budget (cache/limit.rs): `--cache-size`, bytes reserved by
+    /// fetches in flight now, and fetches that waited for memory.
+    pub memory_limit: AtomicU64,
+    pub memory_in_flight: AtomicU64,
+    pub memory_waits: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
     hosts: Mutex<Vec<Arc<HostCounters>>>,
@@ -229,7 +243,6 @@ impl Stats {
 
     pub fn snapshot(&self, budget: u64, block_size: u64) -> Snapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let req = |k: RequestKind| get(&self.requests[k as usize]);
         Snapshot {
             cache: CacheSnapshot {
                 hits: get(&self.cache_hits),
@@ -250,25 +263,21 @@ impl Stats {
                 dropped_writes: get(&self.disk_dropped),
                 passthrough_opens: get(&self.passthrough_opens),
             },
-            fetched_bytes: get(&self.fetched_bytes),
-            requests: RequestsSnapshot {
-                ping: req(RequestKind::Ping),
-                catalog: req(RequestKind::Catalog),
-                tags: req(RequestKind::Tags),
-                manifest: req(RequestKind::Manifest),
-                blob_head: req(RequestKind::BlobHead),
-                blob_range: req(RequestKind::BlobRange),
-                blob_stream: req(RequestKind::BlobStream),
-                upload_start: req(RequestKind::UploadStart),
-                upload_chunk: req(RequestKind::UploadChunk),
-                upload_status: req(RequestKind::UploadStatus),
-                upload_commit: req(RequestKind::UploadCommit),
-                upload_cancel: req(RequestKind::UploadCancel),
-                blob_mount: req(RequestKind::BlobMount),
-                manifest_put: req(RequestKind::ManifestPut),
-                delete: req(RequestKind::Delete),
-                referrers: req(RequestKind::Referrers),
+            memory: MemorySnapshot {
+                limit: get(&self.memory_limit),
+                in_flight: get(&self.memory_in_flight),
+                waits: get(&self.memory_waits),
             },
+            pieces: PiecesSnapshot {
+                fetches: get(&self.piece_fetches),
+                hits: get(&self.piece_hits),
+                blocks_completed: get(&self.blocks_from_pieces),
+                bytes: get(&self.piece_bytes),
+                budget: get(&self.piece_budget),
+                piece_size: get(&self.piece_size),
+            },
+            fetched_bytes: get(&self.fetched_bytes),
+            requests: self.requests_snapshot(),
             uploaded_bytes: get(&self.uploaded_bytes),
             retries: get(&self.retries),
             socket_streams: get(&self.socket_streams),
@@ -276,32 +285,59 @@ impl Stats {
             verified_blobs: get(&self.verified),
             verify_failures: get(&self.verify_failures),
             pending_manifests: get(&self.pending_manifests),
-            images: ImagesSnapshot {
-                layers_indexed: get(&self.layers_indexed),
-                indexes_from_disk: get(&self.indexes_from_disk),
-                index_bytes: get(&self.index_bytes),
-                decodes: get(&self.content_decodes),
-                fetched_bytes: get(&self.content_fetched_bytes),
-                background_bytes: get(&self.background_bytes),
-                background_layers: get(&self.background_layers),
-                decoded_from_disk: get(&self.decoded_from_disk),
-                toc_unused: get(&self.toc_unused),
-                toc_unused_why: self
-                    .toc_unused_why
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone(),
-                indexes_found: get(&self.soci_indexes_found),
-                indexes_published: get(&self.soci_indexes_published),
-                layers_from_index: get(&self.layers_from_index),
-                indexes_refused: get(&self.soci_indexes_refused),
-                background_checks: get(&self.background_checks),
-                background_checks_failed: get(&self.background_checks_failed),
-                indexing: self.indexing.snapshot(),
-            },
+            images: self.images_snapshot(),
             recent: self.recent.snapshot(),
             layer_store: self.store_failures.snapshot(),
             hosts: self.hosts_snapshot(),
+        }
+    }
+
+    fn requests_snapshot(&self) -> RequestsSnapshot {
+        let req = |k: RequestKind| self.requests[k as usize].load(Ordering::Relaxed);
+        RequestsSnapshot {
+            ping: req(RequestKind::Ping),
+            catalog: req(RequestKind::Catalog),
+            tags: req(RequestKind::Tags),
+            manifest: req(RequestKind::Manifest),
+            blob_head: req(RequestKind::BlobHead),
+            blob_range: req(RequestKind::BlobRange),
+            blob_stream: req(RequestKind::BlobStream),
+            upload_start: req(RequestKind::UploadStart),
+            upload_chunk: req(RequestKind::UploadChunk),
+            upload_status: req(RequestKind::UploadStatus),
+            upload_commit: req(RequestKind::UploadCommit),
+            upload_cancel: req(RequestKind::UploadCancel),
+            blob_mount: req(RequestKind::BlobMount),
+            manifest_put: req(RequestKind::ManifestPut),
+            delete: req(RequestKind::Delete),
+            referrers: req(RequestKind::Referrers),
+        }
+    }
+
+    fn images_snapshot(&self) -> ImagesSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ImagesSnapshot {
+            layers_indexed: get(&self.layers_indexed),
+            indexes_from_disk: get(&self.indexes_from_disk),
+            index_bytes: get(&self.index_bytes),
+            decodes: get(&self.content_decodes),
+            fetched_bytes: get(&self.content_fetched_bytes),
+            background_bytes: get(&self.background_bytes),
+            background_layers: get(&self.background_layers),
+            decoded_from_disk: get(&self.decoded_from_disk),
+            toc_unused: get(&self.toc_unused),
+            toc_unused_why: self
+                .toc_unused_why
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            indexes_found: get(&self.soci_indexes_found),
+            indexes_published: get(&self.soci_indexes_published),
+            layers_from_index: get(&self.layers_from_index),
+            indexes_refused: get(&self.soci_indexes_refused),
+            background_checks: get(&self.background_checks),
+            background_checks_failed: get(&self.background_checks_failed),
+            indexing: self.indexing.snapshot(),
         }
     }
 }
@@ -309,6 +345,8 @@ impl Stats {
 #[derive(Serialize, Debug)]
 pub struct Snapshot {
     pub cache: CacheSnapshot,
+    pub memory: MemorySnapshot,
+    pub pieces: PiecesSnapshot,
     pub disk: DiskSnapshot,
     /// Blob bytes received from the registry (or the host it redirected to).
     pub fetched_bytes: u64,
@@ -392,6 +430,31 @@ pub struct CacheSnapshot {
     pub bytes: u64,
     pub budget: u64,
     pub block_size: u64,
+}
+
+/// The one memory budget for blob bytes (cache/limit.rs).
+#[derive(Serialize, Debug)]
+pub struct MemorySnapshot {
+    /// `--cache-size`: the cache, the pieces' share and fetches in flight together.
+    pub limit: u64,
+    /// Bytes reserved by fetches in flight.
+    pub in_flight: u64,
+    /// Fetches that waited for memory.
+    pub waits: u64,
+}
+
+/// Pieces of blocks fetched for random reads (a share of `--cache-size`).
+#[derive(Serialize, Debug)]
+pub struct PiecesSnapshot {
+    /// Range requests for pieces (counted in `requests.blob_range` too).
+    pub fetches: u64,
+    /// Reads that found the pieces they touch held already.
+    pub hits: u64,
+    /// Blocks completed from the pieces held with one request for the rest.
+    pub blocks_completed: u64,
+    pub bytes: u64,
+    pub budget: u64,
+    pub piece_size: u64,
 }
 
 /// The disk cache; `budget` 0 means there is none (`--no-disk-cache`).

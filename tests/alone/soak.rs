@@ -282,3 +282,127 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
     );
     assert!(!mount.log().contains("panicked"), "{}", mount.log());
 }
+
+/// The memory bound (README "Memory"): with `--cache-size 64MiB`, 16 readers at random
+/// offsets (4 KiB to 1 MiB) across four 128 MiB blobs and two listers, for
+/// `REGFS_SOAK_SECS`: the daemon's peak RSS (VmHWM) stays within the cache plus
+/// [`FIXED_OVERHEAD_MIB`] (in a release build: `cargo test --release --test soak`; a
+/// debug build's larger code gets [`DEBUG_BUILD_MIB`] more), every byte read is right,
+/// and no read fails.
+const RANDOM_READERS: usize = 16;
+const BIG_BLOBS: usize = 4;
+const BIG_BLOB: usize = 128 << 20;
+const BUDGET_MIB: u64 = 64;
+/// The fixed overhead the README documents beside `--cache-size` (code, runtime,
+/// metadata memos, FUSE request buffers), for a release build.
+const FIXED_OVERHEAD_MIB: u64 = 32;
+/// What an unoptimised build adds: its code alone is resident at 18-19 MiB during the
+/// soak (RssFile; the release binary is a tenth of the size), and its tasks are larger.
+const DEBUG_BUILD_MIB: u64 = 16;
+
+/// Reads of 4 KiB-1 MiB at random places of the blobs until `stop`, each checked.
+fn random_reader(r: usize, blobs: &[(PathBuf, Vec<u8>)], reads: &AtomicU64, stop: &AtomicBool) {
+    let mut rng = Rng(0xb16_0000 + r as u64);
+    let files: Vec<File> = blobs
+        .iter()
+        .map(|(p, _)| File::open(p).expect("open a blob"))
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        let which = rng.below(BIG_BLOBS as u64) as usize;
+        let len = 4096 + rng.below((1 << 20) - 4096) as usize;
+        let offset = rng.below((BIG_BLOB - len) as u64) as usize;
+        let mut buf = vec![0; len];
+        files[which]
+            .read_exact_at(&mut buf, offset as u64)
+            .unwrap_or_else(|e| panic!("reader {r}: blob {which} at {offset}+{len}: {e}"));
+        assert!(
+            buf == blobs[which].1[offset..offset + len],
+            "reader {r}: wrong bytes in blob {which} at {offset}+{len}"
+        );
+        reads.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Lists the repository of the big blobs and reads its manifest until `stop`.
+fn big_lister(l: usize, root: &Path, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        assert_eq!(ls(&root.join("soak/big/tags")), ["v1"], "lister {l}");
+        assert_eq!(ls(&root.join("soak/big/blobs")).len(), BIG_BLOBS + 1);
+        fs::read(root.join("soak/big/tags/v1/manifest.json")).expect("manifest");
+    }
+}
+
+#[test]
+fn random_readers_and_listers_stay_within_the_cache_and_a_fixed_overhead() {
+    let _alone = crate::alone();
+    common::require_tools();
+    let secs: u64 = std::env::var("REGFS_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let registry = Registry::start();
+    let contents: Vec<Vec<u8>> = (0..BIG_BLOBS)
+        .map(|i| noise(BIG_BLOB, 200 + i as u32))
+        .collect();
+    let layers: Vec<&[u8]> = contents.iter().map(Vec::as_slice).collect();
+    let (_, digests) = push_image(&registry, "soak/big", "v1", &layers);
+    let mount = Mount::start(
+        &registry.url(),
+        &["--cache-size", &format!("{BUDGET_MIB}MiB")],
+    );
+    let blobs: Arc<Vec<(PathBuf, Vec<u8>)>> = Arc::new(
+        digests
+            .iter()
+            .zip(contents)
+            .map(|(d, bytes)| (mount.path(&format!("soak/big/blobs/{d}")), bytes))
+            .collect(),
+    );
+    let rss = RssSampler::start(mount.pid());
+    let reads = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for r in 0..RANDOM_READERS {
+        let (blobs, reads, stop) = (blobs.clone(), reads.clone(), stop.clone());
+        workers.push(thread::spawn(move || {
+            random_reader(r, &blobs, &reads, &stop)
+        }));
+    }
+    for l in 0..LISTERS {
+        let (root, stop) = (mount.dir.clone(), stop.clone());
+        workers.push(thread::spawn(move || big_lister(l, &root, &stop)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline && !workers.iter().any(|w| w.is_finished()) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        if let Err(panic) = w.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+    let peak = rss.stop();
+    let stats = mount.stats();
+    eprintln!(
+        "random soak ({secs} s): {} reads, peak RSS {} MiB (VmHWM {} KiB, cache {BUDGET_MIB} MiB), \
+         waits for memory {}",
+        reads.load(Ordering::Relaxed),
+        peak.peak_mib(),
+        peak.hwm_kib,
+        stats["memory"]["waits"],
+    );
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    // The daemon is built with the same profile as this test (CARGO_BIN_EXE_regfs).
+    let overhead = FIXED_OVERHEAD_MIB
+        + if cfg!(debug_assertions) {
+            DEBUG_BUILD_MIB
+        } else {
+            0
+        };
+    assert!(
+        peak.peak_mib() <= BUDGET_MIB + overhead,
+        "peak RSS {} MiB with --cache-size {BUDGET_MIB}MiB: more than {overhead} MiB beyond it",
+        peak.peak_mib()
+    );
+    assert!(!mount.log().contains("panicked"), "{}", mount.log());
+}

@@ -4,7 +4,10 @@
 //! (the TCP handshake), each connection is held to a rate (as one TCP connection is,
 //! by its window and the path), and all of them together to a total (the link).
 //!
-//! It relays bytes, not HTTP, so anything can sit behind it: a registry, nginx. Used by
+//! It relays bytes, not HTTP, so anything can sit behind it: a registry, nginx. It
+//! counts connections (each a handshake's round trip) and requests: on a connection, a
+//! client that starts sending after it got an answer is making its next request (one
+//! more round trip, for HTTP/1.1). Used by
 //! tests (`tests/e2e/shaper.rs`) and, through `examples/wan_proxy.rs`, by `scripts/bench.sh`.
 //! Plain threads: four per connection, which is plenty for the tens a client opens.
 
@@ -46,6 +49,8 @@ struct Shared {
     total_up: Option<Mutex<Pacer>>,
     stopping: AtomicBool,
     connections: AtomicU64,
+    /// Requests: turns of the clients' to talk (see the module comment).
+    requests: AtomicU64,
     /// Bytes delivered to clients.
     delivered: AtomicU64,
     /// Every socket, to close them when the shaper stops.
@@ -98,6 +103,7 @@ impl Shaper {
             total_up: shape.total.map(|r| Mutex::new(Pacer::new(r))),
             stopping: AtomicBool::new(false),
             connections: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             sockets: Mutex::new(Vec::new()),
         });
@@ -115,6 +121,12 @@ impl Shaper {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests seen so far: times a client started sending on a connection, at first
+    /// or after an answer had come back on it.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
     }
 
     /// Bytes delivered to clients so far.
@@ -170,6 +182,10 @@ fn relay(client: TcpStream, shared: &Arc<Shared>) {
     }
     // Nothing the client sent goes out before the handshake's round trip is over.
     let established = Instant::now() + shared.shape.rtt;
+    let turn = Arc::new(Turn {
+        talking: AtomicBool::new(false),
+        shared: shared.clone(),
+    });
     let directions = [
         (client.try_clone(), upstream.try_clone(), false),
         (upstream.try_clone(), client.try_clone(), true),
@@ -180,23 +196,62 @@ fn relay(client: TcpStream, shared: &Arc<Shared>) {
         };
         let (tx, rx) = sync_channel(PIECES_IN_FLIGHT);
         let one_way = shared.shape.rtt / 2;
+        let (reading, writing) = (turn.clone(), turn.clone());
         let _ = thread::Builder::new()
             .name("shaper-read".into())
-            .spawn(move || read_side(from, &tx, established, one_way));
+            .spawn(move || {
+                read_side(
+                    from,
+                    &tx,
+                    established,
+                    one_way,
+                    (!down).then_some(&*reading),
+                )
+            });
         let shared = shared.clone();
         let _ = thread::Builder::new()
             .name("shaper-write".into())
-            .spawn(move || write_side(to, &rx, &shared, down));
+            .spawn(move || write_side(to, &rx, &shared, down.then_some(&*writing)));
+    }
+}
+
+/// One connection's turns: whether the client is talking (a request is open: set when
+/// it sends, cleared when an answer reaches it), and where requests are counted.
+struct Turn {
+    talking: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl Turn {
+    /// The client sent something: a new request unless it was talking already.
+    fn client_sent(&self) {
+        if !self.talking.swap(true, Ordering::SeqCst) {
+            self.shared.requests.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// An answer reached the client: what it sends next is another request.
+    fn answered(&self) {
+        self.talking.store(false, Ordering::SeqCst);
     }
 }
 
 /// A piece of data and when it reaches the other end; None: the sender closed.
 type Piece = (Instant, Option<Vec<u8>>);
 
-fn read_side(mut from: TcpStream, tx: &SyncSender<Piece>, established: Instant, one_way: Duration) {
+fn read_side(
+    mut from: TcpStream,
+    tx: &SyncSender<Piece>,
+    established: Instant,
+    one_way: Duration,
+    client: Option<&Turn>,
+) {
     loop {
         let mut buf = vec![0; PIECE];
         let n = from.read(&mut buf).unwrap_or(0);
+        if let (Some(turn), true) = (client, n > 0) {
+            turn.client_sent();
+        }
         let due = Instant::now().max(established) + one_way;
         if n == 0 {
             let _ = tx.send((due, None));
@@ -210,7 +265,9 @@ fn read_side(mut from: TcpStream, tx: &SyncSender<Piece>, established: Instant, 
     }
 }
 
-fn write_side(mut to: TcpStream, rx: &Receiver<Piece>, shared: &Shared, down: bool) {
+/// `answers`: for the direction towards the client, its turns (which it ends).
+fn write_side(mut to: TcpStream, rx: &Receiver<Piece>, shared: &Shared, answers: Option<&Turn>) {
+    let down = answers.is_some();
     let mut own = shared.shape.per_connection.map(Pacer::new);
     let total = if down {
         &shared.total_down
@@ -237,7 +294,8 @@ fn write_side(mut to: TcpStream, rx: &Receiver<Piece>, shared: &Shared, down: bo
             let _ = to.shutdown(Shutdown::Both);
             return;
         }
-        if down {
+        if let Some(turn) = answers {
+            turn.answered();
             shared
                 .delivered
                 .fetch_add(piece.len() as u64, Ordering::Relaxed);

@@ -31,6 +31,7 @@ mod oci_layout;
 mod referrers;
 mod runtime;
 mod shaper;
+mod small_reads;
 mod soci;
 mod stalls;
 mod status;

@@ -2,7 +2,9 @@
 //! (`--cache-dir`), else the registry, whose answer then goes to the disk cache too.
 //! Every fetch below the memory cache (a reader's, prefetch, a stream's) goes through
 //! here, so a blob on disk is never fetched again. A small blob a mirror may serve is
-//! fetched from it whole and checked first (mirror_whole.rs).
+//! fetched from it whole and checked first (mirror_whole.rs). A block of which a
+//! random reader got pieces (pieces.rs) is completed from them with one request for
+//! the rest.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use bytes::Bytes;
 
 use super::blocks::BlobAt;
 use super::mirror_whole::MirrorWhole;
+use super::pieces::Pieces;
 use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{RegistryClient, Result};
 
@@ -20,6 +23,8 @@ pub struct BlockFetcher {
     cache: Arc<BlockCache>,
     disk: Option<DiskCache>,
     mirror_whole: Arc<MirrorWhole>,
+    /// Pieces of blocks random readers got (the blob read path's fetcher only).
+    pieces: Option<Arc<Pieces>>,
 }
 
 impl BlockFetcher {
@@ -29,6 +34,15 @@ impl BlockFetcher {
             cache,
             disk,
             mirror_whole: Arc::default(),
+            pieces: None,
+        }
+    }
+
+    /// Blocks of which pieces are held are completed from them.
+    pub fn with_pieces(self, pieces: Arc<Pieces>) -> Self {
+        BlockFetcher {
+            pieces: Some(pieces),
+            ..self
         }
     }
 
@@ -65,12 +79,21 @@ impl BlockFetcher {
             .checks_whole(&self.client, &self.cache, blob)
     }
 
-    /// Block `index` by a range request, unless the disk has it.
+    /// Block `index` by a range request (for what pieces held of it do not cover),
+    /// unless the disk has it.
     pub async fn fetch(&self, blob: BlobAt<'_>, index: u64) -> Result<Bytes> {
         let (start, len) = self.span(blob.size, index);
-        self.fetch_with(blob, index, || {
+        self.fetch_with(blob, index, || async {
+            if let Some(pieces) = &self.pieces
+                && let Some(block) = pieces
+                    .complete(&self.client, &self.cache, blob, index)
+                    .await
+            {
+                return block;
+            }
             self.client
                 .get_blob_range(blob.repo, blob.digest, start, len)
+                .await
         })
         .await
     }
@@ -88,6 +111,7 @@ impl BlockFetcher {
             let (_, len) = self.span(blob.size, index);
             let buffer = self.cache.buffer(len as usize);
             if let Some(block) = disk.block(blob.digest, blob.size, bs, index, buffer).await {
+                self.drop_pieces(blob, index);
                 return Ok(block);
             }
         }
@@ -101,10 +125,18 @@ impl BlockFetcher {
             return Ok(block);
         }
         let block = fetch().await?;
+        self.drop_pieces(blob, index);
         if let Some(disk) = &self.disk {
             disk.store_block(blob.digest, blob.size, bs, index, block.clone())
                 .await;
         }
         Ok(block)
+    }
+
+    /// Pieces of a block fetched whole are not needed any more.
+    fn drop_pieces(&self, blob: BlobAt<'_>, index: u64) {
+        if let Some(pieces) = &self.pieces {
+            pieces.drop_block(blob.digest, blob.size, index);
+        }
     }
 }

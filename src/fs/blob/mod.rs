@@ -3,12 +3,14 @@
 //! then one stream per sequential reader (stream.rs) unless the link is better used by
 //! parallel fetches (link_speed.rs); a block the memory cache lacks comes from the disk
 //! cache, a mirror checked whole (mirror_whole.rs) or the registry (fetch.rs); a read
-//! from first byte to last is checked against the digest (verify.rs).
+//! from first byte to last is checked against the digest (verify.rs). A reader that
+//! jumps about gets the pieces of blocks it touches, not whole blocks (pieces.rs).
 
 mod blocks;
 mod fetch;
 mod link_speed;
 mod mirror_whole;
+mod pieces;
 mod readahead;
 mod reads;
 mod stream;

@@ -1,4 +1,5 @@
-//! Reading blobs through the block cache: a read becomes the blocks it touches, a
+//! Reading blobs through the block cache: a read becomes the blocks it touches (or,
+//! for a reader that jumps about, the pieces of them it touches: pieces.rs), a
 //! sequential reader earns prefetch and then a stream, and a reader that goes from the
 //! first byte to the last has the content checked against the digest on the way.
 
@@ -15,6 +16,7 @@ use tracing::{debug, warn};
 use super::blocks::{BlobAt, join_blocks};
 use super::fetch::BlockFetcher;
 use super::link_speed::LinkSpeed;
+use super::pieces::Pieces;
 use super::readahead::{REORDER_SLACK, ReadAhead};
 use super::stream::{StreamPlan, stream_blocks};
 use super::verify::{ContentCheck, Verifier};
@@ -45,6 +47,8 @@ pub struct BlobReads {
     cache: Arc<BlockCache>,
     verifier: Verifier,
     fetcher: BlockFetcher,
+    /// Pieces of blocks for random readers.
+    pieces: Arc<Pieces>,
     prefetch_slots: Arc<Semaphore>,
     max_window: u64,
     /// Streams running now: they share the window (see stream.rs).
@@ -151,13 +155,23 @@ impl BlobReads {
         disk: Option<DiskCache>,
     ) -> BlobReads {
         let blocks_in_budget = cache.budget() / cache.block_size();
+        let stats = client.stats().clone();
+        let pieces = Arc::new(Pieces::new(
+            cache.block_size(),
+            cache.budget(),
+            cache.limit().cloned(),
+            stats.clone(),
+        ));
+        let verifier =
+            Verifier::new(cache.clone(), stats, disk.clone()).with_pieces(pieces.clone());
         BlobReads {
             max_window: MAX_WINDOW_BLOCKS.min(blocks_in_budget / 4),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCH_CONCURRENCY)),
             streams: Arc::default(),
             link_speed: Arc::default(),
-            verifier: Verifier::new(cache.clone(), client.stats().clone(), disk.clone()),
-            fetcher: BlockFetcher::new(client, cache.clone(), disk),
+            verifier,
+            fetcher: BlockFetcher::new(client, cache.clone(), disk).with_pieces(pieces.clone()),
+            pieces,
             served: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(SERVED_BLOBS).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
@@ -283,8 +297,10 @@ impl BlobReads {
             }
         }
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let blocks = try_join_all((first..=last).map(|i| self.block(blob, i))).await?;
-        let data = join_blocks(&blocks, first * bs, offset, end);
+        let parts = (first..=last)
+            .map(|i| self.part(blob, i, offset.max(i * bs), end.min((i + 1) * bs), window));
+        let parts = try_join_all(parts).await?;
+        let data = join_blocks(&parts, offset, offset, end);
         // The read of the last byte waits for the verdict; others only hand over.
         blob.check.offer(offset, data.clone()).await?;
         // A sequential pass over a blob larger than the cache: the block it left behind,
@@ -296,6 +312,33 @@ impl BlobReads {
             }
         }
         Ok(data)
+    }
+
+    /// Bytes `from..to` of block `index`: from the block, or for a random reader
+    /// (`window` 0) from pieces of it if nobody has the block (memory, disk, a fetch in
+    /// flight, a mirror's whole blob) and the read touches less than half of it.
+    async fn part(
+        &self,
+        blob: &OpenBlob,
+        index: u64,
+        from: u64,
+        to: u64,
+        window: u64,
+    ) -> Result<Bytes> {
+        let by_pieces = window == 0
+            && self.pieces.worth(blob.size, from, to)
+            && !self.cache.contains(&(blob.digest.clone(), index))
+            && !self.fetcher.on_disk(blob.at(), index)
+            && !self.fetcher.checks_whole(blob.at());
+        if by_pieces {
+            return self
+                .pieces
+                .read(self.fetcher.client(), blob.at(), from, to)
+                .await;
+        }
+        let block = self.block(blob, index).await?;
+        let start = index * self.cache.block_size();
+        Ok(join_blocks(&[block], start, from, to))
     }
 
     /// Block `index` of the blob, from the cache or the registry.

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
+use super::pieces::Pieces;
 use crate::cache::{BlockCache, DiskCache};
 use crate::registry::{Digest, DigestHasher, Error, RepoName, Result};
 use crate::stats::Stats;
@@ -60,6 +61,8 @@ pub struct Verifier {
     suspect: Arc<Mutex<HashSet<Digest>>>,
     /// Bytes stashed by all hashers (MAX_STASH_ALL).
     stashed: Arc<std::sync::atomic::AtomicU64>,
+    /// Pieces of blocks random readers got: a wrong blob's go with its blocks.
+    pieces: Option<Arc<Pieces>>,
 }
 
 /// The check of one open file: a line to its hasher task.
@@ -144,6 +147,15 @@ impl Verifier {
             disk,
             suspect: Arc::new(Mutex::new(HashSet::new())),
             stashed: Arc::default(),
+            pieces: None,
+        }
+    }
+
+    /// A wrong blob's pieces are forgotten with its blocks.
+    pub fn with_pieces(self, pieces: Arc<Pieces>) -> Verifier {
+        Verifier {
+            pieces: Some(pieces),
+            ..self
         }
     }
 
@@ -333,6 +345,9 @@ impl Hasher {
         shared.mismatch.store(true, Ordering::Release);
         Stats::add(&verifier.stats.verify_failures, 1);
         verifier.cache.forget(&shared.digest);
+        if let Some(pieces) = &verifier.pieces {
+            pieces.forget(&shared.digest);
+        }
         if let Some(disk) = &verifier.disk {
             disk.forget(&shared.digest, verifier.cache.block_size());
         }

@@ -226,6 +226,7 @@ impl Background {
             .acquire()
             .await
             .map_err(|_| Error::Unavailable("background reads stopped".into()))?;
+        let _reserved = blob.cache.reserve_bytes(len).await; // cache/limit.rs
         let client = blob.fetcher.client();
         let fetch = client.get_blob_range(&blob.repo, &blob.digest, start, len);
         let block = Stats::in_background(fetch).await?;

@@ -165,12 +165,17 @@ impl LayerIndexes {
     ) -> LayerIndexes {
         let stats = view.client().stats().clone();
         let cache = fetcher.cache().clone();
-        let budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
+        let mut budget = (cache.budget() / PIECES_SHARE).clamp(MIN_PIECES, MAX_PIECES);
+        // Within --cache-size: what it holds counts there (cache/limit.rs).
+        if let Some(limit) = cache.limit() {
+            budget = limit.share(budget);
+        }
         // The piece cache counts its hits apart from the block cache's.
-        let pieces = Arc::new(PieceCache::new(
+        let pieces = Arc::new(PieceCache::beside(
             image_mod::pass::SPAN_SIZE,
             budget,
             Arc::default(),
+            cache.limit().cloned(),
         ));
         let disk = fetcher.disk().cloned();
         let soci = shared_indexes.then(|| Arc::new(SociIndexes::new(view.clone(), disk.clone())));

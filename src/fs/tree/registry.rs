@@ -97,23 +97,31 @@ impl RegistryDirs {
 
     async fn tag_child(&self, repo: &RepoName, name: &str) -> Result<Node, Errno> {
         let tag = Tag::parse(name).ok_or(Errno::ENOENT)?;
+        let node = Node::TagDir(repo.clone(), tag.clone());
         if self.overlay.has_tag_dir(repo, &tag) {
-            return Ok(Node::TagDir(repo.clone(), tag));
+            return Ok(node);
         }
-        let listed = self
-            .view
-            .tags(repo)
-            .await
-            .is_ok_and(|tags| tags.contains(&tag));
-        if !listed {
+        if let Some(tags) = self.view.tags_known(repo) {
+            if tags.contains(&tag) {
+                return Ok(node);
+            }
             // Maybe pushed since the list was fetched: ask for it directly.
-            let path = Node::TagDir(repo.clone(), tag.clone());
             self.view
                 .tag_manifest(repo, &tag)
                 .await
-                .map_err(|e| fail(&path, e))?;
+                .map_err(|e| fail(&node, e))?;
+            return Ok(node);
         }
-        Ok(Node::TagDir(repo.clone(), tag))
+        // The list and the manifest together: the manifest is what a lookup of a tag
+        // leads to (manifest.json, rootfs), and a tag missing from the list may have
+        // been pushed since.
+        let (tags, manifest) =
+            tokio::join!(self.view.tags(repo), self.view.tag_manifest(repo, &tag));
+        if tags.is_ok_and(|tags| tags.contains(&tag)) {
+            return Ok(node);
+        }
+        manifest.map_err(|e| fail(&node, e))?;
+        Ok(node)
     }
 
     async fn dir_child(&self, path: &str, name: &str) -> Result<Node, Errno> {

@@ -109,6 +109,11 @@ impl Lists {
             .await
     }
 
+    /// `repo`'s tag list if it is known and fresh; never asks.
+    pub fn tags_known(&self, repo: &RepoName) -> Option<Arc<Vec<Tag>>> {
+        self.tags.peek(repo)
+    }
+
     /// Forgets `repo`'s tag list (a push or a delete changed it).
     pub fn forget_tags(&self, repo: &RepoName) {
         self.tags.forget(repo);

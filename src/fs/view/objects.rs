@@ -1,6 +1,6 @@
 //! The registry's objects as regfs asks for them: manifests by tag (for `--tag-ttl`)
 //! and by digest (content-addressed, for as long as the LRU keeps them, and on disk),
-//! and blob sizes.
+//! and blob sizes: from the descriptors of the manifests fetched, else by HEAD.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::bounds::ENTRY_OVERHEAD;
 use crate::cache::{DiskCache, Memo};
 use crate::registry::{
-    Digest, Error, FetchedManifest, Reference, RegistryClient, RepoName, Result, Tag,
+    Digest, Error, FetchedManifest, ManifestLinks, Reference, RegistryClient, RepoName, Result, Tag,
 };
 
 /// The most bytes the memos of manifests (by tag, and by digest) hold each: metadata is
@@ -20,6 +20,9 @@ pub struct Objects {
     tag_manifests: Memo<(RepoName, Tag), Arc<FetchedManifest>>,
     manifests: Memo<(RepoName, Digest), Arc<FetchedManifest>>,
     blob_sizes: Memo<(RepoName, Digest), u64>,
+    /// Blob sizes the descriptors of the manifests fetched gave: a blob reached through
+    /// a manifest read before needs no HEAD.
+    described: Memo<(RepoName, Digest), u64>,
     /// Manifests by digest are kept on disk too (checked against the digest on read).
     disk: Option<DiskCache>,
 }
@@ -38,6 +41,7 @@ impl Objects {
                 .keeping_failures(unanswered)
                 .weighing(weigh_manifest, MANIFEST_MEMO_BYTES),
             blob_sizes: Memo::new(65_536, None).keeping_failures(unanswered),
+            described: Memo::new(65_536, None),
             disk,
         }
     }
@@ -50,6 +54,7 @@ impl Objects {
                 let reference = Reference::Tag(tag.clone());
                 let fetched = Arc::new(self.client.get_manifest(repo, &reference).await?);
                 self.keep_on_disk(&fetched);
+                self.note_sizes(repo, &fetched);
                 // Fetched by tag, it is also the manifest for its digest.
                 self.manifests
                     .insert((repo.clone(), fetched.digest.clone()), fetched.clone());
@@ -65,6 +70,7 @@ impl Objects {
                 let reference = Reference::Digest(digest.clone());
                 let fetched = Arc::new(self.client.get_manifest(repo, &reference).await?);
                 self.keep_on_disk(&fetched);
+                self.note_sizes(repo, &fetched);
                 Ok(fetched)
             })
             .await
@@ -94,6 +100,7 @@ impl Objects {
                     media_type,
                     bytes,
                 });
+                self.note_sizes(repo, &fetched);
                 self.manifests.insert(key, fetched.clone());
                 return Ok(fetched);
             }
@@ -101,9 +108,23 @@ impl Objects {
         self.manifest(repo, digest).await
     }
 
-    /// The exact size of a blob by HEAD (remembered).
+    /// Remembers the sizes of the blobs an image manifest of `repo` describes.
+    fn note_sizes(&self, repo: &RepoName, m: &FetchedManifest) {
+        if let Ok(ManifestLinks::Image { blobs }) = ManifestLinks::parse(&m.bytes, &m.media_type) {
+            for blob in blobs {
+                self.described
+                    .insert((repo.clone(), blob.digest), blob.size);
+            }
+        }
+    }
+
+    /// The exact size of a blob: from a manifest's descriptor, else by HEAD
+    /// (remembered).
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
         let key = (repo.clone(), digest.clone());
+        if let Some(size) = self.described.peek(&key) {
+            return Ok(size);
+        }
         self.blob_sizes
             .get_or_fetch(&key, || self.client.head_blob(repo, digest))
             .await
@@ -119,6 +140,7 @@ impl Objects {
         let key = (repo.clone(), digest.clone());
         self.manifests.forget(&key);
         self.blob_sizes.forget(&key);
+        self.described.forget(&key);
     }
 }
 

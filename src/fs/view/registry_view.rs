@@ -63,6 +63,11 @@ impl RegistryView {
         self.lists.tags(repo).await
     }
 
+    /// `repo`'s tag list if it is known and fresh; never asks.
+    pub fn tags_known(&self, repo: &RepoName) -> Option<Arc<Vec<Tag>>> {
+        self.lists.tags_known(repo)
+    }
+
     /// The manifest a tag points at now (as of at most `--tag-ttl` ago).
     pub async fn tag_manifest(&self, repo: &RepoName, tag: &Tag) -> Result<Arc<FetchedManifest>> {
         self.objects.tag_manifest(repo, tag).await

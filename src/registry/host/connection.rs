@@ -20,6 +20,9 @@ use super::ssrf::Guard;
 use crate::registry::error::{Error, Result};
 use crate::stats::{HostCounters, RequestKind, Stats};
 
+/// The most of a warm-up answer's body read (`GET /v2/` answers `{}`).
+const WARM_UP_BODY: usize = 64 << 10;
+
 pub struct Host {
     clients: Clients,
     base: Url,
@@ -180,6 +183,30 @@ impl Host {
             });
         }
         Ok(resp)
+    }
+
+    /// Opens a connection for blob GETs before the first one needs it: `GET /v2/`
+    /// through their client, which follows no redirects and so keeps connections of its
+    /// own (a first read would otherwise wait for a handshake). The answer is not used.
+    pub async fn warm_blob_client(&self) {
+        let Ok(url) = self.url("/v2/") else {
+            return;
+        };
+        let _in_flight = self.stats.request(RequestKind::Ping);
+        let what = "GET /v2/ (a connection for blob reads)";
+        match self.send(what, self.clients.unredirected.get(url)).await {
+            // Read to its end (a few bytes; at most WARM_UP_BODY): only then does the
+            // connection go back to the pool for the first read, rather than a new one.
+            Ok(mut resp) => {
+                let mut read = 0;
+                while read < WARM_UP_BODY
+                    && let Ok(Some(chunk)) = resp.chunk().await
+                {
+                    read += chunk.len();
+                }
+            }
+            Err(e) => debug!(request = what, "no answer: {e}"),
+        }
     }
 
     /// `GET /v2/`: does this look like a registry? 401 counts: it answers, and wants auth.
