@@ -167,6 +167,16 @@ impl RegistryDirs {
         if exists || !known.complete() {
             // Without a catalog, any valid name may be a namespace of repositories we
             // cannot list (`library` of `library/alpine`), so it is a directory.
+            return Ok(Node::Dir(full));
+        }
+        // Not a repository with tags: maybe a namespace, or a repository of untagged
+        // manifests, pushed since the catalog was read.
+        let fresh = self
+            .view
+            .known_repos_after_miss()
+            .await
+            .map_err(|e| fail(&"/", e))?;
+        if fresh.contains(&repo) || fresh.any_below(&full) {
             Ok(Node::Dir(full))
         } else {
             Err(Errno::ENOENT)
@@ -192,7 +202,15 @@ impl RegistryDirs {
             .probe_repo(&repo)
             .await
             .map_err(|e| fail(&Node::Dir(path.to_owned()), e))?;
-        Ok(exists.then_some(repo))
+        if exists {
+            return Ok(Some(repo));
+        }
+        let fresh = self
+            .view
+            .known_repos_after_miss()
+            .await
+            .map_err(|e| fail(&"/", e))?;
+        Ok(fresh.contains(&repo).then_some(repo))
     }
 
     pub async fn attr(&self, node: &Node, ino: u64) -> Result<Attr, Errno> {

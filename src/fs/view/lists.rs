@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::info;
 
@@ -11,6 +11,11 @@ use super::bounds::ENTRY_OVERHEAD;
 use super::known_repos::KnownRepos;
 use crate::cache::Memo;
 use crate::registry::{Error, RegistryClient, RepoName, Result, Tag};
+
+/// How often a name missing from the catalog makes regfs ask for the catalog again: a
+/// repository pushed since it was read shows at once, a typo does not cost a catalog
+/// each time.
+const CATALOG_AFTER_MISS: Duration = Duration::from_secs(1);
 
 /// The most bytes the memo of tag lists holds: metadata is bounded by bytes, not by
 /// count, so a repository of 50,000 tags cannot take the daemon's memory.
@@ -29,6 +34,8 @@ pub struct Lists {
     /// Repositories named with `--repo`, plus those found by lookups.
     extra_repos: Mutex<Arc<BTreeSet<RepoName>>>,
     catalog: Memo<(), Catalog>,
+    /// When a missing name last made the catalog be asked for again.
+    catalog_after_miss: Mutex<Option<Instant>>,
     tags: Memo<RepoName, Arc<Vec<Tag>>>,
 }
 
@@ -42,6 +49,7 @@ impl Lists {
             client,
             extra_repos: Mutex::new(Arc::new(repos.into_iter().collect())),
             catalog: Memo::new(1, ttl).keeping_failures(unanswered),
+            catalog_after_miss: Mutex::new(None),
             tags: Memo::new(4096, ttl)
                 .keeping_failures(unanswered)
                 .weighing(weigh_tags, TAG_LIST_MEMO_BYTES),
@@ -76,6 +84,27 @@ impl Lists {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         Ok(KnownRepos::new(listed, found))
+    }
+
+    /// [`Lists::known_repos`] after a name was missing from them: the catalog is asked
+    /// for again (read while the mount started, it may predate a push), at most once
+    /// per [`CATALOG_AFTER_MISS`].
+    pub async fn known_repos_after_miss(&self) -> Result<KnownRepos> {
+        let ask_again = {
+            let mut last = self
+                .catalog_after_miss
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let due = last.is_none_or(|at| at.elapsed() >= CATALOG_AFTER_MISS);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if ask_again {
+            self.catalog.forget(&());
+        }
+        self.known_repos().await
     }
 
     /// Remembers that `repo` exists (copy on write: readers hold the old set).

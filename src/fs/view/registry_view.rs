@@ -54,6 +54,12 @@ impl RegistryView {
         self.lists.known_repos().await
     }
 
+    /// The same after a name was missing: the catalog asked for again (at most once a
+    /// second), as it may predate a push.
+    pub async fn known_repos_after_miss(&self) -> Result<KnownRepos> {
+        self.lists.known_repos_after_miss().await
+    }
+
     /// Asks the registry whether `repo` exists (its tag list answers), and remembers it.
     pub async fn probe_repo(&self, repo: &RepoName) -> Result<bool> {
         self.lists.probe_repo(repo).await
