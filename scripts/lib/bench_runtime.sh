@@ -406,7 +406,7 @@ rt_regfs_rows() {
 # rt_moved: layer bytes the mount fetched for the reads programs waited on.
 rt_moved() {
     local f b
-    f=$(rt_stat .fetched_bytes) && b=$(rt_stat .images.background_bytes) && all_numeric "$f" "$b" || return 1
+    f=$(rt_stat .fetched_bytes) && b=$(rt_stat ".images.background_bytes // 0") && all_numeric "$f" "$b" || return 1
     echo $((f - b))
 }
 
@@ -414,7 +414,7 @@ rt_moved() {
 # the snapshotter served the layers, its memory.
 rt_cold_counters() {
     moved+=("$(rt_moved || echo error)")
-    bg+=("$(rt_stat .images.background_bytes || echo error)")
+    bg+=("$(rt_stat ".images.background_bytes // 0" || echo error)")
     remote+=("$(jq -r '.remote_snapshots // 0' "$rt_rig/snap/stats.json" 2>/dev/null || echo error)")
     fallbacks+=("$(jq -r '.fallbacks // 0' "$rt_rig/snap/stats.json" 2>/dev/null || echo error)")
     hwm+=("$(rt_hwm || echo error)")
@@ -546,11 +546,11 @@ rt_podman_row() {
         s=$(rt_podman_start "$d" "") || s=error
         without+=("$s")
         rt_podman_teardown "$d"
-        regfs_mount --read-only --cache-size "$rt_cache"
+        regfs_mount --cache-size "$rt_cache"
         rt_podman_setup "$d" "$mnt/.layerstore"
         s=$(rt_podman_start "$d" "$mnt/.layerstore") || s=error
         with+=("$s")
-        f=$(stat_json .fetched_bytes) && b=$(stat_json .images.background_bytes) && all_numeric "$f" "$b" &&
+        f=$(stat_json .fetched_bytes) && b=$(stat_json ".images.background_bytes // 0") && all_numeric "$f" "$b" &&
             moved+=("$((f - b))") || moved+=(error)
         stored+=("$(find "$d/root/overlay" -mindepth 2 -maxdepth 2 -name additionallayer 2>/dev/null | wc -l)")
         log "runtime: podman samples (s): without ${without[*]} | with ${with[*]} | moved ${moved[*]} | layers from the store ${stored[*]}"
