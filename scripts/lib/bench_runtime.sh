@@ -375,8 +375,9 @@ rt_regfs_rows() {
             log "runtime: regfs $tag start: $s s"
             [[ $s == error ]] || rt_cold_counters
             if [[ $tag == plain ]]; then
-                if [[ $s != error ]] && s=$(rt_second_start "$id-again"); then
-                    t2+=("$s")
+                # Not in a subshell: it restarts the snapshotter, whose pid rt_rig_stop needs.
+                if [[ $s != error ]] && rt_second_start "$id-again"; then
+                    t2+=("$rt_second_s")
                     moved2+=("$(rt_moved || echo error)")
                     layer2+=("$(rt_stat .images.fetched_bytes || echo error)")
                     kept2+=("$(rt_stat .images.decoded_from_disk || echo error)")
@@ -429,7 +430,7 @@ rt_cold_counters() {
 }
 
 # rt_second_start ID: the image removed, the snapshotter restarted and its host mount
-# unmounted, the disk cache kept; then the same start again. Prints its seconds.
+# unmounted, the disk cache kept; then the same start again. Its seconds in rt_second_s.
 rt_second_start() {
     rt_settle
     rt_ctr image rm --sync "$registry/$rt_repo:plain" >/dev/null 2>>"$rt_rig/ctr.log" || return 1
@@ -437,7 +438,7 @@ rt_second_start() {
     rt_unmount_below "$rt_rig/snap"
     rt_snapshotter_start || return 1
     wait_until 20 rt_ctr snapshots --snapshotter regfs ls >/dev/null 2>&1 || return 1
-    rt_start plain "$1" regfs
+    rt_second_s=$(rt_start plain "$1" regfs)
 }
 
 # rt_cold_row TAG (rt_regfs_rows' locals): the cold row of one format.
