@@ -254,7 +254,7 @@ rt_drop_caches() {
 # rt_start TAG ID [regfs] [nopull]: drop the page cache, then pull (or rpull) TAG and run
 # the program in container ID; prints the seconds to its first line of output.
 rt_start() {
-    local image=$registry/$rt_repo:$1 t0 out t1 first snap=()
+    local image=$registry/$rt_repo:$1 t0 tp out t1 first snap=()
     [[ ${3:-} != regfs ]] || snap=(--snapshotter regfs)
     rt_drop_caches
     t0=$(now_us)
@@ -265,10 +265,12 @@ rt_start() {
             rt_ctr image pull --plain-http "$image" >/dev/null 2>>"$rt_rig/ctr.log" || return 1
         fi
     fi
+    tp=$(now_us)
     out=$(rt_ctr run --rm "${snap[@]}" "$image" "$2" /usr/bin/python3 /app/main.py 2>>"$rt_rig/ctr.log" |
         { IFS= read -r first || exit 1; echo "$(now_us) $first"; cat >/dev/null; }) || return 1
     read -r t1 first <<<"$out"
     [[ $first == "$rt_marker"* ]] || { log "runtime: unexpected first line: $first"; return 1; }
+    log "runtime: $2: pull $(calc "($tp - $t0) / 1000000" 3) s, run to the first output $(calc "($t1 - $tp) / 1000000" 3) s"
     calc "($t1 - $t0) / 1000000" 6
 }
 
@@ -412,7 +414,6 @@ rt_regfs_rows() {
 # One read of the counters: background bytes arrive at any moment.
 rt_moved() { rt_stat "$rt_moved_filter"; }
 rt_moved_filter='.fetched_bytes - (.images.background_bytes // 0)'
-
 
 # After a cold start (rt_regfs_rows' locals): what it moved, in the background, how
 # the snapshotter served the layers, its memory.
