@@ -382,7 +382,7 @@ rt_regfs_rows() {
                     t2+=("$rt_second_s")
                     moved2+=("$(rt_moved || echo error)")
                     layer2+=("$(rt_stat .images.fetched_bytes || echo error)")
-                    kept2+=("$(rt_stat .images.decoded_from_disk || echo error)")
+                    kept2+=("$(rt_stat '.disk.passthrough_opens // 0' || echo error)")
                     log "runtime: mount stats at the second start's first output: $(rt_stat -c '{fetched_bytes, images, disk}' 2>/dev/null | head -c 1500)"
                 else
                     t2+=(error)
@@ -397,7 +397,7 @@ rt_regfs_rows() {
             if [[ -z $rss_worst ]] || holds "$s > $rss_worst"; then rss_worst=$s rss_tag=$tag; fi
         fi
         if [[ $tag == plain ]]; then
-            log "runtime: plain second start samples (s): ${t2[*]} | moved ${moved2[*]} | layer bytes ${layer2[*]} | decoded from disk ${kept2[*]}"
+            log "runtime: plain second start samples (s): ${t2[*]} | moved ${moved2[*]} | layer bytes ${layer2[*]} | passthrough opens ${kept2[*]}"
             rt_second_row
         fi
     done
@@ -477,7 +477,7 @@ rt_second_row() {
         return
     fi
     a=$(median "${t2[@]}") m=$(median "${moved2[@]}") l=$(median "${layer2[@]}") k=$(median "${kept2[@]}")
-    local cell="$(secs "$a"), $(human_bytes "$m") fetched, $(human_bytes "$l") of layers, $(human_bytes "$k") of decoded files from the disk cache"
+    local cell="$(secs "$a"), $(human_bytes "$m") fetched, $(human_bytes "$l") of layers, $(calc "$k" 0) files opened from the disk cache (passthrough)"
     if [[ -z $peer || -z $unpacked ]]; then
         row "$label" "$cell" "$peer_cell" "—" "$target" "n/a"
         return
