@@ -3,8 +3,9 @@
 #
 #   scripts/bench.sh                          full run (1 GiB blob, 3 runs per row)
 #   BENCH_SIZE_MIB=128 scripts/bench.sh       quick run while developing
-#   BENCH_ONLY=seq,random,grep,rss,upload,disk,image,soci,wan   rows to run (default: all; random
-#                                             includes the bytes-per-cold-read row)
+#   BENCH_ONLY=seq,random,grep,rss,upload,disk,image,soci,wan,runtime   rows to run (default:
+#                                             all; random includes the bytes-per-cold-read row;
+#                                             runtime runs containerd: root only)
 #   BENCH_IMAGE_MIB=512                       size of the image of the image rows
 #   BENCH_RUNS=5                              runs per row (default 3; medians are reported)
 #   REGFS=/path/to/regfs                      binary to measure (default: cargo build --release here)
@@ -38,10 +39,12 @@ source scripts/lib/bench_image.sh
 source scripts/lib/bench_soci.sh
 # shellcheck source=scripts/lib/bench_wan.sh
 source scripts/lib/bench_wan.sh
+# shellcheck source=scripts/lib/bench_runtime.sh
+source scripts/lib/bench_runtime.sh
 
 runs=${BENCH_RUNS:-3}
 size_mib=${BENCH_SIZE_MIB:-1024}
-only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk,image,soci,wan}
+only=${BENCH_ONLY:-seq,random,grep,rss,upload,disk,image,soci,wan,runtime}
 read_timeout=${BENCH_TIMEOUT:-600} # seconds for any single read/grep/pipeline
 size=$((size_mib * 1024 * 1024))
 random_reads=200 # 4 KiB preads per cold/warm random pass (at most one per block of the blob)
@@ -51,7 +54,7 @@ repos=40 tags=10 # 400 manifests for the grep row
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_RUNS must be a positive integer" >&2; exit 2; }
 [[ $size_mib =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_SIZE_MIB must be a positive integer" >&2; exit 2; }
 for row in ${only//,/ }; do
-    case $row in seq | random | grep | rss | upload | disk | image | soci | wan) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
+    case $row in seq | random | grep | rss | upload | disk | image | soci | wan | runtime) ;; *) echo "BENCH_ONLY: unknown row '$row'" >&2; exit 2 ;; esac
 done
 want() { [[ ,$only, == *,$1,* ]]; }
 
@@ -148,6 +151,7 @@ cleanup() {
     unmount "$rclone_mnt" "$rclone_pid"
     unmount "$httpfs_mnt" "$httpfs_pid"
     stop_wan
+    stop_runtime
     stop_pid "$nginx_pid"
     stop_pid "$registry_pid"
     # Never recurse into a mount that refused to go away.
@@ -1081,6 +1085,7 @@ want upload && upload_row
 want disk && disk_rows
 want image && image_rows
 want soci && soci_rows
+want runtime && runtime_rows
 if want wan; then
     detect_block_size
     wan_rows

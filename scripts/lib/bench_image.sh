@@ -45,32 +45,54 @@ for i in range(2000):
         "http://$registry/v2/$image_repo/manifests/plain" | jq '[.layers[].size] | add')
 }
 
-# A private containerd, for ctr-remote image convert.
-image_convert() {
-    local c=$tmp/containerd sock pid=''
+# containerd_start DIR [SNAPSHOTTER_SOCKET]: a private containerd (own root, state and
+# socket under DIR; CRI off), with the proxy snapshotter `regfs` on SNAPSHOTTER_SOCKET
+# when one is given. Sets containerd_pid and containerd_sock; false if it does not answer
+# within 30 s.
+containerd_start() {
+    local c=$1
     mkdir -p "$c"
-    sock=$c/containerd.sock
-    cat >"$c/config.toml" <<EOF
+    containerd_sock=$c/containerd.sock
+    {
+        cat <<EOF
 version = 2
 root = "$c/root"
 state = "$c/state"
 [grpc]
-  address = "$sock"
+  address = "$containerd_sock"
 [plugins."io.containerd.grpc.v1.cri"]
   disable = true
 EOF
+        [[ -z ${2:-} ]] || printf '[proxy_plugins.regfs]\n  type = "snapshot"\n  address = "%s"\n' "$2"
+    } >"$c/config.toml"
     containerd --config "$c/config.toml" >"$c/log" 2>&1 &
-    pid=$!
-    wait_until 30 ctr-remote --address "$sock" version >/dev/null 2>&1 ||
-        { log "containerd did not start"; stop_pid "$pid"; return 1; }
-    local src=$registry/$image_repo:plain
-    ctr-remote --address "$sock" image pull --plain-http "$src" >&2
+    containerd_pid=$!
+    if ! wait_until 30 ctr --address "$containerd_sock" version >/dev/null 2>&1; then
+        log "containerd did not start; its log:"
+        tail -5 "$c/log" >&2
+        stop_pid "$containerd_pid"
+        containerd_pid=
+        return 1
+    fi
+}
+
+# image_convert [REPO]: REPO:plain (default the image rows' repository) converted by
+# ctr-remote in a private containerd to eStargz and zstd:chunked, pushed as REPO:estargz
+# and REPO:zstdchunked.
+image_convert() {
+    local repo=${1:-$image_repo} kind failed=0
+    containerd_start "$tmp/containerd" || return 1
+    local src=$registry/$repo:plain
+    ctr-remote --address "$containerd_sock" image pull --plain-http "$src" >&2 || failed=1
     for kind in estargz zstdchunked; do
-        log "converting the image to $kind (ctr-remote)"
-        ctr-remote --address "$sock" image convert "--$kind" --oci "$src" "$registry/$image_repo:$kind" >&2
-        ctr-remote --address "$sock" image push --plain-http "$registry/$image_repo:$kind" >&2
+        log "converting $repo to $kind (ctr-remote)"
+        ctr-remote --address "$containerd_sock" image convert "--$kind" --oci "$src" "$registry/$repo:$kind" >&2 || failed=1
+        ctr-remote --address "$containerd_sock" image push --plain-http "$registry/$repo:$kind" >&2 || failed=1
     done
-    stop_pid "$pid"
+    stop_pid "$containerd_pid"
+    containerd_pid=
+    rm -rf --one-file-system "$tmp/containerd"
+    return "$failed"
 }
 
 # The peer: skopeo copy to an OCI layout, then umoci unpack. Prints seconds.
