@@ -358,6 +358,7 @@ runtime_rows() {
         row "containerd overlayfs: \`ctr image pull\` + \`ctr run\`, $what (the peer)" "—" "error (see log)" "—" "report" "n/a"
     fi
     rt_regfs_rows
+    rt_soci_row
     row "the eStargz row through the WAN shaper (40 ms, 25 MB/s per connection)" "not measured" "—" "—" "≤ 0.25 × the peer through it" "n/a"
     notes+=("runtime: the WAN row is not measured yet: bench_runtime.sh does not put bench_wan.sh's shaper (examples/wan_proxy, built with cargo) between containerd, the snapshotter and the registry")
     rt_podman_row
@@ -408,6 +409,49 @@ rt_regfs_rows() {
     else
         row "$label" "error (see log)" "—" "—" "≤ the cache + 64 MiB ($limit MiB)" "**missed**"
     fi
+}
+
+# The plain gzip image once a SOCI index has been published for it (docs/SEMANTICS.md,
+# "Shared indexes"): a regfs mount with --publish-indexes looks at the image once, then
+# fresh snapshotters start it cold. After rt_regfs_rows: from here on the plain image
+# has an index, which every later mount finds.
+rt_soci_row() {
+    local d=$tmp/rt-publish i s pid t=() moved=() from=()
+    local label="regfs snapshotter, plain gzip with a SOCI index another mount published (\`--publish-indexes\`), cold"
+    local target="≤ 0.15 ×, ≤ 15 % of bytes" bytes=${rt_bytes[plain]}
+    mkdir -p "$d/mnt"
+    log "runtime: publishing a SOCI index of the plain image (regfs mount --publish-indexes)"
+    "$REGFS" mount --publish-indexes --cache-dir "$d/cache" "http://$registry" "$d/mnt" 2>>"$d/log" &
+    pid=$!
+    if wait_until 20 is_mounted "$d/mnt"; then
+        cat "$d/mnt/$rt_repo/tags/plain/rootfs/app/main.py" >/dev/null || true
+        wait_until 300 rt_published "$d/mnt" || log "runtime: no SOCI index published within 300 s"
+    fi
+    unmount "$d/mnt" "$pid"
+    for ((i = 1; i <= runs; i++)); do
+        s=error
+        if rt_rig_start "soci-$i" regfs; then s=$(rt_start plain "rt-$$-soci-$i" regfs) || s=error; fi
+        t+=("$s")
+        if [[ $s != error ]]; then
+            moved+=("$(rt_moved || echo error)")
+            from+=("$(rt_stat '.images.layers_from_index // 0' || echo error)")
+        fi
+        log "runtime: regfs plain with an index: $s s, moved ${moved[*]: -1}"
+        rt_rig_stop
+    done
+    if [[ -z $peer ]] || ! all_numeric "${t[@]}" "${moved[@]}" "${from[@]}" || ! numeric "$bytes"; then
+        row "$label" "error (see log)" "$peer_cell" "—" "$target" "**missed**"
+        return
+    fi
+    local a m f
+    a=$(median "${t[@]}") m=$(median "${moved[@]}") f=$(median "${from[@]}" | cut -d. -f1)
+    row "$label" "$(secs "$a"), $(human_bytes "$m") moved ($(calc "100 * $m / $bytes" 1) % of $(human_bytes "$bytes")), $f layers from the index" \
+        "$peer_cell" "$(calc "$a / $peer") × peer, $(calc "100 * $m / $bytes" 1) % of bytes" "$target" \
+        "$(verdict "$a / $peer <= 0.15 && $m / $bytes <= 0.15 && $f >= 1")"
+}
+
+rt_published() {
+    [[ $(timeout -k 2 10 cat "$1/.regfs/stats" | jq -r '.images.indexes_published // 0') -ge 1 ]]
 }
 
 # rt_moved: layer bytes the mount fetched for the reads programs waited on.
