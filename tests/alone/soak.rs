@@ -201,6 +201,28 @@ fn start() -> (Registry, Mount, Vec<Vec<u8>>, Vec<String>) {
     (registry, mount, contents, digests)
 }
 
+/// How long a soak runs: `REGFS_SOAK_SECS`, else 30 s.
+fn soak_secs() -> u64 {
+    std::env::var("REGFS_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
+}
+
+/// Lets `workers` run until `deadline` (or until one of them ends, a failure), then
+/// stops them and passes a worker's panic on.
+fn run_until(deadline: Instant, workers: Vec<thread::JoinHandle<()>>, stop: &AtomicBool) {
+    while Instant::now() < deadline && !workers.iter().any(|w| w.is_finished()) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        if let Err(panic) = w.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
 #[test]
 fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
     let _alone = crate::alone();
@@ -210,10 +232,7 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
             .is_ok_and(|m| m.contains(" /sys/fs/fuse/connections fusectl ")),
         "fusectl is not mounted on /sys/fs/fuse/connections: run scripts/setup.sh"
     );
-    let secs: u64 = std::env::var("REGFS_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let secs = soak_secs();
     let (registry, mount, contents, digests) = start();
     let blobs: Arc<Vec<(PathBuf, Vec<u8>)>> = Arc::new(
         digests
@@ -248,15 +267,7 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
         }));
     }
 
-    while Instant::now() < deadline && !workers.iter().any(|w| w.is_finished()) {
-        thread::sleep(Duration::from_millis(100));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        if let Err(panic) = w.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
+    run_until(deadline, workers, &stop);
     let peak = rss.stop();
 
     assert_fuse_queue_empties(&mount);
@@ -286,7 +297,7 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
 /// The memory bound (README "Memory"): with `--cache-size 64MiB`, 16 readers at random
 /// offsets (4 KiB to 1 MiB) across four 128 MiB blobs and two listers, for
 /// `REGFS_SOAK_SECS`: the daemon's peak RSS (VmHWM) stays within the cache plus
-/// [`FIXED_OVERHEAD_MIB`] (in a release build: `cargo test --release --test soak`; a
+/// [`FIXED_OVERHEAD_MIB`] (in a release build: `cargo test --release --test alone`; a
 /// debug build's larger code gets [`DEBUG_BUILD_MIB`] more), every byte read is right,
 /// and no read fails.
 const RANDOM_READERS: usize = 16;
@@ -336,10 +347,7 @@ fn big_lister(l: usize, root: &Path, stop: &AtomicBool) {
 fn random_readers_and_listers_stay_within_the_cache_and_a_fixed_overhead() {
     let _alone = crate::alone();
     common::require_tools();
-    let secs: u64 = std::env::var("REGFS_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let secs = soak_secs();
     let registry = Registry::start();
     let contents: Vec<Vec<u8>> = (0..BIG_BLOBS)
         .map(|i| noise(BIG_BLOB, 200 + i as u32))
@@ -371,16 +379,7 @@ fn random_readers_and_listers_stay_within_the_cache_and_a_fixed_overhead() {
         let (root, stop) = (mount.dir.clone(), stop.clone());
         workers.push(thread::spawn(move || big_lister(l, &root, &stop)));
     }
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline && !workers.iter().any(|w| w.is_finished()) {
-        thread::sleep(Duration::from_millis(100));
-    }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        if let Err(panic) = w.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
+    run_until(Instant::now() + Duration::from_secs(secs), workers, &stop);
     let peak = rss.stop();
     let stats = mount.stats();
     eprintln!(

@@ -78,6 +78,21 @@ pub fn counter(rig: &Rig, path: &[&str]) -> u64 {
     value.as_u64().unwrap_or(0)
 }
 
+/// containerd downloaded none of `layers` (its content store holds the manifest and
+/// config only), and the snapshotter served both of them, with no fallback.
+fn assert_served_remotely(rig: &Rig, layers: &[String]) {
+    let content = rig.ctr().ctr_ok(&["content", "ls", "-q"]);
+    for layer in layers {
+        assert!(
+            !content.contains(layer.as_str()),
+            "layer {layer} was downloaded:\n{content}"
+        );
+    }
+    let log = rig.snapshotter.log();
+    assert_eq!(counter(rig, &["remote_snapshots"]), 2, "{log}");
+    assert_eq!(counter(rig, &["fallbacks"]), 0, "{log}");
+}
+
 #[test]
 fn rpull_serves_layers_from_regfs_and_runs_containers() {
     let rig = Rig::start();
@@ -93,25 +108,7 @@ fn rpull_serves_layers_from_regfs_and_runs_containers() {
     ]);
 
     // containerd downloaded no layer: its content store has the manifest and config only.
-    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
-    for layer in &layers {
-        assert!(
-            !content.contains(layer.as_str()),
-            "layer {layer} was downloaded:\n{content}"
-        );
-    }
-    assert_eq!(
-        counter(&rig, &["remote_snapshots"]),
-        2,
-        "{}",
-        rig.snapshotter.log()
-    );
-    assert_eq!(
-        counter(&rig, &["fallbacks"]),
-        0,
-        "{}",
-        rig.snapshotter.log()
-    );
+    assert_served_remotely(&rig, &layers);
 
     // A program of the image runs and sees both layers; its writes stay its own.
     let out = ctr.ctr_ok(&[
@@ -161,25 +158,7 @@ fn cri_labels_serve_layers_from_regfs() {
         .arg(ctr.address())
         .arg("regfs")
         .arg(&image));
-    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
-    for layer in &layers {
-        assert!(
-            !content.contains(layer.as_str()),
-            "layer {layer} was downloaded:\n{content}"
-        );
-    }
-    assert_eq!(
-        counter(&rig, &["remote_snapshots"]),
-        2,
-        "{}",
-        rig.snapshotter.log()
-    );
-    assert_eq!(
-        counter(&rig, &["fallbacks"]),
-        0,
-        "{}",
-        rig.snapshotter.log()
-    );
+    assert_served_remotely(&rig, &layers);
     let out = rig.cat(&image, "c1", "/data/two");
     assert_eq!(out, "two\n");
 }
