@@ -359,8 +359,7 @@ runtime_rows() {
     fi
     rt_regfs_rows
     rt_soci_row
-    row "the eStargz row through the WAN shaper (40 ms, 25 MB/s per connection)" "not measured" "—" "—" "≤ 0.25 × the peer through it" "n/a"
-    notes+=("runtime: the WAN row is not measured yet: bench_runtime.sh does not put bench_wan.sh's shaper (examples/wan_proxy, built with cargo) between containerd, the snapshotter and the registry")
+    rt_wan_row
     rt_podman_row
 }
 
@@ -510,6 +509,44 @@ rt_cold_row() {
         row "$label" "$cell" "$peer_cell" "$(calc "$a / $peer") × peer, $(calc "100 * $m / $bytes" 1) % of bytes" \
             "$target" "$(verdict "$a / $peer <= 0.15 && $m / $bytes <= 0.10")"
     fi
+}
+
+# rt_wan_row: the peer (plain gzip) and the eStargz row again with the registry behind
+# bench_wan.sh's shaper (examples/wan_proxy): containerd, the snapshotter and its mount
+# all reach it through the shaper, whose address stands in for the registry's.
+rt_wan_row() {
+    local label="the eStargz row through the WAN shaper ($wan_rtt RTT, $wan_conn/s per connection, $wan_total/s in all): rpull + \`ctr run\` vs \`ctr pull\` + \`ctr run\` through it"
+    local target="≤ 0.25 × the peer through it" direct=$registry i s p=() t=() moved=() a m q
+    log "building examples/wan_proxy"
+    if ! cargo build --release -q --example wan_proxy >&2; then
+        row "$label" "error (see log)" "—" "—" "$target" "**missed**"
+        return
+    fi
+    wan_proxy=$root/target/release/examples/wan_proxy
+    start_wan "$direct" registry
+    registry=$wan_addr
+    for ((i = 1; i <= runs; i++)); do
+        log "runtime: WAN run $i/$runs: the peer, then regfs eStargz"
+        s=error
+        if rt_rig_start "wan-peer-$i"; then s=$(rt_start plain "rt-$$-wan-peer-$i") || s=error; fi
+        p+=("$s")
+        rt_rig_stop
+        s=error
+        if rt_rig_start "wan-$i" regfs; then s=$(rt_start estargz "rt-$$-wan-$i" regfs) || s=error; fi
+        t+=("$s")
+        [[ $s == error ]] || moved+=("$(rt_moved || echo error)")
+        rt_rig_stop
+    done
+    registry=$direct
+    stop_wan
+    log "runtime: WAN samples (s): peer ${p[*]} | regfs eStargz ${t[*]} | moved ${moved[*]}"
+    if ! all_numeric "${p[@]}" "${t[@]}" "${moved[@]}"; then
+        row "$label" "error (see log)" "—" "—" "$target" "**missed**"
+        return
+    fi
+    a=$(median "${t[@]}") q=$(median "${p[@]}") m=$(median "${moved[@]}")
+    row "$label" "$(secs "$a"), $(human_bytes "$m") moved" "ctr pull + run through it: $(secs "$q")" \
+        "$(calc "$a / $q") × peer" "$target" "$(verdict "$a / $q <= 0.25")"
 }
 
 # rt_second_row (rt_regfs_rows' locals): plain gzip started again over the disk cache.

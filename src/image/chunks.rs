@@ -3,6 +3,13 @@
 //! stream to the layer's end), decoded on the blocking pool, and checked against their
 //! chunk digests before a byte of them is returned. Checked chunks are kept in the
 //! piece cache, so a file read in small pieces fetches and decodes each chunk once.
+//!
+//! A file fetched to its end brings along, in the same request, the files that follow
+//! it in the blob (up to [`NEIGHBOURS`] in all): writers put a directory's files next
+//! to each other, and a program starting up opens many of them one after another, each
+//! a round trip otherwise (a Python start: 93 requests, 22 with this). Their compressed
+//! bytes wait in a cache of their own and are decoded and checked only when read
+//! (ARCHITECTURE.md, "A file inside an image").
 
 use bytes::{Bytes, BytesMut};
 use sha2::Digest as _;
@@ -29,11 +36,16 @@ const READ_AHEAD: u64 = 1 << 20;
 /// Compressed bytes between two chunks a run fetches along (a hole's frame of zeros,
 /// a tar header): fetched with them rather than cutting the run in two.
 const MAX_GAP: u64 = 16 << 10;
+/// Compressed bytes a request that reaches a file's end may take in all, counted from
+/// its first chunk, with the chunks of the next files in the blob.
+pub const NEIGHBOURS: u64 = 512 << 10;
 /// Decoder output buffer.
 const SCRATCH: usize = 128 << 10;
 /// Piece cache keys of decoded chunks: the chunk's index with this bit set (spans of
 /// plain layers use the plain index).
 pub const CHUNK_KEY: u64 = 1 << 63;
+/// Piece cache keys of chunks fetched along with another file's, still compressed.
+const AHEAD_KEY: u64 = CHUNK_KEY | 1 << 62;
 
 /// Reads files of one TOC layer.
 pub struct ChunkReader<'a> {
@@ -41,10 +53,16 @@ pub struct ChunkReader<'a> {
     pub source: &'a dyn BlobSource,
     /// Checked pieces of layers (content.rs's piece cache).
     pub pieces: &'a BlockCache,
+    /// Chunks fetched along with another file's, still compressed: beside the decoded
+    /// pieces, so that neither pushes the other out.
+    pub ahead: &'a BlockCache,
     pub stats: &'a Stats,
     pub codec: Codec,
     /// The layer's chunks being fetched right now.
     pub flights: &'a Flights,
+    /// All the layer's chunks, by index, for fetching a file's neighbours along;
+    /// empty: none.
+    pub layer_chunks: &'a [Chunk],
 }
 
 impl ChunkReader<'_> {
@@ -84,9 +102,13 @@ impl ChunkReader<'_> {
                 if chunk.hole {
                     return self.decode(chunk, 0, chunk.size).await;
                 }
-                self.flights.wait(file.first + i as u32).await;
-                match self.pieces.peek(&self.key(file, i)) {
-                    Some(fetched) => Ok(fetched), // by the run it waited for
+                let index = file.first + i as u32;
+                self.flights.wait(index).await;
+                if let Some(fetched) = self.pieces.peek(&self.key(file, i)) {
+                    return Ok(fetched); // by the run it waited for
+                }
+                match self.ahead.peek(&ahead_key(self.layer, index)) {
+                    Some(compressed) => self.decode_ahead(chunk, index, compressed).await,
                     None => self.fetch_run(file, i).await,
                 }
             })
@@ -100,9 +122,56 @@ impl ChunkReader<'_> {
         (self.layer.clone(), CHUNK_KEY | index)
     }
 
-    /// Whether chunk `i` is cached or being fetched.
+    /// Whether chunk `i` is cached (decoded or not) or being fetched.
     fn has(&self, file: &FileChunks<'_>, i: usize) -> bool {
-        self.pieces.contains(&self.key(file, i)) || self.flights.holds(file.first + i as u32)
+        self.has_index(file.first + i as u32)
+    }
+
+    fn has_index(&self, index: u32) -> bool {
+        let decoded = (self.layer.clone(), CHUNK_KEY | u64::from(index));
+        self.pieces.contains(&decoded)
+            || self.ahead.contains(&ahead_key(self.layer, index))
+            || self.flights.holds(index)
+    }
+
+    /// The chunks of the files after `file` in the layer fetched along with its run
+    /// (which started at blob byte `start`, ends at `end` and reaches the file's last
+    /// chunk): the next ones by index as long as each starts within what is fetched or
+    /// just after it, none is cached or being fetched, and all end within [`NEIGHBOURS`]
+    /// of `start`. Their indexes follow the file's last chunk's.
+    fn neighbours(&self, file: &FileChunks<'_>, start: u64, mut end: u64) -> (Vec<Chunk>, u64) {
+        let next = file.first as usize + file.chunks.len();
+        let mut ahead = Vec::new();
+        for (index, c) in self.layer_chunks.iter().enumerate().skip(next) {
+            let Ok(index) = u32::try_from(index) else {
+                break;
+            };
+            let near = (start..=end.saturating_add(MAX_GAP)).contains(&c.compressed.start);
+            let ends = fetch_end(c);
+            let fits = ends.saturating_sub(start) <= NEIGHBOURS && c.size <= MAX_CACHED_CHUNK;
+            if !(c.hole || near && fits) || self.has_index(index) {
+                break;
+            }
+            if !c.hole {
+                end = end.max(ends);
+            }
+            ahead.push(c.clone());
+        }
+        (ahead, end)
+    }
+
+    /// Chunk `index`, fetched along with another file's run and kept compressed,
+    /// decoded and checked now that it is read.
+    async fn decode_ahead(&self, chunk: &Chunk, index: u32, compressed: Bytes) -> Result<Bytes> {
+        Stats::add(&self.stats.content_decodes, 1);
+        let (codec, c) = (self.codec, chunk.clone());
+        let decoded = tokio::task::spawn_blocking(move || decode_whole(codec, &c, &compressed))
+            .await
+            .map_err(|e| Error::Unavailable(format!("decoder task failed: {e}")))?;
+        self.ahead.remove(&ahead_key(self.layer, index));
+        let bytes = decoded.map_err(|e| self.bad(chunk, e))?;
+        Stats::add(&self.stats.read_ahead_used, 1);
+        Ok(bytes)
     }
 
     /// The chunks fetched with chunk `i`: the next ones the read touches and, for a
@@ -137,13 +206,21 @@ impl ChunkReader<'_> {
     async fn fetch_run(&self, file: &FileChunks<'_>, i: usize) -> Result<Bytes> {
         let run = self.run(file, i);
         let (first, last) = (run[0], run[run.len() - 1]);
-        let indexes = file.first + first as u32..file.first + last as u32 + 1;
-        let _held = self.flights.hold(indexes);
         let members: Vec<Chunk> = run.iter().map(|&k| file.chunks[k].clone()).collect();
         let start = members[0].compressed.start;
-        let end = members.last().map_or(start, fetch_end);
+        let own_end = members.last().map_or(start, fetch_end);
+        let to_file_end = last + 1 == file.chunks.len() && (i == 0 || self.has(file, i - 1));
+        let (ahead, end) = match to_file_end {
+            true => self.neighbours(file, start, own_end),
+            false => (Vec::new(), own_end),
+        };
+        let indexes = file.first + first as u32..file.first + (last + 1 + ahead.len()) as u32;
+        let _held = self.flights.hold(indexes);
+        tracing::debug!(layer = %self.layer, start, end, own = own_end - start, along = ahead.len(), chunk = i, of = file.chunks.len(), "fetching a run of chunks");
         let input = self.source.fetch_range(start, end - start).await?;
         Stats::add(&self.stats.content_fetched_bytes, end - start);
+        Stats::add(&self.stats.read_ahead_bytes, end - own_end);
+        self.keep_ahead(file.first + last as u32 + 1, &ahead, &input, start);
         Stats::add(&self.stats.content_decodes, 1);
         let codec = self.codec;
         let decoded =
@@ -162,10 +239,30 @@ impl ChunkReader<'_> {
         wanted.map_err(|e| self.bad(&file.chunks[i], e))
     }
 
+    /// Keeps the compressed bytes of `ahead` (chunks from index `first` on, in `input`,
+    /// fetched from blob byte `start`) until they are read.
+    fn keep_ahead(&self, first: u32, ahead: &[Chunk], input: &Bytes, start: u64) {
+        for (index, c) in (first..).zip(ahead) {
+            let from = c.compressed.start.checked_sub(start);
+            let to = fetch_end(c).checked_sub(start);
+            if let (false, Some(from), Some(to)) = (c.hole, from, to) {
+                if let (Ok(from), Ok(to)) = (usize::try_from(from), usize::try_from(to)) {
+                    if from <= to && to <= input.len() {
+                        let key = ahead_key(self.layer, index);
+                        self.ahead.insert(key, input.slice(from..to));
+                    }
+                }
+            }
+        }
+    }
+
     /// The TOC was checked: bytes that do not decode, or decode to something else, are
     /// wrong bytes from the registry or a mirror.
     fn bad(&self, chunk: &Chunk, e: String) -> Error {
         self.source.distrust();
+        // What was fetched with it may be as wrong.
+        self.pieces.forget(self.layer);
+        self.ahead.forget(self.layer);
         let at = chunk.compressed.start;
         unreadable(self.layer, format!("chunk at byte {at}: {e}"))
     }
@@ -208,6 +305,11 @@ impl ChunkReader<'_> {
         }
         Ok(state.out.freeze())
     }
+}
+
+/// The piece cache's key of chunk `index` of `layer` kept compressed.
+fn ahead_key(layer: &Digest, index: u32) -> BlockKey {
+    (layer.clone(), AHEAD_KEY | u64::from(index))
 }
 
 /// The chunks of one file, and how far the read at hand reaches into them.
@@ -379,246 +481,5 @@ impl Decoding {
             Some(expected) => expected == digest,
             None => chunk.hole, // the TOC gives zeros no digest: they are what it says
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-    use crate::cache::BlockCache;
-    use crate::image::codec::gzip::tests::{gzip, sample};
-    use crate::image::source::mem::MemSource;
-
-    fn sha(bytes: &[u8]) -> [u8; 32] {
-        sha2::Sha256::digest(bytes).into()
-    }
-
-    /// `data` cut into chunks of `size`, appended to `blob` one gzip member each.
-    fn gzip_chunks(blob: &mut Vec<u8>, data: &[u8], size: usize) -> Vec<Chunk> {
-        let mut chunks = Vec::new();
-        for (i, piece) in data.chunks(size).enumerate() {
-            let start = blob.len() as u64;
-            blob.extend(gzip(piece, usize::MAX));
-            chunks.push(Chunk {
-                compressed: start..blob.len() as u64,
-                inner_offset: 0,
-                file_offset: (i * size) as u64,
-                size: piece.len() as u64,
-                digest: Some(sha(piece)),
-                hole: false,
-            });
-        }
-        chunks
-    }
-
-    /// A blob and what reading it needs.
-    struct Layer {
-        source: MemSource,
-        pieces: BlockCache,
-        stats: Stats,
-        flights: Flights,
-    }
-
-    impl Layer {
-        fn new(blob: Vec<u8>) -> Layer {
-            let stats = Arc::new(Stats::default());
-            Layer {
-                source: MemSource::new(blob),
-                pieces: BlockCache::new(1 << 20, 64 << 20, stats),
-                stats: Stats::default(),
-                flights: Flights::default(),
-            }
-        }
-
-        fn reader(&self, codec: Codec) -> ChunkReader<'_> {
-            ChunkReader {
-                layer: &self.source.digest,
-                source: &self.source,
-                pieces: &self.pieces,
-                stats: &self.stats,
-                codec,
-                flights: &self.flights,
-            }
-        }
-
-        /// `(offset, len)` of each range fetched since the last call.
-        fn fetched(&self) -> Vec<(u64, u64)> {
-            std::mem::take(&mut *self.source.fetched.lock().expect("lock"))
-        }
-    }
-
-    fn span(chunks: &[Chunk]) -> (u64, u64) {
-        let (a, b) = (
-            chunks[0].compressed.start,
-            chunks[chunks.len() - 1].compressed.end,
-        );
-        (a, b - a)
-    }
-
-    /// As eStargz lays a layer out: a member of tar headers, a file of two chunks (one
-    /// member each), then one member holding two small files between headers.
-    fn estargz_like() -> (Vec<u8>, Vec<Chunk>, Vec<u8>, [Vec<u8>; 2]) {
-        let big = sample(300_000);
-        let small = [b"tiny".to_vec(), sample(999)];
-        let mut blob = gzip(&[7u8; 512], usize::MAX);
-        let mut chunks = gzip_chunks(&mut blob, &big, 200_000);
-        let mut merged = vec![1u8; 512];
-        let start = blob.len() as u64;
-        for s in &small {
-            chunks.push(Chunk {
-                compressed: start..0, // set below
-                inner_offset: merged.len() as u64,
-                file_offset: 0,
-                size: s.len() as u64,
-                digest: Some(sha(s)),
-                hole: false,
-            });
-            merged.extend_from_slice(s);
-            merged.extend_from_slice(&[2u8; 512]);
-        }
-        blob.extend(gzip(&merged, usize::MAX));
-        for c in &mut chunks[2..] {
-            c.compressed.end = blob.len() as u64;
-        }
-        blob.extend(gzip(b"the TOC would be here", usize::MAX));
-        (blob, chunks, big, small)
-    }
-
-    #[tokio::test]
-    async fn a_read_fetches_the_chunks_it_touches_by_their_own_ranges() {
-        let (blob, chunks, big, small) = estargz_like();
-        let layer = Layer::new(blob);
-        let reader = layer.reader(Codec::Gzip);
-        let got = reader.read(0, &chunks[..2], 199_990, 200_010).await;
-        assert_eq!(&got.expect("read")[..], &big[199_990..200_010]);
-        assert_eq!(
-            layer.fetched(),
-            [span(&chunks[..2])],
-            "both chunks, one range"
-        );
-        // Read again: the checked chunks are cached.
-        let again = reader.read(0, &chunks[..2], 0, 300_000).await;
-        assert_eq!(&again.expect("read")[..], &big[..]);
-        assert_eq!(layer.fetched(), []);
-        assert_eq!(*layer.source.block_reads.lock().expect("lock"), 0);
-        // Small files packed in one member, found by their inner offsets.
-        for (i, s) in small.iter().enumerate() {
-            let got = reader.read(2 + i as u32, &chunks[2 + i..3 + i], 0, s.len() as u64);
-            assert_eq!(&got.await.expect("small")[..], &s[..]);
-        }
-    }
-
-    #[tokio::test]
-    async fn a_file_read_in_order_fetches_its_next_chunks_along() {
-        // Twelve chunks of 20 KB, one member each, as podman cuts files.
-        let data = sample(240_000);
-        let mut blob = vec![0u8; 100];
-        let chunks = gzip_chunks(&mut blob, &data, 20_000);
-        let layer = Layer::new(blob);
-        let reader = layer.reader(Codec::Gzip);
-        // A read in the middle fetches what it touches.
-        let got = reader.read(0, &chunks, 150_000, 150_100).await;
-        assert_eq!(&got.expect("read")[..], &data[150_000..150_100]);
-        assert_eq!(layer.fetched(), [span(&chunks[7..8])]);
-        // A read from the start fetches the chunks that follow along, in one request,
-        // up to the one cached.
-        let got = reader.read(0, &chunks, 0, 10).await;
-        assert_eq!(&got.expect("read")[..], &data[..10]);
-        assert_eq!(layer.fetched(), [span(&chunks[..7])]);
-        let all = reader.read(0, &chunks, 0, 240_000).await;
-        assert_eq!(&all.expect("read")[..], &data[..]);
-        assert_eq!(layer.fetched(), [span(&chunks[8..])]);
-    }
-
-    #[tokio::test]
-    async fn holes_are_zeros_and_wrong_bytes_are_refused() {
-        let (mut blob, chunks, _, _) = estargz_like();
-        let hole = Chunk {
-            compressed: 0..0,
-            inner_offset: 0,
-            file_offset: 0,
-            size: 70_000,
-            digest: Some(sha(&[0u8; 70_000])),
-            hole: true,
-        };
-        let layer = Layer::new(blob.clone());
-        let reader = layer.reader(Codec::Gzip);
-        let zeros = reader.read(9, std::slice::from_ref(&hole), 5, 69_000).await;
-        assert!(zeros.expect("a hole").iter().all(|&b| b == 0));
-        assert_eq!(layer.fetched(), []);
-        let lying = Chunk {
-            digest: Some([9; 32]),
-            ..hole
-        };
-        assert!(reader.read(10, &[lying], 0, 10).await.is_err());
-
-        // A byte of the first chunk's deflate data flipped: refused, naming the chunk.
-        let at = (chunks[0].compressed.start + chunks[0].compressed.end) / 2;
-        blob[at as usize] ^= 0x10;
-        let layer = Layer::new(blob);
-        let err = layer.reader(Codec::Gzip).read(0, &chunks[..1], 0, 10).await;
-        let err = err.err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("chunk at byte"), "{err}");
-        assert!(
-            *layer.source.distrusted.lock().expect("lock"),
-            "cached bytes dropped"
-        );
-    }
-
-    #[tokio::test]
-    async fn zstd_chunks_decode_the_same() {
-        let data = sample(50_000);
-        let mut blob = vec![0u8; 40];
-        let start = blob.len() as u64;
-        blob.extend(zstd::bulk::compress(&data, 3).expect("compress"));
-        let chunk = Chunk {
-            compressed: start..blob.len() as u64,
-            inner_offset: 0,
-            file_offset: 0,
-            size: data.len() as u64,
-            digest: Some(sha(&data)),
-            hole: false,
-        };
-        blob.extend_from_slice(b"after");
-        let layer = Layer::new(blob);
-        let got = layer
-            .reader(Codec::Zstd)
-            .read(0, &[chunk], 100, 49_000)
-            .await;
-        assert_eq!(&got.expect("read")[..], &data[100..49_000]);
-    }
-
-    #[tokio::test]
-    async fn a_run_passes_over_holes() {
-        // data, a run of zeros (its own small frame), data: as podman writes a binary.
-        let (a, b) = (sample(30_000), sample(40_000));
-        let mut blob = vec![0u8; 10];
-        let mut chunks = gzip_chunks(&mut blob, &a, 30_000);
-        blob.extend(gzip(&[0u8; 50_000], usize::MAX));
-        chunks.push(Chunk {
-            compressed: 0..0,
-            inner_offset: 0,
-            file_offset: 30_000,
-            size: 50_000,
-            digest: Some(sha(&[0u8; 50_000])),
-            hole: true,
-        });
-        let mut rest = gzip_chunks(&mut blob, &b, 40_000);
-        rest[0].file_offset = 80_000;
-        chunks.extend(rest);
-        let layer = Layer::new(blob);
-        let reader = layer.reader(Codec::Gzip);
-        let all = reader.read(0, &chunks, 0, 120_000).await.expect("read");
-        assert_eq!(&all[..30_000], &a[..]);
-        assert!(all[30_000..80_000].iter().all(|&z| z == 0));
-        assert_eq!(&all[80_000..], &b[..]);
-        let (from, to) = (chunks[0].compressed.start, chunks[2].compressed.end);
-        assert_eq!(
-            layer.fetched(),
-            [(from, to - from)],
-            "one range, the hole's frame too"
-        );
     }
 }

@@ -97,6 +97,8 @@ pub type RefusalHook = Arc<dyn Fn(&Digest, &IndexSource, &str) + Send + Sync>;
 #[derive(Clone)]
 pub struct Readers {
     pub pieces: Arc<PieceCache>,
+    /// TOC chunks fetched along with another file's, compressed (image/chunks.rs).
+    pub ahead: Arc<PieceCache>,
     pub stats: Arc<Stats>,
     pub refused: Option<RefusalHook>,
 }
@@ -245,9 +247,11 @@ impl LayerContent {
                     layer: self.source.digest(),
                     source: &*self.source,
                     pieces: &self.readers.pieces,
+                    ahead: &self.readers.ahead,
                     stats: &self.readers.stats,
                     flights: &self.flights,
                     codec: map.codec,
+                    layer_chunks: &map.chunks,
                 };
                 let chunks = self.index.chunks(range);
                 reader

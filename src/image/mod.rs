@@ -17,6 +17,8 @@
 //! filesystem layer implements over its block cache.
 
 pub mod chunks;
+#[cfg(test)]
+mod chunks_tests;
 pub mod codec;
 pub mod config;
 pub mod content;

@@ -82,6 +82,10 @@ pub struct Stats {
     pub index_bytes: AtomicU64,
     pub content_decodes: AtomicU64,
     pub content_fetched_bytes: AtomicU64,
+    /// TOC layers: compressed bytes of the files that follow a file in its blob, fetched
+    /// with it (image/chunks.rs), and chunks of them read later without a request.
+    pub read_ahead_bytes: AtomicU64,
+    pub read_ahead_used: AtomicU64,
     /// Layers that announce a TOC yet were indexed by reading them whole, because the
     /// TOC could not be used: how many, and why (by layer digest, the first few).
     pub toc_unused: AtomicU64,
@@ -322,6 +326,8 @@ impl Stats {
             index_bytes: get(&self.index_bytes),
             decodes: get(&self.content_decodes),
             fetched_bytes: get(&self.content_fetched_bytes),
+            read_ahead_bytes: get(&self.read_ahead_bytes),
+            read_ahead_used: get(&self.read_ahead_used),
             background_bytes: get(&self.background_bytes),
             background_layers: get(&self.background_layers),
             decoded_from_disk: get(&self.decoded_from_disk),
@@ -391,6 +397,11 @@ pub struct ImagesSnapshot {
     pub decodes: u64,
     /// Layer bytes fetched (or taken from the block cache) to read files.
     pub fetched_bytes: u64,
+    /// TOC layers: compressed bytes of the next files in the blob fetched along with a
+    /// file's own chunks (in `fetched_bytes`: a start waits for them), and chunks of
+    /// them that reads then found without a request of their own.
+    pub read_ahead_bytes: u64,
+    pub read_ahead_used: u64,
     /// Layer bytes fetched in the background (the rest of a TOC layer once its files
     /// are read, what its prefetch landmark names, and the whole-layer checks of
     /// layers served from a zTOC), apart from what reads waited

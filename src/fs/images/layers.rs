@@ -177,6 +177,14 @@ impl LayerIndexes {
             Arc::default(),
             cache.limit().cloned(),
         ));
+        // TOC chunks fetched along with a file, compressed, in a cache of the same size
+        // beside it (image/chunks.rs): neither pushes the other's out.
+        let ahead = Arc::new(PieceCache::beside(
+            image_mod::pass::SPAN_SIZE,
+            budget,
+            Arc::default(),
+            cache.limit().cloned(),
+        ));
         let disk = fetcher.disk().cloned();
         let soci = shared_indexes.then(|| Arc::new(SociIndexes::new(view.clone(), disk.clone())));
         let background = Arc::new(Background::new(stats.clone(), background_fetch));
@@ -188,6 +196,7 @@ impl LayerIndexes {
             fetcher,
             readers: Readers {
                 pieces,
+                ahead,
                 stats,
                 refused: None,
             },

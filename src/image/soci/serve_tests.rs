@@ -31,6 +31,7 @@ fn served(l: &Indexed, z: &Ztoc, vouched: bool) -> (LayerContent, Arc<Mutex<Vec<
     let stats = Arc::new(Stats::default());
     let readers = Readers {
         pieces: Arc::new(BlockCache::new(1 << 20, 64 << 20, stats.clone())),
+        ahead: Arc::new(BlockCache::new(1 << 20, 16 << 20, stats.clone())),
         stats,
         refused: Some(Arc::new(move |_: &Digest, _: &IndexSource, why: &str| {
             hook_told.lock().expect("lock").push(why.to_owned())
