@@ -7,9 +7,9 @@
 //! A file fetched to its end brings along, in the same request, the files that follow
 //! it in the blob (up to [`NEIGHBOURS`] in all): writers put a directory's files next
 //! to each other, and a program starting up opens many of them one after another, each
-//! a round trip otherwise (a Python start: 104 requests, about 30 with this). Their compressed
-//! bytes wait in a cache of their own and are decoded and checked only when read
-//! (ARCHITECTURE.md, "A file inside an image").
+//! a round trip otherwise (a Python start: 104 requests, about 30 with this). Their
+//! compressed bytes wait in a cache of their own and are decoded and checked only when
+//! read (ARCHITECTURE.md, "A file inside an image").
 
 use bytes::{Bytes, BytesMut};
 use sha2::Digest as _;
