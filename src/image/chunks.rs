@@ -216,7 +216,8 @@ impl ChunkReader<'_> {
         };
         let indexes = file.first + first as u32..file.first + (last + 1 + ahead.len()) as u32;
         let _held = self.flights.hold(indexes);
-        tracing::debug!(layer = %self.layer, start, end, own = own_end - start, along = ahead.len(), chunk = i, of = file.chunks.len(), "fetching a run of chunks");
+        let (own, along) = (own_end - start, ahead.len());
+        tracing::debug!(layer = %self.layer, start, end, own, along, "fetching a run of chunks");
         let input = self.source.fetch_range(start, end - start).await?;
         Stats::add(&self.stats.content_fetched_bytes, end - start);
         Stats::add(&self.stats.read_ahead_bytes, end - own_end);
