@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::filter::{Fields, Filters};
 use super::labels::{LABEL_TARGET, unpack_target};
@@ -241,24 +241,20 @@ impl Snapshotter {
     }
 
     /// Removes directories no snapshot names (left by a crash or a failed removal).
+    /// They are listed while no snapshot can be made: containerd calls Cleanup as its
+    /// garbage collection ends, just as the Prepares that waited for it go on, and a
+    /// directory made for a record not yet committed must not look unnamed (it was
+    /// removed under a container starting: ENOENT on its mount).
     pub fn cleanup(&self) -> Result<()> {
-        let known: std::collections::HashSet<u64> =
-            self.store.list()?.iter().map(|(_, r)| r.id).collect();
-        let dir = self.layout.snapshots_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::Internal(format!("{}: {e}", dir.display()))),
-        };
-        for entry in entries.flatten() {
-            let id = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u64>().ok());
-            match id {
-                Some(id) if !known.contains(&id) => self.remove_dir(id),
-                _ => {}
-            }
+        let layout = &self.layout;
+        let unnamed = self
+            .store
+            .with_ids_held(|known| layout.unnamed_dirs(known))?
+            .map_err(|e| Error::Internal(format!("{}: {e}", layout.snapshots_dir().display())))?;
+        // Outside the lock: no number is given out while its directory is there (store.rs).
+        for id in unnamed {
+            info!("cleanup: removing snapshot directory {id}, which no snapshot names");
+            self.remove_dir(id);
         }
         Ok(())
     }
