@@ -259,3 +259,61 @@ impl Snapshotter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::runtime::host_mounts::HostMounts;
+    use crate::runtime::stats::RuntimeStats;
+
+    fn snapshotter(root: &Path) -> Snapshotter {
+        let layout = Layout::new(root);
+        std::fs::create_dir(layout.snapshots_dir()).expect("in a test");
+        let store = Store::open(&layout.metadata_file()).expect("in a test");
+        let mounts = HostMounts::new(
+            layout.mounts_dir(),
+            root.join("hosts"),
+            root.join("regfs"),
+            Vec::new(),
+        );
+        let stats = RuntimeStats::load(layout.stats_file());
+        Snapshotter::new(layout, store, Remote::new(mounts, stats))
+    }
+
+    /// containerd calls Cleanup beside Prepares (as its garbage collection ends): every
+    /// snapshot made meanwhile keeps the directories its mounts name.
+    #[test]
+    fn cleanup_beside_prepares_takes_no_snapshots_directory() {
+        let root = tempfile::tempdir().expect("in a test");
+        let s = snapshotter(root.path());
+        let done = AtomicBool::new(false);
+        let missing = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    s.cleanup().expect("in a test");
+                }
+            });
+            // No assertion in here: the cleaner must be stopped first.
+            let missing: Vec<String> = (0..50)
+                .filter_map(|n| {
+                    let made = s.prepare(&format!("c{n}"), "", BTreeMap::new());
+                    let gone = match &made {
+                        Ok(mounts) => !Path::new(&mounts[0].source).is_dir(),
+                        Err(_) => true,
+                    };
+                    gone.then(|| format!("c{n}: {made:?}"))
+                })
+                .collect();
+            done.store(true, Ordering::Relaxed);
+            missing
+        });
+        assert!(missing.is_empty(), "gone: {missing:?}");
+        for n in 0..50 {
+            let mounts = s.mounts(&format!("c{n}")).expect("in a test");
+            assert!(Path::new(&mounts[0].source).is_dir(), "c{n}");
+        }
+    }
+}
