@@ -63,11 +63,12 @@ impl Layout {
     }
 
     /// Makes `<id>/fs` (mode 0755, as containerd's suite checks) and, for an active
-    /// snapshot, `<id>/work`.
+    /// snapshot, `<id>/work`. AlreadyExists when `<id>` is there already (left by a
+    /// create that never committed): it is not made over, the store skips the number.
     pub fn make_dirs(&self, id: u64, kind: Kind) -> std::io::Result<()> {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.mode(0o700).recursive(true);
-        builder.create(self.snapshot_dir(id))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(self.snapshot_dir(id))?;
         std::fs::DirBuilder::new().mode(0o755).create(self.fs(id))?;
         // umask may have taken bits away.
         std::fs::set_permissions(
@@ -80,6 +81,19 @@ impl Layout {
                 .create(self.work(id))?;
         }
         Ok(())
+    }
+
+    /// The snapshot directories whose number is not in `known`.
+    pub fn unnamed_dirs(&self, known: &HashSet<u64>) -> std::io::Result<Vec<u64>> {
+        let entries = match std::fs::read_dir(self.snapshots_dir()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let names = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok());
+        Ok(unnamed(known, names))
     }
 
     /// The mounts of snapshot `id` of `kind` over `parents` (their ids, nearest first).
@@ -113,6 +127,17 @@ impl Layout {
             options,
         }]
     }
+}
+
+/// The numbers among directory `names` that are not in `known`; other names are not
+/// the snapshotter's and stay.
+fn unnamed(known: &HashSet<u64>, names: impl Iterator<Item = String>) -> Vec<u64> {
+    let mut ids: Vec<u64> = names
+        .filter_map(|name| name.parse::<u64>().ok())
+        .filter(|id| !known.contains(id))
+        .collect();
+    ids.sort_unstable();
+    ids
 }
 
 /// Bytes (allocated blocks) and inodes under `dir`, each inode once, not crossing into
@@ -180,6 +205,25 @@ mod tests {
             view[0].options,
             ["lowerdir=/r/snapshots/3/fs:/r/snapshots/2/fs"]
         );
+    }
+
+    #[test]
+    fn unnamed_directories_are_numbers_no_record_has() {
+        let known: HashSet<u64> = [1, 3].into();
+        let names = ["1", "2", "3", "10", "new-x", "007x"].map(String::from);
+        assert_eq!(unnamed(&known, names.into_iter()), [2, 10]);
+    }
+
+    #[test]
+    fn a_directory_left_behind_is_not_made_over() {
+        let root = tempfile::tempdir().expect("in a test");
+        let layout = Layout::new(root.path());
+        std::fs::create_dir(layout.snapshots_dir()).expect("in a test");
+        layout.make_dirs(1, Kind::Active).expect("in a test");
+        let again = layout.make_dirs(1, Kind::Active).expect_err("in a test");
+        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        let known: HashSet<u64> = HashSet::new();
+        assert_eq!(layout.unnamed_dirs(&known).expect("in a test"), [1]);
     }
 
     #[test]

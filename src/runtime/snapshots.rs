@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::filter::{Fields, Filters};
 use super::labels::{LABEL_TARGET, unpack_target};
@@ -241,25 +241,79 @@ impl Snapshotter {
     }
 
     /// Removes directories no snapshot names (left by a crash or a failed removal).
+    /// They are listed while no snapshot can be made: containerd calls Cleanup as its
+    /// garbage collection ends, just as the Prepares that waited for it go on, and a
+    /// directory made for a record not yet committed must not look unnamed (it was
+    /// removed under a container starting: ENOENT on its mount).
     pub fn cleanup(&self) -> Result<()> {
-        let known: std::collections::HashSet<u64> =
-            self.store.list()?.iter().map(|(_, r)| r.id).collect();
-        let dir = self.layout.snapshots_dir();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(Error::Internal(format!("{}: {e}", dir.display()))),
-        };
-        for entry in entries.flatten() {
-            let id = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u64>().ok());
-            match id {
-                Some(id) if !known.contains(&id) => self.remove_dir(id),
-                _ => {}
-            }
+        let layout = &self.layout;
+        let unnamed = self
+            .store
+            .with_ids_held(|known| layout.unnamed_dirs(known))?
+            .map_err(|e| Error::Internal(format!("{}: {e}", layout.snapshots_dir().display())))?;
+        // Outside the lock: no number is given out while its directory is there (store.rs).
+        for id in unnamed {
+            info!("cleanup: removing snapshot directory {id}, which no snapshot names");
+            self.remove_dir(id);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::runtime::host_mounts::HostMounts;
+    use crate::runtime::stats::RuntimeStats;
+
+    fn snapshotter(root: &Path) -> Snapshotter {
+        let layout = Layout::new(root);
+        std::fs::create_dir(layout.snapshots_dir()).expect("in a test");
+        let store = Store::open(&layout.metadata_file()).expect("in a test");
+        let mounts = HostMounts::new(
+            layout.mounts_dir(),
+            root.join("hosts"),
+            root.join("regfs"),
+            Vec::new(),
+        );
+        let stats = RuntimeStats::load(layout.stats_file());
+        Snapshotter::new(layout, store, Remote::new(mounts, stats))
+    }
+
+    /// containerd calls Cleanup beside Prepares (as its garbage collection ends): every
+    /// snapshot made meanwhile keeps the directories its mounts name.
+    #[test]
+    fn cleanup_beside_prepares_takes_no_snapshots_directory() {
+        let root = tempfile::tempdir().expect("in a test");
+        let s = snapshotter(root.path());
+        let done = AtomicBool::new(false);
+        let missing = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    s.cleanup().expect("in a test");
+                }
+            });
+            // No assertion in here: the cleaner must be stopped first.
+            let missing: Vec<String> = (0..50)
+                .filter_map(|n| {
+                    let made = s.prepare(&format!("c{n}"), "", BTreeMap::new());
+                    let gone = match &made {
+                        Ok(mounts) => !Path::new(&mounts[0].source).is_dir(),
+                        Err(_) => true,
+                    };
+                    gone.then(|| format!("c{n}: {made:?}"))
+                })
+                .collect();
+            done.store(true, Ordering::Relaxed);
+            missing
+        });
+        assert!(missing.is_empty(), "gone: {missing:?}");
+        for n in 0..50 {
+            let mounts = s.mounts(&format!("c{n}")).expect("in a test");
+            assert!(Path::new(&mounts[0].source).is_dir(), "c{n}");
+        }
     }
 }

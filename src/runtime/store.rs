@@ -3,7 +3,7 @@
 //! Every change is one write transaction, so a crash leaves the old or the new state
 //! and at worst a directory no record names (removed by Cleanup).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 /// "next_id" → the number the next snapshot's directory gets.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// How many numbers a create skips, at most, for directories left behind.
+const MAX_SKIPPED_IDS: u64 = 1000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -186,11 +188,14 @@ impl Store {
     }
 
     /// Adds a snapshot. `make_dirs` runs inside the transaction with the new number,
-    /// so a record never names a directory that was not made.
+    /// so a record never names a directory that was not made. A number whose directory
+    /// is already there (left by a create that never committed: a crash, a failed
+    /// bind) is skipped, never reused: Cleanup may be removing that directory now.
+    /// `make_dirs` says so with ErrorKind::AlreadyExists.
     pub fn create(
         &self,
         new: NewSnapshot,
-        make_dirs: impl FnOnce(u64) -> std::io::Result<()>,
+        make_dirs: impl FnMut(u64) -> std::io::Result<()>,
     ) -> Result<Record> {
         self.write(|tx| {
             let mut table = tx.open_table(SNAPSHOTS).map_err(Error::internal)?;
@@ -201,8 +206,7 @@ impl Store {
                 )));
             }
             check_parent(&table, new.parent)?;
-            let id = next_id(tx)?;
-            make_dirs(id).map_err(|e| Error::Internal(format!("snapshot directory: {e}")))?;
+            let id = claim_id(tx, make_dirs)?;
             let now = Time::now();
             let record = Record {
                 id,
@@ -219,6 +223,26 @@ impl Store {
                 .map_err(Error::internal)?;
             Ok(record)
         })
+    }
+
+    /// Runs `scan` with the directory number of every snapshot, holding the store's
+    /// write lock and writing nothing: no snapshot is made or removed meanwhile, so a
+    /// directory `scan` finds that `ids` lacks belongs to no snapshot, and not to one
+    /// whose directory is made but whose record is not yet committed.
+    pub fn with_ids_held<T>(&self, scan: impl FnOnce(&HashSet<u64>) -> T) -> Result<T> {
+        let tx = self.db.begin_write().map_err(Error::internal)?;
+        let ids = {
+            let table = tx.open_table(SNAPSHOTS).map_err(Error::internal)?;
+            let mut ids = HashSet::new();
+            for entry in table.iter().map_err(Error::internal)? {
+                let (_, value) = entry.map_err(Error::internal)?;
+                ids.insert(decode(value.value())?.id);
+            }
+            ids
+        };
+        let out = scan(&ids);
+        tx.abort().map_err(Error::internal)?;
+        Ok(out)
     }
 
     /// Turns the active snapshot `key` into the committed snapshot `name`.
@@ -353,16 +377,33 @@ fn check_parent(table: &redb::Table<&str, &[u8]>, parent: &str) -> Result<()> {
     Ok(())
 }
 
-fn next_id(tx: &redb::WriteTransaction) -> Result<u64> {
+/// The counter's number, or the first after it whose directory `make_dirs` can make;
+/// the counter then moves past it.
+fn claim_id(
+    tx: &redb::WriteTransaction,
+    mut make_dirs: impl FnMut(u64) -> std::io::Result<()>,
+) -> Result<u64> {
     let mut counters = tx.open_table(COUNTERS).map_err(Error::internal)?;
-    let id = counters
+    let first = counters
         .get("next_id")
         .map_err(Error::internal)?
         .map_or(1, |v| v.value());
-    counters
-        .insert("next_id", id + 1)
-        .map_err(Error::internal)?;
-    Ok(id)
+    for id in first..first.saturating_add(MAX_SKIPPED_IDS) {
+        match make_dirs(id) {
+            Ok(()) => {
+                counters
+                    .insert("next_id", id + 1)
+                    .map_err(Error::internal)?;
+                return Ok(id);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::Internal(format!("snapshot directory: {e}"))),
+        }
+    }
+    Err(Error::Internal(format!(
+        "snapshot directory: the {MAX_SKIPPED_IDS} numbers from {first} are all taken by \
+         directories no snapshot names (Cleanup removes them)"
+    )))
 }
 
 fn encode(record: &Record) -> Result<Vec<u8>> {
@@ -450,5 +491,75 @@ mod tests {
             updated_labels(current, given, &["parent".to_string()]),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn a_number_whose_directory_is_left_is_skipped() {
+        let dir = tempfile::tempdir().expect("in a test");
+        let store = Store::open(&dir.path().join("metadata.redb")).expect("in a test");
+        // A failed create leaves the counter where it was.
+        assert!(matches!(
+            store.create(new("a", "", Kind::Active), |_| Err(std::io::Error::other(
+                "full"
+            ))),
+            Err(Error::Internal(_))
+        ));
+        // Its directory is still there (a crash, or Cleanup has not removed it yet).
+        let left = |id: u64| {
+            if id == 1 {
+                Err(std::io::ErrorKind::AlreadyExists.into())
+            } else {
+                Ok(())
+            }
+        };
+        let a = store
+            .create(new("a", "", Kind::Active), left)
+            .expect("in a test");
+        assert_eq!(a.id, 2);
+        let b = store
+            .create(new("b", "", Kind::Active), |_| Ok(()))
+            .expect("in a test");
+        assert_eq!(b.id, 3);
+        let taken = store.create(new("c", "", Kind::Active), |_| {
+            Err(std::io::ErrorKind::AlreadyExists.into())
+        });
+        assert!(matches!(taken, Err(Error::Internal(_))));
+    }
+
+    /// The scan under the write lock sees a create that had made its directory but not
+    /// committed its record as committed, never as a directory without a record.
+    #[test]
+    fn a_scan_waits_for_a_create_in_progress() {
+        let dir = tempfile::tempdir().expect("in a test");
+        let store = Store::open(&dir.path().join("metadata.redb")).expect("in a test");
+        let made = dir.path().join("made");
+        let (dirs_made, wait) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                store
+                    .create(new("a", "", Kind::Active), |id| {
+                        std::fs::write(&made, id.to_string())?;
+                        let _ = dirs_made.send(());
+                        // Holds the transaction open, as a slow mkdir or bind would.
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        Ok(())
+                    })
+                    .expect("in a test");
+            });
+            wait.recv().expect("in a test");
+            let unnamed = store
+                .with_ids_held(|ids| {
+                    let id: u64 = std::fs::read_to_string(&made)
+                        .expect("in a test")
+                        .parse()
+                        .expect("in a test");
+                    !ids.contains(&id)
+                })
+                .expect("in a test");
+            assert!(
+                !unnamed,
+                "the directory of a create in progress looked unnamed"
+            );
+        });
     }
 }
