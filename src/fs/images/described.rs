@@ -78,7 +78,8 @@ impl Images {
     }
 
     /// The same, with the image manifest it is in (whose SOCI index may have the
-    /// layer's zTOC).
+    /// layer's zTOC). The image's other layers start indexing too: a runtime looks at
+    /// each in turn, each after the one before was served (see `find_layer`).
     pub(super) async fn image_layer(
         &self,
         repo: &RepoName,
@@ -86,6 +87,9 @@ impl Images {
         layer: &Digest,
     ) -> Result<(Layer, Arc<FetchedManifest>)> {
         let image = self.resolve_image(repo, manifest).await?;
+        if image.layers.iter().any(|l| &l.digest == layer) {
+            self.index_all(repo, &image.layers, &image.manifest);
+        }
         let found = image.layers.into_iter().find(|l| &l.digest == layer);
         found
             .map(|l| (l, image.manifest))
