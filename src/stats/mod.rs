@@ -130,9 +130,11 @@ pub struct Stats {
     pub piece_size: AtomicU64,
     pub piece_budget: AtomicU64,
     /// The one memory budget (cache/limit.rs): `--cache-size`, bytes reserved by
-    /// fetches in flight now, and fetches that waited for memory.
+    /// fetches in flight now and by image decoding's working memory, and reservations
+    /// that waited for memory.
     pub memory_limit: AtomicU64,
     pub memory_in_flight: AtomicU64,
+    pub memory_working: AtomicU64,
     pub memory_waits: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
@@ -266,6 +268,7 @@ impl Stats {
             memory: MemorySnapshot {
                 limit: get(&self.memory_limit),
                 in_flight: get(&self.memory_in_flight),
+                working: get(&self.memory_working),
                 waits: get(&self.memory_waits),
             },
             pieces: PiecesSnapshot {
@@ -435,11 +438,14 @@ pub struct CacheSnapshot {
 /// The one memory budget for blob bytes (cache/limit.rs).
 #[derive(Serialize, Debug)]
 pub struct MemorySnapshot {
-    /// `--cache-size`: the cache, the pieces' share and fetches in flight together.
+    /// `--cache-size`: the cache, the pieces' shares, idle decoders, fetches in flight
+    /// and image decoding's working memory together.
     pub limit: u64,
     /// Bytes reserved by fetches in flight.
     pub in_flight: u64,
-    /// Fetches that waited for memory.
+    /// Bytes reserved by index passes and file reads of plain layers as they decode.
+    pub working: u64,
+    /// Fetches and decoders that waited for memory.
     pub waits: u64,
 }
 
