@@ -136,10 +136,10 @@ impl MemoryLimit {
     }
 
     /// Counts `bytes` of a decoder kept idle for the next read, beside the cache, if
-    /// the idle decoders' share (an eighth of the budget) has room; else `None`, and
+    /// the idle decoders' share (a quarter of the budget) has room; else `None`, and
     /// the caller drops the decoder rather than hold memory the budget does not count.
     pub fn keep_idle(self: &Arc<Self>, bytes: u64) -> Option<Idle> {
-        let share = self.limit / 8;
+        let share = self.share(u64::MAX);
         self.idle
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
                 (held + bytes <= share).then_some(held + bytes)
@@ -297,11 +297,11 @@ mod tests {
     #[tokio::test]
     async fn idle_decoders_count_beside_the_cache_within_their_share() {
         let limit = Arc::new(MemoryLimit::new(8 << 20, Arc::default()));
-        let kept = limit.keep_idle(600 << 10).expect("room");
-        assert_eq!(limit.room_for_cache(), (8 << 20) - (600 << 10));
-        assert!(limit.keep_idle(600 << 10).is_none(), "an eighth at most");
+        let kept = limit.keep_idle(1200 << 10).expect("room");
+        assert_eq!(limit.room_for_cache(), (8 << 20) - (1200 << 10));
+        assert!(limit.keep_idle(1200 << 10).is_none(), "a quarter at most");
         drop(kept);
         assert_eq!(limit.room_for_cache(), 8 << 20);
-        assert!(limit.keep_idle(1 << 20).is_some());
+        assert!(limit.keep_idle(2 << 20).is_some());
     }
 }

@@ -76,11 +76,13 @@ pub struct Stats {
     /// Blob bytes sent in upload chunks (resent bytes count again).
     pub uploaded_bytes: AtomicU64,
     /// Image contents: layers indexed (by a pass or a TOC), memory their indexes hold,
-    /// decodes started from a checkpoint, and layer bytes fetched to read files.
+    /// decodes started from a checkpoint, decoders not kept for the next read for want
+    /// of room in the memory budget, and layer bytes fetched to read files.
     pub layers_indexed: AtomicU64,
     pub indexes_from_disk: AtomicU64,
     pub index_bytes: AtomicU64,
     pub content_decodes: AtomicU64,
+    pub cursors_dropped: AtomicU64,
     pub content_fetched_bytes: AtomicU64,
     /// Layers that announce a TOC yet were indexed by reading them whole, because the
     /// TOC could not be used: how many, and why (by layer digest, the first few).
@@ -324,6 +326,7 @@ impl Stats {
             indexes_from_disk: get(&self.indexes_from_disk),
             index_bytes: get(&self.index_bytes),
             decodes: get(&self.content_decodes),
+            cursors_dropped: get(&self.cursors_dropped),
             fetched_bytes: get(&self.content_fetched_bytes),
             background_bytes: get(&self.background_bytes),
             background_layers: get(&self.background_layers),
@@ -392,6 +395,10 @@ pub struct ImagesSnapshot {
     /// Decodes started: of plain layers from a checkpoint, of TOC layers a run of
     /// chunks.
     pub decodes: u64,
+    /// Decoders of plain layers not kept for the next read: idle decoders' share of the
+    /// memory budget was full (README "Memory"); the next read there decodes from a
+    /// checkpoint again.
+    pub cursors_dropped: u64,
     /// Layer bytes fetched (or taken from the block cache) to read files.
     pub fetched_bytes: u64,
     /// Layer bytes fetched in the background (the rest of a TOC layer once its files

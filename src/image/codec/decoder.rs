@@ -31,6 +31,16 @@ impl Decoder {
         }
     }
 
+    /// The memory this decoder holds now (a zstd context as large as its frames'
+    /// windows made it; gzip's and tar's are fixed).
+    pub fn held_bytes(&self) -> u64 {
+        match self {
+            Decoder::Tar { .. } => 0,
+            Decoder::Gzip(_) => Self::working_bytes(Codec::Gzip),
+            Decoder::Zstd(d) => d.held_bytes(),
+        }
+    }
+
     /// A decoder starting at `point` of a blob with this codec.
     pub fn at(codec: Codec, point: &Checkpoint) -> Result<Decoder, String> {
         Ok(match (codec, &point.window) {
