@@ -58,8 +58,8 @@ enum Kind {
 
 /// Bytes reserved for one fetch or one decoder's work, given back when dropped.
 pub struct Reservation {
-    _units: Option<OwnedSemaphorePermit>,
-    _working: Option<OwnedSemaphorePermit>,
+    /// Of the budget, and of working memory's half.
+    _permits: [Option<OwnedSemaphorePermit>; 2],
     bytes: u64,
     kind: Kind,
     stats: Arc<Stats>,
@@ -191,14 +191,7 @@ impl MemoryLimit {
         let most = self.units - self.working_units;
         let units = self.units_of(bytes, most).max(1);
         let permit = self.take(&self.free, units).await;
-        Stats::add(&self.stats.memory_in_flight, bytes);
-        Reservation {
-            _units: permit,
-            _working: None,
-            bytes,
-            kind: Kind::Fetch,
-            stats: self.stats.clone(),
-        }
+        self.reserved(Kind::Fetch, bytes, [permit, None])
     }
 
     /// Reserves `bytes` of working memory for a decoder, its buffers and the blob
@@ -209,12 +202,21 @@ impl MemoryLimit {
         let units = self.units_of(bytes, self.working_units);
         let working = self.take(&self.working, units).await;
         let permit = self.take(&self.free, units).await;
-        Stats::add(&self.stats.memory_working, bytes);
+        self.reserved(Kind::Working, bytes, [permit, working])
+    }
+
+    /// The reservation of `bytes` holding `permits`, counted in the stats until dropped.
+    fn reserved(
+        &self,
+        kind: Kind,
+        bytes: u64,
+        permits: [Option<OwnedSemaphorePermit>; 2],
+    ) -> Reservation {
+        Stats::add(Reservation::counter(&self.stats, kind), bytes);
         Reservation {
-            _units: permit,
-            _working: working,
+            _permits: permits,
             bytes,
-            kind: Kind::Working,
+            kind,
             stats: self.stats.clone(),
         }
     }

@@ -234,7 +234,7 @@ fn readers_listers_and_uploads_at_once_for_a_bounded_time() {
     );
     let secs = soak_secs();
     let (registry, mount, contents, digests) = start();
-    let blobs: Arc<Vec<(PathBuf, Vec<u8>)>> = Arc::new(
+    let blobs: Blobs = Arc::new(
         digests
             .iter()
             .zip(contents)
@@ -343,9 +343,12 @@ fn big_lister(l: usize, root: &Path, stop: &AtomicBool) {
     }
 }
 
+/// Blobs as a mount shows them, and their contents.
+type Blobs = Arc<Vec<(PathBuf, Vec<u8>)>>;
+
 /// The registry with `soak/big:v1` over four blobs of noise, a mount of it, and the
 /// blobs as the mount shows them with their contents.
-fn start_big() -> (Registry, Mount, Arc<Vec<(PathBuf, Vec<u8>)>>) {
+fn start_big() -> (Registry, Mount, Blobs) {
     let registry = Registry::start();
     let contents: Vec<Vec<u8>> = (0..BIG_BLOBS)
         .map(|i| noise(BIG_BLOB, 200 + i as u32))
@@ -363,10 +366,7 @@ fn start_big() -> (Registry, Mount, Arc<Vec<(PathBuf, Vec<u8>)>>) {
 
 /// A fresh mount of `registry` with `--cache-size 64MiB`, and `blobs` (contents, by
 /// their path under `soak/big/blobs/`) as it shows them.
-fn mount_big(
-    registry: &Registry,
-    blobs: Vec<(PathBuf, Vec<u8>)>,
-) -> (Mount, Arc<Vec<(PathBuf, Vec<u8>)>>) {
+fn mount_big(registry: &Registry, blobs: Vec<(PathBuf, Vec<u8>)>) -> (Mount, Blobs) {
     let mount = Mount::start(
         &registry.url(),
         &["--cache-size", &format!("{BUDGET_MIB}MiB")],
@@ -387,7 +387,7 @@ fn random_soak(
     what: &str,
     secs: u64,
     mount: &Mount,
-    blobs: &Arc<Vec<(PathBuf, Vec<u8>)>>,
+    blobs: &Blobs,
     more: Vec<thread::JoinHandle<()>>,
     stop: &Arc<AtomicBool>,
 ) -> u64 {
