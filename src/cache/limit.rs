@@ -13,7 +13,9 @@
 //! takes to read) and needs fetches to finish (the blocks it decodes), so it may take at
 //! most half the budget: the other half is always there for fetches, and a decoder
 //! waiting for its next block never waits behind its own kind. A fetch reserves at most
-//! that other half (only a budget of less than two blocks makes a fetch larger).
+//! that other half (only a budget of less than two blocks makes a fetch larger), and a
+//! decoder at most its half (a pass holds about four blocks and a few hundred KiB: only a
+//! budget under ten blocks makes it larger).
 //!
 //! The allocator is told to hand block-sized allocations straight to the kernel and back
 //! ([`hand_large_allocations_to_the_kernel`]): otherwise glibc's moving mmap threshold
