@@ -129,10 +129,20 @@ impl<E: Clone> BlockCache<E> {
     }
 
     /// Reserves `bytes` in the memory budget for a fetch that does not go through the
-    /// cache (background reads into the disk cache), waiting while fetches in flight
-    /// hold it.
+    /// cache (background reads into the disk cache, exact ranges of layers), waiting
+    /// while fetches in flight hold it.
     pub async fn reserve_bytes(&self, bytes: u64) -> Option<Reservation> {
-        Some(self.limit.as_ref()?.reserve(bytes).await)
+        let reservation = self.limit.as_ref()?.reserve(bytes).await;
+        self.shrink();
+        Some(reservation)
+    }
+
+    /// Reserves `bytes` of working memory for image decoding (cache/limit.rs), waiting
+    /// for room, and evicts what no longer fits beside it.
+    pub async fn reserve_working(&self, bytes: u64) -> Option<Reservation> {
+        let reservation = self.limit.as_ref()?.reserve_working(bytes).await;
+        self.shrink();
+        Some(reservation)
     }
 
     /// Reserves a block's memory for a fetch (waiting while fetches in flight hold the
@@ -140,6 +150,12 @@ impl<E: Clone> BlockCache<E> {
     async fn reserve(&self) -> Option<Reservation> {
         let limit = self.limit.as_ref().filter(|_| self.main)?;
         let reservation = limit.reserve(self.block_size).await;
+        self.shrink();
+        Some(reservation)
+    }
+
+    /// Evicts what no longer fits in what the budget leaves the cache.
+    fn shrink(&self) {
         let mut evicted = Vec::new();
         {
             let mut inner = self.lock();
@@ -152,7 +168,6 @@ impl<E: Clone> BlockCache<E> {
             self.publish_bytes(&inner);
         }
         drop(evicted); // after unlocking: its memory may go back to the pool
-        Some(reservation)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<E>> {

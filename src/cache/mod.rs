@@ -8,5 +8,5 @@ pub mod memo;
 
 pub use blocks::BlockCache;
 pub use disk::DiskCache;
-pub use limit::MemoryLimit;
+pub use limit::{Idle, MemoryLimit, Reservation};
 pub use memo::Memo;

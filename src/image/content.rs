@@ -37,7 +37,7 @@ use super::soci::header::check_headers;
 use super::soci::trust::Trust;
 use super::soci::window::{Proof, prove_next};
 use super::source::BlobSource;
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, Idle};
 use crate::registry::{Digest, Error, Result};
 use crate::stats::Stats;
 
@@ -55,11 +55,15 @@ const MAX_GZIP_HEADER: u64 = 64 << 10;
 pub type PieceCache = BlockCache;
 
 /// A decoder somewhere in a layer's tar stream, with the input it has not used yet.
+/// Kept idle between reads without its input and scratch (the span is read again from
+/// the piece cache), counted beside the block cache (cache/limit.rs).
 struct Cursor {
     decoder: Decoder,
     /// Checked blob bytes from `decoder.input_pos()` on.
     input: Bytes,
     scratch: Vec<u8>,
+    /// While idle: its decoder's memory in the budget.
+    _idle: Option<Idle>,
 }
 
 impl Cursor {
@@ -87,6 +91,13 @@ impl Cursor {
         }
         Ok(())
     }
+}
+
+/// The working memory of a read of `len` bytes decoded from a plain layer: the
+/// decoder, its scratch, the span it holds (at most the largest) and the output.
+fn working_bytes(map: &StreamMap, len: u64) -> u64 {
+    let span = map.spans.iter().map(|s| s.range.end - s.range.start).max();
+    Decoder::working_bytes(map.codec) + SCRATCH as u64 + span.unwrap_or(0) + len
 }
 
 /// Told once when an index from a zTOC is refused: the layer's digest, the index's
@@ -279,6 +290,11 @@ impl LayerContent {
         if map.codec == Codec::Tar {
             return self.blob_range(map, start, end).await;
         }
+        // Before a cursor is taken or made: it waits holding nothing (cache/limit.rs).
+        let _working = self
+            .source
+            .working_memory(working_bytes(map, end - start))
+            .await;
         let mut cursor = match self.take_cursor(map, start) {
             Some(cursor) => cursor,
             None => self.new_cursor(map, start).await?,
@@ -326,7 +342,10 @@ impl LayerContent {
             .filter(|(_, c)| (point.out..=start).contains(&c.decoder.output_pos()))
             .max_by_key(|(_, c)| c.decoder.output_pos())
             .map(|(i, _)| i)?;
-        Some(cursors.swap_remove(best))
+        let mut cursor = cursors.swap_remove(best);
+        cursor.scratch = vec![0; SCRATCH];
+        cursor._idle = None; // working memory counts it now
+        Some(cursor)
     }
 
     /// A decoder at the nearest checkpoint before `start`, once it is proven.
@@ -340,16 +359,41 @@ impl LayerContent {
             decoder,
             input: Bytes::new(),
             scratch: vec![0; SCRATCH],
+            _idle: None,
         })
     }
 
-    fn keep_cursor(&self, cursor: Cursor) {
+    /// Keeps `cursor` for the next read, idle: without its input and scratch, and only
+    /// if idle decoders' share of the budget has room for it, after this layer's cursor
+    /// furthest behind if need be (else it is dropped, counted in
+    /// `images.cursors_dropped`).
+    fn keep_cursor(&self, mut cursor: Cursor) {
+        cursor.input = Bytes::new();
+        cursor.scratch = Vec::new();
         let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+        // The one furthest behind goes first: the others are likelier to be continued.
+        let behind = |cursors: &Vec<Cursor>| {
+            (0..cursors.len()).min_by_key(|&i| cursors[i].decoder.output_pos())
+        };
         if cursors.len() >= CURSORS {
-            // Drop the one furthest behind: the others are likelier to be continued.
-            if let Some(i) = (0..cursors.len()).min_by_key(|&i| cursors[i].decoder.output_pos()) {
+            if let Some(i) = behind(&cursors) {
                 cursors.swap_remove(i);
             }
+        }
+        if let Some(limit) = self.readers.pieces.limit() {
+            let held = cursor.decoder.held_bytes();
+            let mut idle = limit.keep_idle(held);
+            if idle.is_none() {
+                if let Some(i) = behind(&cursors) {
+                    cursors.swap_remove(i);
+                    idle = limit.keep_idle(held);
+                }
+            }
+            if idle.is_none() {
+                Stats::add(&self.readers.stats.cursors_dropped, 1);
+                return;
+            }
+            cursor._idle = idle;
         }
         cursors.push(cursor);
     }

@@ -51,8 +51,10 @@ use manifest::Layer;
 use source::BlobSource;
 use toc::TocRef;
 
-/// Pieces of the blob queued for the pass's decoding thread.
-const PASS_QUEUE: usize = 4;
+/// Pieces of the blob queued for the pass's decoding thread: besides them the pass
+/// holds the piece it decodes and the one fetched next, all counted in its working
+/// memory (pass::working_bytes).
+const PASS_QUEUE: usize = 2;
 
 /// A layer's zTOC in a SOCI index (docs/SEMANTICS.md, "Shared indexes").
 pub struct ZtocSource {
@@ -144,13 +146,26 @@ async fn ztoc_index(ztoc: &ZtocSource, codec: Codec, layer: &Layer) -> Result<La
     Ok(index)
 }
 
-/// Runs the pass on a blocking thread, fed from the source's stream.
+/// Runs the pass on a blocking thread, fed from the source's stream, once its working
+/// memory is reserved in the budget (README "Memory"): before the stream holds any
+/// piece, so it waits holding nothing.
 async fn index_by_pass(source: Arc<dyn BlobSource>, codec: Codec) -> Result<LayerIndex> {
     let (digest, size) = (source.digest().clone(), source.size());
+    let held = PASS_QUEUE as u64 + 2;
+    let working = pass::working_bytes(codec, held, source.stream_piece());
+    let _working = source.working_memory(working).await;
     consume_blocking(source.stream(), move |pieces| {
         pass::index_pass(&digest, codec, size, pieces)
     })
     .await?
+}
+
+/// The working memory of [`check_layer`] fed in pieces of `piece` bytes, `ahead` of
+/// them fetched before they are wanted: a pass's, and the decoder of the span it
+/// compares.
+pub fn check_working_bytes(codec: Codec, piece: u64, ahead: u64) -> u64 {
+    let held = PASS_QUEUE as u64 + 2 + ahead;
+    pass::working_bytes(codec, held, piece) + codec::Decoder::working_bytes(codec)
 }
 
 /// Checks a layer whose index came from a zTOC against the whole blob, fed by

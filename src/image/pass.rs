@@ -13,7 +13,7 @@ use super::index::{
     Content, IndexSource, LayerIndex, MAX_ENTRIES, MAX_INDEX_BYTES, StreamMap, unreadable,
 };
 use super::soci::spans::SpanHasher;
-use super::tar::{TarItem, TarParser};
+use super::tar::{MAX_HELD as TAR_HELD, TarItem, TarParser};
 use crate::registry::{Digest, Error, Result};
 
 /// Blob bytes per span digest of tar and zstd layers (gzip layers have one span per
@@ -32,6 +32,13 @@ const EXPANSION_FLOOR: u64 = 1 << 30;
 const LOGGED_REFUSALS: usize = 20;
 /// Decoder output buffer.
 const OUT_BUF: usize = 256 << 10;
+
+/// The memory a pass holds while it runs, counted in the memory budget (cache/limit.rs):
+/// its decoder, output buffer and tar parser, and `pieces` stream pieces of
+/// `piece` bytes (queued, being fed, and the one fetched next).
+pub fn working_bytes(codec: Codec, pieces: u64, piece: u64) -> u64 {
+    Decoder::working_bytes(codec) + OUT_BUF as u64 + TAR_HELD + pieces * piece
+}
 
 /// Uncompressed bytes between the checkpoints of a blob this large, at least.
 pub fn checkpoint_spacing(blob_size: u64) -> u64 {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 
+use crate::cache::Reservation;
 use crate::registry::{Digest, Result};
 
 pub trait BlobSource: Send + Sync {
@@ -29,6 +30,14 @@ pub trait BlobSource: Send + Sync {
 
     /// Bytes read from this blob turned out wrong: drop whatever is cached of it.
     fn distrust(&self);
+
+    /// The most bytes one piece of [`Self::stream`] holds.
+    fn stream_piece(&self) -> u64;
+
+    /// Reserves `bytes` of working memory (a decoder, its buffers, the pieces it holds)
+    /// in the mount's memory budget until dropped, waiting for room (cache/limit.rs);
+    /// `None` where there is no budget.
+    fn working_memory(&self, bytes: u64) -> BoxFuture<'_, Option<Reservation>>;
 }
 
 /// A blob held in memory, for tests: records what was asked of it.
@@ -41,6 +50,7 @@ pub mod mem {
     use futures_util::stream::BoxStream;
 
     use super::BlobSource;
+    use crate::cache::Reservation;
     use crate::registry::{Digest, Error, Result};
 
     pub struct MemSource {
@@ -103,6 +113,14 @@ pub mod mem {
 
         fn distrust(&self) {
             *self.distrusted.lock().expect("lock") = true;
+        }
+
+        fn stream_piece(&self) -> u64 {
+            1 << 20
+        }
+
+        fn working_memory(&self, _: u64) -> BoxFuture<'_, Option<Reservation>> {
+            Box::pin(async { None })
         }
     }
 }

@@ -24,6 +24,9 @@ const MAX_LONG_NAME: u64 = 64 << 10;
 /// Largest PAX extended header accepted (xattrs live there; capabilities and ACLs are
 /// small).
 const MAX_PAX: u64 = 1 << 20;
+/// The most the parser holds at once: a header, a long name, a long link and a PAX
+/// header (counted in the memory budget while a pass runs, cache/limit.rs).
+pub const MAX_HELD: u64 = BLOCK + 2 * MAX_LONG_NAME + MAX_PAX;
 
 /// What the parser found, in stream order.
 #[derive(Debug)]

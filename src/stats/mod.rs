@@ -76,11 +76,13 @@ pub struct Stats {
     /// Blob bytes sent in upload chunks (resent bytes count again).
     pub uploaded_bytes: AtomicU64,
     /// Image contents: layers indexed (by a pass or a TOC), memory their indexes hold,
-    /// decodes started from a checkpoint, and layer bytes fetched to read files.
+    /// decodes started from a checkpoint, decoders not kept for the next read for want
+    /// of room in the memory budget, and layer bytes fetched to read files.
     pub layers_indexed: AtomicU64,
     pub indexes_from_disk: AtomicU64,
     pub index_bytes: AtomicU64,
     pub content_decodes: AtomicU64,
+    pub cursors_dropped: AtomicU64,
     pub content_fetched_bytes: AtomicU64,
     /// TOC layers: compressed bytes of the files that follow a file in its blob, fetched
     /// with it (image/chunks.rs), and chunks of them read later without a request.
@@ -134,9 +136,11 @@ pub struct Stats {
     pub piece_size: AtomicU64,
     pub piece_budget: AtomicU64,
     /// The one memory budget (cache/limit.rs): `--cache-size`, bytes reserved by
-    /// fetches in flight now, and fetches that waited for memory.
+    /// fetches in flight now and by image decoding's working memory, and reservations
+    /// that waited for memory.
     pub memory_limit: AtomicU64,
     pub memory_in_flight: AtomicU64,
+    pub memory_working: AtomicU64,
     pub memory_waits: AtomicU64,
     requests: [AtomicU64; REQUEST_KINDS],
     /// Traffic per registry host (the origin and each `--mirror`), in the order added.
@@ -270,6 +274,7 @@ impl Stats {
             memory: MemorySnapshot {
                 limit: get(&self.memory_limit),
                 in_flight: get(&self.memory_in_flight),
+                working: get(&self.memory_working),
                 waits: get(&self.memory_waits),
             },
             pieces: PiecesSnapshot {
@@ -325,6 +330,7 @@ impl Stats {
             indexes_from_disk: get(&self.indexes_from_disk),
             index_bytes: get(&self.index_bytes),
             decodes: get(&self.content_decodes),
+            cursors_dropped: get(&self.cursors_dropped),
             fetched_bytes: get(&self.content_fetched_bytes),
             read_ahead_bytes: get(&self.read_ahead_bytes),
             read_ahead_used: get(&self.read_ahead_used),
@@ -395,6 +401,10 @@ pub struct ImagesSnapshot {
     /// Decodes started: of plain layers from a checkpoint, of TOC layers a run of
     /// chunks.
     pub decodes: u64,
+    /// Decoders of plain layers not kept for the next read: idle decoders' share of the
+    /// memory budget was full (README "Memory"); the next read there decodes from a
+    /// checkpoint again.
+    pub cursors_dropped: u64,
     /// Layer bytes fetched (or taken from the block cache) to read files.
     pub fetched_bytes: u64,
     /// TOC layers: compressed bytes of the next files in the blob fetched along with a
@@ -446,11 +456,14 @@ pub struct CacheSnapshot {
 /// The one memory budget for blob bytes (cache/limit.rs).
 #[derive(Serialize, Debug)]
 pub struct MemorySnapshot {
-    /// `--cache-size`: the cache, the pieces' share and fetches in flight together.
+    /// `--cache-size`: the cache, the pieces' shares, idle decoders, fetches in flight
+    /// and image decoding's working memory together.
     pub limit: u64,
     /// Bytes reserved by fetches in flight.
     pub in_flight: u64,
-    /// Fetches that waited for memory.
+    /// Bytes reserved by index passes and file reads of plain layers as they decode.
+    pub working: u64,
+    /// Fetches and decoders that waited for memory.
     pub waits: u64,
 }
 

@@ -27,10 +27,12 @@ use crate::stats::Stats;
 /// 16 reads of 1 MiB hold about 16 MiB (64 held up to 64 MiB, and a cold read through
 /// a 64 MiB cache peaked at 145 MiB). Shorter than 16 stalls the reads behind the hash.
 const QUEUED_PIECES: usize = 16;
-/// Bytes of out-of-order pieces a hasher keeps, and all hashers together; beyond that
-/// a hasher gives up on its open file (the blob is then read without a check, and the
-/// log says so). Stashed pieces are copies: a slice of a cached block would keep the
-/// whole block alive (a 1-byte read pinning 2 MiB), however small the stash looked.
+/// Bytes of out-of-order pieces a hasher keeps, and all hashers together (at most a
+/// quarter of the memory budget, in which the stash counts beside the block cache:
+/// cache/limit.rs); beyond that a hasher gives up on its open file (the blob is then
+/// read without a check, and the log says so). Stashed pieces are copies: a slice of a
+/// cached block would keep the whole block alive (a 1-byte read pinning 2 MiB), however
+/// small the stash looked.
 const MAX_STASH: u64 = 8 << 20;
 const MAX_STASH_ALL: u64 = 32 << 20;
 /// A piece that starts further than this ahead of the hash is not a read-ahead finishing
@@ -151,6 +153,20 @@ impl Verifier {
         }
     }
 
+    /// What all hashers may stash together: MAX_STASH_ALL, within the budget's share.
+    fn stash_share(&self) -> u64 {
+        self.cache
+            .limit()
+            .map_or(MAX_STASH_ALL, |limit| limit.share(MAX_STASH_ALL))
+    }
+
+    /// The stash went from `before` bytes to `now`: counted beside the block cache.
+    fn held_beside(&self, before: u64, now: u64) {
+        if let Some(limit) = self.cache.limit() {
+            limit.held_beside(before, now);
+        }
+    }
+
     /// A wrong blob's pieces are forgotten with its blocks.
     pub fn with_pieces(self, pieces: Arc<Pieces>) -> Verifier {
         Verifier {
@@ -249,7 +265,7 @@ impl Hasher {
             let all = &self.verifier.stashed;
             if offset - self.hashed > STASH_REACH
                 || self.stashed + len > MAX_STASH
-                || all.load(Ordering::Relaxed) + len > MAX_STASH_ALL
+                || all.load(Ordering::Relaxed) + len > self.verifier.stash_share()
             {
                 debug!(
                     digest = %self.shared.digest,
@@ -260,6 +276,7 @@ impl Hasher {
             }
             self.stashed += len;
             all.fetch_add(len, Ordering::Relaxed);
+            self.verifier.held_beside(0, len);
             self.stash.insert(offset, Bytes::copy_from_slice(&data));
             return;
         }
@@ -314,6 +331,7 @@ impl Hasher {
     fn unstash(&mut self, len: u64) {
         self.stashed -= len;
         self.verifier.stashed.fetch_sub(len, Ordering::Relaxed);
+        self.verifier.held_beside(len, 0);
     }
 
     fn give_up(&mut self) {
@@ -325,6 +343,7 @@ impl Hasher {
         self.stash.clear();
         let held = std::mem::take(&mut self.stashed);
         self.verifier.stashed.fetch_sub(held, Ordering::Relaxed);
+        self.verifier.held_beside(held, 0);
     }
 
     fn verdict(&mut self) {

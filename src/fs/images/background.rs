@@ -32,7 +32,7 @@ use crate::stats::Stats;
 const QUIET: Duration = Duration::from_millis(200);
 /// Background range requests in flight per mount, and blocks ahead per blob.
 const SLOTS: usize = 4;
-const AHEAD: usize = 2;
+pub const AHEAD: usize = 2;
 
 /// The mount's background reads: the foreground they give way to, and their slots.
 pub struct Background {

@@ -18,9 +18,9 @@ use tracing::{info, warn};
 use super::background::{Background, Signal};
 use super::layer_blob::LayerBlob;
 use crate::cache::DiskCache;
-use crate::image::check_layer;
 use crate::image::content::LayerContent;
-use crate::image::index::{DISK_KIND, IndexSource};
+use crate::image::index::{Content, DISK_KIND, IndexSource};
+use crate::image::{check_layer, check_working_bytes};
 use crate::registry::{Digest, Result};
 use crate::stats::Stats;
 
@@ -92,6 +92,13 @@ impl Checks {
         disk_key: &Digest,
     ) -> Result<()> {
         let index = content.index().clone();
+        let ahead = super::background::AHEAD as u64;
+        let working = match &index.content {
+            Content::Stream(map) => check_working_bytes(map.codec, blob.cache.block_size(), ahead),
+            Content::Chunks(_) => 0, // a zTOC's index is a stream's; check_layer says so
+        };
+        // Before the first block is fetched: it waits holding nothing (cache/limit.rs).
+        let _working = blob.cache.reserve_working(working).await;
         let go = Signal::default();
         go.give();
         let blocks = self.background.blocks(blob, &go, 0);

@@ -10,7 +10,7 @@ use futures_util::stream::{self, BoxStream};
 use tracing::debug;
 
 use super::priority::Foreground;
-use crate::cache::BlockCache;
+use crate::cache::{BlockCache, Reservation};
 use crate::fs::blob::{BlobAt, BlockFetcher, BodyCursor, join_blocks};
 use crate::image::source::BlobSource;
 use crate::registry::{Digest, Error, RepoName, Result};
@@ -135,6 +135,9 @@ impl BlobSource for LayerBlob {
             if on_disk || self.fetcher.checks_whole(blob) {
                 return self.read(offset, len).await;
             }
+            // Held in memory until its reader has checked and kept it: a fetch in the
+            // budget like any other.
+            let _reserved = self.cache.reserve_bytes(len).await;
             let client = self.fetcher.client();
             client
                 .get_blob_range(&self.repo, &self.digest, offset, len)
@@ -155,6 +158,14 @@ impl BlobSource for LayerBlob {
                 Some((block, (next, cursor)))
             },
         ))
+    }
+
+    fn stream_piece(&self) -> u64 {
+        self.cache.block_size()
+    }
+
+    fn working_memory(&self, bytes: u64) -> BoxFuture<'_, Option<Reservation>> {
+        Box::pin(self.cache.reserve_working(bytes))
     }
 
     fn distrust(&self) {

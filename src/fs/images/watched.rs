@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 
+use crate::cache::Reservation;
 use crate::image::source::BlobSource;
 use crate::registry::{Digest, Result};
 use crate::stats::Stats;
@@ -49,5 +50,13 @@ impl BlobSource for Watched {
 
     fn distrust(&self) {
         self.inner.distrust()
+    }
+
+    fn stream_piece(&self) -> u64 {
+        self.inner.stream_piece()
+    }
+
+    fn working_memory(&self, bytes: u64) -> BoxFuture<'_, Option<Reservation>> {
+        self.inner.working_memory(bytes)
     }
 }

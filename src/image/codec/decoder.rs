@@ -15,7 +15,32 @@ pub enum Decoder {
     Zstd(Box<ZstdDecoder>),
 }
 
+/// What a zstd decoder's window is counted at in the memory budget: the largest window
+/// of zstd's levels up to 19 and of the Go encoders container tools use (8 MiB).
+pub const ZSTD_WINDOW_COUNTED: u64 = 8 << 20;
+
 impl Decoder {
+    /// The memory a decoder of `codec` holds (counted in the memory budget while it
+    /// works, cache/limit.rs): for gzip, the inflate state, its 32 KiB window and a
+    /// member header; for zstd, the window and libzstd's block buffers.
+    pub fn working_bytes(codec: Codec) -> u64 {
+        match codec {
+            Codec::Tar => 0,
+            Codec::Gzip => 128 << 10,
+            Codec::Zstd => ZSTD_WINDOW_COUNTED + (256 << 10),
+        }
+    }
+
+    /// The memory this decoder holds now (a zstd context as large as its frames'
+    /// windows made it; gzip's and tar's are fixed).
+    pub fn held_bytes(&self) -> u64 {
+        match self {
+            Decoder::Tar { .. } => 0,
+            Decoder::Gzip(_) => Self::working_bytes(Codec::Gzip),
+            Decoder::Zstd(d) => d.held_bytes(),
+        }
+    }
+
     /// A decoder starting at `point` of a blob with this codec.
     pub fn at(codec: Codec, point: &Checkpoint) -> Result<Decoder, String> {
         Ok(match (codec, &point.window) {

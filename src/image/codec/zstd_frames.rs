@@ -5,14 +5,16 @@
 //! reader's shared cursors make sequential reading of those cheap; see content.rs).
 
 use super::position::Step;
-use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
+use zstd::zstd_safe::{DCtx, DParameter, ErrorCode, InBuffer, OutBuffer, get_error_name};
 
 /// Largest window accepted (2^27 = 128 MiB, libzstd's own default limit): a frame that
 /// asks for more is refused rather than allocated.
 const WINDOW_LOG_MAX: u32 = 27;
 
+/// libzstd's streaming context, used directly (rather than through `zstd`'s raw
+/// decoder) so that what it holds can be asked ([`ZstdDecoder::held_bytes`]).
 pub struct ZstdDecoder {
-    d: Decoder<'static>,
+    d: DCtx<'static>,
     pos: u64,
     out: u64,
     /// Inside a frame (some of it consumed, not all of it flushed).
@@ -20,14 +22,14 @@ pub struct ZstdDecoder {
     frames: u64,
 }
 
-fn error(e: std::io::Error) -> String {
-    format!("corrupt zstd data: {e}")
+fn error(code: ErrorCode) -> String {
+    format!("corrupt zstd data: {}", get_error_name(code))
 }
 
 impl ZstdDecoder {
     /// A decoder at a frame start: blob offset `pos`, uncompressed offset `out`.
     pub fn at(pos: u64, out: u64) -> Result<ZstdDecoder, String> {
-        let mut d = Decoder::new().map_err(error)?;
+        let mut d = DCtx::try_create().ok_or("cannot start a zstd decoder")?;
         d.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
             .map_err(error)?;
         Ok(ZstdDecoder {
@@ -37,6 +39,12 @@ impl ZstdDecoder {
             in_frame: false,
             frames: 0,
         })
+    }
+
+    /// The memory the context holds now (its window and buffers, as large as the
+    /// frames it decoded asked for).
+    pub fn held_bytes(&self) -> u64 {
+        self.d.sizeof() as u64
     }
 
     pub fn input_pos(&self) -> u64 {
@@ -52,7 +60,10 @@ impl ZstdDecoder {
     pub fn decode(&mut self, input: &[u8], out: &mut [u8]) -> Result<Step, String> {
         let mut inb = InBuffer::around(input);
         let mut outb = OutBuffer::around(out);
-        let hint = self.d.run(&mut inb, &mut outb).map_err(error)?;
+        let hint = self
+            .d
+            .decompress_stream(&mut outb, &mut inb)
+            .map_err(error)?;
         let (consumed, produced) = (inb.pos(), outb.pos());
         self.pos += consumed as u64;
         self.out += produced as u64;

@@ -17,6 +17,17 @@ use crate::stats::Stats;
 
 /// A layer served from `z`, and the refusals its hook was told of.
 fn served(l: &Indexed, z: &Ztoc, vouched: bool) -> (LayerContent, Arc<Mutex<Vec<String>>>) {
+    let pieces = Arc::new(BlockCache::new(1 << 20, 64 << 20, Arc::default()));
+    served_with(l, z, vouched, pieces)
+}
+
+/// [`served`] with checked pieces kept in `pieces` (and counted in its budget).
+fn served_with(
+    l: &Indexed,
+    z: &Ztoc,
+    vouched: bool,
+    pieces: Arc<BlockCache>,
+) -> (LayerContent, Arc<Mutex<Vec<String>>>) {
     let bytes = z.encode();
     let source = IndexSource::Soci {
         index: Digest::sha256_of(b"the index"),
@@ -30,7 +41,7 @@ fn served(l: &Indexed, z: &Ztoc, vouched: bool) -> (LayerContent, Arc<Mutex<Vec<
     let hook_told = told.clone();
     let stats = Arc::new(Stats::default());
     let readers = Readers {
-        pieces: Arc::new(BlockCache::new(1 << 20, 64 << 20, stats.clone())),
+        pieces,
         ahead: Arc::new(BlockCache::new(1 << 20, 16 << 20, stats.clone())),
         stats,
         refused: Some(Arc::new(move |_: &Digest, _: &IndexSource, why: &str| {
@@ -61,6 +72,29 @@ async fn read(
         .map(|b| b.to_vec())
         .map_err(|e| e.to_string());
     (got, want)
+}
+
+/// A read decodes within its working memory, given back when it is done; the decoder
+/// it leaves for the next read counts in the budget until the layer lets it go.
+#[tokio::test]
+async fn decoders_count_in_the_memory_budget() {
+    let (tar, l) = sample_layer();
+    let stats = Arc::new(Stats::default());
+    let pieces = Arc::new(BlockCache::new(1 << 20, 64 << 20, stats.clone()));
+    let (c, _) = served_with(&l, &ztoc_of(&l), true, pieces.clone());
+    let limit = pieces.limit().expect("a budget").clone();
+    let (got, want) = read(&c, &tar, 1, 11 << 20, 5000).await;
+    assert!(got.as_deref() == Ok(&want[..]));
+    let working = stats
+        .memory_working
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(working, 0, "given back");
+    assert!(
+        limit.room_for_cache() < 64 << 20,
+        "a decoder kept idle counts beside the cache"
+    );
+    drop(c);
+    assert_eq!(limit.room_for_cache(), 64 << 20);
 }
 
 #[tokio::test]
