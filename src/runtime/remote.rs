@@ -27,6 +27,9 @@ pub struct Served {
 pub struct Remote {
     mounts: HostMounts,
     stats: RuntimeStats,
+    /// Held while a bind is looked at and made again: two Mounts calls at once would
+    /// both find it gone and stack two binds.
+    rebinding: std::sync::Mutex<()>,
 }
 
 /// The directory of a layer in its host's mount, as an overlayfs lower dir (whiteouts
@@ -56,7 +59,11 @@ fn tag_manifest(mountpoint: &Path, repo: &RepoName, tag: &Tag) -> std::io::Resul
 
 impl Remote {
     pub fn new(mounts: HostMounts, stats: RuntimeStats) -> Remote {
-        Remote { mounts, stats }
+        Remote {
+            mounts,
+            stats,
+            rebinding: std::sync::Mutex::default(),
+        }
     }
 
     /// The layer the labels of unpack `key` name, if regfs can serve it; None means an
@@ -182,12 +189,20 @@ impl Remote {
     }
 
     /// Binds a remote snapshot's layer again where the bind is gone (after a reboot,
-    /// the host's mount too) or dead (its host's mount process ended). Failures are logged; the mount then fails visibly.
+    /// the host's mount too) or dead (its host's mount process ended), one at a time.
+    /// Failures are logged; the mount then fails visibly.
     pub fn ensure_bound(&self, layout: &Layout, record: &Record) {
         let Some(layer) = &record.remote else {
             return;
         };
         let fs = layout.fs(record.id);
+        if is_mount_point(&fs) && !is_dead(&fs) {
+            return; // the common case, without the lock
+        }
+        let _one_at_a_time = self
+            .rebinding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if is_mount_point(&fs) {
             if !is_dead(&fs) {
                 return;
