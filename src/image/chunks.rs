@@ -243,16 +243,10 @@ impl ChunkReader<'_> {
     /// Keeps the compressed bytes of `ahead` (chunks from index `first` on, in `input`,
     /// fetched from blob byte `start`) until they are read.
     fn keep_ahead(&self, first: u32, ahead: &[Chunk], input: &Bytes, start: u64) {
-        for (index, c) in (first..).zip(ahead) {
-            let from = c.compressed.start.checked_sub(start);
-            let to = fetch_end(c).checked_sub(start);
-            if let (false, Some(from), Some(to)) = (c.hole, from, to) {
-                if let (Ok(from), Ok(to)) = (usize::try_from(from), usize::try_from(to)) {
-                    if from <= to && to <= input.len() {
-                        let key = ahead_key(self.layer, index);
-                        self.ahead.insert(key, input.slice(from..to));
-                    }
-                }
+        for (index, c) in (first..).zip(ahead).filter(|(_, c)| !c.hole) {
+            if let Some(at) = place_in(c, start, input) {
+                self.ahead
+                    .insert(ahead_key(self.layer, index), input.slice(at));
             }
         }
     }
@@ -344,18 +338,21 @@ fn decode_run(
     input: &[u8],
     start: u64,
 ) -> Vec<std::result::Result<Bytes, String>> {
-    let compressed = |c: &Chunk| {
-        let from = usize::try_from(c.compressed.start.checked_sub(start)?).ok()?;
-        let to = usize::try_from(fetch_end(c).checked_sub(start)?).ok()?;
-        input.get(from..to)
-    };
     chunks
         .iter()
-        .map(|c| match compressed(c) {
-            Some(bytes) => decode_whole(codec, c, bytes),
+        .map(|c| match place_in(c, start, input) {
+            Some(at) => decode_whole(codec, c, &input[at]),
             None => Err("the range fetched is short".into()),
         })
         .collect()
+}
+
+/// Where chunk `c`'s compressed bytes lie in `input`, bytes fetched from blob byte
+/// `start`; `None` if they are not all in it.
+fn place_in(c: &Chunk, start: u64, input: &[u8]) -> Option<std::ops::Range<usize>> {
+    let from = usize::try_from(c.compressed.start.checked_sub(start)?).ok()?;
+    let to = usize::try_from(fetch_end(c).checked_sub(start)?).ok()?;
+    (from <= to && to <= input.len()).then_some(from..to)
 }
 
 /// A chunk decoded whole from `input` (its compressed bytes) and checked.

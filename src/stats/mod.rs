@@ -68,9 +68,11 @@ pub struct Stats {
     /// Blob streams read from a connection of their own, not through the HTTP client.
     pub socket_streams: AtomicU64,
     pub in_flight: AtomicU64,
-    /// Whole-blob hash checks that passed / failed.
+    /// Whole-blob hash checks that passed / failed, and those given up (reads too far
+    /// out of order to hash on the way: a random reader's open file).
     pub verified: AtomicU64,
     pub verify_failures: AtomicU64,
+    pub verify_given_up: AtomicU64,
     /// Indexes written through the mount and held until their child manifests arrive.
     pub pending_manifests: AtomicU64,
     /// Blob bytes sent in upload chunks (resent bytes count again).
@@ -293,6 +295,7 @@ impl Stats {
             in_flight: get(&self.in_flight),
             verified_blobs: get(&self.verified),
             verify_failures: get(&self.verify_failures),
+            verify_given_up: get(&self.verify_given_up),
             pending_manifests: get(&self.pending_manifests),
             images: self.images_snapshot(),
             recent: self.recent.snapshot(),
@@ -370,6 +373,7 @@ pub struct Snapshot {
     pub in_flight: u64,
     pub verified_blobs: u64,
     pub verify_failures: u64,
+    pub verify_given_up: u64,
     pub pending_manifests: u64,
     pub images: ImagesSnapshot,
     /// The blob files and images read most recently, the latest first: their size,
