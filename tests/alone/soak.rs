@@ -78,28 +78,56 @@ fn connection_waiting(dir: &Path) -> Option<u64> {
         .ok()
 }
 
-/// One of the readers: random reads of random blobs, every byte checked.
+/// Reads of `shortest..longest` bytes at random places of random `files` (each with
+/// the bytes it must hold) until `stop`, every byte checked; `done(len)` after each.
+/// `who` names the reader in a failure.
+fn read_at_random(
+    who: &str,
+    rng: &mut Rng,
+    files: &[(File, &[u8])],
+    (shortest, longest): (usize, usize),
+    stop: &AtomicBool,
+    mut done: impl FnMut(usize),
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let which = rng.below(files.len() as u64) as usize;
+        let (file, content) = &files[which];
+        let len = shortest + rng.below((longest - shortest) as u64) as usize;
+        let offset = rng.below((content.len() - len) as u64) as usize;
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset as u64)
+            .unwrap_or_else(|e| panic!("{who}: file {which} at {offset}+{len}: {e}"));
+        assert!(
+            buf == content[offset..offset + len],
+            "{who}: wrong bytes in file {which} at {offset}+{len}"
+        );
+        done(len);
+    }
+}
+
+/// The blobs opened, each with its content.
+fn opened(blobs: &[(PathBuf, Vec<u8>)]) -> Vec<(File, &[u8])> {
+    blobs
+        .iter()
+        .map(|(p, c)| (File::open(p).expect("open a blob"), &c[..]))
+        .collect()
+}
+
+/// One of the readers: reads of 1 byte-256 KiB at random places of the blobs.
 fn reader(r: usize, blobs: &[(PathBuf, Vec<u8>)], tally: &Tally, stop: &AtomicBool) {
     let mut rng = Rng(0x5eed_0000 + r as u64);
-    let files: Vec<File> = blobs
-        .iter()
-        .map(|(p, _)| File::open(p).expect("open a blob"))
-        .collect();
-    while !stop.load(Ordering::Relaxed) {
-        let which = rng.below(BLOBS as u64) as usize;
-        let len = 1 + rng.below(256 << 10) as usize;
-        let offset = rng.below((BLOB_SIZE - len) as u64) as usize;
-        let mut buf = vec![0; len];
-        files[which]
-            .read_exact_at(&mut buf, offset as u64)
-            .unwrap_or_else(|e| panic!("reader {r}: blob {which} at {offset}+{len}: {e}"));
-        assert!(
-            buf == blobs[which].1[offset..offset + len],
-            "reader {r}: wrong bytes in blob {which} at {offset}+{len}"
-        );
-        tally.reads.fetch_add(1, Ordering::Relaxed);
-        tally.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-    }
+    let who = format!("reader {r}");
+    read_at_random(
+        &who,
+        &mut rng,
+        &opened(blobs),
+        (1, 1 + (256 << 10)),
+        stop,
+        |len| {
+            tally.reads.fetch_add(1, Ordering::Relaxed);
+            tally.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        },
+    );
 }
 
 /// One of the listers: the tags, the blobs, the manifest and a blob's size, again and
@@ -314,24 +342,17 @@ const DEBUG_BUILD_MIB: u64 = 16;
 /// Reads of 4 KiB-1 MiB at random places of the blobs until `stop`, each checked.
 fn random_reader(r: usize, blobs: &[(PathBuf, Vec<u8>)], reads: &AtomicU64, stop: &AtomicBool) {
     let mut rng = Rng(0xb16_0000 + r as u64);
-    let files: Vec<File> = blobs
-        .iter()
-        .map(|(p, _)| File::open(p).expect("open a blob"))
-        .collect();
-    while !stop.load(Ordering::Relaxed) {
-        let which = rng.below(BIG_BLOBS as u64) as usize;
-        let len = 4096 + rng.below((1 << 20) - 4096) as usize;
-        let offset = rng.below((BIG_BLOB - len) as u64) as usize;
-        let mut buf = vec![0; len];
-        files[which]
-            .read_exact_at(&mut buf, offset as u64)
-            .unwrap_or_else(|e| panic!("reader {r}: blob {which} at {offset}+{len}: {e}"));
-        assert!(
-            buf == blobs[which].1[offset..offset + len],
-            "reader {r}: wrong bytes in blob {which} at {offset}+{len}"
-        );
-        reads.fetch_add(1, Ordering::Relaxed);
-    }
+    let who = format!("reader {r}");
+    read_at_random(
+        &who,
+        &mut rng,
+        &opened(blobs),
+        (4096, 1 << 20),
+        stop,
+        |_| {
+            reads.fetch_add(1, Ordering::Relaxed);
+        },
+    );
 }
 
 /// Lists the repository of the big blobs and reads its manifest until `stop`.
@@ -445,18 +466,9 @@ fn image_reader(rootfs: &Path, big: &[u8], indexed: &AtomicBool, stop: &AtomicBo
     assert_eq!(small, SMALL_FILE, "the small file of the image");
     indexed.store(true, Ordering::Relaxed);
     let file = File::open(rootfs.join("data/big.bin")).expect("open the image's large file");
+    let who = "the image's large file";
     let mut rng = Rng(0x91_0000);
-    while !stop.load(Ordering::Relaxed) {
-        let len = 4096 + rng.below((1 << 20) - 4096) as usize;
-        let offset = rng.below((big.len() - len) as u64) as usize;
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, offset as u64)
-            .unwrap_or_else(|e| panic!("the image's large file at {offset}+{len}: {e}"));
-        assert!(
-            buf == big[offset..offset + len],
-            "wrong bytes in the image's large file at {offset}+{len}"
-        );
-    }
+    read_at_random(who, &mut rng, &[(file, big)], (4096, 1 << 20), stop, |_| {});
 }
 
 /// The memory bound (README "Memory"), twice on one registry (pushing the blobs is
