@@ -329,6 +329,19 @@ impl Containerd {
         );
     }
 
+    /// `ctr-remote image rpull --plain-http --snapshotter regfs image`: the pull that
+    /// labels each layer for a remote snapshotter.
+    pub fn rpull(&self, image: &str) -> String {
+        self.ctr_ok(&[
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "regfs",
+            image,
+        ])
+    }
+
     /// `ctr run -d` of `image` as `id`, running `sleep`; stopped by `kill_task`.
     pub fn start_sleeper(&self, image: &str, id: &str) {
         self.ctr_ok(&[

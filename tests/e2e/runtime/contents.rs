@@ -91,14 +91,7 @@ fn pull(rig: &Rig, image: &str, how: &Pull, layers: &[(String, u64)]) {
     let ctr = rig.ctr();
     match how {
         Pull::Rpull => {
-            ctr.ctr_ok(&[
-                "image",
-                "rpull",
-                "--plain-http",
-                "--snapshotter",
-                "regfs",
-                image,
-            ]);
+            ctr.rpull(image);
         }
         Pull::Cri(cri_pull) => {
             run(Command::new("timeout")

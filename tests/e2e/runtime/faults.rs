@@ -91,14 +91,7 @@ fn snapshotter_stays_up(rig: &mut Rig, gzip: &str) {
         .unwrap_or_else(|| panic!("no snapshot listed: {listed}"));
     ctr.ctr_ok(&["snapshots", "--snapshotter", "regfs", "info", key]);
     ctr.ctr_ok(&["snapshots", "--snapshotter", "regfs", "usage"]);
-    ctr.ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "regfs",
-        gzip,
-    ]);
+    ctr.rpull(gzip);
     let stats = rig.snapshotter.stats();
     eprintln!("while the registry was silent: {stats}");
     // Two layers of each TOC image before.
@@ -124,14 +117,7 @@ fn a_silent_registry_fails_reads_with_eio_and_not_the_snapshotter() {
     let ctr = rig.ctr();
     let mut ids = Vec::new();
     for image in &converted {
-        ctr.ctr_ok(&[
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "regfs",
-            image,
-        ]);
+        ctr.rpull(image);
         let id = rig.id(&format!("f{}", ids.len()));
         ctr.start_sleeper(image, &id);
         assert_eq!(said(&exec(ctr, &id, "e1", "cat /data/one")), "one\n");

@@ -98,14 +98,7 @@ fn rpull_serves_layers_from_regfs_and_runs_containers() {
     let rig = Rig::start();
     let (image, layers) = push_two_layer_image(&rig.registry);
     let ctr = rig.ctr();
-    ctr.ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "regfs",
-        &image,
-    ]);
+    ctr.rpull(&image);
 
     // containerd downloaded no layer: its content store has the manifest and config only.
     assert_served_remotely(&rig, &layers);
@@ -177,12 +170,7 @@ fn a_plain_pull_falls_back_visibly() {
         "regfs",
         &image,
     ]);
-    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
-    assert!(
-        layers.iter().all(|l| content.contains(l.as_str())),
-        "{content}"
-    );
-    assert_eq!(counter(&rig, &["remote_snapshots"]), 0);
+    assert_downloaded_by_containerd(&rig, &layers);
     assert_eq!(counter(&rig, &["fallbacks"]), 2);
     assert_eq!(counter(&rig, &["fallback_reasons", "no_labels"]), 2);
     let log = rig.snapshotter.log();
@@ -204,20 +192,8 @@ fn a_layer_regfs_cannot_serve_falls_back_visibly() {
     let rig = Rig::start_with(Some("http://127.0.0.1:1"));
     let (image, layers) = push_two_layer_image(&rig.registry);
     let ctr = rig.ctr();
-    ctr.ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "regfs",
-        &image,
-    ]);
-    let content = ctr.ctr_ok(&["content", "ls", "-q"]);
-    assert!(
-        layers.iter().all(|l| content.contains(l.as_str())),
-        "{content}"
-    );
-    assert_eq!(counter(&rig, &["remote_snapshots"]), 0);
+    ctr.rpull(&image);
+    assert_downloaded_by_containerd(&rig, &layers);
     assert_eq!(counter(&rig, &["fallback_reasons", "mount_failed"]), 2);
     let log = rig.snapshotter.log();
     for layer in &layers {
@@ -226,6 +202,16 @@ fn a_layer_regfs_cannot_serve_falls_back_visibly() {
     }
     let out = rig.cat(&image, "c1", "/data/one");
     assert_eq!(out, "one\n");
+}
+
+/// A fallback: containerd downloaded every layer itself, and no snapshot is remote.
+fn assert_downloaded_by_containerd(rig: &Rig, layers: &[String]) {
+    let content = rig.ctr().ctr_ok(&["content", "ls", "-q"]);
+    assert!(
+        layers.iter().all(|l| content.contains(l.as_str())),
+        "{content}"
+    );
+    assert_eq!(counter(rig, &["remote_snapshots"]), 0);
 }
 
 /// What `ctr snapshots ls` and `info` say of every snapshot of the snapshotter: kind,
@@ -249,14 +235,7 @@ fn snapshot_metadata(rig: &Rig) -> Vec<String> {
 fn a_running_container_outlives_a_snapshotter_restart() {
     let mut rig = Rig::start();
     let (image, _) = push_two_layer_image(&rig.registry);
-    rig.ctr().ctr_ok(&[
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "regfs",
-        &image,
-    ]);
+    rig.ctr().rpull(&image);
     rig.ctr().start_sleeper(&image, &rig.id("r1"));
     let exec = |rig: &Rig, id: &str, file: &str| {
         rig.ctr()
